@@ -1,0 +1,46 @@
+"""The one exception every lossd RPC failure surfaces as."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LossdError(RuntimeError):
+    """A lossd call failed.
+
+    Attributes:
+        code: the gRPC status code (``grpc.StatusCode``).
+        details: the server's message (it names the field, what was expected and what came).
+        field: the offending request field, when the server named one (e.g. ``args[1]``).
+        request_id: the request id of the failed call, when there was one.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, field: str | None = None, request_id: str | None = None) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field = field
+        self.request_id = request_id
+
+
+def from_rpc_error(error: grpc.RpcError, request_id: str | None = None) -> LossdError:
+    """Convert a grpc.RpcError, keeping the field named in a google.rpc.BadRequest detail."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else None) or str(error)
+    field = None
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        status = rpc_status.from_call(error)
+        for detail in status.details if status else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations:
+                    field = bad.field_violations[0].field
+    except Exception:  # noqa: BLE001 - details are a bonus; the code and message are what matter
+        pass
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        details += " (the server's limit is `lossd serve --max-message-mb`; the client's is RemoteLoss(max_message_mb=...))"
+    return LossdError(code, details, field=field, request_id=request_id)

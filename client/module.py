@@ -1,0 +1,122 @@
+"""``RemoteLoss``: an ``nn.Module`` that computes an upstream loss on a lossd server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from . import codec
+from ._channel import DEFAULT_MAX_MESSAGE_MB
+from ._proto import lossd_pb2 as pb
+from .functional import LossClient, RemoteResult, remote_loss
+from .schema import check_params
+from .transport import DEFAULT_CHUNK_THRESHOLD, Transport
+
+
+class RemoteLoss(nn.Module):
+    """Drop-in replacement for an upstream loss module, computed by a lossd server.
+
+    Args:
+        name: registry name, e.g. ``"cross_entropy"``, ``"FocalLoss"``, ``"yolox_loss"``
+            (``lossd losses`` lists them).
+        endpoint: ``host:port``, several of them (a list or a comma-separated string, balanced
+            round-robin), or a gRPC target such as ``dns:///lossd:50051``. Defaults to
+            ``$LOSSD_ENDPOINT``, else ``127.0.0.1:50051``.
+        timeout: deadline of each RPC in seconds (None: no deadline).
+        max_message_mb: largest request or response this client sends or accepts.
+        client: share an existing ``LossClient`` (and its channel) instead of opening one.
+        token, tls, tls_ca, tls_cert, tls_key, tls_server_name, retries: connection security
+            and UNAVAILABLE retries, as ``LossClient`` takes them (``$LOSSD_TOKEN``,
+            ``$LOSSD_TLS_CA``, ... by default).
+        transport: how calls travel. ``"auto"`` (default): calls whose tensors add up to
+            ``chunk_threshold`` bytes or more go in chunks (``ComputeChunked``: no message limit,
+            about twice as fast for large tensors), smaller ones over one long-lived stream
+            (``ComputeStream``, in order). ``"unary"``, ``"stream"``, ``"chunked"`` force one.
+        chunk_threshold: bytes of tensors in one call from which ``"auto"`` sends chunks.
+        **params: the upstream constructor's parameters, e.g. ``gamma=2.0``.
+
+    ``forward`` takes exactly the upstream forward's arguments and returns the loss on the
+    inputs' device. After each call, ``last_result`` holds what the server said besides the value:
+    components that upstream drops (YOLOX iou/obj/cls/l1, ...), notes, the non-finite flag,
+    timings and the request id.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        endpoint: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        client: LossClient | None = None,
+        token: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_server_name: str | None = None,
+        retries: int = 4,
+        transport: str = "auto",
+        chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        codec.encode_map(params)  # fail now, not at the first step, on a value that cannot travel
+        self.name = name
+        self.params = dict(params)
+        self._owns_client = client is None
+        self.client = client or LossClient(
+            endpoint, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls, tls_ca=tls_ca,
+            tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, retries=retries,
+        )
+        self.last_result: RemoteResult | None = None
+        self._params_checked = False
+        self.transport = Transport(self.client, transport, chunk_threshold=chunk_threshold)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._params_checked:
+            # One DescribeLoss per module: a misspelled parameter fails before any tensor travels.
+            check_params(self.client.describe(self.name), self.params)
+            self._params_checked = True
+        value, self.last_result = remote_loss(
+            self.client, self.name, self.params, args, kwargs, audit=self._audit_context(), transport=self.transport
+        )
+        return value
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """Terms of the last evaluation that upstream computes and drops."""
+        return self.last_result.components if self.last_result else {}
+
+    def _audit_context(self) -> pb.AuditContext | None:
+        return None
+
+    def describe(self) -> pb.LossInfo:
+        """The server's declaration of this loss: parameters, inputs, reference."""
+        return self.client.describe(self.name)
+
+    def close(self) -> None:
+        self.transport.close()
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> RemoteLoss:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def extra_repr(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.name!r}{', ' + params if params else ''}, endpoint={self.client.target!r}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Channels cannot be copied or pickled; a copy opens its own on first use.
+        state = self.__dict__.copy()
+        state["client"] = LossClient(**self.client.options())
+        state["_owns_client"] = True
+        transport = self.transport
+        state["transport"] = Transport(state["client"], transport.mode, chunk_threshold=transport.chunk_threshold, chunk_bytes=transport.chunk_bytes)
+        return state
