@@ -1,0 +1,1 @@
+"""lossd server: the loss registry, compute engine and gRPC service."""

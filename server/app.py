@@ -1,0 +1,154 @@
+"""Builds and runs the lossd gRPC server: ``create_server`` for tests, ``serve`` for the CLI."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import ServerConfig
+from .engine import Engine
+from .limits import DeadlineInterceptor, deadline_guard
+from .metrics import Metrics
+from .security import AuthInterceptor, TokenTable, exposure_notes, server_credentials
+from .service import SERVICE_NAME, LossServicer, method_handlers
+from .version import __version__
+
+log = logging.getLogger("lossd")
+
+
+@dataclass
+class RunningServer:
+    """A started server and the handles a caller needs to stop it."""
+
+    server: grpc.Server
+    port: int
+    config: ServerConfig
+    engine: Engine
+    health: health.HealthServicer
+    metrics: Metrics | None = None
+    metrics_port: int | None = None  # the bound /metrics port, None when not served
+    metrics_http: Any = None
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: health goes NOT_SERVING, new calls are refused, in-flight calls finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    # Both directions bounded, on both sides (a limit raised on one side only is the most
+    # common complaint against model servers).
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def create_server(config: ServerConfig) -> RunningServer:
+    engine = Engine(config.device)
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    tokens = TokenTable.load(config.auth_tokens) if config.auth_tokens else None
+    metrics = Metrics(device=str(engine.device))
+    # deadline_guard first: a result the caller no longer waits for is neither sent nor audited.
+    servicer = LossServicer(
+        engine, config.limits, after_compute=[deadline_guard, metrics.after_compute],
+        max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="lossd"),
+        # Metrics outermost, so refusals by the others are counted too.
+        interceptors=[metrics.interceptor(), AuthInterceptor(tokens), DeadlineInterceptor()],
+        options=channel_options(config.max_message_bytes),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    metrics.bind_server(server)
+    server.add_generic_rpc_handlers((method_handlers(servicer),))
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+
+    host = config.host
+    bind = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
+    port = server.add_secure_port(bind, credentials) if credentials is not None else server.add_insecure_port(bind)
+    if port == 0:
+        raise OSError(f"could not bind {host}:{config.port}")
+    server.start()
+    metrics_http = metrics_port = None
+    if config.metrics_port >= 0:
+        try:
+            metrics_http, metrics_port = metrics.serve_http(config.metrics_host or config.host, config.metrics_port)
+        except OSError:
+            server.stop(0)
+            raise
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    secured = bool(config.tls_cert or config.auth_tokens)
+    if not is_loopback(config.host) and not secured and not config.allow_insecure:
+        log.warning(
+            "\n" + "!" * 78 + "\n!! lossd is listening on %s WITHOUT TLS or authentication: anyone who can\n"
+            "!! reach this address can use it. Bind 127.0.0.1, or enable TLS and tokens\n"
+            "!! (--tls-cert/--tls-key, --auth-tokens; docs/deployment.md).\n" + "!" * 78,
+            config.host,
+        )
+    elif not is_loopback(config.host):
+        for line in exposure_notes(config):
+            log.warning("%s", line)
+    running = create_server(config)
+    log.info("lossd %s (torch %s) on %s, device %s; settings:\n%s", __version__, torch.__version__, running.address, running.engine.device, config.describe())
+    # The bound address on stdout, alone on its line, so scripts and tests can read it.
+    print(f"lossd listening on {running.address}", flush=True)
+    if running.metrics_port is not None:
+        metrics_host = config.metrics_host or config.host
+        shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+        print(f"lossd metrics on http://{shown}:{running.metrics_port}/metrics", flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s received: draining (up to %.1f s)", signal.Signals(signum).name, config.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    running.stop()
+    log.info("stopped")

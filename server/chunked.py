@@ -1,0 +1,68 @@
+"""Server side of ``ComputeChunked``: assemble the request's chunks, evaluate, answer in chunks.
+
+The request's large tensors arrive after a header as ``data`` chunks; they are copied once into
+one buffer allocated up front (its size checked against ``--max-message-mb`` first) and decoded
+as zero-copy views. The evaluation then goes through ``LossServicer.compute`` like any other
+call, so validation, errors, audit and metrics hooks are the same as for unary ``Compute``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from lossd.client import codec
+from lossd.client import transport as wire
+from lossd.client._proto import lossd_pb2 as pb
+
+from .errors import InvalidArgument
+
+
+def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest, dict[str, Any]]:
+    """Read the header and every data chunk; return the request and its tensors' bytes by path."""
+    first = next(requests, None)
+    if first is None:
+        raise InvalidArgument("empty ComputeChunked stream: expected a header first", field="header")
+    if isinstance(first, memoryview) or getattr(first, "WhichOneof", None) is None or first.WhichOneof("part") != "header":
+        _check_parsed(first)
+        raise InvalidArgument("expected the header as the first message of ComputeChunked", field="header")
+    header = first.header
+    assembler = wire.Assembler(header.tensors, max_bytes)
+    while not assembler.complete:
+        message = next(requests, None)
+        if message is None:
+            raise InvalidArgument(
+                f"the stream ended after {assembler.received} of {assembler.total} bytes of tensor data", field="data"
+            )
+        if not isinstance(message, memoryview):
+            _check_parsed(message)
+            if message.WhichOneof("part") != "data":
+                raise InvalidArgument("expected tensor data, got a second header", field="header")
+            message = message.data
+        assembler.feed(message)
+    return header.request, assembler.tensors()
+
+
+def _check_parsed(message: Any) -> None:
+    reason = getattr(message, "reason", None)
+    if reason is not None:  # service.Malformed
+        raise InvalidArgument(f"request is not a valid {message.type_name}: {reason}")
+
+
+def answer(response: pb.ComputeResponse, outboard: codec.Outboard, chunk_bytes: int) -> Iterator[bytes]:
+    """The serialized response stream: the header, then the outboard tensors' bytes in chunks."""
+    header = pb.ComputeChunkedResponse(header=pb.ChunkedResponseHeader(response=response, tensors=wire.refs(outboard.tensors)))
+    yield header.SerializeToString()
+    yield from wire.iter_frames(outboard.tensors, chunk_bytes)
+
+
+def method_handler(servicer: Any, parse_header: Any) -> grpc.RpcMethodHandler:
+    # Data chunks are parsed by hand into zero-copy memoryviews; the header (and anything
+    # unusual) goes through the ordinary never-failing protobuf parser.
+    return grpc.stream_stream_rpc_method_handler(
+        servicer.ComputeChunked,
+        request_deserializer=wire.chunk_parser(parse_header),
+        response_serializer=None,  # the handler yields serialized bytes
+    )

@@ -1,0 +1,55 @@
+"""The ``lossd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Health probes run every few seconds: answer them without importing torch (which
+    # ServerConfig pulls in through the codec).
+    if argv[:1] == ["health"]:
+        from .probe import main as health_main
+
+        return health_main(argv[1:])
+    if argv[:1] == ["token"]:
+        from .probe import token_main
+
+        return token_main(argv[1:])
+    from .config import ServerConfig
+
+    parser = argparse.ArgumentParser(prog="lossd", description="lossd: upstream-exact training losses over gRPC")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("health", help="probe a server's gRPC health service; exit 0 when SERVING (lossd health -h)", add_help=False)
+    commands.add_parser("token", help="make a bearer token and its --auth-tokens entry (lossd token -h)", add_help=False)
+
+    serve_parser = commands.add_parser("serve", help="run the loss server")
+    ServerConfig.add_arguments(serve_parser)
+
+    losses_parser = commands.add_parser("losses", help="print the loss registry, or one loss's schema")
+    losses_parser.add_argument("name", nargs="?", help="a loss name: print its schema and an example call")
+    losses_parser.add_argument("--family", help="only this family (netspresso, fat, visdet)")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .app import serve
+
+        serve(ServerConfig.from_sources(args))
+        return 0
+    if args.command == "losses":
+        from .docs import describe_loss, loss_table
+
+        try:
+            print(describe_loss(args.name) if args.name else loss_table(args.family))
+        except KeyError as exc:
+            print(f"lossd: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

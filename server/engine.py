@@ -1,0 +1,214 @@
+"""The compute engine: runs a registered loss and its gradients on one device. No gRPC here.
+
+``Engine.evaluate`` takes decoded Python values (what the upstream forward takes), validates
+them against the loss's declaration, runs the loss under autograd on the engine's device, and
+returns the value, the gradients for the requested paths, the components and a non-finite flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lossd.client.codec import call_tensors, iter_tensors, map_tensors
+
+from . import losses as _losses  # noqa: F401  (registers every loss)
+from . import registry
+from .errors import InvalidArgument, ResourceExhausted
+from .registry import LossOutput, LossSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """The result of one evaluation; tensors are detached and still on the engine's device."""
+
+    spec: LossSpec
+    params: dict[str, Any]
+    value: Any
+    grads: dict[str, Tensor]
+    components: dict[str, Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    non_finite: bool = False
+    device: str = "cpu"
+    compute_ns: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when torch sees a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+class Engine:
+    """Evaluates registered losses on one device."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+
+    def evaluate(
+        self,
+        loss: str,
+        params: Mapping[str, Any] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        grad_paths: Sequence[str] = (),
+        grad_output: Tensor | None = None,
+    ) -> Evaluation:
+        spec = registry.get(loss)
+        canonical = spec.canonical_params(params or {})
+        kwargs = dict(kwargs or {})
+        bound = bind_inputs(spec, list(args), kwargs)
+
+        to_device = self._to_device
+        bound = {name: map_tensors(value, to_device) for name, value in bound.items()}
+        call_params = {name: map_tensors(value, to_device) for name, value in canonical.items()}
+        n_positional = len(args)
+        names = [i.name for i in spec.inputs]
+        call_args = [bound[n] for n in names[:n_positional]]
+        call_kwargs = {n: bound[n] for n in names[n_positional:] if n in bound}  # function names, not call names
+
+        wanted = _mark_requires_grad(call_args, call_kwargs, grad_paths)
+
+        start = time.perf_counter_ns()
+        try:
+            with torch.set_grad_enabled(bool(wanted)):
+                out = spec.fn(*call_args, **call_kwargs, **call_params)
+            result = out if isinstance(out, LossOutput) else LossOutput(out)
+            grads = self._gradients(result.value, wanted, grad_output)
+        except InvalidArgument as exc:
+            exc.field = _wire_field(exc.field, spec, n_positional, call_kwargs)
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise ResourceExhausted(f"out of device memory evaluating {loss} on {self.device}: {exc}".split("\n")[0]) from None
+        except (RuntimeError, IndexError) as exc:
+            if self.device.type == "cuda" and "CUDA error" in str(exc):
+                raise  # a poisoned context is the server's problem, not the caller's (INTERNAL)
+            # The loss functions follow upstream step by step, so an input that makes torch refuse
+            # here (BCE on NaN scores, an index out of range) is one upstream crashes on too.
+            log.info("%s refused its inputs: %r", loss, exc)
+            reason = str(exc).strip().split("\n")[0]
+            raise InvalidArgument(
+                f"{loss} cannot be evaluated on these inputs (upstream raises the same): {type(exc).__name__}: {reason}"
+            ) from None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute_ns = time.perf_counter_ns() - start
+
+        value = map_tensors(result.value, lambda t: t.detach())
+        components = {k: v.detach() for k, v in result.components.items()}
+        non_finite = any(_non_finite(t) for _, t in iter_tensors(value, "")) or any(
+            _non_finite(g) for g in grads.values()
+        )
+        return Evaluation(
+            spec=spec,
+            params=canonical,
+            value=value,
+            grads=grads,
+            components=components,
+            notes=list(result.notes),
+            non_finite=non_finite,
+            device=str(self.device),
+            compute_ns=compute_ns,
+        )
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        # detach(): a fresh leaf, so marking it requires_grad never touches the caller's tensor.
+        return tensor.detach() if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
+
+    def _gradients(self, value: Any, wanted: dict[str, Tensor], grad_output: Tensor | None) -> dict[str, Tensor]:
+        if not wanted:
+            return {}
+        if not isinstance(value, Tensor):
+            raise InvalidArgument(f"gradients need a tensor loss value, the loss returned {type(value).__name__}", field="grad_paths")
+        if grad_output is None:
+            if value.numel() != 1:
+                # Non-scalar loss: the caller asks again with grad_output (its backward pass).
+                return {}
+        else:
+            if tuple(grad_output.shape) != tuple(value.shape):
+                raise InvalidArgument.expected("grad_output", f"shape {list(value.shape)} (the loss output's)", f"shape {list(grad_output.shape)}")
+            if not grad_output.is_floating_point():
+                raise InvalidArgument.expected("grad_output", "a floating-point tensor", str(grad_output.dtype))
+            grad_output = self._to_device(grad_output).to(value.dtype)
+        if not value.requires_grad:
+            return {}  # the value does not depend on any requested input
+        paths = list(wanted)
+        found = torch.autograd.grad(value, [wanted[p] for p in paths], grad_outputs=grad_output, allow_unused=True)
+        return {p: g.detach() for p, g in zip(paths, found) if g is not None}
+
+
+def bind_inputs(spec: LossSpec, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Match a call's positional and keyword arguments to the declared inputs and check them."""
+    names = [i.name for i in spec.inputs]
+    by_keyword = {i.call_name: i.name for i in spec.inputs}
+    if len(args) > len(names):
+        raise InvalidArgument.expected("args", f"at most {len(names)} positional arguments ({', '.join(by_keyword)})", len(args))
+    bound: dict[str, Any] = dict(zip(names, args))
+    for key, value in kwargs.items():
+        name = by_keyword.get(key)
+        if name is None:
+            hint = " (it is a constructor parameter: pass it in params)" if spec.param(key) else ""
+            raise InvalidArgument(
+                f"unexpected keyword argument {key!r} for {spec.name}{hint}; forward takes {', '.join(by_keyword)}",
+                field=f"kwargs.{key}",
+            )
+        if name in bound:
+            raise InvalidArgument(f"argument {key!r} given both positionally and by keyword", field=f"kwargs.{key}")
+        bound[name] = value
+    symbols: dict[str, int] = {}
+    for index, declared in enumerate(spec.inputs):
+        where = f"kwargs.{declared.call_name}" if declared.call_name in kwargs else f"args[{index}]"
+        if declared.name not in bound:
+            if not declared.optional:
+                raise InvalidArgument(f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})", field=where)
+            continue
+        bound[declared.name] = registry.check_input(declared, bound[declared.name], where, symbols)
+    return bound
+
+
+def _mark_requires_grad(args: list[Any], kwargs: dict[str, Any], grad_paths: Sequence[str]) -> dict[str, Tensor]:
+    if not grad_paths:
+        return {}
+    tensors = dict(call_tensors(args, kwargs))
+    wanted: dict[str, Tensor] = {}
+    for i, path in enumerate(grad_paths):
+        tensor = tensors.get(path)
+        if tensor is None:
+            available = ", ".join(tensors) or "none"
+            raise InvalidArgument(f"no input tensor at path {path!r} (tensors in this call: {available})", field=f"grad_paths[{i}]")
+        if not tensor.is_floating_point():
+            raise InvalidArgument.expected(f"grad_paths[{i}]", "a path to a floating-point tensor", f"{path} of dtype {str(tensor.dtype).removeprefix('torch.')}")
+        if path in wanted:
+            raise InvalidArgument(f"path {path!r} requested twice", field=f"grad_paths[{i}]")
+        tensor.requires_grad_(True)
+        wanted[path] = tensor
+    return wanted
+
+
+def _wire_field(field: str | None, spec: LossSpec, n_positional: int, kwargs: Mapping[str, Any]) -> str | None:
+    """Loss functions name fields by argument (``target``, ``out.pred[1]``); callers know paths
+    (``args[1]``, ``args[0].pred[1]``, ``kwargs.target``)."""
+    if not field:
+        return field
+    for index, declared in enumerate(spec.inputs):
+        name = declared.name
+        if field == name or field.startswith((name + ".", name + "[")):
+            prefix = f"args[{index}]" if index < n_positional and name not in kwargs else f"kwargs.{declared.call_name}"
+            return prefix + field[len(name):]
+    return field
+
+
+def _non_finite(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.numel() > 0 and not bool(torch.isfinite(tensor).all())

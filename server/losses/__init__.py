@@ -1,0 +1,15 @@
+"""Every served loss, registered here by explicit import: read this file to see the registry.
+
+Each family module defines plain torch functions and a ``SPECS`` tuple declaring them.
+"""
+
+from __future__ import annotations
+
+from .. import registry
+from . import fat, netspresso, pidnet, retinanet, visdet, yolox
+
+FAMILY_MODULES = (fat, netspresso, yolox, retinanet, pidnet, visdet)
+
+for _module in FAMILY_MODULES:
+    for _spec in _module.SPECS:
+        registry.register(_spec)

@@ -1,0 +1,59 @@
+"""Cheap input checks shared by the loss functions.
+
+They run before any kernel sees the data: an out-of-range class index must never reach a
+CUDA kernel, where it becomes a device-side assert that poisons the whole context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import InvalidArgument
+
+
+def check_class_indices(
+    target: Tensor,
+    num_classes: int,
+    field: str,
+    *,
+    ignore_index: int | None = None,
+    allow_background: bool = False,
+) -> None:
+    """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index."""
+    if target.numel() == 0:
+        return
+    valid = target if ignore_index is None else target[target != ignore_index]
+    if valid.numel() == 0:
+        return
+    lo, hi = int(valid.min()), int(valid.max())
+    top = num_classes if allow_background else num_classes - 1
+    if lo < 0 or hi > top:
+        bad = lo if lo < 0 else hi
+        ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise InvalidArgument.expected(field, f"class indices in [0, {top}]{ignore}", f"index {bad}")
+
+
+def require_key(mapping: Any, key: str, field: str) -> Any:
+    """Fetch ``mapping[key]`` from an upstream dict argument, with a clear error when absent."""
+    if not isinstance(mapping, Mapping):
+        raise InvalidArgument.expected(field, f"a dict with key {key!r}", type(mapping).__name__)
+    if key not in mapping:
+        keys = ", ".join(repr(k) for k in mapping) or "none"
+        raise InvalidArgument(f"missing key {key!r} (keys given: {keys})", field=f"{field}.{key}")
+    return mapping[key]
+
+
+def require_tensor(value: Any, field: str, *, floating: bool | None = None, dim: int | None = None) -> Tensor:
+    """A tensor, optionally floating (True) or integral (False), optionally of a given rank."""
+    if not isinstance(value, Tensor):
+        raise InvalidArgument.expected(field, "a tensor", type(value).__name__)
+    if floating is True and not value.is_floating_point():
+        raise InvalidArgument.expected(field, "a floating-point tensor", str(value.dtype).removeprefix("torch."))
+    if floating is False and (value.is_floating_point() or value.dtype.is_complex):
+        raise InvalidArgument.expected(field, "an integer tensor", str(value.dtype).removeprefix("torch."))
+    if dim is not None and value.dim() != dim:
+        raise InvalidArgument.expected(field, f"a {dim}-d tensor", f"shape {list(value.shape)}")
+    return value

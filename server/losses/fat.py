@@ -1,0 +1,945 @@
+"""fat trainer losses (giovannipollo/fat ``utils/loss.py``, ``LossFactory``).
+
+fat builds one loss from ``config["loss"]``: eight stock ``torch.nn`` classes plus its own
+``SqrHingeLoss``. Each function below mirrors the torch class fat instantiates: forward
+arguments first, then the class's constructor parameters (torch 2.13 names and defaults, except
+``kl_div``, whose default reduction is fat's ``'batchmean'``).
+
+Deliberate differences from a plain ``torch.nn`` call, all on inputs upstream cannot handle:
+
+* class indices out of range, ``bce`` values outside [0, 1], mismatched shapes or dtypes, and the
+  other inputs upstream crashes on raise ``InvalidArgument`` before any kernel runs (a bad index
+  must never become a CUDA device-side assert);
+* class-weight / ``pos_weight`` tensors are moved to the input's device and dtype, and integer
+  weight lists are accepted as floats. fat turns the YAML list with ``torch.tensor(list)``, so
+  ``weight: [1, 2, 1]`` is int64 there and the first forward crashes ("expected scalar type
+  Float but found Long"); lossd accepts it on purpose.
+
+``cross_entropy`` is shared with NetsPresso Trainer: called with dicts it is NetsPresso's
+``CrossEntropyLoss`` (see :func:`cross_entropy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._reduction import REDUCTIONS, check_reduction, reduce_loss
+from ..errors import InvalidArgument
+from ..registry import FLOAT_DTYPES, Input, LossOutput, LossSpec, Param
+from ._checks import check_class_indices, require_key, require_tensor
+
+_FAT = "giovannipollo/fat@9abd3cf utils/loss.py LossFactory"
+_TORCH = "torch 2.13"
+_NETSPRESSO = "netspresso-trainer==1.4.1"
+# torch's class-index losses accept Long and Byte targets ("expected ... Long or Byte").
+_INDEX_DTYPES = (torch.int64, torch.uint8)
+KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _result(value: Tensor, notes: list[str]) -> Tensor | LossOutput:
+    """A bare tensor, as upstream returns it, unless something needs explaining."""
+    return LossOutput(value, notes=notes) if notes else value
+
+
+def _float_tensor(value: Any, field: str) -> Tensor:
+    return require_tensor(value, field, floating=True)
+
+
+def _as_weight(value: Any, field: str, like: Tensor) -> Tensor:
+    """A weight parameter (tensor or list of numbers) on ``like``'s device and dtype."""
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        value = torch.tensor([float(v) for v in value])
+    if not isinstance(value, Tensor) or value.dtype.is_complex or value.dtype == torch.bool:
+        got = type(value).__name__ if not isinstance(value, Tensor) else _dtype(value)
+        raise InvalidArgument.expected(field, "a real tensor or a list of numbers", got)
+    return value.to(device=like.device, dtype=like.dtype)
+
+
+def _class_weight(value: Any, num_classes: int, like: Tensor) -> Tensor | None:
+    if value is None:
+        return None
+    weight = _as_weight(value, "weight", like)
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise InvalidArgument.expected(
+            "weight", f"one weight per class, shape [{num_classes}]", f"shape {list(weight.shape)}"
+        )
+    return weight
+
+
+def _broadcast_weight(value: Any, field: str, like: Tensor) -> Tensor | None:
+    """An element weight that must broadcast to ``like``'s shape without growing it."""
+    if value is None:
+        return None
+    weight = _as_weight(value, field, like)
+    try:
+        shape = torch.broadcast_shapes(weight.shape, like.shape)
+    except RuntimeError:
+        shape = None
+    if shape != like.shape:
+        raise InvalidArgument.expected(
+            field,
+            f"a shape that broadcasts to the input's {list(like.shape)}",
+            f"shape {list(weight.shape)}",
+        )
+    return weight
+
+
+def _legacy_reduction(
+    size_average: bool | None, reduce: bool | None, reduction: str
+) -> tuple[str, list[str]]:
+    """torch's deprecated ``size_average``/``reduce`` pair, which overrides ``reduction`` when set."""
+    if size_average is None and reduce is None:
+        return reduction, []
+    # Unset halves count as True, as in torch.
+    averaged = True if size_average is None else size_average
+    reduced = True if reduce is None else reduce
+    legacy = ("mean" if averaged else "sum") if reduced else "none"
+    return legacy, [
+        f"size_average={size_average}, reduce={reduce} are deprecated torch arguments; as in torch they "
+        f"override reduction={reduction!r} with {legacy!r}"
+    ]
+
+
+def _index_target(target: Tensor, logits: Tensor, field: str, ignore_index: int) -> None:
+    """Class indices (N, d1, ...) for logits (N, C, d1, ...), or () for unbatched logits (C,)."""
+    if target.dtype not in _INDEX_DTYPES:
+        raise InvalidArgument.expected(
+            field, "class indices of dtype int64 or uint8 (or float probabilities)", _dtype(target)
+        )
+    expected = tuple(logits.shape[:1] + logits.shape[2:]) if logits.dim() >= 2 else ()
+    if tuple(target.shape) != expected:
+        raise InvalidArgument.expected(
+            field,
+            f"class indices of shape {list(expected)} for input of shape {list(logits.shape)}",
+            f"shape {list(target.shape)}",
+        )
+    num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
+    check_class_indices(target, num_classes, field, ignore_index=ignore_index)
+
+
+def _index_mean_nan_note(target: Tensor, weight: Tensor | None, ignore_index: int) -> list[str]:
+    """Why a ``mean`` over class indices is NaN (torch divides by the counted weight, 0 here)."""
+    counted = target != ignore_index
+    if not bool(counted.any()):
+        return [
+            "upstream returns NaN: no target is counted (empty batch, or every target equals "
+            f"ignore_index={ignore_index}), and torch's mean divides by zero"
+        ]
+    if weight is not None and float(weight[target[counted].long()].sum()) == 0.0:
+        return [
+            "upstream returns NaN: the class weights of the counted targets sum to 0, and torch's mean divides by that sum"
+        ]
+    return []
+
+
+def _empty_mean_note(loss_name: str) -> list[str]:
+    return [
+        f"upstream returns NaN: {loss_name} with reduction='mean' over an empty input divides by zero"
+    ]
+
+
+def _pair(input: Any, target: Any) -> tuple[Tensor, Tensor, list[str]]:
+    """Float input and target, broadcast together as torch's regression losses do."""
+    input = _float_tensor(input, "input")
+    target = _float_tensor(target, "target")
+    if input.shape == target.shape:
+        return input, target, []
+    try:
+        shape = torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise InvalidArgument.expected(
+            "target",
+            f"the input's shape {list(input.shape)} (or one that broadcasts with it)",
+            f"shape {list(target.shape)}",
+        ) from None
+    note = (
+        f"target shape {list(target.shape)} differs from input shape {list(input.shape)}; torch broadcasts "
+        f"both to {list(shape)} (and warns that this is likely a mistake)"
+    )
+    # Broadcasting here, exactly as torch does, keeps torch's warning out of the server log.
+    input, target = torch.broadcast_tensors(input, target)
+    return input, target, [note]
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def cross_entropy(
+    input: Any,
+    target: Any,
+    *,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor | LossOutput:
+    """Softmax cross-entropy between logits and class indices or class probabilities.
+
+    Called with tensors, this is fat's ``nn.CrossEntropyLoss``. Called with dicts
+    ``({'pred': logits}, {'target': target})`` it is NetsPresso's ``CrossEntropyLoss``, which wraps
+    the same torch loss with ``reduction`` fixed to ``'mean'``: a ``reduction`` parameter is
+    ignored there (upstream swallows it in ``**kwargs``; a note says so), while the legacy
+    ``size_average``/``reduce`` pair still reaches torch.
+
+    Args:
+        input (Tensor[N, C, d1, ...] or Tensor[C] | dict): float logits, or ``{'pred': logits}``.
+        target (Tensor | dict): int64 (or uint8) class indices of shape ``[N, d1, ...]`` (``[]``
+            for unbatched logits), each in ``[0, C)`` or equal to ``ignore_index``; or float class
+            probabilities of the input's shape (these receive a gradient, as in torch); or
+            ``{'target': ...}`` with either.
+        weight (Tensor[C], optional): per-class rescaling weight. With ``mean`` torch divides by
+            the summed weight of the counted targets. Moved to the input's device and dtype.
+            Default: ``None``.
+        size_average (bool, optional): deprecated torch argument; with ``reduce`` it overrides
+            ``reduction`` when either is set. Default: ``None``.
+        ignore_index (int): class index that contributes neither loss nor count (index targets
+            only). Default: ``-100``.
+        reduce (bool, optional): deprecated torch argument, see ``size_average``. Default: ``None``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        label_smoothing (float): in [0, 1]; mixes the target with the uniform distribution.
+            Default: ``0.0``.
+
+    Returns:
+        Tensor: the loss, a scalar unless ``reduction='none'`` (then ``[N, d1, ...]``). NaN with
+        ``mean`` when no target is counted (all ignored, or an empty batch), as in torch.
+
+    Reference:
+        ``torch.nn.CrossEntropyLoss`` (torch 2.13) as built by fat's ``LossFactory``
+        (giovannipollo/fat@9abd3cf); ``netspresso_trainer.losses.common.CrossEntropyLoss``
+        (netspresso-trainer 1.4.1).
+    """
+    notes: list[str] = []
+    if isinstance(input, Mapping) or isinstance(target, Mapping):
+        logits = require_key(input, "pred", "input")
+        labels = require_key(target, "target", "target")
+        in_field, t_field = "input.pred", "target.target"
+        if reduction != "mean":
+            notes.append(
+                f"NetsPresso's CrossEntropyLoss fixes reduction='mean' and ignores a reduction "
+                f"parameter; reduction={reduction!r} was ignored, as upstream"
+            )
+        reduction = "mean"
+    else:
+        logits, labels = input, target
+        in_field, t_field = "input", "target"
+    check_reduction(reduction)
+    reduction, legacy_notes = _legacy_reduction(size_average, reduce, reduction)
+    notes += legacy_notes
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise InvalidArgument.expected("label_smoothing", "a value in [0, 1]", label_smoothing)
+
+    logits = _float_tensor(logits, in_field)
+    if logits.dim() == 0:
+        raise InvalidArgument.expected(
+            in_field, "logits of shape [N, C, ...] or [C]", "a 0-d tensor"
+        )
+    labels = require_tensor(labels, t_field)
+    num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
+    weight = _class_weight(weight, num_classes, logits)
+
+    probabilities = labels.is_floating_point()
+    if probabilities:
+        if labels.shape != logits.shape:
+            raise InvalidArgument.expected(
+                t_field,
+                f"class probabilities of the input's shape {list(logits.shape)}",
+                f"shape {list(labels.shape)}",
+            )
+    else:
+        _index_target(labels, logits, t_field, ignore_index)
+
+    loss = F.cross_entropy(
+        logits,
+        labels,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    if reduction == "mean":
+        if probabilities and labels.numel() == 0:
+            notes += _empty_mean_note("cross_entropy")
+        elif not probabilities:
+            notes += _index_mean_nan_note(labels, weight, ignore_index)
+    return _result(loss, notes)
+
+
+def nll(
+    input: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor | LossOutput:
+    """Negative log-likelihood of class indices under log-probabilities: ``-input[n, target[n]]``.
+
+    Args:
+        input (Tensor[N, C, d1, ...] or Tensor[C]): float log-probabilities (e.g. ``log_softmax``).
+        target (Tensor[N, d1, ...] or Tensor[]): int64 (or uint8) class indices in ``[0, C)`` or
+            equal to ``ignore_index``.
+        weight (Tensor[C], optional): per-class weight; ``mean`` divides by the summed weight of
+            the counted targets. Moved to the input's device and dtype. Default: ``None``.
+        ignore_index (int): class index that contributes neither loss nor count. Default: ``-100``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Returns:
+        Tensor: the loss; NaN with ``mean`` when no target is counted, as in torch.
+
+    Reference:
+        ``torch.nn.NLLLoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
+    """
+    check_reduction(reduction)
+    input = _float_tensor(input, "input")
+    if input.dim() == 0:
+        raise InvalidArgument.expected(
+            "input", "log-probabilities of shape [N, C, ...] or [C]", "a 0-d tensor"
+        )
+    target = require_tensor(target, "target")
+    _index_target(target, input, "target", ignore_index)
+    weight = _class_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], input)
+    loss = F.nll_loss(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    notes = _index_mean_nan_note(target, weight, ignore_index) if reduction == "mean" else []
+    return _result(loss, notes)
+
+
+def bce(
+    input: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor | LossOutput:
+    """Binary cross-entropy between probabilities and same-shape targets in [0, 1].
+
+    ``-w * (t * log(p) + (1 - t) * log(1 - p))``, with torch's clamp of each log at -100.
+
+    Args:
+        input (Tensor[*]): float probabilities, every value in [0, 1].
+        target (Tensor[*]): same shape and dtype as ``input``, values in [0, 1] (hard or soft);
+            receives a gradient, as in torch.
+        weight (Tensor, optional): element weight broadcast to the input's shape (a list is a
+            per-last-dimension weight). Moved to the input's device and dtype. Default: ``None``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.BCELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
+    """
+    check_reduction(reduction)
+    input = _float_tensor(input, "input")
+    target = _float_tensor(target, "target")
+    if target.shape != input.shape:
+        raise InvalidArgument.expected(
+            "target", f"the input's shape {list(input.shape)}", f"shape {list(target.shape)}"
+        )
+    if target.dtype != input.dtype:
+        raise InvalidArgument.expected(
+            "target", f"the input's dtype {_dtype(input)}", _dtype(target)
+        )
+    # torch checks this inside the kernel: a RuntimeError on CPU, a device-side assert on CUDA.
+    for field, value in (("input", input), ("target", target)):
+        outside = ~((value >= 0) & (value <= 1))
+        if bool(outside.any()):
+            raise InvalidArgument.expected(
+                field, "every value in [0, 1]", f"value {value[outside][0].item()}"
+            )
+    weight = _broadcast_weight(weight, "weight", input)
+    loss = F.binary_cross_entropy(input, target, weight=weight, reduction=reduction)
+    notes = _empty_mean_note("bce") if reduction == "mean" and input.numel() == 0 else []
+    return _result(loss, notes)
+
+
+def bce_with_logits(
+    input: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor | LossOutput:
+    """Sigmoid + binary cross-entropy in one numerically stable step.
+
+    ``-w * (pw * t * log(sigmoid(x)) + (1 - t) * log(1 - sigmoid(x)))``.
+
+    Args:
+        input (Tensor[*]): float logits.
+        target (Tensor[*]): float targets of the input's shape (usually in [0, 1]; not checked, as
+            in torch); receives a gradient.
+        weight (Tensor, optional): element weight broadcast to the input's shape. Default: ``None``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        pos_weight (Tensor, optional): weight of positive examples, broadcast along the last
+            dimension (one value per class, e.g. ``[2.0]``). Default: ``None``.
+
+    Both weights are moved to the input's device and dtype.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.BCEWithLogitsLoss`` (torch 2.13) as built by fat's ``LossFactory``
+        (giovannipollo/fat@9abd3cf).
+    """
+    check_reduction(reduction)
+    input = _float_tensor(input, "input")
+    target = _float_tensor(target, "target")
+    if target.shape != input.shape:
+        raise InvalidArgument.expected(
+            "target", f"the input's shape {list(input.shape)}", f"shape {list(target.shape)}"
+        )
+    weight = _broadcast_weight(weight, "weight", input)
+    pos_weight = _broadcast_weight(pos_weight, "pos_weight", input)
+    loss = F.binary_cross_entropy_with_logits(
+        input, target, weight=weight, reduction=reduction, pos_weight=pos_weight
+    )
+    notes = (
+        _empty_mean_note("bce_with_logits") if reduction == "mean" and input.numel() == 0 else []
+    )
+    return _result(loss, notes)
+
+
+def sqr_hinge(input: Tensor, target: Tensor) -> Tensor | LossOutput:
+    """Squared hinge loss ``mean(max(0, 1 - y * f)^2)`` over all ``N * C`` scores (fat SqrHingeLoss).
+
+    Class indices are turned into a float32 +-1 code (+1 at the class, -1 elsewhere), so a
+    float16 input gives a float32 loss while float64 stays float64. The gradient is upstream's
+    custom one, ``-2 * y * max(0, 1 - y * f) / (N * C)`` times the incoming gradient, and the
+    target never receives a gradient.
+
+    Args:
+        input (Tensor[N, C]): float class scores.
+        target (Tensor[N] or Tensor[N, C]): int64 class indices in ``[0, C)``, or a +-1 code used
+            as is (values are not checked; a shape that broadcasts to ``[N, C]`` is accepted).
+
+    Returns:
+        Tensor: the scalar loss; NaN for an empty batch, as upstream.
+
+    Reference:
+        ``SqrHingeLoss`` in fat ``utils/losses/sqr_hinge.py`` (giovannipollo/fat@9abd3cf), after
+        the BNN-PYNQ example in Xilinx Brevitas; Courbariaux et al., "Binarized Neural Networks",
+        2016.
+    """
+    input = _float_tensor(input, "input")
+    if input.dim() != 2:
+        raise InvalidArgument.expected(
+            "input", "class scores of shape [N, C]", f"shape {list(input.shape)}"
+        )
+    target = require_tensor(target, "target")
+    n, c = input.shape
+    if target.dim() == 1:
+        if target.dtype != torch.int64:
+            raise InvalidArgument.expected(
+                "target", "int64 class indices (or a float [N, C] +-1 code)", _dtype(target)
+            )
+        if target.shape[0] != n:
+            raise InvalidArgument.expected(
+                "target", f"{n} class indices (one per input row)", f"shape {list(target.shape)}"
+            )
+        check_class_indices(target, c, "target")
+        code = torch.full((n, c), -1.0, dtype=torch.float32, device=target.device)
+        code.scatter_(1, target.unsqueeze(1), 1.0)
+    elif target.dim() == 2:
+        if target.dtype == torch.bool or target.dtype.is_complex:
+            raise InvalidArgument.expected("target", "a real +-1 code", _dtype(target))
+        try:
+            shape = torch.broadcast_shapes(input.shape, target.shape)
+        except RuntimeError:
+            shape = None
+        if shape != input.shape:
+            raise InvalidArgument.expected(
+                "target", f"a +-1 code of shape [{n}, {c}]", f"shape {list(target.shape)}"
+            )
+        # Upstream returns no gradient for the code; detaching makes that explicit.
+        code = target.detach()
+    else:
+        raise InvalidArgument.expected(
+            "target", "class indices [N] or a +-1 code [N, C]", f"shape {list(target.shape)}"
+        )
+    loss = _SquaredHinge.apply(input, code)
+    notes = (
+        ["upstream returns NaN: the mean over an empty batch divides by zero"]
+        if n == 0 or c == 0
+        else []
+    )
+    return _result(loss, notes)
+
+
+def _hinge_margin(scores: Tensor, code: Tensor) -> Tensor:
+    """``max(0, 1 - y * f)`` as upstream zeroes it: entries ``<= 0`` become 0, NaN stays NaN."""
+    margin = 1.0 - scores * code
+    return margin.masked_fill(margin <= 0.0, 0.0)
+
+
+class _SquaredHinge(torch.autograd.Function):
+    """Upstream's hand-written gradient, kept so that lossd's gradients are upstream's."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, code: Tensor) -> Tensor:
+        ctx.save_for_backward(scores, code)
+        margin = _hinge_margin(scores, code)
+        return reduce_loss(margin * margin, "mean")
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
+        scores, code = ctx.saved_tensors
+        margin = _hinge_margin(scores, code)
+        # Same operations in the same order as upstream, so float results agree bit for bit.
+        grad = code * -2.0 * margin / scores.numel()
+        return grad * grad_output, None
+
+
+# --------------------------------------------------------------------------- regression
+
+
+def mse(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
+    """Mean squared error ``(input - target)^2``.
+
+    Args:
+        input (Tensor[*]): float predictions.
+        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
+            as in torch, with a note); receives a gradient.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.MSELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
+    """
+    check_reduction(reduction)
+    input, target, notes = _pair(input, target)
+    loss = F.mse_loss(input, target, reduction=reduction)
+    if reduction == "mean" and input.numel() == 0:
+        notes += _empty_mean_note("mse")
+    return _result(loss, notes)
+
+
+def l1(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
+    """Mean absolute error ``|input - target|``.
+
+    Args:
+        input (Tensor[*]): float predictions.
+        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
+            as in torch, with a note); receives a gradient.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.L1Loss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
+    """
+    check_reduction(reduction)
+    input, target, notes = _pair(input, target)
+    loss = F.l1_loss(input, target, reduction=reduction)
+    if reduction == "mean" and input.numel() == 0:
+        notes += _empty_mean_note("l1")
+    return _result(loss, notes)
+
+
+def smooth_l1(
+    input: Tensor, target: Tensor, *, reduction: str = "mean", beta: float = 1.0
+) -> Tensor | LossOutput:
+    """Smooth L1 (Huber-like): ``0.5 * d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 * beta``.
+
+    Args:
+        input (Tensor[*]): float predictions.
+        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
+            as in torch, with a note); receives a gradient.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        beta (float): >= 0, where the loss turns from quadratic to linear; ``0`` is exactly the
+            L1 loss (torch switches to it). Default: ``1.0``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.SmoothL1Loss`` (torch 2.13) as built by fat's ``LossFactory``
+        (giovannipollo/fat@9abd3cf); Girshick, "Fast R-CNN", ICCV 2015.
+    """
+    check_reduction(reduction)
+    if not beta >= 0.0:
+        raise InvalidArgument.expected("beta", "a value >= 0", beta)
+    input, target, notes = _pair(input, target)
+    loss = F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
+    if reduction == "mean" and input.numel() == 0:
+        notes += _empty_mean_note("smooth_l1")
+    return _result(loss, notes)
+
+
+def kl_div(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: str = "batchmean",
+    log_target: bool = False,
+) -> Tensor | LossOutput:
+    """Kullback-Leibler divergence ``target * (log(target) - input)`` with ``input`` in log space.
+
+    Args:
+        input (Tensor[N, *]): float log-probabilities.
+        target (Tensor[N, *]): float probabilities (log-probabilities if ``log_target``) of a
+            shape that broadcasts with the input's, as in torch; receives a gradient.
+        reduction (str): ``'batchmean'`` (sum / N, the KL divergence per sample; fat's default) |
+            ``'sum'`` | ``'mean'`` (sum / every element) | ``'none'``. Default: ``'batchmean'``.
+        log_target (bool): whether ``target`` is given as log-probabilities. Default: ``False``.
+
+    Returns:
+        Tensor: the loss; NaN for ``batchmean``/``mean`` over an empty batch, as in torch.
+
+    Reference:
+        ``torch.nn.KLDivLoss`` (torch 2.13) as built by fat's ``LossFactory``, which sets
+        ``reduction='batchmean'`` unless configured (giovannipollo/fat@9abd3cf).
+    """
+    if reduction not in KL_REDUCTIONS:
+        raise InvalidArgument.expected(
+            "reduction", "one of 'none', 'batchmean', 'sum', 'mean'", repr(reduction)
+        )
+    input = _float_tensor(input, "input")
+    target = _float_tensor(target, "target")
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise InvalidArgument.expected(
+            "target",
+            f"the input's shape {list(input.shape)} (or one that broadcasts with it)",
+            f"shape {list(target.shape)}",
+        ) from None
+    # Element-wise, then reduced: the same operations torch's kl_div runs, without its warning for 'mean'.
+    pointwise = F.kl_div(input, target, reduction="none", log_target=log_target)
+    notes: list[str] = []
+    if reduction == "batchmean":
+        loss = reduce_loss(pointwise, "sum")
+        if input.dim() != 0:  # torch divides by the batch size only when there is a batch dimension
+            loss = loss / input.shape[0]
+            if input.shape[0] == 0:
+                notes.append(
+                    "upstream returns NaN: reduction='batchmean' over an empty batch divides 0 by 0"
+                )
+    else:
+        loss = reduce_loss(pointwise, reduction)
+        if reduction == "mean" and pointwise.numel() == 0:
+            notes += _empty_mean_note("kl_div")
+    return _result(loss, notes)
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _make_cross_entropy_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3001)
+    logits = torch.randn(6, 5, generator=g).to(dtype)
+    labels = torch.randint(0, 5, (6,), generator=g)
+    return (logits, labels), {}, {"label_smoothing": 0.1, "weight": [1.0, 2.0, 1.0, 0.5, 1.0]}
+
+
+def _make_nll_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3002)
+    log_probs = torch.log_softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
+    labels = torch.randint(0, 5, (6,), generator=g)
+    return (log_probs, labels), {}, {}
+
+
+def _make_regression_example(seed: int, params: dict) -> Any:
+    def make(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+        g = _gen(seed)
+        pred = torch.randn(6, 4, generator=g).to(dtype)
+        target = torch.randn(6, 4, generator=g).to(dtype)
+        return (pred, target), {}, dict(params)
+
+    return make
+
+
+def _make_bce_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3006)
+    probs = (torch.rand(6, 4, generator=g) * 0.9 + 0.05).to(dtype)
+    target = (torch.rand(6, 4, generator=g) * 0.8 + 0.1).to(
+        dtype
+    )  # soft, away from 0/1 for gradcheck
+    return (probs, target), {}, {}
+
+
+def _make_bce_with_logits_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3007)
+    logits = torch.randn(6, 4, generator=g).to(dtype)
+    target = (torch.rand(6, 4, generator=g) > 0.5).to(dtype)
+    return (logits, target), {}, {"pos_weight": [2.0, 1.0, 0.5, 1.0]}
+
+
+def _make_kl_div_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3008)
+    log_probs = torch.log_softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
+    target = torch.softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
+    return (log_probs, target), {}, {}
+
+
+def _make_sqr_hinge_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3009)
+    scores = torch.randn(6, 5, generator=g).to(dtype)
+    labels = torch.randint(0, 5, (6,), generator=g)
+    return (scores, labels), {}, {}
+
+
+# --------------------------------------------------------------------------- declarations
+
+_REDUCTION = Param("reduction", "str", "mean", choices=REDUCTIONS, doc="'none' | 'mean' | 'sum'")
+_WEIGHT_DOC = "per-class weight [C] (integer lists accepted as floats; fat itself crashes on them)"
+_INDEX_DOC = "class indices [N, d1, ...] int64 or uint8, in [0, C) or == ignore_index"
+
+
+def _pair_inputs(input_doc: str, target_doc: str) -> tuple[Input, Input]:
+    return (
+        Input("input", dtypes=FLOAT_DTYPES, shape=("*",), differentiable=True, doc=input_doc),
+        Input("target", dtypes=FLOAT_DTYPES, shape=("*",), differentiable=True, doc=target_doc),
+    )
+
+
+SPECS = (
+    LossSpec(
+        name="cross_entropy",
+        fn=cross_entropy,
+        families=("fat", "netspresso"),
+        summary="Softmax cross-entropy on class indices or probabilities (torch CrossEntropyLoss; "
+        "NetsPresso's when called with {'pred'}/{'target'} dicts).",
+        inputs=(
+            Input(
+                "input",
+                kind="any",
+                differentiable=True,
+                doc="Tensor[N, C, d1, ...] (or [C]) float logits; NetsPresso form: {'pred': logits}",
+            ),
+            Input(
+                "target",
+                kind="any",
+                differentiable=False,
+                doc=f"Tensor: {_INDEX_DOC}, or float probabilities of the input's shape (these get a "
+                "gradient); NetsPresso form: {'target': ...}",
+            ),
+        ),
+        params=(
+            Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC),
+            Param(
+                "size_average",
+                "bool",
+                None,
+                nullable=True,
+                doc="deprecated torch argument; overrides reduction when set",
+            ),
+            Param(
+                "ignore_index",
+                "int",
+                -100,
+                doc="index target that is neither counted nor penalised",
+            ),
+            Param(
+                "reduce",
+                "bool",
+                None,
+                nullable=True,
+                doc="deprecated torch argument; overrides reduction when set",
+            ),
+            Param(
+                "reduction",
+                "str",
+                "mean",
+                choices=REDUCTIONS,
+                doc="'none' | 'mean' | 'sum' (NetsPresso form: always 'mean')",
+            ),
+            Param(
+                "label_smoothing",
+                "float",
+                0.0,
+                minimum=0.0,
+                maximum=1.0,
+                doc="mix with the uniform distribution",
+            ),
+        ),
+        reference=f"torch.nn.CrossEntropyLoss ({_TORCH}) via {_FAT}; "
+        f"netspresso_trainer.losses.common.CrossEntropyLoss ({_NETSPRESSO})",
+        example='RemoteLoss("cross_entropy", label_smoothing=0.1)(logits, labels)',
+        make_example=_make_cross_entropy_example,
+    ),
+    LossSpec(
+        name="nll",
+        fn=nll,
+        families=("fat",),
+        summary="Negative log-likelihood of class indices under log-probabilities (torch NLLLoss).",
+        inputs=(
+            Input(
+                "input",
+                dtypes=FLOAT_DTYPES,
+                shape=("*",),
+                differentiable=True,
+                doc="log-probabilities [N, C, d1, ...] or [C]",
+            ),
+            Input("target", dtypes=("int64", "uint8"), shape=("*",), doc=_INDEX_DOC),
+        ),
+        params=(
+            Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC),
+            Param(
+                "ignore_index",
+                "int",
+                -100,
+                doc="index target that is neither counted nor penalised",
+            ),
+            _REDUCTION,
+        ),
+        reference=f"torch.nn.NLLLoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("nll")(log_probs, labels)',
+        make_example=_make_nll_example,
+    ),
+    LossSpec(
+        name="mse",
+        fn=mse,
+        families=("fat",),
+        summary="Mean squared error (torch MSELoss).",
+        inputs=_pair_inputs("float predictions [*]", "float targets, the input's shape"),
+        params=(_REDUCTION,),
+        reference=f"torch.nn.MSELoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("mse")(pred, target)',
+        make_example=_make_regression_example(3003, {}),
+    ),
+    LossSpec(
+        name="l1",
+        fn=l1,
+        families=("fat",),
+        summary="Mean absolute error (torch L1Loss).",
+        inputs=_pair_inputs("float predictions [*]", "float targets, the input's shape"),
+        params=(_REDUCTION,),
+        reference=f"torch.nn.L1Loss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("l1")(pred, target)',
+        make_example=_make_regression_example(3004, {}),
+    ),
+    LossSpec(
+        name="smooth_l1",
+        fn=smooth_l1,
+        families=("fat",),
+        summary="Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
+        inputs=_pair_inputs("float predictions [*]", "float targets, the input's shape"),
+        params=(
+            _REDUCTION,
+            Param(
+                "beta", "float", 1.0, minimum=0.0, doc="quadratic-to-linear threshold; 0 gives L1"
+            ),
+        ),
+        reference=f"torch.nn.SmoothL1Loss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("smooth_l1", beta=0.5)(pred, target)',
+        make_example=_make_regression_example(3005, {"beta": 0.5}),
+    ),
+    LossSpec(
+        name="bce",
+        fn=bce,
+        families=("fat",),
+        summary="Binary cross-entropy on probabilities in [0, 1] (torch BCELoss).",
+        inputs=_pair_inputs(
+            "float probabilities [*] in [0, 1]", "same shape and dtype, values in [0, 1]"
+        ),
+        params=(
+            Param(
+                "weight",
+                "tensor",
+                None,
+                nullable=True,
+                doc="element weight broadcast to the input's shape",
+            ),
+            _REDUCTION,
+        ),
+        reference=f"torch.nn.BCELoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("bce")(probs, target)',
+        make_example=_make_bce_example,
+    ),
+    LossSpec(
+        name="bce_with_logits",
+        fn=bce_with_logits,
+        families=("fat",),
+        summary="Sigmoid + binary cross-entropy on logits, with optional pos_weight (torch BCEWithLogitsLoss).",
+        inputs=_pair_inputs("float logits [*]", "float targets of the input's shape"),
+        params=(
+            Param(
+                "weight",
+                "tensor",
+                None,
+                nullable=True,
+                doc="element weight broadcast to the input's shape",
+            ),
+            _REDUCTION,
+            Param(
+                "pos_weight",
+                "tensor",
+                None,
+                nullable=True,
+                doc="weight of positives, broadcast along the last dimension",
+            ),
+        ),
+        reference=f"torch.nn.BCEWithLogitsLoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("bce_with_logits", pos_weight=[2.0])(logits, target)',
+        make_example=_make_bce_with_logits_example,
+    ),
+    LossSpec(
+        name="kl_div",
+        fn=kl_div,
+        families=("fat",),
+        summary="KL divergence of log-probabilities from a target distribution; fat's default 'batchmean' (torch KLDivLoss).",
+        inputs=_pair_inputs(
+            "float log-probabilities [N, *]",
+            "float probabilities (log if log_target), broadcastable",
+        ),
+        params=(
+            Param(
+                "reduction",
+                "str",
+                "batchmean",
+                choices=KL_REDUCTIONS,
+                doc="'batchmean' (fat's default) | 'sum' | 'mean' | 'none'",
+            ),
+            Param("log_target", "bool", False, doc="target given as log-probabilities"),
+        ),
+        reference=f"torch.nn.KLDivLoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("kl_div")(log_probs, target_probs)',
+        make_example=_make_kl_div_example,
+    ),
+    LossSpec(
+        name="sqr_hinge",
+        fn=sqr_hinge,
+        families=("fat",),
+        summary="Squared hinge loss mean(max(0, 1 - y*f)^2) with a +-1 class code (fat SqrHingeLoss).",
+        inputs=(
+            Input(
+                "input",
+                dtypes=FLOAT_DTYPES,
+                shape=("N", "C"),
+                differentiable=True,
+                doc="float class scores [N, C]",
+            ),
+            Input(
+                "target",
+                dtypes=(*FLOAT_DTYPES, "int64"),
+                shape=("*",),
+                doc="int64 class indices [N] (turned into a float32 +-1 code) or a +-1 code [N, C]; no gradient",
+            ),
+        ),
+        params=(),
+        reference="SqrHingeLoss, giovannipollo/fat@9abd3cf utils/losses/sqr_hinge.py (after Xilinx Brevitas BNN-PYNQ)",
+        example='RemoteLoss("sqr_hinge")(scores, labels)',
+        make_example=_make_sqr_hinge_example,
+    ),
+)

@@ -1,0 +1,143 @@
+"""Conversions between wire messages and engine calls: the servicer's decode and encode steps."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lossd.client import codec
+from lossd.client._proto import lossd_pb2 as pb
+
+from .engine import Evaluation
+from .registry import REQUIRED, Input, LossSpec, Param
+
+
+@dataclass
+class ComputeCall:
+    """A decoded ComputeRequest."""
+
+    loss: str
+    params: dict[str, Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    grad_paths: list[str]
+    grad_output: Tensor | None
+    request_id: str
+    audit: pb.AuditContext
+    input_tensors: list[tuple[str, Tensor]] = field(default_factory=list)
+
+
+def decode_compute(
+    request: pb.ComputeRequest, limits: codec.DecodeLimits, external: dict[str, Tensor] | None = None
+) -> ComputeCall:
+    """``external``: bytes of tensors that came outside the message (chunked transport), by path."""
+    budget = codec.new_budget(limits)
+    params = codec.decode_map(request.params, "params", limits, budget=budget, external=external)
+    args = [codec.decode_value(v, f"args[{i}]", limits, budget=budget, external=external) for i, v in enumerate(request.args)]
+    kwargs = codec.decode_map(request.kwargs, "kwargs", limits, budget=budget, external=external)
+    grad_output = (
+        codec.decode_tensor(request.grad_output, "grad_output", limits, data=external.get("grad_output") if external else None)
+        if request.HasField("grad_output")
+        else None
+    )
+    if external:
+        _check_external(external, params, args, kwargs, grad_output)
+    if len(request.grad_paths) > limits.max_items:
+        raise codec.LimitError("grad_paths", f"more than {limits.max_items} paths", "--max-items")
+    return ComputeCall(
+        loss=request.loss,
+        params=params,
+        args=args,
+        kwargs=kwargs,
+        grad_paths=list(request.grad_paths),
+        grad_output=grad_output,
+        request_id=request.request_id or uuid.uuid4().hex,
+        audit=request.audit,
+        input_tensors=list(codec.call_tensors(args, kwargs)),
+    )
+
+
+def _check_external(external: dict[str, Tensor], params: Any, args: Any, kwargs: Any, grad_output: Tensor | None) -> None:
+    # Every chunked tensor must land on a tensor of the request, or its bytes would be ignored.
+    known = {p for p, _ in codec.call_tensors(args, kwargs)} | {p for p, _ in codec.iter_tensors(params, "params")}
+    if grad_output is not None:
+        known.add("grad_output")
+    for i, path in enumerate(external):
+        if path not in known:
+            raise codec.DecodeError(f"header.tensors[{i}].path", f"expected the path of a tensor of the request, got {path!r}")
+
+
+def encode_compute(result: Evaluation, request_id: str, version: str, outboard: codec.Outboard | None = None) -> pb.ComputeResponse:
+    """``outboard``: collect large tensors there instead of inlining them (chunked transport)."""
+    response = pb.ComputeResponse(
+        non_finite=result.non_finite,
+        notes=result.notes,
+        device=result.device,
+        lossd_version=version,
+        request_id=request_id,
+    )
+    codec.encode_value(result.value, response.loss, outboard=outboard, path="loss")
+    for i, (path, grad) in enumerate(result.grads.items()):
+        codec.encode_tensor(grad, response.grads.add(path=path).grad, outboard=outboard, path=f"grads[{i}]")
+    if result.components:
+        codec.encode_map(result.components, response.components)
+    return response
+
+
+def loss_info(spec: LossSpec) -> pb.LossInfo:
+    """The wire description of a loss, derived from its declaration."""
+    return pb.LossInfo(
+        name=spec.name,
+        families=list(spec.families),
+        summary=spec.summary,
+        params=[_param_info(p) for p in spec.params],
+        inputs=[_input_info(i) for i in spec.inputs],
+        reference=spec.reference,
+        example=spec.example,
+    )
+
+
+def _param_info(param: Param) -> pb.ParamInfo:
+    info = pb.ParamInfo(
+        name=param.name,
+        type=param.type,
+        required=param.default is REQUIRED,
+        nullable=param.nullable or param.default is None,
+        minimum_exclusive=param.minimum_exclusive,
+        maximum_exclusive=param.maximum_exclusive,
+        doc=param.doc,
+    )
+    if param.default is not REQUIRED:
+        codec.encode_value(_plain(param.default), info.default_value)
+    for choice in param.choices:
+        codec.encode_value(choice, info.choices.add())
+    if param.minimum is not None:
+        info.minimum = param.minimum
+    if param.maximum is not None:
+        info.maximum = param.maximum
+    return info
+
+
+def _input_info(declared: Input) -> pb.InputInfo:
+    return pb.InputInfo(
+        name=declared.name,
+        kind=declared.kind,
+        dtypes=[codec.wire_dtype(_torch_dtype(d)) for d in declared.dtypes] if declared.kind == "tensor" else [],
+        shape=[str(s) for s in declared.shape] if declared.kind == "tensor" else [],
+        differentiable=declared.differentiable,
+        optional=declared.optional,
+        doc=declared.doc,
+    )
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,235 @@
+"""The gRPC servicer: decode, compute, encode. Errors map to status codes here and only here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from lossd.client import codec
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client._proto import lossd_pb2_grpc as pb_grpc
+
+from . import chunked, registry
+from .engine import Engine, Evaluation
+from .errors import InvalidArgument, ResourceExhausted, ServiceError
+from .messages import ComputeCall, decode_compute, encode_compute, loss_info
+from .version import __version__
+
+log = logging.getLogger("lossd.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+
+
+class Malformed:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+
+def safe_parser(message_type: type) -> Callable[[bytes], Any]:
+    """A request deserializer that turns malformed bytes into INVALID_ARGUMENT, not INTERNAL."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
+            return Malformed(name, str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def to_service_error(exc: BaseException) -> ServiceError:
+    """The one mapping from anything raised while serving to a status-carrying error."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, codec.LimitError):
+        return ResourceExhausted(exc.message, field=exc.field)
+    if isinstance(exc, (codec.DecodeError, codec.EncodeError)):
+        return InvalidArgument(getattr(exc, "message", str(exc)), field=getattr(exc, "field", None))
+    if isinstance(exc, MemoryError):
+        return ResourceExhausted("the server ran out of memory for this request")
+    return ServiceError("internal error; the server log has the details")
+
+
+# Messages echo client data (a loss name, a path); the status travels in trailers, which gRPC
+# caps at 8 KiB by default, so an unclipped echo would turn the error into RESOURCE_EXHAUSTED.
+MAX_ERROR_CHARS = 1024
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
+
+
+def abort(context: grpc.ServicerContext, error: ServiceError) -> None:
+    """Abort the RPC with ``error``'s code, message and, when it names a field, a BadRequest detail."""
+    status = status_pb2.Status(code=error.code.value[0], message=clip(str(error)))
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=clip(error.field, 256), description=clip(error.message)
+        )
+        detail = AnyMessage()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status.details.append(detail)
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+def handles_errors(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self: LossServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(f"request is not a valid {request.type_name}: {request.reason}")
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+            if _is_abort(exc):
+                raise
+            error = to_service_error(exc)
+            if type(error) is ServiceError:
+                log.exception("internal error in %s", method.__name__)
+            else:
+                log.info("%s refused: %s %s", method.__name__, error.code.name, error)
+            abort(context, error)
+
+    return wrapper
+
+
+def _is_abort(exc: Exception) -> bool:
+    # context.abort raises a bare Exception subclass private to grpc; let it through untouched.
+    return type(exc).__module__.startswith("grpc")
+
+
+@dataclass
+class ComputeEvent:
+    """One finished evaluation, handed to every ``after_compute`` hook (audit, metrics)."""
+
+    call: ComputeCall
+    result: Evaluation
+    response: pb.ComputeResponse
+    request_bytes: int
+    context: grpc.ServicerContext | None
+
+
+class LossServicer(pb_grpc.LossServiceServicer):
+    """Thin adapter between the wire and the engine.
+
+    ``after_compute`` hooks run after each successful evaluation, before the response is sent;
+    they may annotate the response (the audit recorder sets ``audited``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        limits: codec.DecodeLimits,
+        after_compute: Sequence[Callable[[ComputeEvent], None]] = (),
+        *,
+        max_chunked_bytes: int = 256 << 20,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.after_compute = list(after_compute)
+        self.max_chunked_bytes = max_chunked_bytes  # all tensor bytes of one ComputeChunked request
+        self.chunk_bytes = chunk_bytes
+
+    def compute(
+        self,
+        request: pb.ComputeRequest,
+        context: grpc.ServicerContext | None = None,
+        *,
+        external: dict[str, Any] | None = None,
+        outboard: codec.Outboard | None = None,
+    ) -> pb.ComputeResponse:
+        """Every transport ends here. ``external``/``outboard``: the chunked transport's tensors
+        that travel outside the request/response message (see server/chunked.py)."""
+        t0 = time.perf_counter_ns()
+        call = decode_compute(request, self.limits, external)
+        t1 = time.perf_counter_ns()
+        result = self.engine.evaluate(call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output)
+        t2 = time.perf_counter_ns()
+        response = encode_compute(result, call.request_id, __version__, outboard)
+        t3 = time.perf_counter_ns()
+        response.timings.decode_ns = t1 - t0
+        response.timings.compute_ns = t2 - t1
+        response.timings.encode_ns = t3 - t2
+        if self.after_compute:
+            size = request.ByteSize() + (sum(t.numel() for t in external.values()) if external else 0)
+            event = ComputeEvent(call, result, response, size, context)
+            for hook in self.after_compute:
+                hook(event)
+        return response
+
+    @handles_errors
+    def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext) -> pb.ComputeResponse:
+        return self.compute(request, context)
+
+    def ComputeStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[pb.ComputeStreamResponse]:
+        for message in request_iterator:
+            yield self._stream_one(message, context)
+
+    @handles_errors
+    def _stream_one(self, message: Any, context: grpc.ServicerContext) -> pb.ComputeStreamResponse:
+        return pb.ComputeStreamResponse(response=self.compute(message.request, context))
+
+    def ComputeChunked(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
+        response, outboard = self._chunked_one(request_iterator, context)
+        yield from chunked.answer(response, outboard, self.chunk_bytes)
+
+    @handles_errors
+    def _chunked_one(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> tuple[pb.ComputeResponse, codec.Outboard]:
+        request, external = chunked.receive(request_iterator, self.max_chunked_bytes)
+        outboard = codec.Outboard(64 << 10)  # gradients of 64 KiB and more go back in chunks
+        return self.compute(request, context, external=external, outboard=outboard), outboard
+
+    @handles_errors
+    def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext) -> pb.ListLossesResponse:
+        specs = registry.all_specs(request.family or None)
+        return pb.ListLossesResponse(losses=[loss_info(s) for s in sorted(specs, key=lambda s: s.name)])
+
+    @handles_errors
+    def DescribeLoss(self, request: pb.DescribeLossRequest, context: grpc.ServicerContext) -> pb.DescribeLossResponse:
+        return pb.DescribeLossResponse(loss=loss_info(registry.get(request.name)))
+
+
+def method_handlers(servicer: LossServicer) -> grpc.GenericRpcHandler:
+    """LossService's handlers, with deserializers that never fail (malformed → INVALID_ARGUMENT)."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Compute": grpc.unary_unary_rpc_method_handler(
+                servicer.Compute,
+                request_deserializer=safe_parser(pb.ComputeRequest),
+                response_serializer=pb.ComputeResponse.SerializeToString,
+            ),
+            "ComputeStream": grpc.stream_stream_rpc_method_handler(
+                servicer.ComputeStream,
+                request_deserializer=safe_parser(pb.ComputeStreamRequest),
+                response_serializer=pb.ComputeStreamResponse.SerializeToString,
+            ),
+            "ComputeChunked": chunked.method_handler(servicer, safe_parser(pb.ComputeChunkedRequest)),
+            "ListLosses": grpc.unary_unary_rpc_method_handler(
+                servicer.ListLosses,
+                request_deserializer=safe_parser(pb.ListLossesRequest),
+                response_serializer=pb.ListLossesResponse.SerializeToString,
+            ),
+            "DescribeLoss": grpc.unary_unary_rpc_method_handler(
+                servicer.DescribeLoss,
+                request_deserializer=safe_parser(pb.DescribeLossRequest),
+                response_serializer=pb.DescribeLossResponse.SerializeToString,
+            ),
+        },
+    )
