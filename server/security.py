@@ -1,0 +1,356 @@
+"""Transport security and authorization: TLS/mTLS credentials, bearer tokens, roles.
+
+Tokens come from a YAML or JSON file (``--auth-tokens``) mapping each token to a principal and
+its roles::
+
+    "k3Jd...a long random string...":        {principal: trainer-a, roles: [compute]}
+    "sha256:9f86d081884c7d659a2feaa0c55ad015...": {principal: auditor, roles: [audit-read]}
+
+A key is the token itself or ``sha256:`` and the hex SHA-256 of the token, so that the file
+need not hold usable secrets. Roles: ``compute`` (LossService), ``audit-read`` (AuditService),
+``admin`` (everything). Health checks and reflection stay open so probes and ``grpcurl
+describe`` work without a token.
+
+Handlers (and ``after_compute`` hooks such as the audit recorder) read the caller's identity with
+``current_principal()``; it is set for the duration of each authorized call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from .errors import PermissionDenied, ServiceError, Unauthenticated
+
+log = logging.getLogger("lossd.security")
+
+COMPUTE, AUDIT_READ, ADMIN = "compute", "audit-read", "admin"
+ROLES = frozenset({COMPUTE, AUDIT_READ, ADMIN})
+
+# Role needed per service; any service not listed here (and not open) needs admin.
+SERVICE_ROLES: dict[str, str] = {
+    "lossd.v1.LossService": COMPUTE,
+    "lossd.v1.AuditService": AUDIT_READ,
+}
+OPEN_SERVICES = frozenset({
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+
+MIN_TOKEN_CHARS = 16  # a guessable token is no authentication
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a name for the audit trail and the roles the name was granted."""
+
+    name: str
+    roles: frozenset[str]
+    via: str  # "token", "x509" (mutual TLS without tokens)
+
+    def may(self, role: str) -> bool:
+        return role in self.roles or ADMIN in self.roles
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("lossd_principal", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The authenticated caller of the RPC being handled on this thread, or None when anonymous."""
+    return _current.get()
+
+
+class TokenError(ValueError):
+    """The tokens file is unreadable or malformed; the message names the file and entry."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    digest: bytes
+    principal: Principal
+
+
+class TokenTable:
+    """Bearer tokens → principals. Lookups compare SHA-256 digests in constant time."""
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        if not entries:
+            raise TokenError("the tokens file defines no token")
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenTable:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise TokenError(f"--auth-tokens {path}: {exc.strerror or exc}") from None
+        if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s is readable by other users; chmod 600 it (or store sha256: keys)", path)
+        try:
+            data = yaml.safe_load(text)  # JSON is YAML; safe_load builds plain data only
+        except yaml.YAMLError as exc:
+            raise TokenError(f"--auth-tokens {path}: not valid YAML or JSON: {exc}") from None
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "tokens") -> TokenTable:
+        if not isinstance(data, Mapping):
+            raise TokenError(f"{source}: expected a mapping of token -> {{principal, roles}}")
+        entries: list[_Entry] = []
+        seen: set[bytes] = set()
+        for index, (key, value) in enumerate(data.items()):
+            where = f"{source}: entry {index + 1}"  # never echo the token itself
+            if not isinstance(key, str) or not key:
+                raise TokenError(f"{where}: the token must be a non-empty string")
+            if key.startswith("sha256:"):
+                try:
+                    digest = bytes.fromhex(key.removeprefix("sha256:"))
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    raise TokenError(f"{where}: sha256: must be followed by 64 hex digits")
+            else:
+                if len(key) < MIN_TOKEN_CHARS:
+                    raise TokenError(f"{where}: tokens must be at least {MIN_TOKEN_CHARS} characters (use `lossd token`)")
+                digest = hashlib.sha256(key.encode()).digest()
+            if not isinstance(value, Mapping):
+                raise TokenError(f"{where}: expected {{principal: NAME, roles: [...]}}")
+            name = value.get("principal")
+            if not isinstance(name, str) or not name.strip():
+                raise TokenError(f"{where}: 'principal' must be a non-empty string")
+            roles = value.get("roles")
+            if isinstance(roles, str):
+                roles = [roles]
+            if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+                raise TokenError(f"{where} ({name}): 'roles' must be a non-empty list of {sorted(ROLES)}")
+            unknown = sorted(set(roles) - ROLES)
+            if unknown:
+                raise TokenError(f"{where} ({name}): unknown role(s) {unknown}; roles are {sorted(ROLES)}")
+            extra = sorted(set(value) - {"principal", "roles"})
+            if extra:
+                raise TokenError(f"{where} ({name}): unknown key(s) {extra}")
+            if digest in seen:
+                raise TokenError(f"{where} ({name}): the same token is listed twice")
+            seen.add(digest)
+            entries.append(_Entry(digest, Principal(name.strip(), frozenset(roles), "token")))
+        return cls(entries)
+
+    def authenticate(self, token: str) -> Principal | None:
+        presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        found: Principal | None = None
+        # Every entry is compared, match or not, so timing says nothing about which token (or
+        # how much of one) was right.
+        for entry in self._entries:
+            if hmac.compare_digest(presented, entry.digest):
+                found = entry.principal
+        return found
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits, URL-safe)."""
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def token_entry(token: str, principal: str, roles: list[str]) -> str:
+    """A tokens-file line that stores the token's SHA-256 rather than the token."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return f'"sha256:{digest}": {{"principal": {json.dumps(principal)}, "roles": {json.dumps(roles)}}}'
+
+
+def required_role(method: str) -> str | None:
+    """The role ``/package.Service/Method`` needs; None for the open services."""
+    service = method.lstrip("/").split("/", 1)[0]
+    if service in OPEN_SERVICES:
+        return None
+    return SERVICE_ROLES.get(service, ADMIN)
+
+
+def bearer_token(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+    return None
+
+
+def peer_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the client certificate (mutual TLS), when there is one."""
+    try:
+        names = context.auth_context().get("x509_common_name") or ()
+    except Exception:  # noqa: BLE001 - no auth context on a plaintext call
+        return None
+    return names[0].decode() if names else None
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates each call and checks the role its service needs.
+
+    With a token table, every call outside the open services needs ``authorization: Bearer``
+    metadata naming a known token (else UNAUTHENTICATED) whose principal holds the service's role
+    (else PERMISSION_DENIED). Without one, calls are not authorized here (mutual TLS, when
+    configured, has already refused unknown clients) and the principal is the client
+    certificate's common name, if any.
+    """
+
+    def __init__(self, tokens: TokenTable | None) -> None:
+        self.tokens = tokens
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        role = required_role(details.method)
+        if role is None:
+            return handler
+        if self.tokens is None:
+            return _with_principal(handler, None)
+        token = bearer_token(details.invocation_metadata)
+        if not token:
+            return _refusal(handler, Unauthenticated(
+                "this server needs a bearer token: pass RemoteLoss(token=...) or set LOSSD_TOKEN "
+                "(metadata `authorization: Bearer <token>`)"), details.method)
+        principal = self.tokens.authenticate(token)
+        if principal is None:
+            return _refusal(handler, Unauthenticated("the bearer token is not valid"), details.method)
+        if not principal.may(role):
+            return _refusal(handler, PermissionDenied(
+                f"principal {principal.name!r} lacks the {role!r} role that {details.method} needs"), details.method)
+        return _with_principal(handler, principal)
+
+
+def _wrap(handler: Any, wrap: Callable[[Callable, bool], Callable]) -> Any:
+    """``handler`` with its behaviour replaced by ``wrap(behaviour, response_streaming)``."""
+    if handler.request_streaming and handler.response_streaming:
+        make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    elif handler.request_streaming:
+        make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    elif handler.response_streaming:
+        make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    else:
+        make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    return make(
+        wrap(behavior, handler.response_streaming),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _with_principal(handler: Any, principal: Principal | None) -> Any:
+    def wrap(behavior: Callable, streaming: bool) -> Callable:
+        def resolve(context: grpc.ServicerContext) -> Principal | None:
+            if principal is not None:
+                return principal
+            name = peer_name(context)
+            return Principal(name, frozenset(ROLES), "x509") if name else None
+
+        if streaming:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                # The generator runs one step per response, on whichever thread asks for it:
+                # set the principal around each step, not once.
+                who = resolve(context)
+                responses = iter(behavior(request, context))
+                while True:
+                    token = _current.set(who)
+                    try:
+                        item = next(responses)
+                    except StopIteration:
+                        return
+                    finally:
+                        _current.reset(token)
+                    yield item
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            return _call_as(resolve(context), behavior, request, context)
+
+        return unary
+
+    return _wrap(handler, wrap)
+
+
+def _call_as(principal: Principal | None, behavior: Callable, request: Any, context: grpc.ServicerContext) -> Any:
+    token = _current.set(principal)
+    try:
+        return behavior(request, context)
+    finally:
+        _current.reset(token)
+
+
+def _refusal(handler: Any, error: ServiceError, method: str) -> Any:
+    from .service import abort  # the one mapping of errors to statuses
+
+    def wrap(_behavior: Callable, streaming: bool) -> Callable:
+        def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+            log.warning("%s refused for %s: %s %s", method, context.peer(), error.code.name, error)
+            abort(context, error)
+
+        if streaming:
+            def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                refuse(request, context)
+                yield from ()
+
+            return refuse_stream
+        return refuse
+
+    return _wrap(handler, wrap)
+
+
+# ------------------------------------------------------------------------------------------
+# TLS
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files; None when TLS is off. ``tls_client_ca`` turns on mTLS."""
+    if not tls_cert and not tls_key:
+        if tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if not (tls_cert and tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    chain = _read(tls_cert, "--tls-cert")
+    key = _read(tls_key, "--tls-key")
+    if b"-----BEGIN" not in chain or b"PRIVATE KEY-----" not in key:
+        raise ValueError("--tls-cert and --tls-key must be PEM files (a certificate chain and its private key)")
+    client_ca = _read(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def exposure_notes(config: Any) -> list[str]:
+    """Remarks on a network-facing server that has TLS or tokens but not both (or none, acknowledged)."""
+    notes = []
+    if config.allow_insecure and not (config.tls_cert or config.auth_tokens):
+        notes.append(f"serving {config.host} without TLS or tokens, as acknowledged by --allow-insecure")
+    elif config.auth_tokens and not config.tls_cert:
+        notes.append("bearer tokens travel in cleartext without TLS: add --tls-cert/--tls-key unless the network is trusted")
+    elif config.tls_cert and not (config.auth_tokens or config.tls_client_ca):
+        notes.append("TLS without --auth-tokens or --tls-client-ca: any client that can connect may compute")
+    return notes
