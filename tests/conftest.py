@@ -1,0 +1,46 @@
+"""Shared fixtures: an in-process lossd server on a free port, and the device under test.
+
+``pytest --device cuda`` runs the device-parametrised tests on a GPU (kornia's pattern); the
+default is CPU, which is what CI has.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lossd.client import LossClient
+from lossd.server.app import create_server
+from lossd.server.config import ServerConfig
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device for the server and tensors: cpu or cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but torch sees no GPU")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def server(device: torch.device):
+    """One server for the whole session; tests that need special settings start their own."""
+    running = create_server(ServerConfig(port=0, device=str(device), workers=4))
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="session")
+def endpoint(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture()
+def client(endpoint: str):
+    c = LossClient(endpoint, timeout=60)
+    yield c
+    c.close()

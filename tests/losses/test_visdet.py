@@ -1,0 +1,1151 @@
+"""visdet / MMDetection losses: golden values from upstream, hand-derived values, edge cases, gradcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+from torch.testing import assert_close
+
+import lossd.server.losses  # noqa: F401  (registers every spec)
+from lossd.server import registry
+from lossd.server._reduction import AVG_FACTOR_EPS
+from lossd.server.engine import Engine
+from lossd.server.errors import InvalidArgument
+from lossd.server.losses import visdet
+from lossd.server.registry import LossOutput
+from tests.golden_cases import get_path, golden_files, load_golden
+
+VISDET_LOSSES = (
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "QualityFocalLoss",
+    "DistributionFocalLoss",
+    "L1Loss",
+    "SmoothL1Loss",
+    "MSELoss",
+    "BalancedL1Loss",
+    "IoULoss",
+    "GIoULoss",
+)
+# Losses whose (pred, target) are two same-shape float tensors: the shared reduction tests use them.
+PAIR_LOSSES = (
+    "L1Loss",
+    "SmoothL1Loss",
+    "MSELoss",
+    "BalancedL1Loss",
+    "IoULoss",
+    "GIoULoss",
+    "DistributionFocalLoss",
+)
+F64 = torch.float64
+
+
+def value(out):
+    return out.value if isinstance(out, LossOutput) else out
+
+
+def notes(out) -> list[str]:
+    return out.notes if isinstance(out, LossOutput) else []
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def call(name: str, *args, **params):
+    """Call through the registry with its parameter canonicalisation, as the server does."""
+    spec = registry.get(name)
+    return spec.fn(*args, **spec.canonical_params(params))
+
+
+def example(name: str, dtype=F64):
+    args, kwargs, params = registry.get(name).make_example(dtype)
+    return list(args), kwargs, params
+
+
+def boxes(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=F64)
+
+
+def bce_by_hand(x, t):
+    """-(t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))), written out with logsigmoid."""
+    return -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VISDET_LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spec_registered_and_example_runs(name, dtype):
+    spec = registry.get(name)
+    assert spec.families == ("visdet",)
+    assert spec.example.startswith(f'RemoteLoss("{name}"')
+    assert spec.reference and spec.summary
+    args, kwargs, params = spec.make_example(dtype)
+    out = value(spec.fn(*args, **kwargs, **spec.canonical_params(params)))
+    assert out.dtype == dtype
+    assert out.dim() == 0 and torch.isfinite(out) and out.item() > 0
+    again = value(spec.fn(*spec.make_example(dtype)[0], **spec.canonical_params(params)))
+    assert torch.equal(out, again)  # deterministic
+
+
+@pytest.mark.parametrize("name", VISDET_LOSSES)
+def test_spec_params_have_upstream_defaults(name):
+    canonical = registry.get(name).canonical_params({})
+    assert canonical["reduction"] == "mean" and canonical["loss_weight"] == 1.0
+    with pytest.raises(InvalidArgument):
+        registry.get(name).canonical_params({"reduction": "avg"})
+
+
+# ------------------------------------------------------------------------------------------
+# Golden values recorded from upstream visdet f72e8d1
+# ------------------------------------------------------------------------------------------
+
+GOLDEN_FILES = [p for p in golden_files("visdet")]
+
+
+@pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: p.stem)
+def test_golden(path):
+    case = load_golden(path)
+    args, kwargs = _clone(list(case["args"])), _clone(dict(case["kwargs"]))
+    leaves = [get_path(args, kwargs, p) for p in case["grad_paths"]]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    if "config" in case:  # the lead serves configs; here the config is just the constructor
+        params = {k: v for k, v in case["config"].items() if k != "type"}
+        name = case["config"]["type"]
+    else:
+        params, name = case["ctor"], case["name"]
+    out = value(call(name, *args, **kwargs, **params))
+    tol = (
+        dict(rtol=1e-7, atol=1e-10)
+        if case["precision"] == "float64"
+        else dict(rtol=1e-4, atol=1e-6)
+    )
+    assert out.dtype == case["expected_loss"].dtype
+    if case["expect_nan"]:
+        assert torch.isnan(out).all()
+        return
+    assert_close(out, case["expected_loss"], **tol)
+    grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+    for p, g in zip(case["grad_paths"], grads, strict=True):
+        expected = case["expected_grads"][p]
+        if expected is None:
+            assert g is None
+        else:
+            assert_close(g, expected, **tol)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in GOLDEN_FILES if "config" not in load_golden(p)], ids=lambda p: p.stem
+)
+def test_golden_through_engine(path):
+    """The declarations (dtypes, symbolic shapes, kinds) accept upstream's calls; grads by path."""
+    case = load_golden(path)
+    result = Engine("cpu").evaluate(
+        case["name"],
+        case["ctor"],
+        list(case["args"]),
+        dict(case["kwargs"]),
+        grad_paths=case["grad_paths"],
+    )
+    assert_close(result.value, case["expected_loss"], rtol=1e-7, atol=1e-10)
+    for p in case["grad_paths"]:
+        assert_close(result.grads[p], case["expected_grads"][p], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "params"),
+    [
+        (
+            "CrossEntropyLoss",
+            (torch.zeros(2, 3, 2, 2), torch.rand(2, 2, 2), torch.tensor([0, 2])),
+            {"use_mask": True},
+        ),
+        (
+            "CrossEntropyLoss",
+            (torch.zeros(4, 3), torch.tensor([0, 3, -1, 2])),
+            {"use_sigmoid": True},
+        ),
+        ("FocalLoss", (torch.zeros(4, 3), torch.eye(4, 3)), {}),
+        ("QualityFocalLoss", (torch.zeros(4, 3), torch.rand(4, 3)), {}),
+        ("L1Loss", (torch.zeros(0, 4), torch.zeros(0, 4)), {}),
+        ("IoULoss", (torch.zeros(0, 4), torch.zeros(0, 4)), {"mode": "square"}),
+    ],
+    ids=["ce_mask", "ce_sigmoid", "focal_onehot", "qfl_dense", "l1_empty", "iou_empty"],
+)
+def test_engine_accepts_other_upstream_forms(name, args, params):
+    result = Engine("cpu").evaluate(name, params, list(args))
+    assert torch.equal(result.value.isnan(), value(call(name, *args, **params)).isnan())
+
+
+def test_golden_inputs_not_mutated():
+    for path in GOLDEN_FILES:
+        case = load_golden(path)
+        before = _clone(case["args"])
+        if "config" in case:
+            name, params = (
+                case["config"]["type"],
+                {k: v for k, v in case["config"].items() if k != "type"},
+            )
+        else:
+            name, params = case["name"], case["ctor"]
+        call(name, *case["args"], **params)
+        for a, b in zip(before, case["args"], strict=True):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+            else:
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Shared reduction chain: weight -> reduce -> avg_factor (+ float32 eps) -> loss_weight
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VISDET_LOSSES)
+def test_reductions_and_override(name):
+    args, _, _ = example(name)
+    none = value(call(name, *args, reduction="none"))
+    assert none.shape == args[0].shape[: none.dim()]
+    assert_close(value(call(name, *args)), none.mean())
+    assert_close(value(call(name, *args, reduction="sum")), none.sum())
+    # reduction_override replaces the constructor's reduction for this call
+    assert_close(value(call(name, *args, None, None, "sum", reduction="none")), none.sum())
+    assert_close(value(call(name, *args, None, None, "none", reduction="sum")), none)
+    assert_close(value(call(name, *args, None, None, "mean", reduction="sum")), none.mean())
+    with pytest.raises(InvalidArgument, match="reduction_override"):
+        call(name, *args, None, None, "avg")
+    with pytest.raises(InvalidArgument):
+        visdet_fn = registry.get(name).fn
+        visdet_fn(*args, reduction="max")
+
+
+@pytest.mark.parametrize("name", VISDET_LOSSES)
+def test_avg_factor_and_loss_weight(name):
+    args, _, _ = example(name)
+    none = value(call(name, *args, reduction="none"))
+    got = value(call(name, *args, None, 7))
+    assert_close(got, none.sum() / (7 + AVG_FACTOR_EPS))
+    assert got.item() != pytest.approx(none.sum().item() / 7, rel=1e-12, abs=0)  # the eps is there
+    # avg_factor = 0 divides by float32's eps: finite, never inf
+    assert_close(value(call(name, *args, None, 0)), none.sum() / AVG_FACTOR_EPS)
+    # avg_factor as a 1-element tensor, as detectors pass it
+    assert_close(value(call(name, *args, None, torch.tensor(7.0, dtype=F64))), got)
+    # 'none' ignores avg_factor
+    assert_close(value(call(name, *args, None, 7, "none")), none)
+    with pytest.raises(InvalidArgument, match="avg_factor can not be used"):
+        call(name, *args, None, 7, "sum")
+    assert_close(value(call(name, *args, loss_weight=2.5)), 2.5 * none.mean())
+    assert_close(value(call(name, *args, None, 7, loss_weight=-3.0)), -3.0 * got)
+
+
+def test_avg_factor_must_be_a_number():
+    args, _, _ = example("L1Loss")
+    with pytest.raises(InvalidArgument, match="avg_factor"):
+        visdet.l1_loss(*args, None, "7")
+    with pytest.raises(InvalidArgument, match="avg_factor"):
+        visdet.l1_loss(*args, None, torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------
+# L1 / SmoothL1 / MSE / BalancedL1
+# ------------------------------------------------------------------------------------------
+
+PRED = torch.tensor([[0.5, -2.0, 3.0, 0.25]], dtype=F64)
+TARGET = torch.tensor([[0.0, 0.0, 0.0, 0.0]], dtype=F64)
+
+
+def test_l1_known_values():
+    assert_close(value(call("L1Loss", PRED, TARGET)), torch.tensor(5.75 / 4, dtype=F64))
+    assert_close(
+        value(call("L1Loss", PRED, TARGET, reduction="sum")), torch.tensor(5.75, dtype=F64)
+    )
+    w = torch.tensor([[1.0, 0.0, 2.0, 4.0]], dtype=F64)
+    # zero-weighted elements still count in the mean
+    assert_close(
+        value(call("L1Loss", PRED, TARGET, w)), torch.tensor((0.5 + 6.0 + 1.0) / 4, dtype=F64)
+    )
+
+
+@pytest.mark.parametrize(
+    ("beta", "expected"),
+    [
+        # |d| = .5, 2, 3, .25 -> 0.5 d^2 / beta below beta, |d| - beta / 2 above
+        (1.0, [0.125, 1.5, 2.5, 0.03125]),
+        (2.0, [0.0625, 1.0, 2.0, 0.015625]),
+        (0.25, [0.375, 1.875, 2.875, 0.125]),
+    ],
+)
+def test_smooth_l1_known_values(beta, expected):
+    got = value(call("SmoothL1Loss", PRED, TARGET, beta=beta, reduction="none"))
+    assert_close(got, torch.tensor([expected], dtype=F64))
+
+
+def test_smooth_l1_beta_must_be_positive():
+    with pytest.raises(InvalidArgument, match="beta"):
+        registry.get("SmoothL1Loss").canonical_params({"beta": 0.0})
+    with pytest.raises(InvalidArgument, match="beta"):
+        visdet.smooth_l1_loss(PRED, TARGET, beta=-1.0)
+
+
+def test_mse_known_values():
+    got = value(call("MSELoss", PRED, TARGET, reduction="none"))
+    assert_close(got, torch.tensor([[0.25, 4.0, 9.0, 0.0625]], dtype=F64))
+    assert_close(value(call("MSELoss", PRED, TARGET)), torch.tensor(13.3125 / 4, dtype=F64))
+
+
+def test_mse_broadcasts_target_like_f_mse_loss():
+    target = torch.tensor([[1.0]], dtype=F64)
+    got = value(call("MSELoss", PRED, target, reduction="none"))
+    assert_close(got, (PRED - 1.0) ** 2)
+    with pytest.raises(InvalidArgument, match="target"):
+        call("MSELoss", PRED, torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    ("alpha", "gamma", "beta"), [(0.5, 1.5, 1.0), (0.3, 2.0, 2.5), (1.0, 0.5, 0.5)]
+)
+def test_balanced_l1_known_values(alpha, gamma, beta):
+    got = value(
+        call("BalancedL1Loss", PRED, TARGET, alpha=alpha, gamma=gamma, beta=beta, reduction="none")
+    )
+    b = math.exp(gamma / alpha) - 1
+    expected = []
+    for d in (0.5, 2.0, 3.0, 0.25):
+        if d < beta:
+            expected.append(alpha / b * (b * d + 1) * math.log(b * d / beta + 1) - alpha * d)
+        else:
+            expected.append(gamma * d + gamma / b - alpha * beta)
+    assert_close(got, torch.tensor([expected], dtype=F64))
+
+
+def test_balanced_l1_is_continuous_at_beta():
+    # Libra R-CNN picks gamma/b - alpha*beta so the two branches meet at |d| = beta.
+    below = value(
+        call("BalancedL1Loss", torch.tensor([1.0 - 1e-9], dtype=F64), torch.zeros(1, dtype=F64))
+    )
+    above = value(call("BalancedL1Loss", torch.tensor([1.0], dtype=F64), torch.zeros(1, dtype=F64)))
+    assert_close(below, above, rtol=1e-7, atol=1e-7)
+
+
+def test_balanced_l1_degenerate_params():
+    with pytest.raises(InvalidArgument, match="alpha"):
+        visdet.balanced_l1_loss(PRED, TARGET, alpha=0.0)
+    with pytest.raises(InvalidArgument, match="gamma"):
+        visdet.balanced_l1_loss(PRED, TARGET, gamma=0.0)
+    with pytest.raises(InvalidArgument, match="beta"):
+        visdet.balanced_l1_loss(PRED, TARGET, beta=0.0)
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss"])
+def test_regression_weight_broadcasting(name):
+    gen_ = gen(3)
+    pred, target = (
+        torch.randn(3, 4, generator=gen_, dtype=F64),
+        torch.randn(3, 4, generator=gen_, dtype=F64),
+    )
+    none = value(call(name, pred, target, reduction="none"))
+    w = torch.rand(3, 4, generator=gen_, dtype=F64)
+    assert_close(value(call(name, pred, target, w, reduction="sum")), (none * w).sum())
+    # (N, 1) broadcasts over the 4 coordinates
+    w1 = torch.rand(3, 1, generator=gen_, dtype=F64)
+    assert_close(value(call(name, pred, target, w1)), (none * w1).mean())
+    # an (N,) weight does not broadcast against (N, 4): upstream fails, lossd says why
+    with pytest.raises(InvalidArgument, match="weight") as err:
+        call(name, pred, target, torch.ones(3, dtype=F64))
+    assert err.value.field == "weight"
+    assert "[3, 4]" in err.value.message and "[3]" in err.value.message
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "BalancedL1Loss"])
+def test_regression_shape_mismatch(name):
+    with pytest.raises(InvalidArgument, match="target"):
+        call(name, torch.zeros(3, 4, dtype=F64), torch.zeros(3, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "BalancedL1Loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_regression_empty_gives_zero_with_graph(name, reduction):
+    pred = torch.zeros(0, 4, dtype=F64, requires_grad=True)
+    out = call(name, pred, torch.zeros(0, 4, dtype=F64), reduction=reduction, loss_weight=3.0)
+    v = value(out)
+    assert v.dim() == 0 and v.item() == 0.0 and not notes(out)
+    (g,) = torch.autograd.grad(v, pred)
+    assert g.shape == (0, 4)
+
+
+def test_regression_empty_target_short_circuits_before_shape_check():
+    # upstream checks target.numel() == 0 first: pred.sum() * 0
+    pred = torch.ones(2, 4, dtype=F64, requires_grad=True)
+    v = value(call("L1Loss", pred, torch.zeros(0, dtype=F64)))
+    assert v.item() == 0.0 and v.requires_grad
+
+
+def test_mse_empty_is_nan_with_note():
+    out = call("MSELoss", torch.zeros(0, 4, dtype=F64), torch.zeros(0, 4, dtype=F64))
+    assert torch.isnan(value(out)) and any("NaN" in n for n in notes(out))
+    assert (
+        value(
+            call(
+                "MSELoss",
+                torch.zeros(0, 4, dtype=F64),
+                torch.zeros(0, 4, dtype=F64),
+                reduction="sum",
+            )
+        ).item()
+        == 0.0
+    )
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "IoULoss", "GIoULoss"])
+def test_all_zero_weight_shortcut(name):
+    args, _, _ = example(name)
+    pred = args[0].clone().requires_grad_(True)
+    weight = torch.zeros(pred.size(0), dtype=F64)
+    if name in ("L1Loss", "SmoothL1Loss"):
+        weight = torch.zeros_like(pred)
+    out = call(name, pred, args[1], weight, loss_weight=5.0)
+    assert isinstance(out, LossOutput) and any("short-circuits" in n for n in out.notes)
+    assert out.value.dim() == 0 and out.value.item() == 0.0
+    (g,) = torch.autograd.grad(out.value, pred)
+    assert torch.equal(g, torch.zeros_like(pred))
+
+
+@pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "IoULoss", "GIoULoss"])
+def test_negative_weights_shortcut_returns_weighted_pred_sum(name):
+    # "no weight > 0" includes negative weights: upstream returns (pred * weight).sum(), not 0,
+    # and ignores loss_weight.
+    args, _, _ = example(name)
+    pred = args[0]
+    weight = -torch.ones(pred.size(0), dtype=F64)
+    got = value(call(name, pred, args[1], weight, loss_weight=5.0))
+    assert_close(got, -pred.sum())
+
+
+def test_iou_shortcut_not_taken_with_reduction_none():
+    args, _, _ = example("IoULoss")
+    out = call("IoULoss", *args, torch.zeros(6, dtype=F64), reduction="none")
+    assert not notes(out)
+    assert_close(value(out), torch.zeros(6, dtype=F64))
+    # GIoU short-circuits whatever the reduction
+    out = call("GIoULoss", *args, torch.zeros(6, dtype=F64), reduction="none")
+    assert value(out).dim() == 0 and notes(out)
+
+
+@pytest.mark.parametrize("name", ["MSELoss", "BalancedL1Loss"])
+def test_no_shortcut_for_mse_and_balanced_l1(name):
+    args, _, _ = example(name)
+    out = call(name, *args, torch.zeros_like(args[0]), loss_weight=5.0)
+    assert not notes(out) and value(out).item() == 0.0
+
+
+def test_some_positive_weight_disables_shortcut():
+    w = torch.tensor([[0.0, 0.0, 0.0, 2.0]], dtype=F64)
+    out = call("L1Loss", PRED, TARGET, w, loss_weight=3.0)
+    assert not notes(out)
+    assert_close(value(out), torch.tensor(3.0 * 0.5 / 4, dtype=F64))
+
+
+# ------------------------------------------------------------------------------------------
+# IoULoss / GIoULoss
+# ------------------------------------------------------------------------------------------
+
+UNIT = [0.0, 0.0, 1.0, 1.0]
+GIOU_CASES = {
+    "identical": ([1.0, 2.0, 4.0, 6.0], [1.0, 2.0, 4.0, 6.0], 0.0),
+    "quarter_inside": (UNIT, [0.0, 0.0, 2.0, 2.0], 0.75),
+    "side_by_side": (UNIT, [1.0, 0.0, 2.0, 1.0], 1.0),
+    "diagonal": (UNIT, [1.0, 1.0, 2.0, 2.0], 1.5),
+    "zero_area": ([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(GIOU_CASES), ids=str)
+def test_giou_known_values(case):
+    p, t, expected = GIOU_CASES[case]
+    got = value(call("GIoULoss", boxes(p), boxes(t), reduction="none"))
+    assert_close(got, torch.tensor([expected], dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_giou_far_apart_approaches_two():
+    got = value(call("GIoULoss", boxes(UNIT), boxes([99.0, 99.0, 100.0, 100.0])))
+    assert 1.99 < got.item() < 2.0
+
+
+def test_giou_eps_clamps_union_and_enclosure():
+    # two zero-area boxes side by side: union 0 -> eps = 0.5, enclosure 1: GIoU = 0 - (1 - 0.5) / 1
+    got = value(
+        call(
+            "GIoULoss",
+            boxes([0.0, 0.0, 0.0, 1.0]),
+            boxes([1.0, 0.0, 1.0, 1.0]),
+            eps=0.5,
+            reduction="none",
+        )
+    )
+    assert_close(got, torch.tensor([1.5], dtype=F64))
+    # stacked on one vertical line: the enclosure (area 0) is clamped too: GIoU = 0 - (0.5 - 0.5) / 0.5
+    got = value(
+        call(
+            "GIoULoss",
+            boxes([0.0, 0.0, 0.0, 1.0]),
+            boxes([0.0, 2.0, 0.0, 3.0]),
+            eps=0.5,
+            reduction="none",
+        )
+    )
+    assert_close(got, torch.tensor([1.0], dtype=F64))
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("linear", 0.75), ("square", 1 - 0.0625), ("log", math.log(4.0))]
+)
+def test_iou_modes(mode, expected):
+    got = value(call("IoULoss", boxes(UNIT), boxes([0.0, 0.0, 2.0, 2.0]), mode=mode))
+    assert_close(got, torch.tensor(expected, dtype=F64))
+
+
+def test_iou_linear_flag_overrides_mode_with_note():
+    out = call("IoULoss", boxes(UNIT), boxes([0.0, 0.0, 2.0, 2.0]), linear=True, mode="square")
+    assert_close(value(out), torch.tensor(0.75, dtype=F64))
+    assert any("deprecated" in n for n in notes(out))
+
+
+@pytest.mark.parametrize(("eps", "expected"), [(1e-6, -math.log(1e-6)), (0.1, -math.log(0.1))])
+def test_iou_disjoint_is_clamped_to_eps(eps, expected):
+    got = value(call("IoULoss", boxes(UNIT), boxes([5.0, 5.0, 6.0, 6.0]), eps=eps))
+    assert_close(got, torch.tensor(expected, dtype=F64))
+
+
+def test_iou_bad_mode():
+    with pytest.raises(InvalidArgument, match="mode"):
+        visdet.iou_loss(boxes(UNIT), boxes(UNIT), mode="cubic")
+
+
+@pytest.mark.parametrize("name", ["IoULoss", "GIoULoss"])
+def test_box_weight_forms(name):
+    args, _, _ = example(name)
+    none = value(call(name, *args, reduction="none"))
+    w = torch.linspace(0.5, 2.0, 6, dtype=F64)
+    assert_close(value(call(name, *args, w, reduction="sum")), (none * w).sum())
+    w4 = torch.rand(6, 4, generator=gen(5), dtype=F64)
+    assert_close(value(call(name, *args, w4, reduction="sum")), (none * w4.mean(-1)).sum())
+    with pytest.raises(InvalidArgument, match="weight"):
+        call(name, *args, torch.ones(6, 2, dtype=F64))
+    with pytest.raises(InvalidArgument, match="weight"):
+        call(name, *args, torch.ones(5, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["IoULoss", "GIoULoss"])
+def test_box_shapes_validated(name):
+    with pytest.raises(InvalidArgument, match="pred"):
+        call(name, torch.zeros(3, 5, dtype=F64), torch.zeros(3, 5, dtype=F64))
+    with pytest.raises(InvalidArgument, match="target"):
+        call(name, torch.zeros(3, 4, dtype=F64), torch.zeros(2, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["IoULoss", "GIoULoss"])
+def test_box_empty_mean_is_nan_sum_is_zero(name):
+    empty = torch.zeros(0, 4, dtype=F64)
+    out = call(name, empty, empty)
+    assert torch.isnan(value(out)) and any("NaN" in n for n in notes(out))
+    assert value(call(name, empty, empty, reduction="sum")).item() == 0.0
+    assert value(call(name, empty, empty, reduction="none")).shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["IoULoss", "GIoULoss"])
+def test_box_fp16_computed_in_fp32_and_cast_back(name):
+    p, t = (
+        boxes(UNIT, [0.0, 0.0, 300.0, 300.0]),
+        boxes([0.0, 0.0, 2.0, 2.0], [100.0, 100.0, 400.0, 400.0]),
+    )
+    half = value(call(name, p.half(), t.half(), reduction="none"))
+    assert half.dtype == torch.float16
+    # only pred is upcast: the fp16 target's area (90000 > 65504) still overflows, as upstream
+    ref = value(call(name, p.float(), t.half(), reduction="none"))
+    assert ref.dtype == torch.float32
+    assert_close(half, ref.half())
+    assert_close(
+        half[0], torch.tensor(0.75 if name == "GIoULoss" else math.log(4.0), dtype=torch.float16)
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# CrossEntropyLoss
+# ------------------------------------------------------------------------------------------
+
+LOGITS = torch.tensor(
+    [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64
+)
+LABELS = torch.tensor([0, 2, 1, 1])
+
+
+def nll_by_hand(logits, labels):
+    return -torch.log_softmax(logits, 1)[torch.arange(len(labels)), labels]
+
+
+def test_ce_softmax_known_values():
+    per = nll_by_hand(LOGITS, LABELS)
+    assert_close(value(call("CrossEntropyLoss", LOGITS, LABELS)), per.mean())
+    assert_close(value(call("CrossEntropyLoss", LOGITS, LABELS, reduction="none")), per)
+    assert_close(value(call("CrossEntropyLoss", LOGITS, LABELS, reduction="sum")), per.sum())
+
+
+def test_ce_class_weight_mean_divides_by_n_not_sum_of_weights():
+    cw = [0.5, 2.0, 4.0]
+    per = nll_by_hand(LOGITS, LABELS) * torch.tensor(cw, dtype=F64)[LABELS]
+    got = value(call("CrossEntropyLoss", LOGITS, LABELS, class_weight=cw))
+    assert_close(got, per.sum() / 4)
+    torch_mean = F.cross_entropy(LOGITS, LABELS, weight=torch.tensor(cw, dtype=F64))
+    assert not torch.allclose(got, torch_mean)
+    with pytest.raises(InvalidArgument, match="class_weight"):
+        call("CrossEntropyLoss", LOGITS, LABELS, class_weight=[1.0, 2.0])
+
+
+def test_ce_sample_weight_is_cast_to_float32():
+    w = torch.tensor([0.1, 0.7, 1.3, 2.9], dtype=F64)  # not exactly representable in float32
+    per = nll_by_hand(LOGITS, LABELS)
+    got = value(call("CrossEntropyLoss", LOGITS, LABELS, w))
+    assert_close(got, (per * w.float()).mean(), rtol=1e-15, atol=0)
+    assert got.item() != (per * w).mean().item()
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_ce_ignore_index(avg_non_ignore):
+    labels = torch.tensor([0, 255, 1, 255])
+    kept = nll_by_hand(LOGITS[[0, 2]], torch.tensor([0, 1]))
+    got = value(
+        call("CrossEntropyLoss", LOGITS, labels, ignore_index=255, avg_non_ignore=avg_non_ignore)
+    )
+    # mean counts ignored elements unless avg_non_ignore (then /(2 + eps))
+    expected = kept.sum() / (2 + AVG_FACTOR_EPS) if avg_non_ignore else kept.sum() / 4
+    assert_close(got, expected)
+    # the call-time ignore_index (upstream forward argument) overrides the constructor's
+    got2 = value(
+        call(
+            "CrossEntropyLoss",
+            LOGITS,
+            labels,
+            None,
+            None,
+            None,
+            255,
+            ignore_index=7,
+            avg_non_ignore=avg_non_ignore,
+        )
+    )
+    assert_close(got2, expected)
+
+
+def test_ce_ignore_index_without_avg_non_ignore_notes_upstream_warning():
+    out = call("CrossEntropyLoss", LOGITS, LABELS, ignore_index=255)
+    assert any("avg_non_ignore" in n for n in notes(out))
+    assert not notes(
+        call("CrossEntropyLoss", LOGITS, LABELS, ignore_index=255, avg_non_ignore=True)
+    )
+    assert not notes(call("CrossEntropyLoss", LOGITS, LABELS))
+
+
+def test_ce_sigmoid_ignore_index_label():
+    labels = torch.tensor([0, 255, 1, 3])
+    onehot = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=F64)
+    valid = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64)[:, None]
+    got = value(
+        call(
+            "CrossEntropyLoss", LOGITS, labels, use_sigmoid=True, ignore_index=255, reduction="sum"
+        )
+    )
+    assert_close(got, (bce_by_hand(LOGITS, onehot) * valid).sum().float())
+
+
+def test_ce_avg_non_ignore_equals_torch_mean_and_default_minus_100():
+    labels = torch.tensor([0, -100, 1, 2])
+    got = value(call("CrossEntropyLoss", LOGITS, labels, avg_non_ignore=True))
+    assert_close(got, F.cross_entropy(LOGITS, labels), rtol=1e-6, atol=0)
+    none = value(call("CrossEntropyLoss", LOGITS, labels, reduction="none"))
+    assert none[1].item() == 0.0
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_ce_all_ignored_is_zero(avg_non_ignore):
+    labels = torch.full((4,), -100)
+    got = value(call("CrossEntropyLoss", LOGITS, labels, avg_non_ignore=avg_non_ignore))
+    assert got.item() == 0.0
+    assert torch.isnan(F.cross_entropy(LOGITS, labels))  # unlike torch
+
+
+@pytest.mark.parametrize("bad", [3, -1, 100])
+def test_ce_label_out_of_range(bad):
+    labels = torch.tensor([0, bad, 1, 1])
+    with pytest.raises(InvalidArgument) as err:
+        call("CrossEntropyLoss", LOGITS, labels)
+    assert err.value.field == "label" and str(bad) in err.value.message
+
+
+def test_ce_empty_is_nan_with_note():
+    out = call("CrossEntropyLoss", torch.zeros(0, 3, dtype=F64), torch.zeros(0, dtype=torch.long))
+    assert torch.isnan(value(out)) and notes(out)
+
+
+def test_ce_softmax_spatial_and_probability_labels():
+    gen_ = gen(8)
+    logits = torch.randn(2, 3, 4, generator=gen_, dtype=F64)
+    labels = torch.randint(0, 3, (2, 4), generator=gen_)
+    got = value(call("CrossEntropyLoss", logits, labels, reduction="none"))
+    assert_close(got, -torch.log_softmax(logits, 1).gather(1, labels[:, None])[:, 0])
+    probs = torch.softmax(torch.randn(4, 3, generator=gen_, dtype=F64), 1)
+    got = value(call("CrossEntropyLoss", LOGITS, probs))
+    assert_close(got, -(probs * torch.log_softmax(LOGITS, 1)).sum(1).mean())
+
+
+def test_ce_use_sigmoid_and_use_mask_exclusive():
+    with pytest.raises(InvalidArgument, match="use_sigmoid"):
+        call("CrossEntropyLoss", LOGITS, LABELS, use_sigmoid=True, use_mask=True)
+
+
+def test_ce_sigmoid_index_labels():
+    # 3 = C is background (all-zero row), -1 is invalid (weight 0), 255 ignored
+    labels = torch.tensor([0, 3, -1, 2])
+    onehot = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 1]], dtype=F64)
+    valid = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)[:, None]
+    per = bce_by_hand(LOGITS, onehot) * valid
+    got = value(call("CrossEntropyLoss", LOGITS, labels, use_sigmoid=True))
+    # upstream feeds BCE float32 targets: the loss is float32 even for float64 logits
+    assert got.dtype == torch.float32
+    assert_close(got, per.mean().float())
+    got = value(call("CrossEntropyLoss", LOGITS, labels, use_sigmoid=True, avg_non_ignore=True))
+    assert_close(got, (per.sum() / (9 + AVG_FACTOR_EPS)).float())
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64)
+    got = value(call("CrossEntropyLoss", LOGITS, labels, w, use_sigmoid=True, reduction="sum"))
+    assert_close(got, (per * w[:, None]).sum().float())
+    with pytest.raises(InvalidArgument, match="weight"):
+        call("CrossEntropyLoss", LOGITS, labels, torch.ones(3, dtype=F64), use_sigmoid=True)
+
+
+def test_ce_sigmoid_class_weight_is_pos_weight():
+    labels = torch.tensor([0, 3, 1, 2])
+    onehot = F.one_hot(labels, 4)[:, :3].to(F64)
+    pw = torch.tensor([2.0, 0.5, 3.0], dtype=F64)
+    per = -(pw * onehot * F.logsigmoid(LOGITS) + (1 - onehot) * F.logsigmoid(-LOGITS))
+    got = value(
+        call("CrossEntropyLoss", LOGITS, labels, use_sigmoid=True, class_weight=pw.tolist())
+    )
+    assert_close(got, per.mean().float())
+
+
+def test_ce_sigmoid_same_shape_labels_and_ignore():
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    per = bce_by_hand(LOGITS, labels.to(F64))
+    assert_close(
+        value(call("CrossEntropyLoss", LOGITS, labels, use_sigmoid=True)), per.mean().float()
+    )
+    # same-shape labels equal to ignore_index (or negative) get weight 0
+    labels[0, 2] = -100
+    labels[1, 0] = -5
+    mask = torch.ones(4, 3, dtype=F64)
+    mask[0, 2] = mask[1, 0] = 0
+    got = value(call("CrossEntropyLoss", LOGITS, labels, use_sigmoid=True, avg_non_ignore=True))
+    per = bce_by_hand(LOGITS, labels.to(F64)) * mask
+    assert_close(got, (per.sum() / (10 + AVG_FACTOR_EPS)).float())
+
+
+def test_ce_mask_mode():
+    gen_ = gen(9)
+    pred = torch.randn(3, 4, 2, 2, generator=gen_, dtype=F64)
+    target = torch.rand(3, 2, 2, generator=gen_, dtype=F64)
+    roi_labels = torch.tensor([2, 0, 3])
+    out = value(call("CrossEntropyLoss", pred, target, roi_labels, use_mask=True, loss_weight=2.0))
+    chosen = pred[torch.arange(3), roi_labels]
+    assert out.shape == (1,)
+    assert_close(out, 2.0 * bce_by_hand(chosen, target).mean()[None])
+    cw = [1.0, 3.0]  # broadcasts over the last (W = 2) dim, as upstream's BCE weight
+    out = value(call("CrossEntropyLoss", pred, target, roi_labels, use_mask=True, class_weight=cw))
+    assert_close(out, (bce_by_hand(chosen, target) * torch.tensor(cw, dtype=F64)).mean()[None])
+
+
+@pytest.mark.parametrize(
+    ("args", "params", "field"),
+    [
+        ((None, "sum"), {}, "reduction"),
+        ((7.0,), {}, "avg_factor"),
+        ((None, None), {"ignore_index": 255}, "ignore_index"),
+        ((None, None, 3), {}, "ignore_index"),
+    ],
+)
+def test_ce_mask_mode_rejects_what_upstream_asserts(args, params, field):
+    pred, target, roi_labels = (
+        torch.zeros(2, 3, 2, 2, dtype=F64),
+        torch.zeros(2, 2, 2, dtype=F64),
+        torch.tensor([0, 1]),
+    )
+    with pytest.raises(InvalidArgument) as err:
+        call("CrossEntropyLoss", pred, target, roi_labels, *args, use_mask=True, **params)
+    assert err.value.field == field
+
+
+def test_ce_mask_mode_label_checks():
+    pred, target = torch.zeros(2, 3, 2, 2, dtype=F64), torch.zeros(2, 2, 2, dtype=F64)
+    with pytest.raises(InvalidArgument, match="weight"):
+        call("CrossEntropyLoss", pred, target, torch.tensor([0, 3]), use_mask=True)
+    with pytest.raises(InvalidArgument, match="weight"):
+        call("CrossEntropyLoss", pred, target, None, use_mask=True)
+    with pytest.raises(InvalidArgument, match="label"):
+        call(
+            "CrossEntropyLoss",
+            pred,
+            torch.zeros(2, 3, 3, dtype=F64),
+            torch.tensor([0, 1]),
+            use_mask=True,
+        )
+    # Python-style negative indices are what upstream's pred[r, label[r]] accepts
+    got = value(
+        call(
+            "CrossEntropyLoss",
+            pred + torch.arange(3.0, dtype=F64)[:, None, None],
+            target,
+            torch.tensor([-1, 2]),
+            use_mask=True,
+        )
+    )
+    assert_close(got, bce_by_hand(torch.full((2, 2, 2), 2.0, dtype=F64), target).mean()[None])
+
+
+# ------------------------------------------------------------------------------------------
+# FocalLoss
+# ------------------------------------------------------------------------------------------
+
+FOCAL_LABELS = torch.tensor([0, 3, 2, 1])  # 3 == C: background
+
+
+def focal_by_hand(x, t, gamma, alpha):
+    p = torch.sigmoid(x)
+    p_t = p * t + (1 - p) * (1 - t)
+    return bce_by_hand(x, t) * (alpha * t + (1 - alpha) * (1 - t)) * (1 - p_t) ** gamma
+
+
+def test_focal_gamma_zero_is_weighted_bce():
+    onehot = F.one_hot(FOCAL_LABELS, 4)[:, :3].to(F64)
+    got = value(call("FocalLoss", LOGITS, FOCAL_LABELS, gamma=0.0, alpha=0.5, reduction="none"))
+    assert_close(got, 0.5 * bce_by_hand(LOGITS, onehot))
+    got = value(call("FocalLoss", LOGITS, FOCAL_LABELS, gamma=0.0, alpha=0.75))
+    assert_close(got, (bce_by_hand(LOGITS, onehot) * (0.75 * onehot + 0.25 * (1 - onehot))).mean())
+
+
+@pytest.mark.parametrize(("gamma", "alpha"), [(2.0, 0.25), (1.5, 0.6), (0.5, 1.0)])
+def test_focal_known_values(gamma, alpha):
+    onehot = F.one_hot(FOCAL_LABELS, 4)[:, :3].to(F64)
+    got = value(call("FocalLoss", LOGITS, FOCAL_LABELS, gamma=gamma, alpha=alpha, reduction="none"))
+    assert_close(got, focal_by_hand(LOGITS, onehot, gamma, alpha))
+    if alpha < 1:
+        assert got[1].abs().sum() > 0  # the background row is all negatives, not ignored
+
+
+def test_focal_one_hot_and_soft_targets_mmdet():
+    onehot = F.one_hot(FOCAL_LABELS, 4)[:, :3].to(F64)
+    assert_close(
+        value(call("FocalLoss", LOGITS, onehot)), value(call("FocalLoss", LOGITS, FOCAL_LABELS))
+    )
+    soft = torch.rand(4, 3, generator=gen(4), dtype=F64)
+    got = value(call("FocalLoss", LOGITS, soft, reduction="sum"))
+    assert_close(got, focal_by_hand(LOGITS, soft, 2.0, 0.25).sum())
+
+
+def test_focal_activated_mmdet():
+    probs = torch.sigmoid(LOGITS)
+    onehot = F.one_hot(FOCAL_LABELS, 4)[:, :3].to(F64)
+    got = value(call("FocalLoss", probs, FOCAL_LABELS, activated=True))
+    assert_close(got, value(call("FocalLoss", LOGITS, FOCAL_LABELS)), rtol=1e-10, atol=1e-12)
+    assert_close(value(call("FocalLoss", probs, onehot, activated=True)), got)
+    with pytest.raises(InvalidArgument, match="pred"):
+        call("FocalLoss", LOGITS, FOCAL_LABELS, activated=True)
+
+
+def test_focal_weight_shapes():
+    none = value(call("FocalLoss", LOGITS, FOCAL_LABELS, reduction="none"))
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5], dtype=F64)
+    assert_close(
+        value(call("FocalLoss", LOGITS, FOCAL_LABELS, w, reduction="sum")),
+        (none * w[:, None]).sum(),
+    )
+    wc = torch.rand(4, 3, generator=gen(6), dtype=F64)
+    assert_close(
+        value(call("FocalLoss", LOGITS, FOCAL_LABELS, wc, reduction="sum")), (none * wc).sum()
+    )
+    # a flattened (N*C,) weight is viewed as (N, C)
+    assert_close(
+        value(call("FocalLoss", LOGITS, FOCAL_LABELS, wc.flatten(), reduction="sum")),
+        (none * wc).sum(),
+    )
+    with pytest.raises(InvalidArgument, match="weight"):
+        call("FocalLoss", LOGITS, FOCAL_LABELS, torch.ones(5, dtype=F64))
+
+
+def test_focal_avg_factor_num_pos():
+    none = value(call("FocalLoss", LOGITS, FOCAL_LABELS, reduction="none"))
+    got = value(call("FocalLoss", LOGITS, FOCAL_LABELS, None, 3, loss_weight=2.0))
+    assert_close(got, 2.0 * none.sum() / (3 + AVG_FACTOR_EPS))
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_focal_index_out_of_range(bad):
+    with pytest.raises(InvalidArgument) as err:
+        call("FocalLoss", LOGITS, torch.tensor([0, bad, 1, 1]))
+    assert err.value.field == "target" and "[0, 3]" in err.value.message
+
+
+def test_focal_rejects_use_sigmoid_false_and_bad_targets():
+    with pytest.raises(InvalidArgument, match="use_sigmoid"):
+        visdet.focal_loss(LOGITS, FOCAL_LABELS, use_sigmoid=False)
+    with pytest.raises(InvalidArgument):
+        registry.get("FocalLoss").canonical_params({"use_sigmoid": False})
+    with pytest.raises(InvalidArgument, match="target"):
+        call("FocalLoss", LOGITS, torch.zeros(4, 2, dtype=F64))
+    with pytest.raises(InvalidArgument, match="target"):
+        call("FocalLoss", LOGITS, FOCAL_LABELS.to(torch.int32))
+
+
+def test_focal_empty_is_nan_with_note():
+    out = call(
+        "FocalLoss",
+        torch.zeros(0, 3, dtype=F64),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=F64),
+    )
+    assert torch.isnan(value(out)) and notes(out)
+
+
+# ------------------------------------------------------------------------------------------
+# QualityFocalLoss
+# ------------------------------------------------------------------------------------------
+
+QFL_LABELS = torch.tensor([1, 3, 0, -1])  # 3 == C and -1 are negatives
+QFL_SCORES = torch.tensor([0.8, 0.0, 0.35, 0.9], dtype=F64)
+
+
+def qfl_by_hand(x, labels, scores, beta):
+    p = torch.sigmoid(x)
+    loss = F.softplus(x) * p**beta  # BCE(x, 0) = softplus(x)
+    for i, (lab, s) in enumerate(zip(labels.tolist(), scores, strict=True)):
+        if 0 <= lab < x.size(1):
+            loss[i, lab] = bce_by_hand(x[i, lab], s) * (s - p[i, lab]).abs() ** beta
+    return loss.sum(1)
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.0, 0.5])
+def test_qfl_known_values(beta):
+    got = value(
+        call("QualityFocalLoss", LOGITS, (QFL_LABELS, QFL_SCORES), beta=beta, reduction="none")
+    )
+    assert got.shape == (4,)
+    assert_close(got, qfl_by_hand(LOGITS, QFL_LABELS, QFL_SCORES, beta))
+
+
+def test_qfl_dense_target_matches_pair_mmdet():
+    dense = torch.zeros(4, 3, dtype=F64)
+    dense[0, 1], dense[2, 0] = 0.8, 0.35
+    pair = value(call("QualityFocalLoss", LOGITS, [QFL_LABELS, QFL_SCORES], reduction="none"))
+    assert_close(value(call("QualityFocalLoss", LOGITS, dense, reduction="none")), pair)
+
+
+def test_qfl_activated_mmdet():
+    probs = torch.sigmoid(LOGITS)
+    got = value(call("QualityFocalLoss", probs, (QFL_LABELS, QFL_SCORES), activated=True))
+    assert_close(
+        got,
+        value(call("QualityFocalLoss", LOGITS, (QFL_LABELS, QFL_SCORES))),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    dense = torch.zeros(4, 3, dtype=F64)
+    dense[0, 1], dense[2, 0] = 0.8, 0.35
+    assert_close(
+        value(call("QualityFocalLoss", probs, dense, activated=True)), got, rtol=1e-10, atol=1e-12
+    )
+    with pytest.raises(InvalidArgument, match="pred"):
+        call("QualityFocalLoss", LOGITS, (QFL_LABELS, QFL_SCORES), activated=True)
+
+
+def test_qfl_weight_avg_factor_and_inputs_untouched():
+    labels, scores = QFL_LABELS.clone(), QFL_SCORES.clone()
+    none = value(call("QualityFocalLoss", LOGITS, (labels, scores), reduction="none"))
+    w = torch.tensor([2.0, 1.0, 0.0, 0.5], dtype=F64)
+    got = value(call("QualityFocalLoss", LOGITS, (labels, scores), w, 2.0))
+    assert_close(got, (none * w).sum() / (2 + AVG_FACTOR_EPS))
+    assert torch.equal(labels, QFL_LABELS) and torch.equal(scores, QFL_SCORES)
+
+
+def test_qfl_bad_targets():
+    with pytest.raises(InvalidArgument, match="target"):
+        call("QualityFocalLoss", LOGITS, (QFL_LABELS,))
+    with pytest.raises(InvalidArgument, match=r"target\[1\]"):
+        call("QualityFocalLoss", LOGITS, (QFL_LABELS, QFL_SCORES[:3]))
+    with pytest.raises(InvalidArgument, match="target"):
+        call("QualityFocalLoss", LOGITS, torch.zeros(4, 2, dtype=F64))
+    with pytest.raises(InvalidArgument, match="use_sigmoid"):
+        visdet.quality_focal_loss(LOGITS, (QFL_LABELS, QFL_SCORES), use_sigmoid=False)
+
+
+# ------------------------------------------------------------------------------------------
+# DistributionFocalLoss
+# ------------------------------------------------------------------------------------------
+
+
+def test_dfl_known_values():
+    pred = torch.randn(3, 5, generator=gen(10), dtype=F64)
+    target = torch.tensor([2.5, 0.25, 3.0], dtype=F64)
+    logp = torch.log_softmax(pred, 1)
+    expected = torch.stack(
+        [
+            -(0.5 * logp[0, 2] + 0.5 * logp[0, 3]),
+            -(0.75 * logp[1, 0] + 0.25 * logp[1, 1]),
+            -logp[2, 3],  # an integer distance uses only its own bin
+        ]
+    )
+    assert_close(value(call("DistributionFocalLoss", pred, target, reduction="none")), expected)
+
+
+def test_dfl_gradient_to_target():
+    pred = torch.randn(2, 5, generator=gen(11), dtype=F64)
+    target = torch.tensor([1.3, 3.6], dtype=F64, requires_grad=True)
+    out = value(call("DistributionFocalLoss", pred, target, reduction="sum"))
+    (g,) = torch.autograd.grad(out, target)
+    logp = torch.log_softmax(pred, 1)
+    # d/dy [CE_l (r - y) + CE_r (y - l)] = CE_r - CE_l
+    assert_close(g, torch.stack([-logp[0, 2] + logp[0, 1], -logp[1, 4] + logp[1, 3]]))
+
+
+@pytest.mark.parametrize("bad", [4.0, 4.5, -0.5, float("nan")])
+def test_dfl_target_out_of_range(bad):
+    pred = torch.zeros(2, 5, dtype=F64)  # n = 4: 0 <= y < 4
+    with pytest.raises(InvalidArgument) as err:
+        call("DistributionFocalLoss", pred, torch.tensor([1.0, bad], dtype=F64))
+    assert err.value.field == "target" and "0 <= y < 4" in err.value.message
+
+
+def test_dfl_target_just_below_n_is_fine():
+    pred = torch.randn(1, 5, generator=gen(12), dtype=F64)
+    got = value(call("DistributionFocalLoss", pred, torch.tensor([3.99], dtype=F64)))
+    logp = torch.log_softmax(pred, 1)
+    assert_close(got, -(0.01 * logp[0, 3] + 0.99 * logp[0, 4]))
+
+
+# ------------------------------------------------------------------------------------------
+# gradcheck (float64) for every differentiable input
+# ------------------------------------------------------------------------------------------
+
+
+def _gradcheck(fn, *inputs):
+    inputs = [i.detach().clone().requires_grad_(True) for i in inputs]
+    assert gradcheck(lambda *xs: value(fn(*xs)), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "GIoULoss", "DistributionFocalLoss"],
+)
+def test_gradcheck_pair_losses(name):
+    args, _, _ = example(name)
+    weight = (
+        torch.rand(
+            *args[0].shape[: 1 if name in ("GIoULoss", "DistributionFocalLoss") else 2],
+            generator=gen(1),
+            dtype=F64,
+        )
+        + 0.5
+    )
+    _gradcheck(lambda p, t: call(name, p, t, weight, loss_weight=1.5), *args)
+
+
+@pytest.mark.parametrize("mode", ["linear", "square", "log"])
+def test_gradcheck_iou(mode):
+    args, _, _ = example("IoULoss")
+    _gradcheck(lambda p, t: call("IoULoss", p, t, mode=mode, reduction="sum"), *args)
+
+
+def test_gradcheck_ce():
+    w = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 0.25], dtype=F64)
+    args, _, _ = example("CrossEntropyLoss")
+    _gradcheck(
+        lambda p: call("CrossEntropyLoss", p, args[1], w, class_weight=[1.0, 2.0, 0.5, 1.0]),
+        args[0],
+    )
+    probs = torch.softmax(torch.randn(6, 4, generator=gen(2), dtype=F64), 1)
+    _gradcheck(lambda p, t: call("CrossEntropyLoss", p, t), args[0], probs)
+
+
+def test_gradcheck_ce_mask_mode():
+    pred = torch.randn(3, 4, 2, 2, generator=gen(3), dtype=F64)
+    target = torch.rand(3, 2, 2, generator=gen(4), dtype=F64)
+    _gradcheck(
+        lambda p, t: call("CrossEntropyLoss", p, t, torch.tensor([1, 0, 3]), use_mask=True),
+        pred,
+        target,
+    )
+
+
+def test_ce_sigmoid_gradient_by_hand():
+    # float32 BCE targets (upstream) make float64 gradcheck meaningless: check d/dx = (sigmoid - t) w / n
+    labels = torch.tensor([0, 3, -1, 2])
+    x = LOGITS.clone().requires_grad_(True)
+    out = value(call("CrossEntropyLoss", x, labels, use_sigmoid=True))
+    (g,) = torch.autograd.grad(out, x)
+    onehot = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 1]], dtype=F64)
+    valid = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)[:, None]
+    assert_close(g, (torch.sigmoid(LOGITS) - onehot) * valid / 12, rtol=1e-6, atol=1e-8)
+
+
+def test_gradcheck_focal():
+    args, _, _ = example("FocalLoss")
+    _gradcheck(lambda p: call("FocalLoss", p, args[1], gamma=1.5, alpha=0.3), args[0])
+    soft = torch.rand(6, 4, generator=gen(5), dtype=F64)
+    _gradcheck(lambda p, t: call("FocalLoss", p, t, reduction="sum"), args[0], soft)
+    _gradcheck(lambda p: call("FocalLoss", p, args[1], activated=True), torch.sigmoid(args[0]))
+
+
+def test_gradcheck_qfl():
+    args, _, _ = example("QualityFocalLoss")
+    labels, scores = args[1]
+    _gradcheck(lambda p, s: call("QualityFocalLoss", p, (labels, s)), args[0], scores)
+    # zero entries of a dense target are negatives and get no gradient upstream (a one-sided
+    # derivative there): gradcheck the target where every entry is a positive
+    dense = torch.rand(6, 4, generator=gen(6), dtype=F64) * 0.8 + 0.1
+    _gradcheck(lambda p, t: call("QualityFocalLoss", p, t, beta=1.5), args[0], dense)
+    sparse = torch.zeros(6, 4, dtype=F64)
+    sparse[0, 0], sparse[2, 1], sparse[5, 2] = 0.3, 0.6, 0.9
+    _gradcheck(lambda p: call("QualityFocalLoss", p, sparse, beta=1.5), args[0])
+
+
+# ------------------------------------------------------------------------------------------
+# Devices
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VISDET_LOSSES)
+def test_device_agnostic(name, device):
+    args, kwargs, params = registry.get(name).make_example(torch.float32)
+    moved = [
+        a.to(device) if isinstance(a, torch.Tensor) else tuple(x.to(device) for x in a)
+        for a in args
+    ]
+    out = value(call(name, *moved, **kwargs, **params))
+    assert out.device.type == device.type
+    ref = value(call(name, *args, **kwargs, **params))
+    assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)

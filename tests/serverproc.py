@@ -1,0 +1,65 @@
+"""Start ``lossd serve`` as a real subprocess and read the address it prints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+
+class ServerProcess:
+    """A ``lossd serve`` child process. Use as a context manager; ``address`` once started."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        self.argv: Sequence[str] = [sys.executable, "-m", "lossd.server.cli", "serve", "--port", "0", "--device", "cpu", *flags]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self.stderr_lines: list[str] = []
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("lossd listening on "):
+                self.address = line.split()[-1]
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError("lossd serve did not start:\n" + "".join(self.stderr_lines[-30:]))
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def stop(self, sig: int | None = None, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            if sig is None:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,142 @@
+"""The compute engine on its own, without gRPC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lossd.server import registry
+from lossd.server.engine import Engine, bind_inputs
+from lossd.server.errors import InvalidArgument, LossNotFound
+
+
+@pytest.fixture(scope="module")
+def engine(device) -> Engine:
+    return Engine(device)
+
+
+def test_value_and_gradients_equal_local_autograd(engine, device):
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.randint(0, 5, (6,))
+    result = engine.evaluate("cross_entropy", {"label_smoothing": 0.2}, [x, t], grad_paths=["args[0]"])
+    leaf = x.clone().to(device).requires_grad_(True)
+    expected = F.cross_entropy(leaf, t.to(device), label_smoothing=0.2)
+    expected.backward()
+    assert torch.equal(result.value, expected.detach())
+    assert torch.equal(result.grads["args[0]"], leaf.grad)
+    assert not x.requires_grad, "the caller's tensor must not be touched"
+    assert result.params["label_smoothing"] == 0.2 and result.params["ignore_index"] == -100
+
+
+def test_no_grad_paths_means_no_gradient_work(engine):
+    result = engine.evaluate("mse", {}, [torch.randn(3), torch.randn(3)])
+    assert result.grads == {} and not result.value.requires_grad
+
+
+def test_non_scalar_loss_needs_grad_output_and_gives_the_exact_vjp(engine, device):
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    params = {"reduction": "none"}
+    first = engine.evaluate("mse", params, [x, y], grad_paths=["args[0]"])
+    assert first.grads == {}, "a non-scalar loss has no gradient without grad_output"
+    go = torch.randn(4, 3, dtype=torch.float64)
+    second = engine.evaluate("mse", params, [x, y], grad_paths=["args[0]", "args[1]"], grad_output=go)
+    leaf_x, leaf_y = x.to(device).requires_grad_(True), y.to(device).requires_grad_(True)
+    F.mse_loss(leaf_x, leaf_y, reduction="none").backward(go.to(device))
+    assert torch.equal(second.grads["args[0]"], leaf_x.grad)
+    assert torch.equal(second.grads["args[1]"], leaf_y.grad)
+    with pytest.raises(InvalidArgument) as info:
+        engine.evaluate("mse", params, [x, y], grad_paths=["args[0]"], grad_output=torch.ones(3))
+    assert info.value.field == "grad_output"
+
+
+def test_keyword_arguments_bind_like_python(engine):
+    x, y = torch.randn(3), torch.randn(3)
+    by_keyword = engine.evaluate("l1", {}, [], {"input": x, "target": y})
+    by_position = engine.evaluate("l1", {}, [x, y])
+    assert torch.equal(by_keyword.value, by_position.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "grad_paths", "field", "words"),
+    [
+        ([torch.randn(3)], {}, [], "args[1]", "needs argument 'target'"),
+        ([torch.randn(3), torch.randn(3), torch.randn(3)], {}, [], "args", "at most 2 positional"),
+        ([torch.randn(3), torch.randn(3)], {"reduction": "sum"}, [], "kwargs.reduction", "constructor parameter"),
+        ([torch.randn(3), torch.randn(3)], {"beta": 1}, [], "kwargs.beta", "unexpected keyword"),
+        ([torch.randn(3)], {"input": torch.randn(3)}, [], "kwargs.input", "both positionally and by keyword"),
+        ([torch.randn(3), torch.randn(3)], {}, ["args[2]"], "grad_paths[0]", "no input tensor at path"),
+        ([torch.randn(3), torch.randn(3)], {}, ["args[0]", "args[0]"], "grad_paths[1]", "requested twice"),
+        ([torch.randn(3).long(), torch.randn(3)], {}, ["args[0]"], "args[0]", "dtype in"),
+    ],
+)
+def test_bad_calls_name_the_field(engine, args, kwargs, grad_paths, field, words):
+    with pytest.raises(InvalidArgument) as info:
+        engine.evaluate("l1", {}, args, kwargs, grad_paths=grad_paths)
+    assert info.value.field == field
+    assert words in str(info.value)
+
+
+def test_gradient_of_an_integer_input_is_refused(engine):
+    with pytest.raises(InvalidArgument, match="floating-point tensor"):
+        engine.evaluate("nll", {}, [torch.randn(3, 2).log_softmax(-1), torch.tensor([0, 1, 1])], grad_paths=["args[1]"])
+
+
+def test_unknown_loss_suggests_close_names(engine):
+    with pytest.raises(LossNotFound, match="did you mean 'cross_entropy'"):
+        engine.evaluate("cross_entropi", {}, [])
+    with pytest.raises(LossNotFound, match="'FocalLoss'"):
+        engine.evaluate("focalloss", {}, [])
+
+
+def test_non_finite_results_are_flagged(engine):
+    x = torch.tensor([[float("nan"), 0.0]])
+    result = engine.evaluate("cross_entropy", {}, [x, torch.tensor([0])], grad_paths=["args[0]"])
+    assert result.non_finite and math.isnan(result.value.item())
+    ok = engine.evaluate("cross_entropy", {}, [torch.zeros(1, 2), torch.tensor([0])], grad_paths=["args[0]"])
+    assert not ok.non_finite
+
+
+def _pair_loss(input, target):
+    return (input - target).sum()
+
+
+PAIR = registry.LossSpec(
+    name="pair",
+    fn=_pair_loss,
+    families=("test",),
+    summary="",
+    inputs=(registry.Input("input", shape=("N", "C")), registry.Input("target", shape=("N", 3, "*"))),
+)
+
+
+def test_symbolic_shapes_bind_across_inputs():
+    bind_inputs(PAIR, [torch.randn(4, 3), torch.randn(4, 3, 2, 2)], {})
+    with pytest.raises(InvalidArgument) as info:
+        bind_inputs(PAIR, [torch.randn(4, 3), torch.randn(5, 3)], {})
+    assert info.value.field == "args[1]" and "N=4" in str(info.value)
+    with pytest.raises(InvalidArgument, match="with 3 there"):
+        bind_inputs(PAIR, [torch.randn(4, 3), torch.randn(4, 2)], {})
+    with pytest.raises(InvalidArgument, match=r"shape \(N, C\)"):
+        bind_inputs(PAIR, [torch.randn(4), torch.randn(4, 3)], {})
+
+
+def test_a_forward_keyword_may_share_a_constructor_parameters_name(engine):
+    """mmdet CrossEntropyLoss takes ignore_index both in the constructor and at call time."""
+    score, label = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    ctor = engine.evaluate("CrossEntropyLoss", {"ignore_index": 1}, [score, label])
+    call = engine.evaluate("CrossEntropyLoss", {"ignore_index": 2}, [score, label], {"ignore_index": 1})
+    assert torch.equal(ctor.value, call.value)
+    plain = engine.evaluate("CrossEntropyLoss", {}, [score, label])
+    assert not torch.equal(plain.value, call.value)
+
+
+def test_an_input_torch_refuses_inside_a_loss_is_invalid_argument_not_internal():
+    # NaN logits make upstream's SimOTA binary_cross_entropy raise; lossd says so, as a client error.
+    spec = registry.get("yolox_loss")
+    args, kwargs, params = spec.make_example(torch.float32)
+    args[0]["pred"][0] = torch.full_like(args[0]["pred"][0], math.nan)
+    with pytest.raises(InvalidArgument, match="upstream raises the same"):
+        Engine().evaluate("yolox_loss", params, list(args), kwargs, [])
