@@ -1,0 +1,134 @@
+"""/metrics after a mix of good and bad calls: the counts are right and promtool accepts the text."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+from opskit import running, samples, scrape, value
+
+from lossd.client import LossClient, LossdError
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.functional import build_request
+from lossd.server.metrics import Metrics
+
+
+def _mse(n: int = 8) -> pb.ComputeRequest:
+    return build_request("mse", {}, (torch.randn(n), torch.randn(n)), {})
+
+
+def test_metrics_count_good_and_bad_calls():
+    with running(metrics_port=0, max_elements=1000) as server:
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=30)
+        try:
+            for _ in range(3):
+                client.compute(_mse())
+            nan = build_request("mse", {}, (torch.tensor([float("nan"), 1.0]), torch.zeros(2)), {})
+            assert client.compute(nan).non_finite
+            refused = {}
+            for name, request in {
+                "not_found": build_request("no_such_loss", {}, (torch.zeros(2),), {}),
+                "invalid_argument": build_request("mse", {}, (torch.zeros(2), torch.zeros(3, 3)), {}),
+                "resource_exhausted": _mse(2000),  # over --max-elements
+            }.items():
+                with pytest.raises(LossdError) as caught:
+                    client.compute(request)
+                refused[name] = caught.value.code
+            assert refused == {
+                "not_found": grpc.StatusCode.NOT_FOUND,
+                "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+                "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+            }
+            assert len(client.list_losses()) > 10
+        finally:
+            client.close()
+        text = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+
+    m = samples(text)
+    compute = {"grpc_service": "lossd.v1.LossService", "grpc_method": "Compute", "grpc_type": "unary"}
+    assert value(m, "grpc_server_started_total", **compute) == 7
+    assert value(m, "grpc_server_handled_total", grpc_code="OK", **compute) == 4
+    assert value(m, "grpc_server_handled_total", grpc_code="NotFound", **compute) == 1
+    assert value(m, "grpc_server_handled_total", grpc_code="InvalidArgument", **compute) == 1
+    assert value(m, "grpc_server_handled_total", grpc_code="ResourceExhausted", **compute) == 1
+    assert value(m, "grpc_server_handling_seconds_count", **compute) == 7
+    assert value(m, "grpc_server_handled_total", grpc_method="ListLosses", grpc_code="OK") == 1
+    assert value(m, "lossd_rejected_requests_total", reason="not_found") == 1
+    assert value(m, "lossd_rejected_requests_total", reason="invalid_argument") == 1
+    assert value(m, "lossd_rejected_requests_total", reason="resource_exhausted") == 1
+    assert value(m, "lossd_requests_total", loss="mse", grpc_code="OK") == 4
+    assert value(m, "lossd_requests_total", loss="mse", grpc_code="InvalidArgument") == 1
+    # A client-chosen loss name never becomes a label value.
+    assert value(m, "lossd_requests_total", loss="unregistered", grpc_code="NotFound") == 1
+    assert not any("no_such_loss" in str(labels) for _, labels in m)
+    for phase in ("decode", "compute", "encode"):
+        assert value(m, "lossd_phase_seconds_count", loss="mse", phase=phase) == 4
+    assert value(m, "lossd_non_finite_results_total", loss="mse") == 1
+    assert value(m, "lossd_received_bytes_total", loss="mse") > 4 * 64
+    assert value(m, "lossd_sent_bytes_total", loss="mse") > 0
+    assert value(m, "lossd_inflight_requests") == 0
+    assert value(m, "lossd_build_info", device="cpu") == 1
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install -y prometheus); the parse checks above passed")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stream_messages_are_counted_per_loss():
+    with running() as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stream = channel.stream_stream(
+            "/lossd.v1.LossService/ComputeStream",
+            request_serializer=pb.ComputeStreamRequest.SerializeToString,
+            response_deserializer=pb.ComputeStreamResponse.FromString,
+        )
+        responses = list(stream(iter([pb.ComputeStreamRequest(request=_mse()) for _ in range(3)]), timeout=30))
+        channel.close()
+        m = samples(server.metrics.exposition().decode())
+    assert len(responses) == 3
+    labels = {"grpc_method": "ComputeStream", "grpc_type": "bidi_stream"}
+    assert value(m, "grpc_server_msg_received_total", **labels) == 3
+    assert value(m, "grpc_server_msg_sent_total", **labels) == 3
+    assert value(m, "grpc_server_handled_total", grpc_code="OK", **labels) == 1
+    assert value(m, "lossd_requests_total", loss="mse", grpc_code="OK") == 3
+
+
+def test_audit_and_device_memory_collectors_read_their_sources_at_scrape_time():
+    stats = {"queue_depth": 3, "queue_capacity": 4096, "records_written": 10, "write_seconds_sum": 0.5, "write_seconds_count": 5}
+    metrics = Metrics(device="cuda:0", audit_stats=lambda: stats, memory_probe=lambda: {"allocated": 1024, "reserved": 4096})
+    m = samples(metrics.exposition().decode())
+    assert value(m, "lossd_audit_queue_depth") == 3
+    assert value(m, "lossd_audit_write_seconds_count") == 5
+    assert value(m, "lossd_audit_write_seconds_sum") == 0.5
+    assert value(m, "lossd_audit_records_written_total") == 10
+    assert value(m, "lossd_device_memory_allocated_bytes", device="cuda:0") == 1024
+    assert value(m, "lossd_device_memory_reserved_bytes", device="cuda:0") == 4096
+    stats["queue_depth"] = 7
+    assert value(samples(metrics.exposition().decode()), "lossd_audit_queue_depth") == 7
+
+
+def test_a_failing_stats_source_does_not_break_the_scrape():
+    def broken():
+        raise RuntimeError("writer gone")
+
+    metrics = Metrics(audit_stats=broken)
+    m = samples(metrics.exposition().decode())
+    assert value(m, "lossd_audit_queue_depth") == 0
+    assert value(m, "lossd_build_info") == 1
+
+
+def test_phase_hook_uses_registered_names_only():
+    metrics = Metrics()
+    response = pb.ComputeResponse()
+    response.timings.compute_ns = 2_000_000
+    event = SimpleNamespace(result=SimpleNamespace(spec=SimpleNamespace(name="mse"), non_finite=False), response=response, request_bytes=10)
+    metrics.after_compute(event)
+    m = samples(metrics.exposition().decode())
+    assert value(m, "lossd_phase_seconds_sum", loss="mse", phase="compute") == pytest.approx(0.002)
+    assert metrics.loss_label("../../etc/passwd") == "unregistered"
