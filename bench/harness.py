@@ -1,0 +1,527 @@
+"""The harness: servers in subprocesses, this process as the client, every column in one run.
+
+Columns of a row (one loss, one payload size, the same tensors throughout):
+
+- ``echo``: bare gRPC unary echo of the request's tensor bytes, answered with the gradient's
+  size (``bench.floor``, a trivial servicer with the same server settings);
+- ``pingpong``: the same bytes on one long-lived bidi stream (the floor of stream sessions);
+- ``local``: torch forward+backward in this process (the server's engine, no transport);
+- ``unary`` / ``stream`` / ``chunked``: ``RemoteLoss`` forward + ``.backward()`` end to end
+  with that transport; ``auto`` is what a user gets by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import workloads
+from .floor import FloorClient
+
+HERE = Path(__file__).resolve().parent
+KB, MB = 1 << 10, 1 << 20
+QUICK_SIZES = [1 * KB, 64 * KB, 1 * MB, 16 * MB, 64 * MB]
+FULL_SIZES = [1 * KB, 16 * KB, 64 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]
+LOSSES = ["cross_entropy", "FocalLoss", "GIoULoss", "yolox_loss"]
+SMALL = 64 * KB  # the "small calls" target applies up to here
+LARGE = 64 * MB  # the "large tensors" target applies from here
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    address: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(argv: list[str], marker: str, workdir: Path, name: str) -> Server:
+    """Start ``argv`` and wait for its ``<marker> HOST:PORT`` line on stdout."""
+    log = workdir / f"{name}.log"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, cwd=HERE.parent)
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(marker):
+            address = line.split()[-1]
+            # Keep draining stdout so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+            return Server(proc, address, log)
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{name} did not start; see {log}:\n{log.read_text()[-3000:]}")
+
+
+def lossd_argv(opts: argparse.Namespace, workdir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "lossd.server.cli", "serve", "--port", "0",
+        "--workers", str(opts.workers), "--max-message-mb", str(opts.max_message_mb),
+        "--device", opts.device, "--audit", "none", "--data-dir", str(workdir), "--log-level", "WARNING",
+        *opts.server_arg,
+    ]
+
+
+def floor_argv(opts: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "bench.floor", "--port", "0", "--workers", str(opts.workers), "--max-message-mb", str(opts.max_message_mb)]
+
+
+def rss(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def timed(fn: Callable[[], Any], budget: float, min_n: int, max_n: int, warmup: int = 1) -> list[float]:
+    """Seconds per call: at least ``min_n`` calls, then more until ``budget`` s or ``max_n``."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_n and (len(times) < min_n or time.perf_counter() - start < budget):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t0) / 1e9)
+    return times
+
+
+def stats(times: list[float]) -> dict[str, float]:
+    a = np.asarray(times)
+    return {"n": len(a), "p50": float(np.median(a)), "p99": float(np.percentile(a, 99)), "min": float(a.min())}
+
+
+# --------------------------------------------------------------------------------------------
+# One row
+
+
+def remote_transports() -> list[str]:
+    """The transports this client offers (an older client has unary only)."""
+    from lossd.client import RemoteLoss
+
+    if "transport" in inspect.signature(RemoteLoss.__init__).parameters:
+        return ["unary", "stream", "chunked", "auto"]
+    return ["unary"]
+
+
+def run_row(
+    w: workloads.Workload, floor: FloorClient, lossd_address: str, opts: argparse.Namespace, transports: list[str]
+) -> dict[str, Any]:
+    from lossd.client import RemoteLoss
+    from lossd.server.engine import Engine
+
+    budget, min_n, max_n = opts.budget, (3 if w.size >= 16 * MB else 5), opts.max_n
+    row: dict[str, Any] = {
+        "loss": w.loss, "size": w.size, "shape": w.shape, "request_bytes": w.request_bytes, "grad_bytes": w.grad_bytes,
+    }
+    payload = os.urandom(w.request_bytes) if w.request_bytes < 4 * MB else np.random.bytes(w.request_bytes)
+    row["echo"] = stats(timed(functools.partial(floor.echo, payload, w.grad_bytes), budget, min_n, max_n))
+    if w.size <= 1 * MB:
+        session = floor.ping_pong(payload, w.grad_bytes)
+        row["pingpong"] = stats(timed(session.round_trip, budget, min_n, max_n))
+        session.close()
+    del payload
+
+    engine = Engine(opts.device if opts.device != "auto" else "cpu")
+    local_args = workloads.to_device(w.args, engine.device)
+    paths = workloads.grad_paths(local_args, w.args)
+
+    def local() -> None:
+        engine.evaluate(w.loss, w.params, local_args, {}, paths)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    row["local"] = stats(timed(local, budget, min_n, max_n))
+
+    for transport in transports:
+        if transport == "stream" and w.size > 1 * MB:
+            continue  # sessions are for small calls; large ones go chunked
+        if transport == "chunked" and w.size < 1 * MB:
+            continue
+        kwargs = {"transport": transport} if transport != "unary" or len(transports) > 1 else {}
+        module = RemoteLoss(w.loss, endpoint=lossd_address, max_message_mb=opts.max_message_mb, **kwargs, **w.params)
+
+        def remote(module: RemoteLoss = module) -> None:
+            w.fresh()
+            module(*w.args, **w.kwargs).backward()
+
+        try:
+            row[transport] = stats(timed(remote, budget, min_n, max_n))
+        except Exception as exc:  # noqa: BLE001 - a failed column is reported, the run goes on
+            row[transport] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            module.close()
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput and memory
+
+
+def _throughput_worker(kind: str, address: str, duration: float, start_at: float, transport: str) -> int:
+    torch.set_num_threads(1)
+    w = workloads.build("cross_entropy", 1 * KB)
+    if kind == "floor":
+        floor = FloorClient(address)
+        payload = os.urandom(w.request_bytes)
+        if transport == "stream":
+            session = floor.ping_pong(payload, w.grad_bytes)
+            call = session.round_trip
+        else:
+            def call() -> None:
+                floor.echo(payload, w.grad_bytes)
+    else:
+        from lossd.client import RemoteLoss
+
+        kwargs = {"transport": transport} if "transport" in inspect.signature(RemoteLoss.__init__).parameters else {}
+        module = RemoteLoss("cross_entropy", endpoint=address, **kwargs)
+
+        def call() -> None:
+            w.fresh()
+            module(*w.args).backward()
+
+    for _ in range(20):
+        call()
+    time.sleep(max(0.0, start_at - time.time()))
+    end = time.time() + duration
+    count = 0
+    while time.time() < end:
+        call()
+        count += 1
+    return count
+
+
+def throughput(address: str, kind: str, clients: int, duration: float, transport: str) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(clients) as pool:
+        start_at = time.time() + 8.0  # time for the spawned interpreters to import torch
+        counts = pool.starmap(_throughput_worker, [(kind, address, duration, start_at, transport)] * clients)
+    return sum(counts) / duration
+
+
+def memory(opts: argparse.Namespace, workdir: Path, transports: list[str]) -> dict[str, Any]:
+    from lossd.client import RemoteLoss
+
+    server = start_server(lossd_argv(opts, workdir), "lossd listening on", workdir, "lossd-memory")
+    out: dict[str, Any] = {}
+    try:
+        # Drift: RSS after a warm-up vs after N more small calls (the default transport).
+        small = workloads.build("cross_entropy", 1 * KB)
+        module = RemoteLoss("cross_entropy", endpoint=server.address)
+        for _ in range(500):
+            small.fresh()
+            module(*small.args).backward()
+        before = rss(server.pid)["VmRSS"]
+        t0 = time.perf_counter()
+        for _ in range(opts.drift_calls):
+            small.fresh()
+            module(*small.args).backward()
+        out["drift"] = {
+            "calls": opts.drift_calls, "rss_before": before, "rss_after": rss(server.pid)["VmRSS"],
+            "seconds": time.perf_counter() - t0,
+        }
+        out["drift"]["ratio"] = out["drift"]["rss_after"] / before - 1
+        module.close()
+        # Peak: one large request (cross_entropy, so the gradient is as large as the request).
+        big = workloads.build("cross_entropy", opts.memory_mb * MB)
+        kwargs = {"transport": "auto"} if len(transports) > 1 else {}
+        module = RemoteLoss("cross_entropy", endpoint=server.address, max_message_mb=opts.max_message_mb, **kwargs)
+        base = rss(server.pid)
+        t0 = time.perf_counter()
+        module(*big.args).backward()
+        peak = rss(server.pid)
+        out["peak"] = {
+            "request_bytes": big.request_bytes, "rss_before": base["VmRSS"], "hwm_before": base["VmHWM"], "hwm_after": peak["VmHWM"],
+            "raise": peak["VmHWM"] - base["VmRSS"], "seconds": time.perf_counter() - t0,
+        }
+        out["peak"]["ratio"] = out["peak"]["raise"] / big.request_bytes
+        module.close()
+    finally:
+        server.stop()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def machine(device: str) -> dict[str, Any]:
+    import google.protobuf
+    import grpc
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__, "device": device,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _ms(cell: dict[str, Any] | None, key: str = "p50") -> str:
+    if not cell:
+        return "–"
+    if "error" in cell:
+        return "error"
+    return f"{cell[key] * 1e3:.2f}"
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MB" if n >= MB else f"{n >> 10} KB"
+
+
+def best_remote(row: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    cells = [(t, row[t]) for t in ("auto", "chunked", "stream", "unary") if isinstance(row.get(t), dict) and "p50" in row[t]]
+    return min(cells, key=lambda c: c[1]["p50"]) if cells else None
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured figure (ratios from this run)."""
+    out = []
+    for row in result["rows"]:
+        local = row["local"]["p50"]
+        if row["size"] <= SMALL:
+            if "p50" in row.get("unary", {}):
+                ratio = row["unary"]["p50"] / (row["echo"]["p50"] + local)
+                out.append({"target": f"{row['loss']} {_size(row['size'])} unary <= 1.2 x (echo + local)", "value": ratio, "met": ratio <= 1.2})
+            if "p50" in row.get("stream", {}) and "pingpong" in row:
+                ratio = row["stream"]["p50"] / (row["pingpong"]["p50"] + local)
+                out.append({"target": f"{row['loss']} {_size(row['size'])} stream <= 1.2 x (pingpong + local)", "value": ratio, "met": ratio <= 1.2})
+        if row["size"] >= LARGE:
+            best = best_remote(row)
+            if best:
+                ratio = best[1]["p50"] / row["echo"]["p50"]
+                out.append({"target": f"{row['loss']} {_size(row['size'])} {best[0]} <= 0.5 x echo", "value": ratio, "met": ratio <= 0.5})
+    tp = result.get("throughput")
+    if tp:
+        for transport, cell in tp.items():
+            ratio = cell["lossd_rps"] / cell["floor_rps"]
+            out.append({"target": f"throughput 4 clients ({transport}) >= 0.7 x trivial handler", "value": ratio, "met": ratio >= 0.7})
+    mem = result.get("memory")
+    if mem:
+        if "peak" in mem:
+            r = mem["peak"]["ratio"]
+            out.append({"target": f"peak RSS raise for one {mem['peak']['request_bytes'] >> 20} MB request <= 3x", "value": r, "met": r <= 3})
+        if "drift" in mem:
+            r = mem["drift"]["ratio"]
+            out.append({"target": f"RSS drift over {mem['drift']['calls']} calls < 5 %", "value": r, "met": r < 0.05})
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    cols = ["loss", "payload", "input", "req MB", "echo p50/p99", "pingpong p50", "local p50", "unary p50/p99",
+            "stream p50/p99", "chunked p50/p99", "auto p50/p99", "best/floor", "MB/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in result["rows"]:
+        def both(key: str, row: dict = row) -> str:
+            cell = row.get(key)
+            return f"{_ms(cell)} / {_ms(cell, 'p99')}" if cell and "p50" in cell else _ms(cell)
+
+        best = best_remote(row)
+        if best is None:
+            ratio = mbs = "–"
+        else:
+            floor = row["echo"]["p50"] + row["local"]["p50"] if row["size"] < LARGE else row["echo"]["p50"]
+            if row["size"] <= SMALL and best[0] == "stream" and "pingpong" in row:
+                floor = row["pingpong"]["p50"] + row["local"]["p50"]
+            ratio = f"{best[1]['p50'] / floor:.2f} ({best[0]})"
+            mbs = f"{(row['request_bytes'] + row['grad_bytes']) / best[1]['p50'] / MB:.0f}"
+        lines.append("| " + " | ".join([
+            row["loss"], _size(row["size"]), row["shape"], f"{row['request_bytes'] / MB:.3f}", both("echo"), _ms(row.get("pingpong")),
+            _ms(row["local"]), both("unary"), both("stream"), both("chunked"), both("auto"), ratio, mbs,
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    parts = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['platform']}; Python {m['python']}, "
+        f"torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}; server device {m['device']}"
+        + (f" ({m['gpu']})" if "gpu" in m else "") + ".",
+        f"Mode: {result['mode']}; server `--workers {result['config']['workers']}`; times in ms (p50 / p99 over n calls, "
+        "n in the JSON); `best/floor` = best lossd transport / (echo + local) below 64 MB "
+        "[(pingpong + local) when the best is stream], / echo from 64 MB; MB/s = (request + gradient bytes) / best p50.",
+        "",
+        table(result),
+    ]
+    for note in result.get("notes", []):
+        parts.append(f"\n- {note}")
+    tp = result.get("throughput")
+    if tp:
+        parts.append("\nThroughput, 4 client processes, small cross_entropy calls (16x16 f32 + targets), requests/s:\n")
+        parts.append("| transport | trivial handler | lossd | ratio |\n|---|---|---|---|")
+        for transport, cell in tp.items():
+            parts.append(f"| {transport} | {cell['floor_rps']:.0f} | {cell['lossd_rps']:.0f} | {cell['lossd_rps'] / cell['floor_rps']:.2f} |")
+    mem = result.get("memory")
+    if mem:
+        parts.append("\nServer memory:\n")
+        if "peak" in mem:
+            p = mem["peak"]
+            parts.append(
+                f"- one {p['request_bytes'] / MB:.0f} MB request (+ as large a gradient): peak RSS rose {p['raise'] / MB:.0f} MB "
+                f"= {p['ratio']:.2f} x the request (RSS before {p['rss_before'] / MB:.0f} MB, peak after {p['hwm_after'] / MB:.0f} MB; "
+                f"{p['seconds']:.2f} s end to end)"
+            )
+        if "drift" in mem:
+            d = mem["drift"]
+            parts.append(
+                f"- {d['calls']} small calls: RSS {d['rss_before'] / MB:.1f} MB -> {d['rss_after'] / MB:.1f} MB "
+                f"({d['ratio'] * 100:+.2f} %; {d['calls'] / d['seconds']:.0f} calls/s from one client)"
+            )
+    parts.append("\nTargets:\n")
+    parts.append("| target | measured | met |\n|---|---|---|")
+    for t in result["targets"]:
+        parts.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 KB..64 MB, short budgets (under 2 minutes)")
+    p.add_argument("--device", default="cpu", help="server device (and of the local column): cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=4, help="server handler threads (both servers)")
+    p.add_argument("--losses", default=",".join(LOSSES))
+    p.add_argument("--sizes", default="", help="comma-separated sizes in KB (overrides the mode's)")
+    p.add_argument("--budget", type=float, default=None, help="seconds per cell before stopping (min calls still run)")
+    p.add_argument("--max-n", type=int, default=None)
+    p.add_argument("--max-message-mb", type=int, default=1100)
+    p.add_argument("--memory-mb", type=int, default=256, help="size of the request for the peak-RSS measurement")
+    p.add_argument("--drift-calls", type=int, default=10_000)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--throughput-seconds", type=float, default=None)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: rows, throughput, memory")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for `lossd serve` (repeatable)")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results or bench/RESULTS.md")
+    opts = p.parse_args(argv)
+    opts.budget = opts.budget if opts.budget is not None else (0.4 if opts.quick else 2.0)
+    opts.max_n = opts.max_n or (200 if opts.quick else 2000)
+    opts.throughput_seconds = opts.throughput_seconds or (3.0 if opts.quick else 10.0)
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse(argv)
+    from lossd.server import registry
+
+    sizes = [int(s) * KB for s in opts.sizes.split(",")] if opts.sizes else (QUICK_SIZES if opts.quick else FULL_SIZES)
+    skip = set(filter(None, opts.skip.split(",")))
+    known = {s.name for s in registry.all_specs(None)}
+    notes = [f"{name} is not registered on this server yet: skipped" for name in opts.losses.split(",") if name not in known]
+    losses = [name for name in opts.losses.split(",") if name in known]
+    transports = remote_transports()
+    if transports == ["unary"]:
+        notes.append("this client has the unary transport only")
+    result: dict[str, Any] = {
+        "mode": "quick" if opts.quick else "full", "machine": machine(opts.device), "config": {"workers": opts.workers},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": [], "notes": notes,
+    }
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="lossd-bench-") as tmp:
+        workdir = Path(tmp)
+        floor_server = start_server(floor_argv(opts), "floor listening on", workdir, "floor")
+        lossd_server = start_server(lossd_argv(opts, workdir), "lossd listening on", workdir, "lossd")
+        try:
+            if "rows" not in skip:
+                floor = FloorClient(floor_server.address)
+                for loss in losses:
+                    for size in sizes:
+                        if size > workloads.MAX_SIZE.get(loss, size):
+                            continue
+                        w = workloads.build(loss, size)
+                        row = run_row(w, floor, lossd_server.address, opts, transports)
+                        result["rows"].append(row)
+                        best = best_remote(row)
+                        print(
+                            f"{loss:>14} {_size(size):>7}  echo {_ms(row['echo'])}  local {_ms(row['local'])}  "
+                            + "  ".join(f"{t} {_ms(row.get(t))}" for t in transports if t in row)
+                            + (f"  best {best[0]}" if best else ""),
+                            flush=True,
+                        )
+                        del w
+                floor.close()
+                skipped = [f"{loss} above {_size(workloads.MAX_SIZE[loss])}" for loss in losses if loss in workloads.MAX_SIZE]
+                if skipped:
+                    notes.append("not measured (SimOTA cost, not transport, would dominate): " + ", ".join(skipped))
+            if "throughput" not in skip:
+                result["throughput"] = {}
+                for transport in ("unary", "stream") if len(transports) > 1 else ("unary",):
+                    floor_rps = throughput(floor_server.address, "floor", opts.clients, opts.throughput_seconds, transport)
+                    lossd_rps = throughput(lossd_server.address, "lossd", opts.clients, opts.throughput_seconds, transport)
+                    result["throughput"][transport] = {"floor_rps": floor_rps, "lossd_rps": lossd_rps}
+                    print(f"throughput {transport}: trivial {floor_rps:.0f}/s, lossd {lossd_rps:.0f}/s", flush=True)
+        finally:
+            floor_server.stop()
+            lossd_server.stop()
+        if "memory" not in skip:
+            result["memory"] = memory(opts, workdir, transports)
+    result["seconds"] = time.perf_counter() - t_start
+    result["targets"] = targets(result)
+    text = render(result)
+    print()
+    print(text)
+    print(f"({result['seconds']:.0f} s)")
+    if not opts.no_write:
+        results = HERE / "results"
+        results.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (results / f"{stamp}-{result['mode']}-{opts.device.replace(':', '')}.json").write_text(json.dumps(result, indent=1))
+        header = "# Benchmark results\n\nThe latest table from `python -m bench" + (" --quick" if opts.quick else "") + (
+            f" --device {opts.device}" if opts.device != "cpu" else "") + f"` ({result['started']}, {result['seconds']:.0f} s).\n\n"
+        (HERE / ("RESULTS.md" if opts.device == "cpu" else f"RESULTS-{opts.device.replace(':', '')}.md")).write_text(header + text)
+    return 0
