@@ -1,0 +1,257 @@
+"""TLS, mutual TLS and bearer-token roles, end to end over real sockets.
+
+The AuditService handlers are checked through the same interceptor with a probe method
+registered under ``lossd.v1.AuditService`` (the role is decided per service), which also
+reports the principal the handler sees. When the real AuditService is registered, its
+``ListRuns`` is exercised too.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from opskit import TOKENS, health_status, running
+
+from lossd.client import LossClient, LossdError, codec
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.functional import build_request
+from lossd.server import probe
+from lossd.server.security import TokenError, TokenTable, current_principal
+
+AUDIT_PROBE = "/lossd.v1.AuditService/OpsTestWhoAmI"
+ADMIN_PROBE = "/lossd.v1.OpsTestAdmin/WhoAmI"
+
+
+def _whoami(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+    principal = current_principal()
+    return b"" if principal is None else f"{principal.name}:{','.join(sorted(principal.roles))}".encode()
+
+
+def _add_probes(server) -> None:
+    """Register test-only methods in an audit-read service and in an admin-only service."""
+    handler = grpc.unary_unary_rpc_method_handler(_whoami)  # raw bytes in and out
+    for method in (AUDIT_PROBE, ADMIN_PROBE):
+        service, name = method.strip("/").split("/")
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {name: handler}),))
+
+
+def _raw(channel: grpc.Channel, method: str, token: str | None) -> str:
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+    return channel.unary_unary(method)(b"", timeout=10, metadata=metadata).decode()
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises((grpc.RpcError, LossdError)) as caught:
+        call()
+    error = caught.value
+    return error.code if isinstance(error, LossdError) else error.code()
+
+
+def _loss(response: pb.ComputeResponse) -> float:
+    return float(codec.decode_value(response.loss, "loss"))
+
+
+def _mse() -> pb.ComputeRequest:
+    return build_request("mse", {}, (torch.ones(4), torch.zeros(4)), {})
+
+
+# ------------------------------------------------------------------------------------------
+# TLS and mutual TLS
+
+
+def test_tls_serves_verified_clients_and_refuses_plaintext_and_unknown_roots(pki):
+    with running(tls_cert=pki.server_cert, tls_key=pki.server_key) as server:
+        target = f"127.0.0.1:{server.port}"
+        good = LossClient(target, timeout=20, tls_ca=pki.ca, retries=0)
+        try:
+            assert _loss(good.compute(_mse())) == pytest.approx(1.0)
+        finally:
+            good.close()
+        # The health probe CLI follows TLS too (as in a container's HEALTHCHECK).
+        assert probe.check(target, tls_ca=pki.ca, tls_server_name="localhost") == "SERVING"
+        for client in (
+            LossClient(target, timeout=5, retries=0),  # plaintext to a TLS port
+            LossClient(target, timeout=5, tls_ca=pki.rogue_ca, retries=0),  # server not signed by these roots
+        ):
+            try:
+                assert _code(lambda c=client: c.compute(_mse())) == grpc.StatusCode.UNAVAILABLE
+            finally:
+                client.close()
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(pki):
+    with running(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca) as server:
+        _add_probes(server)
+        target = f"127.0.0.1:{server.port}"
+        good = LossClient(target, timeout=20, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key, retries=0)
+        try:
+            assert _loss(good.compute(_mse())) == pytest.approx(1.0)
+            # Without tokens the principal is the client certificate's common name.
+            assert _raw(good.channel, AUDIT_PROBE, None) == "trainer-7:admin,audit-read,compute"
+        finally:
+            good.close()
+        refused = {
+            "no client certificate": LossClient(target, timeout=5, tls_ca=pki.ca, retries=0),
+            "certificate from another CA": LossClient(
+                target, timeout=5, tls_ca=pki.ca, tls_cert=pki.rogue_cert, tls_key=pki.rogue_key, retries=0
+            ),
+        }
+        codes = {}
+        for why, client in refused.items():
+            try:
+                codes[why] = _code(lambda c=client: c.compute(_mse()))
+            finally:
+                client.close()
+        assert codes == dict.fromkeys(refused, grpc.StatusCode.UNAVAILABLE)
+        # Refused handshakes leave the server healthy for good clients.
+        assert probe.check(target, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key,
+                           tls_server_name="localhost") == "SERVING"
+
+
+# ------------------------------------------------------------------------------------------
+# Bearer tokens and roles
+
+
+@pytest.fixture(scope="module")
+def token_server(tokens_file):
+    with running(auth_tokens=tokens_file) as server:
+        _add_probes(server)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def channel(token_server):
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as ch:
+        yield ch
+
+
+def _client(server, token: str | None) -> LossClient:
+    return LossClient(f"127.0.0.1:{server.port}", timeout=20, token=token or "", retries=0)
+
+
+@pytest.mark.parametrize(
+    ("who", "compute", "audit", "admin"),
+    [
+        ("compute", "trainer-a:compute", grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED),
+        ("audit", grpc.StatusCode.PERMISSION_DENIED, "auditor:audit-read", grpc.StatusCode.PERMISSION_DENIED),
+        ("admin", "ops:admin", "ops:admin", "ops:admin"),
+    ],
+)
+def test_each_role_reaches_exactly_its_services(token_server, channel, who, compute, audit, admin):
+    client = _client(token_server, TOKENS[who])
+    try:
+        if isinstance(compute, str):
+            assert _loss(client.compute(_mse())) == pytest.approx(1.0)
+            assert len(client.list_losses()) > 10
+        else:
+            assert _code(lambda: client.compute(_mse())) == compute
+            assert _code(lambda: client.list_losses()) == compute
+    finally:
+        client.close()
+    for method, expected in ((AUDIT_PROBE, audit), (ADMIN_PROBE, admin)):
+        if isinstance(expected, str):
+            assert _raw(channel, method, TOKENS[who]) == expected  # the handler sees who called
+        else:
+            assert _code(lambda m=method: _raw(channel, m, TOKENS[who])) == expected
+
+
+def test_permission_denied_names_the_principal_and_the_missing_role(channel):
+    with pytest.raises(grpc.RpcError) as caught:
+        _raw(channel, AUDIT_PROBE, TOKENS["compute"])
+    assert "trainer-a" in caught.value.details() and "audit-read" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        None,  # no token at all
+        (("authorization", "Bearer tok-wrong-0123456789abcdef"),),
+        (("authorization", "Bearer " + TOKENS["compute"][:-1]),),  # a prefix of a valid token
+        (("authorization", "Basic " + TOKENS["compute"]),),  # not a bearer token
+        (("authorization", "Bearer "),),
+    ],
+    ids=["missing", "wrong", "prefix", "basic-scheme", "empty"],
+)
+def test_missing_or_wrong_tokens_are_unauthenticated(channel, metadata):
+    compute = channel.unary_unary(
+        "/lossd.v1.LossService/Compute",
+        request_serializer=pb.ComputeRequest.SerializeToString,
+        response_deserializer=pb.ComputeResponse.FromString,
+    )
+    for call in (lambda: compute(_mse(), timeout=10, metadata=metadata),
+                 lambda: channel.unary_unary(AUDIT_PROBE)(b"", timeout=10, metadata=metadata)):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert TOKENS["compute"] not in caught.value.details()  # a presented token is never echoed
+
+
+def test_the_client_reads_its_token_from_the_environment(token_server, monkeypatch):
+    monkeypatch.setenv("LOSSD_TOKEN", TOKENS["compute"])
+    client = LossClient(f"127.0.0.1:{token_server.port}", timeout=20, retries=0)
+    try:
+        assert _loss(client.compute(_mse())) == pytest.approx(1.0)
+    finally:
+        client.close()
+    monkeypatch.delenv("LOSSD_TOKEN")
+    anonymous = LossClient(f"127.0.0.1:{token_server.port}", timeout=20, retries=0)
+    try:
+        assert _code(lambda: anonymous.compute(_mse())) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        anonymous.close()
+
+
+def test_health_and_reflection_stay_open_without_a_token(token_server, channel):
+    assert health_status(f"127.0.0.1:{token_server.port}") == "SERVING"
+    assert probe.main(["--endpoint", f"127.0.0.1:{token_server.port}"], env={}) == 0
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert "lossd.v1.LossService" in names
+
+
+def test_tokens_and_tls_together(pki, tokens_file):
+    with running(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=tokens_file) as server:
+        target = f"127.0.0.1:{server.port}"
+        with_token = LossClient(target, timeout=20, tls_ca=pki.ca, token=TOKENS["compute"], retries=0)
+        without = LossClient(target, timeout=20, tls_ca=pki.ca, token="", retries=0)
+        try:
+            assert _loss(with_token.compute(_mse())) == pytest.approx(1.0)
+            assert _code(lambda: without.compute(_mse())) == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            with_token.close()
+            without.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The tokens file
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"short": {"principal": "a", "roles": ["compute"]}}, "at least 16 characters"),
+        ({"x" * 20: {"principal": "a", "roles": ["root"]}}, "unknown role(s) ['root']"),
+        ({"x" * 20: {"principal": "", "roles": ["compute"]}}, "'principal' must be a non-empty string"),
+        ({"x" * 20: {"principal": "a", "roles": []}}, "'roles' must be a non-empty list"),
+        ({"sha256:abcd": {"principal": "a", "roles": ["compute"]}}, "64 hex digits"),
+        ({"x" * 20: {"principal": "a", "roles": ["compute"], "role": "admin"}}, "unknown key(s) ['role']"),
+        ([], "expected a mapping"),
+        ({}, "defines no token"),
+    ],
+)
+def test_malformed_token_files_are_refused_without_echoing_tokens(data, message):
+    with pytest.raises(TokenError) as caught:
+        TokenTable.parse(data, "tokens.yaml")
+    assert message in str(caught.value)
+    assert "x" * 20 not in str(caught.value)
+
+
+def test_a_digest_entry_authenticates_the_token_it_hashes(tokens_file):
+    table = TokenTable.load(tokens_file)
+    assert table.authenticate(TOKENS["audit"]).name == "auditor"  # stored as sha256:...
+    assert table.authenticate(TOKENS["compute"]).roles == frozenset({"compute"})
+    assert table.authenticate("sha256:" + "0" * 64) is None
