@@ -20,6 +20,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.stderr_lines: list[str] = []
+        self.stdout_lines: list[str] = []  # what it printed after the address line
 
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
@@ -29,12 +30,28 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if line.startswith("lossd listening on "):
                 self.address = line.split()[-1]
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                threading.Thread(target=self._drain_stdout, daemon=True).start()
                 return self
             if not line and self.proc.poll() is not None:
                 break
         self.stop()
         raise RuntimeError("lossd serve did not start:\n" + "".join(self.stderr_lines[-30:]))
+
+    def _drain_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line)
+
+    def metrics_url(self, timeout: float = 30.0) -> str:
+        """The /metrics URL it printed (start it with ``--metrics-port 0``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stdout_lines):
+                if line.startswith("lossd metrics on "):
+                    return line.split()[-1]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("lossd serve printed no metrics URL (was --metrics-port given?)")
 
     def _drain_stderr(self) -> None:
         for line in self.proc.stderr:
