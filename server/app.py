@@ -16,6 +16,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .audit import AuditRecorder, recorder_from_config, store_from_config
+from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .config import ServerConfig
 from .engine import Engine
 from .limits import DeadlineInterceptor, deadline_guard
@@ -39,6 +41,8 @@ class RunningServer:
     metrics: Metrics | None = None
     metrics_port: int | None = None  # the bound /metrics port, None when not served
     metrics_http: Any = None
+    audit: AuditRecorder | None = None  # None with --audit none
+    audit_store: Any = None  # what AuditService reads (the recorder's store, or --audit-db with --audit none)
 
     @property
     def address(self) -> str:
@@ -49,9 +53,17 @@ class RunningServer:
         """Drain: health goes NOT_SERVING, new calls are refused, in-flight calls finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        # After the drain: calls in flight have had their records committed; flush the rest.
+        self.close_audit()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
+
+    def close_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+        elif self.audit_store is not None:
+            self.audit_store.close()
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -67,10 +79,16 @@ def create_server(config: ServerConfig) -> RunningServer:
     engine = Engine(config.device)
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = TokenTable.load(config.auth_tokens) if config.auth_tokens else None
-    metrics = Metrics(device=str(engine.device))
+    # Opens and migrates the store now: a bad --audit-db fails at start-up, not at the first call.
+    recorder = recorder_from_config(config)
+    audit_store = store_from_config(config, recorder)
+    metrics = Metrics(device=str(engine.device), audit_stats=recorder.stats if recorder is not None else None)
     # deadline_guard first: a result the caller no longer waits for is neither sent nor audited.
+    hooks = [deadline_guard, metrics.after_compute]
+    if recorder is not None:
+        hooks.append(recorder.after_compute)  # last: it answers `audited` once the record is committed
     servicer = LossServicer(
-        engine, config.limits, after_compute=[deadline_guard, metrics.after_compute],
+        engine, config.limits, after_compute=hooks,
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
     )
     server = grpc.server(
@@ -82,12 +100,17 @@ def create_server(config: ServerConfig) -> RunningServer:
     )
     metrics.bind_server(server)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
+    services = [SERVICE_NAME]
+    if audit_store is not None:
+        # Gated by AuthInterceptor with the audit-read role (security.SERVICE_ROLES).
+        server.add_generic_rpc_handlers((audit_method_handlers(AuditServicer(audit_store)),))
+        services.append(AUDIT_SERVICE_NAME)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
 
@@ -95,6 +118,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     bind = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
     port = server.add_secure_port(bind, credentials) if credentials is not None else server.add_insecure_port(bind)
     if port == 0:
+        if recorder is not None:
+            recorder.close()
         raise OSError(f"could not bind {host}:{config.port}")
     server.start()
     metrics_http = metrics_port = None
@@ -103,10 +128,12 @@ def create_server(config: ServerConfig) -> RunningServer:
             metrics_http, metrics_port = metrics.serve_http(config.metrics_host or config.host, config.metrics_port)
         except OSError:
             server.stop(0)
+            if recorder is not None:
+                recorder.close()
             raise
-    for name in ("", SERVICE_NAME):
+    for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http)
+    return RunningServer(server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store)
 
 
 def is_loopback(host: str) -> bool:
@@ -134,6 +161,8 @@ def serve(config: ServerConfig) -> None:
             log.warning("%s", line)
     running = create_server(config)
     log.info("lossd %s (torch %s) on %s, device %s; settings:\n%s", __version__, torch.__version__, running.address, running.engine.device, config.describe())
+    if running.audit is not None:
+        log.info("audit trail: %s calls recorded in %s (capture %s)", config.audit, running.audit.store.name, config.audit_capture)
     # The bound address on stdout, alone on its line, so scripts and tests can read it.
     print(f"lossd listening on {running.address}", flush=True)
     if running.metrics_port is not None:

@@ -36,8 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         from .app import serve
+        from .audit import AuditStoreError
 
-        serve(ServerConfig.from_sources(args))
+        try:
+            serve(ServerConfig.from_sources(args))
+        except AuditStoreError as exc:
+            print(f"lossd serve: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "losses":
         from .docs import describe_loss, loss_table

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -75,7 +76,12 @@ class ServerConfig:
 
     def describe(self) -> str:
         """One line per setting, for the start-up log."""
-        return "\n".join(f"  {f.name} = {getattr(self, f.name)!r}" for f in fields(self))
+        def shown(name: str) -> Any:
+            value = getattr(self, name)
+            # A postgresql:// URL may carry a password: never print it.
+            return re.sub(r"^(postgres(?:ql)?://[^:/@]*:)[^@]*@", r"\1***@", value) if name == "audit_db" else value
+
+        return "\n".join(f"  {f.name} = {shown(f.name)!r}" for f in fields(self))
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -289,7 +289,8 @@ class AuditCollector(Collector):
     """Reads the audit writer's ``stats()`` at scrape time.
 
     Known keys (others are ignored, missing ones are not exported): ``queue_depth``,
-    ``queue_capacity``, ``records_written``, ``records_dropped``, ``write_seconds_sum``,
+    ``queue_capacity``, ``records_written``, ``records_dropped``, ``records_refused``,
+    ``queue_blocked``, ``write_seconds_sum``,
     ``write_seconds_count``, ``last_write_seconds``.
     """
 
@@ -315,6 +316,8 @@ class AuditCollector(Collector):
         counters = {
             "records_written": ("lossd_audit_records_written", "Audit records committed."),
             "records_dropped": ("lossd_audit_records_dropped", "Audit records that could not be written."),
+            "records_refused": ("lossd_audit_records_refused", "Audited calls failed UNAVAILABLE because the queue stayed full or the commit timed out."),
+            "queue_blocked": ("lossd_audit_queue_blocked", "Audited calls that found the queue full and had to wait for room."),
         }
         for key, (name, doc) in counters.items():
             if _number(stats.get(key)):

@@ -1,0 +1,447 @@
+"""Client side of the audit trail: run context for ``RemoteLoss``, and reading the trail.
+
+Recording::
+
+    with lossd.client.audit_run("exp-42", tags={"commit": "abc123"}) as run:
+        for batch in loader:
+            loss = crit(model(x), y)       # recorded as run exp-42, steps 0, 1, 2, ...
+
+Reading (needs the audit-read role once the server has authentication)::
+
+    audit = AuditClient("127.0.0.1:50051")
+    for record in audit.records("exp-42"):
+        print(record["step"], record["value"])
+
+Digests: ``tensor_digest`` is the exact SHA-256 the server records for each input, so a caller
+can prove which tensors it sent without storing them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import csv
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import torch
+from torch import Tensor
+
+from ._channel import DEFAULT_MAX_MESSAGE_MB, make_channel, resolve_endpoint
+from ._proto import lossd_pb2 as pb
+from ._proto import lossd_pb2_grpc as pb_grpc
+from .errors import LossdError, from_rpc_error
+
+# Bounds the server enforces too; checked here so a bad tag fails at construction, not at step 1.
+MAX_RUN_ID_CHARS = 256
+MAX_TAGS = 64
+MAX_TAG_KEY_CHARS = 128
+MAX_TAG_VALUE_CHARS = 1024
+
+_DIGEST_PREFIX = b"lossd-tensor-v1\0"
+# Same-width integer views for dtypes numpy cannot hold (the wire's reinterpretation).
+_VIEW_AS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """Hex SHA-256 of ``lossd-tensor-v1\\0 dtype \\0 shape \\0 bytes`` (little-endian, C order).
+
+    ``dtype`` is torch's name without ``torch.`` (``float32``), ``shape`` the sizes joined by
+    commas (empty for a 0-d tensor). The bytes are exactly what travels on the wire.
+    """
+    host = tensor.detach()
+    if host.device.type != "cpu":
+        host = host.cpu()
+    host = host.contiguous().resolve_conj().resolve_neg()
+    return digest_bytes(str(host.dtype).removeprefix("torch."), tuple(host.shape), tensor_bytes(host))
+
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without copying."""
+    view = tensor.view(_VIEW_AS[tensor.dtype]) if tensor.dtype in _VIEW_AS else tensor
+    return memoryview(view.numpy()).cast("B") if tensor.numel() else memoryview(b"")
+
+
+def digest_bytes(dtype: str, shape: tuple[int, ...] | list[int], data: bytes | memoryview) -> str:
+    h = hashlib.sha256(_DIGEST_PREFIX)
+    h.update(dtype.encode() + b"\0" + ",".join(str(int(s)) for s in shape).encode() + b"\0")
+    h.update(data)
+    return h.hexdigest()
+
+
+def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> None:
+    """Raise ValueError for a run id or tags the server would refuse."""
+    if run_id is not None and (not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID_CHARS):
+        raise ValueError(f"run_id must be a string of at most {MAX_RUN_ID_CHARS} characters")
+    tags = tags or {}
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags, got {len(tags)}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"tags must map strings to strings, got {key!r}: {value!r}")
+        if not key or len(key) > MAX_TAG_KEY_CHARS or len(value) > MAX_TAG_VALUE_CHARS:
+            raise ValueError(f"tag {key[:40]!r}: keys need 1..{MAX_TAG_KEY_CHARS} characters, values at most {MAX_TAG_VALUE_CHARS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Recording context
+
+
+class StepCounter:
+    """A step number that counts calls until someone assigns it, and is left alone after that.
+
+    Auto mode (the default): each call takes the current number and advances it by one.
+    Manual mode (after the first ``counter.value = n``): calls use the assigned number as is,
+    so several losses or micro-batches of one training step share it.
+    """
+
+    def __init__(self) -> None:
+        self._value = 0
+        self.manual = False
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @value.setter
+    def value(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int):
+            step = int(step)
+        self._value = step
+        self.manual = True
+
+    def take(self) -> int:
+        step = self._value
+        if not self.manual:
+            self._value += 1
+        return step
+
+
+@dataclass
+class AuditRun:
+    """The run that ``audit_run`` makes current: its id, tags and shared step counter."""
+
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    rank: int | None = None
+    counter: StepCounter = field(default_factory=StepCounter)
+
+    @property
+    def step(self) -> int:
+        """The step the next call gets. Assign it to number steps yourself (manual mode)."""
+        return self.counter.value
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.counter.value = value
+
+
+_CURRENT_RUN: contextvars.ContextVar[AuditRun | None] = contextvars.ContextVar("lossd_audit_run", default=None)
+
+
+@contextmanager
+def audit_run(run_id: str, tags: Mapping[str, str] | None = None, *, rank: int | None = None, step: int | None = None) -> Iterator[AuditRun]:
+    """Make ``run_id`` the audit run of every ``RemoteLoss`` call in this context.
+
+    Calls are numbered 0, 1, 2, ... across all ``RemoteLoss`` modules used inside (a module's own
+    ``run_id`` takes precedence). Assign ``run.step = i`` to number training steps yourself.
+    """
+    check_audit_fields(run_id, tags)
+    run = AuditRun(run_id, dict(tags or {}), rank)
+    if step is not None:
+        run.step = step
+    token = _CURRENT_RUN.set(run)
+    try:
+        yield run
+    finally:
+        _CURRENT_RUN.reset(token)
+
+
+def current_run() -> AuditRun | None:
+    return _CURRENT_RUN.get()
+
+
+def default_rank() -> int:
+    """torch.distributed's rank when a process group is up, else -1 (unknown)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:  # noqa: BLE001 - the rank is a label; never fail a loss over it
+        pass
+    return -1
+
+
+def make_context(run_id: str, step: int, rank: int | None, micro_batch: int | None, tags: Mapping[str, str]) -> pb.AuditContext:
+    return pb.AuditContext(
+        run_id=run_id,
+        step=step,
+        rank=default_rank() if rank is None else rank,
+        micro_batch=-1 if micro_batch is None else micro_batch,
+        tags=dict(tags),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the trail
+
+
+def record_to_dict(record: pb.AuditRecord) -> dict[str, Any]:
+    """A plain, JSON-ready view of one record (non-finite floats as "nan", "inf", "-inf")."""
+    return {
+        "id": record.id,
+        "request_id": record.request_id,
+        "run_id": record.run_id,
+        "step": record.step,
+        "rank": record.rank,
+        "micro_batch": record.micro_batch,
+        "tags": dict(sorted(record.tags.items())),
+        "time_unix_ns": record.time_unix_ns,
+        "peer": record.peer,
+        "principal": record.principal,
+        "loss": record.loss,
+        "params": json.loads(record.params_json or "{}"),
+        "call": json.loads(record.call_json or "{}"),
+        "lossd_version": record.lossd_version,
+        "torch_version": record.torch_version,
+        "device": record.device,
+        "dtype": record.dtype,
+        "inputs": [
+            {
+                "path": i.path,
+                "dtype": _dtype_name(i.dtype),
+                "shape": list(i.shape),
+                "sha256": i.sha256,
+                "captured": i.captured,
+            }
+            for i in record.inputs
+        ],
+        "value": _finite_or_str(record.value),
+        "value_json": json.loads(record.value_json) if record.value_json else None,
+        "components": {k: _finite_or_str(v) for k, v in sorted(record.components.items())},
+        "grad_norms": {k: _finite_or_str(v) for k, v in sorted(record.grad_norms.items())},
+        "non_finite": record.non_finite,
+        "timings_ns": {
+            "decode": record.timings.decode_ns,
+            "compute": record.timings.compute_ns,
+            "encode": record.timings.encode_ns,
+        },
+        "record_sha256": record.record_sha256,
+    }
+
+
+def _dtype_name(wire: int) -> str:
+    from .codec import dtype_name
+
+    return dtype_name(wire)
+
+
+def _finite_or_str(x: float) -> float | str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def _sanitize(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _finite_or_str(obj)
+    if isinstance(obj, list):
+        return [_sanitize(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    return obj
+
+
+def selector(run_id: str, steps: str | tuple[int | None, int | None] | None = None, loss: str | None = None) -> pb.AuditSelector:
+    """``steps`` is ``"A:B"`` (inclusive, either side may be empty), ``"A"``, or a pair."""
+    sel = pb.AuditSelector(run_id=run_id, loss=loss or "")
+    lo, hi = parse_steps(steps)
+    if lo is not None:
+        sel.step_min = lo
+    if hi is not None:
+        sel.step_max = hi
+    return sel
+
+
+def parse_steps(steps: str | tuple[int | None, int | None] | None) -> tuple[int | None, int | None]:
+    if steps is None:
+        return None, None
+    if isinstance(steps, tuple):
+        return steps
+    text = steps.strip()
+    try:
+        if ":" not in text:
+            return int(text), int(text)
+        lo, hi = text.split(":", 1)
+        return (int(lo) if lo.strip() else None), (int(hi) if hi.strip() else None)
+    except ValueError:
+        raise ValueError(f"--step expects A:B, A: , :B or A (integers), got {steps!r}") from None
+
+
+class AuditClient:
+    """Reads and verifies the audit trail over gRPC (``lossd.v1.AuditService``)."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
+        self.target = resolve_endpoint(endpoint)
+        self.timeout = timeout
+        self._channel = make_channel(self.target, max_message_mb)
+        self._stub = pb_grpc.AuditServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AuditClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def list_runs(self, limit: int = 0) -> list[pb.AuditRunSummary]:
+        try:
+            return list(self._stub.ListRuns(pb.ListRunsRequest(limit=limit), timeout=self.timeout).runs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def raw_records(self, run_id: str, steps: Any = None, loss: str | None = None) -> Iterator[tuple[pb.AuditRecord, int]]:
+        """(record, total) pairs in step order, streamed."""
+        request = pb.GetRecordsRequest(selector=selector(run_id, steps, loss))
+        try:
+            for message in self._stub.GetRecords(request, timeout=self.timeout):
+                yield message.record, message.total
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def records(self, run_id: str, steps: Any = None, loss: str | None = None) -> Iterator[dict[str, Any]]:
+        for record, _ in self.raw_records(run_id, steps, loss):
+            yield record_to_dict(record)
+
+    def verify(self, run_id: str, steps: Any = None, loss: str | None = None, tolerance: float = 0.0) -> Iterator[pb.VerifyRunResponse]:
+        request = pb.VerifyRunRequest(selector=selector(run_id, steps, loss), tolerance=tolerance)
+        try:
+            yield from self._stub.VerifyRun(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Export and plot
+
+CSV_COLUMNS = (
+    "id", "request_id", "run_id", "step", "rank", "micro_batch", "time_unix_ns", "loss", "value",
+    "non_finite", "device", "dtype", "lossd_version", "torch_version", "peer", "principal",
+    "compute_ns", "components", "grad_norms", "tags", "params", "inputs", "record_sha256",
+)  # fmt: skip
+
+
+class Progress:
+    """Progress on stderr for long exports and verifications: a live line on a terminal,
+    a line every ``every`` items otherwise (so CI logs show it without flooding)."""
+
+    def __init__(self, label: str, stream: IO[str] | None = None, every: int = 1000) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.every = every
+        self.done = 0
+
+    def update(self, done: int, total: int) -> None:
+        self.done = done
+        if self.tty:
+            print(f"\r{self.label} {done}/{total}", end="", file=self.stream, flush=True)
+        elif done % self.every == 0 or done == total:
+            print(f"{self.label} {done}/{total}", file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and self.done:
+            print(file=self.stream)
+
+
+def export(client: AuditClient, run_id: str, out: IO[str], fmt: str = "jsonl", *, steps: Any = None, loss: str | None = None, progress: Progress | None = None) -> int:
+    """Write the selected records to ``out`` as JSON lines or CSV; returns the count."""
+    if fmt not in ("jsonl", "csv"):
+        raise ValueError(f"format must be jsonl or csv, got {fmt!r}")
+    writer = None
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+    count = 0
+    for record, total in client.raw_records(run_id, steps, loss):
+        row = _sanitize(record_to_dict(record))
+        if writer is None:
+            out.write(json.dumps(row, allow_nan=False) + "\n")
+        else:
+            row["compute_ns"] = row["timings_ns"]["compute"]
+            for key in ("components", "grad_norms", "tags", "params", "inputs"):
+                row[key] = json.dumps(row[key], allow_nan=False)
+            writer.writerow(row)
+        count += 1
+        if progress is not None:
+            progress.update(count, total)
+    if progress is not None:
+        progress.finish()
+    return count
+
+
+def plot(records: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Plot loss (and component) curves per step to an image file; needs matplotlib (extra ``plot``).
+
+    Several records of one step and loss (ranks, micro-batches) are averaged.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'lossd[plot]'") from None
+    values: dict[str, dict[int, list[float]]] = {}
+    components: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        value = r["value"]
+        if isinstance(value, (int, float)):
+            values.setdefault(r["loss"], {}).setdefault(r["step"], []).append(float(value))
+        for name, v in r["components"].items():
+            if isinstance(v, (int, float)):
+                components.setdefault(f"{r['loss']}.{name}", {}).setdefault(r["step"], []).append(float(v))
+    panels = 2 if components else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3.2 * panels), sharex=True, squeeze=False)
+    for ax, series, ylabel in zip(axes[:, 0], (values, components), ("loss", "component")):
+        for name, by_step in sorted(series.items()):
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=name, linewidth=1.5)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if series:
+            ax.legend(loc="upper right", fontsize="small")
+    axes[-1, 0].set_xlabel("step")
+    run_ids = sorted({r["run_id"] for r in records})
+    axes[0, 0].set_title(title or f"lossd audit: run {', '.join(run_ids) or '(none)'} ({len(records)} records)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "AuditClient",
+    "AuditRun",
+    "LossdError",
+    "StepCounter",
+    "audit_run",
+    "current_run",
+    "export",
+    "plot",
+    "record_to_dict",
+    "tensor_digest",
+]

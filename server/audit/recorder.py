@@ -1,0 +1,286 @@
+"""The audit recorder: an ``after_compute`` hook, a bounded queue and one writer thread.
+
+What ``audited=true`` means: the Compute call returns only after the writer has committed the
+call's record (group commit: the writer takes everything queued and commits it in one
+transaction), so a response that says ``audited`` names a durable record.
+
+Queue-full policy: a call that finds the queue full waits up to ``--audit-queue-timeout-s``
+for room (counted in ``lossd_audit_queue_blocked_total``), then fails with UNAVAILABLE (counted
+in ``lossd_audit_records_refused_total`` and ``lossd_audit_records_dropped_total``). Nothing is
+dropped silently: the caller learns that its call was not recorded, and ``LossClient`` retries
+UNAVAILABLE with the same request id, which the store records at most once. The same holds when
+the commit does not happen within ``--audit-write-timeout-s`` (the record may still land; a
+retry will not duplicate it).
+
+Store failures (a read-only or full database, PostgreSQL down): every call waiting on the failed
+commit fails UNAVAILABLE with a message naming the audit store and the database's error; the
+server keeps serving and the next write opens a fresh connection, so it recovers on its own once
+the store is writable again. A batch that fails is retried one record at a time, so one record
+the database refuses cannot take the other callers' records down with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import Unavailable
+from .capture import Capture
+from .records import Pending, build
+from .store import Store
+
+log = logging.getLogger("lossd.audit")
+
+MODES = ("none", "runs", "all")
+CAPTURE_MODES = ("none", "inputs")
+MAX_BATCH = 512
+RETENTION_EVERY_S = 3600.0
+
+
+@dataclass
+class _Item:
+    pending: Pending
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class AuditRecorder:
+    """Records audited evaluations into ``store``; thread-safe; ``close()`` flushes."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        mode: str = "runs",
+        capture: str = "none",
+        capture_max_mb: int = 1024,
+        retention_days: float = 0.0,
+        queue_size: int = 4096,
+        queue_timeout_s: float = 5.0,
+        write_timeout_s: float = 30.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"--audit must be one of {', '.join(MODES)}, got {mode!r}")
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"--audit-capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
+        if queue_size < 1:
+            raise ValueError(f"--audit-queue-size must be at least 1, got {queue_size}")
+        self.store = store
+        self.mode = mode
+        self.capture = Capture(capture_max_mb << 20, store.stored_blob_bytes()) if capture == "inputs" else None
+        self.retention_ns = int(retention_days * 86400e9)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self._closed = False
+        self._stats_lock = threading.Lock()
+        self._written = 0
+        self._rejected = 0
+        self._blocked = 0
+        self._failed = 0
+        self._batches = 0
+        self._write_s_sum = 0.0
+        self._last_write_s = 0.0
+        self._next_retention = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="lossd-audit-writer", daemon=True)
+        self._thread.start()
+
+    # -- request path --------------------------------------------------------------------
+
+    def wants(self, run_id: str) -> bool:
+        return self.mode == "all" or (self.mode == "runs" and bool(run_id))
+
+    def after_compute(self, event: Any) -> None:
+        """``after_compute`` hook: record the evaluation, wait for its commit, mark the response."""
+        call = event.call
+        if not self.wants(call.audit.run_id):
+            return
+        if self._closed:
+            raise Unavailable("the server is shutting down; the audit trail takes no more records")
+        from ..security import current_principal
+
+        principal = current_principal()
+        result = event.result
+        pending = build(
+            request_id=call.request_id,
+            audit=call.audit,
+            loss=call.loss,
+            params=result.params,
+            args=call.args,
+            kwargs=call.kwargs,
+            value=result.value,
+            components=result.components,
+            grads=result.grads,
+            non_finite=result.non_finite,
+            device=result.device,
+            timings=event.response.timings,
+            peer=_peer(event.context),
+            principal=principal.name if principal is not None else "",
+            capture=self.capture,
+        )
+        item = _Item(pending)
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            with self._stats_lock:
+                self._blocked += 1
+            try:
+                self.queue.put(item, timeout=self.queue_timeout_s)
+            except queue.Full:
+                self._forget(pending)
+                with self._stats_lock:
+                    self._rejected += 1
+                log.warning("audit queue full (%d records) for %.1f s: refusing %s", self.queue_size, self.queue_timeout_s, call.request_id)
+                raise Unavailable(
+                    f"the audit trail ({self.store.name}) is behind: its queue of {self.queue_size} records stayed full "
+                    f"for {self.queue_timeout_s:g} s (--audit-queue-timeout-s); the call was not recorded, retry it"
+                ) from None
+        if not item.done.wait(self.write_timeout_s):
+            with self._stats_lock:
+                self._rejected += 1
+            raise Unavailable(
+                f"the audit record was not committed to {self.store.name} within {self.write_timeout_s:g} s "
+                "(--audit-write-timeout-s); retry the call (same request id)"
+            )
+        if item.error is not None:
+            raise Unavailable(
+                f"the audit store {self.store.name} could not write the record "
+                f"({type(item.error).__name__}: {item.error}); the call was not recorded, retry it"
+            )
+        event.response.audited = True
+
+    def _forget(self, pending: Pending) -> None:
+        if self.capture is not None and pending.blobs:
+            self.capture.forget([b.digest for b in pending.blobs], sum(len(b.data) for b in pending.blobs))
+
+    # -- writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self.queue.get()
+            batch: list[_Item] = []
+            if first is _STOP:
+                stopping = True
+            else:
+                batch.append(first)
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    continue
+                batch.append(item)
+            if batch:
+                self._write(batch)
+            self._maybe_retain()
+
+    def _write(self, batch: list[_Item]) -> None:
+        try:
+            self._commit(batch)
+        except Exception as exc:  # noqa: BLE001 - every waiting call learns of the failure
+            if len(batch) == 1:
+                self._fail(batch, exc)
+            else:
+                # One record the database refuses must not fail the others: retry one by one.
+                log.warning("audit write of %d records failed (%s: %s); retrying them one by one", len(batch), type(exc).__name__, exc)
+                for item in batch:
+                    try:
+                        self._commit([item])
+                    except Exception as one:  # noqa: BLE001
+                        self._fail([item], one)
+        for item in batch:
+            item.done.set()
+
+    def _commit(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        self.store.write([i.pending for i in batch])
+        elapsed = time.perf_counter() - start
+        with self._stats_lock:
+            self._written += len(batch)
+            self._batches += 1
+            self._write_s_sum += elapsed
+            self._last_write_s = elapsed
+
+    def _fail(self, batch: list[_Item], exc: BaseException) -> None:
+        log.error("audit store %s could not write %d record(s): %s: %s", self.store.name, len(batch), type(exc).__name__, exc)
+        for item in batch:
+            self._forget(item.pending)
+            item.error = exc
+        with self._stats_lock:
+            self._failed += len(batch)
+
+    def _maybe_retain(self) -> None:
+        if not self.retention_ns or self.capture is None or time.monotonic() < self._next_retention:
+            return
+        self._next_retention = time.monotonic() + RETENTION_EVERY_S
+        self.apply_retention()
+
+    def apply_retention(self, now_ns: int | None = None) -> int:
+        """Delete captured inputs no audited call used within the retention window; returns how many."""
+        if not self.retention_ns or self.capture is None:
+            return 0
+        try:
+            digests, freed = self.store.delete_unused_blobs((now_ns or time.time_ns()) - self.retention_ns)
+        except Exception:  # noqa: BLE001 - retention is retried at the next interval
+            log.exception("audit retention failed")
+            return 0
+        self.capture.forget(digests, freed)
+        if digests:
+            log.info("audit retention: deleted %d captured inputs (%d bytes)", len(digests), freed)
+        return len(digests)
+
+    # -- lifecycle and metrics -------------------------------------------------------------
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Flush: write everything queued, then stop the writer (graceful shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.queue.put(_STOP)
+        self._thread.join(timeout)
+        # A call that slipped in after the stop marker is answered, not left to its timeout.
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item.error = RuntimeError("the server stopped before the record was written")
+                item.done.set()
+        self.store.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Read by the metrics collector at scrape time."""
+        with self._stats_lock:
+            return {
+                "queue_depth": self.queue.qsize(),
+                "queue_capacity": self.queue_size,
+                "records_written": self._written,
+                "records_dropped": self._rejected + self._failed,
+                "records_rejected": self._rejected,
+                "records_refused": self._rejected,
+                "queue_blocked": self._blocked,
+                "records_failed": self._failed,
+                "write_seconds_sum": self._write_s_sum,
+                "write_seconds_count": self._batches,
+                "last_write_seconds": self._last_write_s,
+                "capture_skipped": self.capture.skipped if self.capture is not None else 0,
+            }
+
+
+def _peer(context: Any) -> str:
+    try:
+        return context.peer() if context is not None else ""
+    except Exception:  # noqa: BLE001 - the peer is a label; never fail a call over it
+        return ""

@@ -1,0 +1,291 @@
+"""Building audit records from finished evaluations, and their JSON forms.
+
+A record is a flat row of plain values (``Row``): everything a reader needs without torch, and
+enough to recompute the evaluation when the inputs were captured: the call's structure with each
+tensor replaced by ``{"ref": PATH}``, and each tensor's path, dtype, shape and digest.
+
+JSON forms (the ``params``, ``call`` and ``value`` columns), chosen to round-trip exactly:
+- None, bool, int, str: themselves; float: itself (NaN and +/-Infinity as Python's json writes them);
+- list: a JSON array; tuple: ``{"tuple": [...]}``; dict: ``{"dict": {...}}`` (keys in order);
+- a tensor in ``params``/``call``: ``{"ref": PATH}``; in ``value``:
+  ``{"tensor": {"dtype", "shape", "data"}}``, ``data`` a flat list (``null`` past VALUE_MAX_ELEMENTS,
+  then ``sha256`` holds the digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lossd.client.audit import tensor_bytes, tensor_digest
+from lossd.client.codec import iter_tensors, join_key
+
+from ..errors import InvalidArgument
+from ..version import __version__
+
+# Larger loss values (reduction='none' over big inputs) keep their digest, not their elements.
+VALUE_MAX_ELEMENTS = 1 << 16
+
+
+@dataclass
+class Row:
+    """One audit record, exactly as stored (column order = ``COLUMNS``)."""
+
+    request_id: str
+    run_id: str
+    step: int
+    rank: int
+    micro_batch: int
+    tags: str
+    recorded_at_ns: int
+    peer: str
+    principal: str
+    loss: str
+    params: str
+    call: str
+    lossd_version: str
+    torch_version: str
+    device: str
+    dtype: str
+    inputs: str
+    value: str
+    components: str
+    grad_norms: str
+    non_finite: bool
+    decode_ns: int
+    compute_ns: int
+    encode_ns: int
+    captured: bool
+    record_sha256: str = ""
+    id: int = 0
+
+    def digest(self) -> str:
+        """SHA-256 over every stored field but ``id`` and the digest itself."""
+        h = hashlib.sha256(b"lossd-record-v1")
+        for name in HASHED:
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                value = int(value)
+            h.update(b"\x1f" + str(value).encode())
+        return h.hexdigest()
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in COLUMNS)
+
+    @classmethod
+    def from_db(cls, row: dict[str, Any]) -> Row:
+        kwargs = {f.name: row[f.name] for f in fields(cls)}
+        kwargs["non_finite"] = bool(kwargs["non_finite"])
+        kwargs["captured"] = bool(kwargs["captured"])
+        return cls(**kwargs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+COLUMNS = tuple(f.name for f in fields(Row) if f.name != "id")
+HASHED = tuple(c for c in COLUMNS if c != "record_sha256")
+
+
+@dataclass
+class Blob:
+    """One captured input tensor, compressed."""
+
+    digest: str
+    codec: str
+    raw_bytes: int
+    data: bytes
+
+
+@dataclass
+class Pending:
+    """What the hook hands the writer: the row and the blobs not yet known to be stored."""
+
+    row: Row
+    blobs: list[Blob]
+    referenced: list[str]  # digests of captured inputs (their last-use time is refreshed)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON forms
+
+
+def to_json(obj: Any, path: str, tensor: Callable[[str, Tensor], Any]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Tensor):
+        return tensor(path, obj)
+    if isinstance(obj, tuple):
+        return {"tuple": [to_json(v, f"{path}[{i}]", tensor) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [to_json(v, f"{path}[{i}]", tensor) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        return {"dict": {str(k): to_json(v, join_key(path, str(k)), tensor) for k, v in obj.items()}}
+    return {"repr": type(obj).__name__}  # never reached for decoded requests; keeps records writable
+
+
+def from_json(obj: Any, tensor: Callable[[Any], Any]) -> Any:
+    """Inverse of ``to_json``; ``tensor`` receives the ``ref`` path or the ``tensor`` object."""
+    if isinstance(obj, list):
+        return [from_json(v, tensor) for v in obj]
+    if isinstance(obj, dict):
+        if "ref" in obj:
+            return tensor(obj["ref"])
+        if "tensor" in obj:
+            return tensor(obj["tensor"])
+        if "tuple" in obj:
+            return tuple(from_json(v, tensor) for v in obj["tuple"])
+        if "dict" in obj:
+            return {k: from_json(v, tensor) for k, v in obj["dict"].items()}
+        raise ValueError(f"unknown JSON form {sorted(obj)}")
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _ref(path: str, _tensor: Tensor) -> dict[str, str]:
+    return {"ref": path}
+
+
+def value_form(path: str, t: Tensor) -> dict[str, Any]:
+    host = t.detach().cpu()
+    form: dict[str, Any] = {"dtype": _dtype(host), "shape": list(host.shape)}
+    if host.numel() <= VALUE_MAX_ELEMENTS:
+        form["data"] = host.reshape(-1).tolist()
+    else:
+        form["data"] = None
+        form["sha256"] = tensor_digest(host)
+    return {"tensor": form}
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def scalar_of(value: Any) -> float:
+    """The loss as one float when it is a one-element tensor (or a number); NaN otherwise."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+def value_scalar(value_json: str) -> float:
+    """``scalar_of`` from the stored JSON form."""
+    obj = json.loads(value_json)
+    if isinstance(obj, dict) and "tensor" in obj:
+        data = obj["tensor"].get("data")
+        if data is not None and len(data) == 1:
+            return float(data[0])
+        return math.nan
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return float(obj)
+    return math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Building a record
+
+
+def check_context(run_id: str, tags: dict[str, str]) -> None:
+    from lossd.client.audit import check_audit_fields
+
+    try:
+        check_audit_fields(run_id, tags)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), field="audit") from None
+
+
+def all_tensors(params: dict[str, Any], args: list[Any], kwargs: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of an evaluation, with its path: the call's, then tensor-valued params'."""
+    yield from iter_tensors(list(args), "args")
+    for key, value in kwargs.items():
+        yield from iter_tensors(value, join_key("kwargs", key))
+    for key, value in params.items():
+        yield from iter_tensors(value, join_key("params", key))
+
+
+def build(
+    *,
+    request_id: str,
+    audit: Any,
+    loss: str,
+    params: dict[str, Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    value: Any,
+    components: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    non_finite: bool,
+    device: str,
+    timings: Any,
+    peer: str,
+    principal: str,
+    capture: Callable[[str, Tensor], tuple[bool, Blob | None]] | None = None,
+) -> Pending:
+    """Build the record of one evaluation. ``capture(digest, tensor)`` stores an input and says
+    whether it is stored (``(stored, new_blob)``); None records digests only."""
+    tags = dict(audit.tags)
+    check_context(audit.run_id, tags)
+    inputs: list[dict[str, Any]] = []
+    blobs: list[Blob] = []
+    referenced: list[str] = []
+    for path, tensor in all_tensors(params, args, kwargs):
+        host = tensor.detach()
+        if host.device.type != "cpu":
+            host = host.cpu()
+        host = host.contiguous()
+        digest = tensor_digest(host)
+        stored = False
+        if capture is not None:
+            stored, blob = capture(digest, host)
+            if blob is not None:
+                blobs.append(blob)
+            if stored:
+                referenced.append(digest)
+        inputs.append({"path": path, "dtype": _dtype(host), "shape": list(host.shape), "sha256": digest, "captured": stored})
+    dtype = _dtype(value) if isinstance(value, Tensor) else next((i["dtype"] for i in inputs if i["dtype"].startswith(("float", "bfloat"))), "")
+    row = Row(
+        request_id=request_id,
+        run_id=audit.run_id,
+        step=int(audit.step),
+        rank=int(audit.rank),
+        micro_batch=int(audit.micro_batch),
+        tags=dumps(dict(sorted(tags.items()))),
+        recorded_at_ns=time.time_ns(),
+        peer=peer,
+        principal=principal,
+        loss=loss,
+        params=dumps(to_json(params, "params", _ref)["dict"]),
+        call=dumps({"args": to_json(list(args), "args", _ref), "kwargs": to_json(kwargs, "kwargs", _ref)["dict"]}),
+        lossd_version=__version__,
+        torch_version=torch.__version__,
+        device=device,
+        dtype=dtype,
+        inputs=dumps(inputs),
+        value=dumps(to_json(value, "value", value_form)),
+        components=dumps({k: scalar_of(v) for k, v in components.items()}),
+        grad_norms=dumps({p: float(torch.linalg.vector_norm(g.detach().double()).item()) for p, g in grads.items()}),
+        non_finite=bool(non_finite),
+        decode_ns=int(timings.decode_ns),
+        compute_ns=int(timings.compute_ns),
+        encode_ns=int(timings.encode_ns),
+        captured=bool(inputs) and all(i["captured"] for i in inputs),
+    )
+    row.record_sha256 = row.digest()
+    return Pending(row, blobs, referenced)
+
+
+def raw_bytes(tensor: Tensor) -> memoryview:
+    return tensor_bytes(tensor)

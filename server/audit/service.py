@@ -1,0 +1,177 @@
+"""``lossd.v1.AuditService``: list runs, stream records, re-verify. Read-only over the store.
+
+A separate gRPC service from LossService so an interceptor can gate every method under
+``/lossd.v1.AuditService/`` with the audit-read role (server/security.py). Errors go through
+the one mapping in server/service.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import torch
+
+from lossd.client import codec
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client._proto import lossd_pb2_grpc as pb_grpc
+
+from ..errors import InvalidArgument, ServiceError
+from ..service import (
+    Malformed,
+    _is_abort,
+    abort,
+    handles_errors,
+    log,
+    safe_parser,
+    to_service_error,
+)
+from .records import Row, value_scalar
+from .store import Selector, Store
+from .verify import DEVIATION, ERROR, INPUT_MISMATCH, NOT_CAPTURED, OK, RECORD_ALTERED, Verifier
+
+AUDIT_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AuditService"].full_name
+
+_STATUS = {
+    OK: pb.VERIFY_STATUS_OK,
+    DEVIATION: pb.VERIFY_STATUS_DEVIATION,
+    INPUT_MISMATCH: pb.VERIFY_STATUS_INPUT_MISMATCH,
+    RECORD_ALTERED: pb.VERIFY_STATUS_RECORD_ALTERED,
+    NOT_CAPTURED: pb.VERIFY_STATUS_NOT_CAPTURED,
+    ERROR: pb.VERIFY_STATUS_ERROR,
+}
+
+
+def handles_stream_errors(method: Callable) -> Callable:
+    """``handles_errors`` for server-streaming methods (errors raised while iterating)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(f"request is not a valid {request.type_name}: {request.reason}")
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            if _is_abort(exc):
+                raise
+            error = to_service_error(exc)
+            if type(error) is ServiceError:
+                log.exception("internal error in %s", method.__name__)
+            abort(context, error)
+
+    return wrapper
+
+
+def selector(sel: pb.AuditSelector) -> Selector:
+    """An empty run id selects the calls recorded under --audit all without a run."""
+    return Selector(
+        run_id=sel.run_id,
+        step_min=sel.step_min if sel.HasField("step_min") else None,
+        step_max=sel.step_max if sel.HasField("step_max") else None,
+        loss=sel.loss,
+    )
+
+
+def to_message(row: Row) -> pb.AuditRecord:
+    record = pb.AuditRecord(
+        id=row.id,
+        request_id=row.request_id,
+        run_id=row.run_id,
+        step=row.step,
+        rank=row.rank,
+        micro_batch=row.micro_batch,
+        tags=json.loads(row.tags),
+        time_unix_ns=row.recorded_at_ns,
+        peer=row.peer,
+        principal=row.principal,
+        loss=row.loss,
+        params_json=row.params,
+        call_json=row.call,
+        lossd_version=row.lossd_version,
+        torch_version=row.torch_version,
+        device=row.device,
+        dtype=row.dtype,
+        value_json=row.value,
+        value=value_scalar(row.value),
+        components={k: float(v) for k, v in json.loads(row.components).items()},
+        grad_norms={k: float(v) for k, v in json.loads(row.grad_norms).items()},
+        non_finite=row.non_finite,
+        timings=pb.Timings(decode_ns=row.decode_ns, compute_ns=row.compute_ns, encode_ns=row.encode_ns),
+        record_sha256=row.record_sha256,
+    )
+    for i in json.loads(row.inputs):
+        record.inputs.add(
+            path=i["path"], dtype=codec.wire_dtype(getattr(torch, i["dtype"])), shape=i["shape"], sha256=i["sha256"], captured=i["captured"]
+        )
+    return record
+
+
+class AuditServicer(pb_grpc.AuditServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.verifier = Verifier(store)
+
+    @handles_errors
+    def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
+        if request.limit < 0:
+            raise InvalidArgument.expected("limit", ">= 0", request.limit)
+        response = pb.ListRunsResponse()
+        for r in self.store.list_runs(request.limit):
+            response.runs.add(
+                run_id=r.run_id, records=r.records, first_step=r.first_step, last_step=r.last_step,
+                first_time_unix_ns=r.first_time_ns, last_time_unix_ns=r.last_time_ns, losses=list(r.losses),
+            )
+        return response
+
+    @handles_stream_errors
+    def GetRecords(self, request: pb.GetRecordsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetRecordsResponse]:
+        sel = selector(request.selector)
+        total = self.store.count(sel)
+        for row in self.store.records(sel):
+            yield pb.GetRecordsResponse(record=to_message(row), total=total)
+
+    @handles_stream_errors
+    def VerifyRun(self, request: pb.VerifyRunRequest, context: grpc.ServicerContext) -> Iterator[pb.VerifyRunResponse]:
+        if not (request.tolerance >= 0 and math.isfinite(request.tolerance)):
+            raise InvalidArgument.expected("tolerance", "a finite number >= 0", request.tolerance)
+        sel = selector(request.selector)
+        total = self.store.count(sel)
+        outcomes = self.verifier.verify(self.store.records(sel), request.tolerance)
+        for done, outcome in enumerate(outcomes, start=1):
+            row = outcome.row
+            yield pb.VerifyRunResponse(
+                result=pb.VerifyResult(
+                    record_id=row.id, request_id=row.request_id, step=row.step, loss=row.loss,
+                    status=_STATUS[outcome.status], max_rel_dev_float64=outcome.dev_float64,
+                    max_rel_dev_device=outcome.dev_device, tolerance=outcome.tolerance, message=outcome.message,
+                ),
+                done=done,
+                total=total,
+            )
+
+
+def audit_method_handlers(servicer: AuditServicer) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        AUDIT_SERVICE_NAME,
+        {
+            "ListRuns": grpc.unary_unary_rpc_method_handler(
+                servicer.ListRuns,
+                request_deserializer=safe_parser(pb.ListRunsRequest),
+                response_serializer=pb.ListRunsResponse.SerializeToString,
+            ),
+            "GetRecords": grpc.unary_stream_rpc_method_handler(
+                servicer.GetRecords,
+                request_deserializer=safe_parser(pb.GetRecordsRequest),
+                response_serializer=pb.GetRecordsResponse.SerializeToString,
+            ),
+            "VerifyRun": grpc.unary_stream_rpc_method_handler(
+                servicer.VerifyRun,
+                request_deserializer=safe_parser(pb.VerifyRunRequest),
+                response_serializer=pb.VerifyRunResponse.SerializeToString,
+            ),
+        },
+    )

@@ -1,0 +1,333 @@
+"""Audit storage: one interface, two backends (SQLite embedded, PostgreSQL for replicas).
+
+Both run the same versioned SQL (``migrations/NNNN_*.sql``) and the same statements; only the
+placeholder style and two type words differ. The writer thread owns one connection and commits
+batches (group commit); every reader opens its own short-lived connection, so exports and
+verifications never hold the writer up (SQLite WAL: readers see the last commit, never block).
+
+Durability: SQLite runs ``journal_mode=WAL`` with ``synchronous=FULL``: a commit is on disk (WAL
+fsynced) before ``write`` returns, so a record whose call answered ``audited=true`` survives
+``kill -9`` and power loss. (NORMAL would survive kill -9 too, since the WAL is in the OS page
+cache, but not power loss; batching already makes FULL cheap.) PostgreSQL commits are durable
+by its own settings (``synchronous_commit=on``, the default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .records import COLUMNS, Pending, Row
+
+_MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_PAGE = 500  # records per read query (keyset pagination keeps reads short)
+
+
+@dataclass(frozen=True)
+class Selector:
+    run_id: str
+    step_min: int | None = None
+    step_max: int | None = None
+    loss: str = ""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    records: int
+    first_step: int
+    last_step: int
+    first_time_ns: int
+    last_time_ns: int
+    losses: tuple[str, ...]
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped in the package, in order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        m = _MIGRATION.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def statements(sql: str) -> list[str]:
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in re.split(r";\s*$", body, flags=re.M) if s.strip()]
+
+
+class Store:
+    """Base class; subclasses say how to connect and the dialect's words."""
+
+    dialect = ""
+    words: dict[str, str] = {}
+    placeholder = "?"
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self._writer: Any = None
+        self._lock = threading.Lock()  # the writer connection (also used by flush at shutdown)
+
+    @property
+    def name(self) -> str:
+        """The location for messages and logs, without a password."""
+        return redact(self.location)
+
+    # -- to implement -------------------------------------------------------------------
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def _lock_schema(self, cur: Any) -> None:
+        """Serialize concurrent migrations (several replicas starting at once)."""
+
+    # -- shared --------------------------------------------------------------------------
+    def sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    def migrate(self) -> int:
+        """Bring the schema to the newest version; returns it."""
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            self._lock_schema(cur)
+            cur.execute("CREATE TABLE IF NOT EXISTS audit_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ns BIGINT NOT NULL)")
+            cur.execute("SELECT COALESCE(MAX(version), 0) FROM audit_schema")
+            current = int(cur.fetchone()[0])
+            version = current
+            for version, name, sql in migrations():
+                if version <= current:
+                    continue
+                for statement in statements(sql):
+                    for word, replacement in self.words.items():
+                        statement = statement.replace("{{" + word + "}}", replacement)
+                    cur.execute(statement)
+                cur.execute(self.sql("INSERT INTO audit_schema (version, name, applied_at_ns) VALUES (?, ?, ?)"), (version, name, time.time_ns()))
+            conn.commit()
+            return max(version, current)
+        finally:
+            conn.close()
+
+    def write(self, batch: list[Pending]) -> None:
+        """Insert a batch in one transaction; returns once it is committed (durable).
+
+        A request id already present is skipped (a retried call is recorded once); a blob already
+        present is kept, and its last-use time refreshed.
+        """
+        cols = ", ".join(COLUMNS)
+        marks = ", ".join("?" for _ in COLUMNS)
+        insert = self.sql(f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING")
+        insert_blob = self.sql(
+            "INSERT INTO audit_blobs (digest, codec, raw_bytes, stored_bytes, data, created_at_ns, last_used_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING"
+        )
+        touch = self.sql("UPDATE audit_blobs SET last_used_ns = ? WHERE digest = ?")
+        now = time.time_ns()
+        with self._lock:
+            if self._writer is None:
+                self._writer = self.connect()
+            conn = self._writer
+            try:
+                cur = conn.cursor()
+                blobs = [(b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now) for p in batch for b in p.blobs]
+                if blobs:
+                    cur.executemany(insert_blob, blobs)
+                touched = sorted({d for p in batch for d in p.referenced} - {b[0] for b in blobs})
+                if touched:
+                    cur.executemany(touch, [(now, d) for d in touched])
+                cur.executemany(insert, [p.row.values() for p in batch])
+                conn.commit()
+            except BaseException:
+                self._drop_writer()
+                raise
+
+    def delete_unused_blobs(self, older_than_ns: int) -> tuple[list[str], int]:
+        """Retention: delete captured inputs not used since ``older_than_ns``; (digests, bytes)."""
+        with self._lock:
+            if self._writer is None:
+                self._writer = self.connect()
+            conn = self._writer
+            try:
+                cur = conn.cursor()
+                cur.execute(self.sql("SELECT digest, stored_bytes FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
+                gone = cur.fetchall()
+                cur.execute(self.sql("DELETE FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
+                conn.commit()
+            except BaseException:
+                self._drop_writer()
+                raise
+        return [g[0] for g in gone], sum(int(g[1]) for g in gone)
+
+    def _drop_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        try:
+            conn.rollback()
+            conn.close()
+        except Exception:  # noqa: BLE001 - a broken connection is replaced on the next write
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    # -- reading -------------------------------------------------------------------------
+    def _query(self, text: str, params: Iterable[Any] = ()) -> list[tuple]:
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            cur.execute(self.sql(text), tuple(params))
+            rows = cur.fetchall()
+            conn.rollback()
+            return rows
+        finally:
+            conn.close()
+
+    def stored_blob_bytes(self) -> int:
+        return int(self._query("SELECT COALESCE(SUM(stored_bytes), 0) FROM audit_blobs")[0][0])
+
+    def list_runs(self, limit: int = 0) -> list[RunSummary]:
+        text = (
+            "SELECT run_id, COUNT(*), MIN(step), MAX(step), MIN(recorded_at_ns), MAX(recorded_at_ns) "
+            "FROM audit_records GROUP BY run_id ORDER BY MAX(recorded_at_ns) DESC, run_id"
+        )
+        rows = self._query(text + (f" LIMIT {int(limit)}" if limit > 0 else ""))
+        losses: dict[str, list[str]] = {}
+        for run_id, loss in self._query("SELECT DISTINCT run_id, loss FROM audit_records ORDER BY run_id, loss"):
+            losses.setdefault(run_id, []).append(loss)
+        return [RunSummary(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), tuple(losses.get(r[0], ()))) for r in rows]
+
+    def _where(self, sel: Selector) -> tuple[str, list[Any]]:
+        clauses, params = ["run_id = ?"], [sel.run_id]
+        if sel.step_min is not None:
+            clauses.append("step >= ?")
+            params.append(sel.step_min)
+        if sel.step_max is not None:
+            clauses.append("step <= ?")
+            params.append(sel.step_max)
+        if sel.loss:
+            clauses.append("loss = ?")
+            params.append(sel.loss)
+        return " AND ".join(clauses), params
+
+    def count(self, sel: Selector) -> int:
+        where, params = self._where(sel)
+        return int(self._query(f"SELECT COUNT(*) FROM audit_records WHERE {where}", params)[0][0])
+
+    def records(self, sel: Selector) -> Iterator[Row]:
+        """The selected records in (step, rank, micro_batch, id) order, read page by page."""
+        where, params = self._where(sel)
+        names = ("id", *COLUMNS)
+        cols = ", ".join(names)
+        after: tuple[int, int, int, int] | None = None
+        while True:
+            text = f"SELECT {cols} FROM audit_records WHERE {where}"
+            page_params = list(params)
+            if after is not None:
+                text += " AND (step, rank, micro_batch, id) > (?, ?, ?, ?)"
+                page_params.extend(after)
+            text += f" ORDER BY step, rank, micro_batch, id LIMIT {_PAGE}"
+            rows = self._query(text, page_params)
+            for raw in rows:
+                row = Row.from_db(dict(zip(names, raw)))
+                yield row
+            if len(rows) < _PAGE:
+                return
+            last = rows[-1]
+            after = (last[names.index("step")], last[names.index("rank")], last[names.index("micro_batch")], last[0])
+
+    def blobs(self, digests: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        """digest -> (codec, compressed bytes) for those present."""
+        wanted = sorted(set(digests))
+        found: dict[str, tuple[str, bytes]] = {}
+        for i in range(0, len(wanted), 200):
+            chunk = wanted[i : i + 200]
+            marks = ", ".join("?" for _ in chunk)
+            for digest, codec, data in self._query(f"SELECT digest, codec, data FROM audit_blobs WHERE digest IN ({marks})", chunk):
+                found[digest] = (codec, bytes(data))
+        return found
+
+
+class SQLiteStore(Store):
+    dialect = "sqlite"
+    words = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(Path(location).expanduser())
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _lock_schema(self, cur: Any) -> None:
+        cur.execute("BEGIN IMMEDIATE")
+
+
+class PostgresStore(Store):
+    dialect = "postgres"
+    words = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
+    placeholder = "%s"
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--audit-db postgresql://... needs psycopg: pip install 'lossd[postgres]'") from None
+
+    def connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.location, connect_timeout=10)
+
+    def _lock_schema(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(7134101)")  # any constant shared by every replica
+
+
+class AuditStoreError(RuntimeError):
+    """The audit store cannot be opened or migrated; the message names it and the cause."""
+
+
+def open_store(location: str) -> Store:
+    """A migrated store for a SQLite path or a ``postgresql://`` URL.
+
+    A store that cannot be written (read-only file or directory, full disk, PostgreSQL refusing
+    the connection) fails here, at start-up, with ``AuditStoreError`` naming it.
+    """
+    try:
+        if location.startswith(("postgresql://", "postgres://")):
+            store: Store = PostgresStore(location)
+        else:
+            store = SQLiteStore(location)
+        store.migrate()
+    except AuditStoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - sqlite3/psycopg/OS errors all mean the same here
+        raise AuditStoreError(
+            f"audit store {redact(location)} cannot be opened for writing ({type(exc).__name__}: {exc}); "
+            "fix it, point --audit-db elsewhere, or run with --audit none"
+        ) from exc
+    return store
+
+
+def redact(location: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return re.sub(r"^(postgres(?:ql)?://[^:/@]*:)[^@]*@", r"\1***@", location)
+
+
+def default_location(data_dir: str) -> str:
+    base = Path(data_dir).expanduser() if data_dir else Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lossd"
+    return str(base / "audit.sqlite3")

@@ -1,0 +1,167 @@
+"""Re-verifying audit records: integrity, input digests, and recomputation.
+
+For each record, in this order (the first failure decides the status):
+1. the record's own SHA-256 over its stored fields (an edited row is RECORD_ALTERED);
+2. for captured records, each stored input decompressed and re-digested (INPUT_MISMATCH names
+   the input's path when it is missing or its bytes no longer match);
+3. the loss recomputed on CPU in float64 and on the recorded device in the recorded dtypes; the
+   maximum relative deviation |a - b| / max(|a|, |b|) (0 when equal, NaN == NaN) over the
+   value's elements and the components is compared with the tolerance (DEVIATION).
+Records whose inputs were not captured can only pass step 1 (NOT_CAPTURED).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lossd.client.codec import iter_tensors, map_tensors
+
+from ..engine import Engine
+from .capture import restore
+from .records import Row, from_json, scalar_of
+from .store import Store
+
+DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
+
+OK, DEVIATION, INPUT_MISMATCH, RECORD_ALTERED, NOT_CAPTURED, ERROR = (
+    "OK", "DEVIATION", "INPUT_MISMATCH", "RECORD_ALTERED", "NOT_CAPTURED", "ERROR",
+)  # fmt: skip
+FAILURES = frozenset({DEVIATION, INPUT_MISMATCH, RECORD_ALTERED, ERROR})
+
+
+@dataclass
+class Outcome:
+    row: Row
+    status: str
+    dev_float64: float = math.nan
+    dev_device: float = math.nan
+    tolerance: float = 0.0
+    message: str = ""
+
+
+def tolerance_for(dtype: str, requested: float) -> float:
+    return requested if requested > 0 else DEFAULT_TOLERANCE.get(dtype, 1e-4)
+
+
+def rel_dev(a: float, b: float) -> float:
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a - b) / max(abs(a), abs(b))
+
+
+class Verifier:
+    """Verifies rows of one store; engines per device are created once and reused."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._engines: dict[str, Engine] = {}
+
+    def engine(self, device: str) -> Engine | None:
+        if device not in self._engines:
+            dev = torch.device(device)
+            if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+                return None
+            self._engines[device] = Engine(dev)
+        return self._engines[device]
+
+    def verify(self, rows: Iterator[Row], tolerance: float = 0.0) -> Iterator[Outcome]:
+        for row in rows:
+            try:
+                yield self.verify_one(row, tolerance)
+            except Exception as exc:  # noqa: BLE001 - one broken record must not stop the run's report
+                yield Outcome(row, ERROR, tolerance=tolerance_for(row.dtype, tolerance), message=f"{_name(row)}: {type(exc).__name__}: {exc}")
+
+    def verify_one(self, row: Row, tolerance: float = 0.0) -> Outcome:
+        tol = tolerance_for(row.dtype, tolerance)
+        if row.digest() != row.record_sha256:
+            return Outcome(row, RECORD_ALTERED, tolerance=tol, message=f"{_name(row)}: stored fields do not match record_sha256 (the row was edited)")
+        inputs = json.loads(row.inputs)
+        if not row.captured:
+            return Outcome(row, NOT_CAPTURED, tolerance=tol, message=f"{_name(row)}: inputs not captured; integrity checked, not recomputed")
+        blobs = self.store.blobs(i["sha256"] for i in inputs)
+        tensors: dict[str, Tensor] = {}
+        for i in inputs:
+            found = blobs.get(i["sha256"])
+            if found is None:
+                return Outcome(row, INPUT_MISMATCH, tolerance=tol, message=f"{_name(row)}: input {i['path']} (sha256 {i['sha256'][:12]}...) is missing from the store")
+            tensor, digest = restore(found[1], found[0], i["dtype"], i["shape"])
+            if digest != i["sha256"]:
+                return Outcome(row, INPUT_MISMATCH, tolerance=tol, message=f"{_name(row)}: stored input {i['path']} no longer matches its digest {i['sha256'][:12]}...")
+            tensors[i["path"]] = tensor
+        params = {k: from_json(v, tensors.__getitem__) for k, v in json.loads(row.params).items()}
+        call = json.loads(row.call)
+        args = from_json(call["args"], tensors.__getitem__)
+        kwargs = {k: from_json(v, tensors.__getitem__) for k, v in call["kwargs"].items()}
+        recorded_value = _value_numbers(json.loads(row.value))
+        recorded_components = json.loads(row.components)
+
+        cpu = self._engines.setdefault("cpu", Engine("cpu"))
+        widen = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+        wide = cpu.evaluate(row.loss, map_tensors(params, widen), map_tensors(args, widen), map_tensors(kwargs, widen))
+        dev64 = _deviation(recorded_value, recorded_components, wide.value, wide.components)
+        device_engine = self.engine(row.device)
+        notes = []
+        if device_engine is None:
+            dev_dev = math.nan
+            notes.append(f"device {row.device} is absent here: recomputed in float64 only")
+        else:
+            same = device_engine.evaluate(row.loss, params, args, kwargs)
+            dev_dev = _deviation(recorded_value, recorded_components, same.value, same.components)
+        worst = max((d for d in (dev64, dev_dev) if not math.isnan(d)), default=math.nan)
+        if not worst <= tol:
+            which = "float64 CPU" if dev64 == worst else f"{row.device}"
+            return Outcome(row, DEVIATION, dev64, dev_dev, tol, f"{_name(row)}: recomputation ({which}) deviates by {worst:.3g} > tolerance {tol:g}" + "".join(f"; {n}" for n in notes))
+        return Outcome(row, OK, dev64, dev_dev, tol, "; ".join(notes))
+
+
+def _name(row: Row) -> str:
+    return f"record {row.id} (step {row.step}, {row.loss}, request {row.request_id})"
+
+
+def _value_numbers(form: Any) -> list[float] | None:
+    """The recorded value's elements (None when only its digest was kept)."""
+    numbers: list[float] = []
+
+    def walk(obj: Any) -> bool:
+        if isinstance(obj, dict) and "tensor" in obj:
+            data = obj["tensor"].get("data")
+            if data is None:
+                return False
+            numbers.extend(float(x) for x in data)
+            return True
+        if isinstance(obj, dict):
+            inner = obj.get("tuple", obj.get("dict"))
+            items = inner.values() if isinstance(inner, dict) else (inner or [])
+            return all(walk(v) for v in items)
+        if isinstance(obj, list):
+            return all(walk(v) for v in obj)
+        if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            numbers.append(float(obj))
+        return True
+
+    return numbers if walk(form) else None
+
+
+def _deviation(recorded: list[float] | None, recorded_components: dict[str, float], value: Any, components: dict[str, Tensor]) -> float:
+    worst = 0.0
+    if recorded is not None:
+        fresh = [float(x) for _, t in iter_tensors(value, "v") for x in t.detach().double().reshape(-1).cpu().tolist()]
+        if not isinstance(value, Tensor) and isinstance(value, (int, float)):
+            fresh = [float(value)]
+        if len(fresh) != len(recorded):
+            return math.inf
+        for a, b in zip(recorded, fresh):
+            worst = max(worst, rel_dev(a, b))
+    for name, a in recorded_components.items():
+        b = scalar_of(components[name]) if name in components else math.nan
+        worst = max(worst, rel_dev(float(a), b))
+    return worst
