@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,13 +129,17 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @contextmanager
 def running(**settings) -> Iterator[RunningServer]:
-    """An in-process server on a free loopback port with these settings."""
-    config = ServerConfig(**{"port": 0, "device": "cpu", "workers": 4, **settings})
+    """An in-process server on a free loopback port with these settings (state in a temp dir)."""
+    import tempfile
+
+    data_dir = tempfile.mkdtemp(prefix="lossd-ops-")  # never the user's ~/.local/share/lossd
+    config = ServerConfig(**{"port": 0, "device": "cpu", "workers": 4, "data_dir": data_dir, **settings})
     server = create_server(config)
     try:
         yield server
     finally:
         server.stop(0)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def health_status(target: str, credentials: grpc.ChannelCredentials | None = None, **options) -> str:

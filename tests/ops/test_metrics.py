@@ -132,3 +132,76 @@ def test_phase_hook_uses_registered_names_only():
     m = samples(metrics.exposition().decode())
     assert value(m, "lossd_phase_seconds_sum", loss="mse", phase="compute") == pytest.approx(0.002)
     assert metrics.loss_label("../../etc/passwd") == "unregistered"
+
+
+def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_file):
+    from opskit import TOKENS
+
+    from lossd.server import registry
+    from lossd.server.metrics import CODE_NAMES, CONCURRENCY_LIMIT, REFUSALS
+
+    good = [_mse(16), _mse(32), build_request("mse", {}, (torch.tensor([float("inf"), 1.0]), torch.zeros(2)), {})]
+    with running(metrics_port=0, auth_tokens=tokens_file) as server:
+        target = f"127.0.0.1:{server.port}"
+        clients = {who: LossClient(target, timeout=30, token=token, retries=0) for who, token in
+                   {"compute": TOKENS["compute"], "audit": TOKENS["audit"], "none": "", "wrong": "tok-wrong-0123456789abcdef"}.items()}
+        try:
+            responses = [clients["compute"].compute(r) for r in good]
+            codes = []
+            for who, request in (("none", _mse()), ("wrong", _mse()), ("audit", _mse()),
+                                 ("compute", build_request("mse", {}, (torch.zeros(2), torch.zeros(5)), {}))):
+                with pytest.raises(LossdError) as caught:
+                    clients[who].compute(request)
+                codes.append(caught.value.code)
+        finally:
+            for c in clients.values():
+                c.close()
+        text = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
+                     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT]
+
+    m = samples(text)
+    compute = {"grpc_method": "Compute", "grpc_service": "lossd.v1.LossService", "grpc_type": "unary"}
+    assert value(m, "grpc_server_started_total", **compute) == 7
+    assert value(m, "grpc_server_handled_total", **compute) == 7
+    assert value(m, "grpc_server_handled_total", grpc_code="OK", **compute) == 3
+    assert value(m, "grpc_server_handled_total", grpc_code="Unauthenticated", **compute) == 2
+    assert value(m, "grpc_server_handled_total", grpc_code="PermissionDenied", **compute) == 1
+    assert value(m, "grpc_server_handled_total", grpc_code="InvalidArgument", **compute) == 1
+    assert value(m, "lossd_rejected_requests_total", reason="unauthenticated") == 2
+    assert value(m, "lossd_rejected_requests_total", reason="permission_denied") == 1
+    assert value(m, "lossd_rejected_requests_total", reason="invalid_argument") == 1
+    assert value(m, "lossd_rejected_requests_total") == 4
+    assert value(m, "lossd_requests_total", loss="mse", grpc_code="OK") == 3
+    # Bytes are counted for evaluated calls only, exactly as they travelled.
+    assert value(m, "lossd_received_bytes_total", loss="mse") == sum(r.ByteSize() for r in good)
+    assert value(m, "lossd_sent_bytes_total", loss="mse") == sum(r.ByteSize() for r in responses)
+    assert value(m, "lossd_non_finite_results_total", loss="mse") == 1
+    assert value(m, "lossd_phase_seconds_count", loss="mse", phase="compute") == 3
+
+    # Bounded labels: every label name is known and every value comes from a fixed set.
+    bounded = {
+        "loss": {s.name for s in registry.all_specs()} | {"unregistered"},
+        "grpc_code": set(CODE_NAMES.values()),
+        "reason": set(REFUSALS.values()) | {CONCURRENCY_LIMIT},
+        "phase": {"decode", "compute", "encode"},
+        "grpc_type": {"unary", "client_stream", "server_stream", "bidi_stream"},
+        "grpc_service": {"lossd.v1.LossService", "lossd.v1.AuditService", "grpc.health.v1.Health",
+                         "grpc.reflection.v1alpha.ServerReflection"},
+        "grpc_method": {"Compute", "ComputeStream", "ComputeChunked", "ListLosses", "DescribeLoss",
+                        "ListRuns", "GetRecords", "VerifyRun", "Check", "Watch", "ServerReflectionInfo"},
+    }
+    free = {"le", "quantile", "version", "torch_version", "device"}  # fixed per process
+    for (_name, labels) in m:
+        for key, val in labels:
+            assert key in bounded or key in free, f"unexpected label {key}"
+            if key in bounded:
+                assert val in bounded[key], f"label {key}={val!r} is not from a bounded set"
+    for request in good:
+        assert request.request_id not in text
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install -y prometheus); the parse checks above passed")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
