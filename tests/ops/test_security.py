@@ -2,8 +2,7 @@
 
 The AuditService handlers are checked through the same interceptor with a probe method
 registered under ``lossd.v1.AuditService`` (the role is decided per service), which also
-reports the principal the handler sees. When the real AuditService is registered, its
-``ListRuns`` is exercised too.
+reports the principal the handler sees, and through the real ``AuditService.ListRuns``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from opskit import TOKENS, health_status, running
 
 from lossd.client import LossClient, LossdError, codec
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.functional import build_request
 from lossd.server import probe
 from lossd.server.security import TokenError, TokenTable, current_principal
@@ -154,6 +154,33 @@ def test_each_role_reaches_exactly_its_services(token_server, channel, who, comp
             assert _raw(channel, method, TOKENS[who]) == expected  # the handler sees who called
         else:
             assert _code(lambda m=method: _raw(channel, m, TOKENS[who])) == expected
+
+
+@pytest.mark.parametrize(
+    ("who", "expected"),
+    [
+        ("compute", grpc.StatusCode.PERMISSION_DENIED),
+        ("audit", grpc.StatusCode.OK),
+        ("admin", grpc.StatusCode.OK),
+        ("none", grpc.StatusCode.UNAUTHENTICATED),
+    ],
+)
+def test_the_real_audit_service_needs_audit_read(token_server, channel, who, expected):
+    stub = pb_grpc.AuditServiceStub(channel)
+    metadata = (("authorization", f"Bearer {TOKENS[who]}"),) if who in TOKENS else None
+    # A run is recorded first (a compute call with a run id), so the reader has something to list.
+    client = _client(token_server, TOKENS["compute"])
+    try:
+        request = _mse()
+        request.audit.run_id = "ops-role-test"
+        assert client.compute(request).audited
+    finally:
+        client.close()
+    if expected is grpc.StatusCode.OK:
+        runs = stub.ListRuns(pb.ListRunsRequest(), timeout=10, metadata=metadata).runs
+        assert "ops-role-test" in {r.run_id for r in runs}
+    else:
+        assert _code(lambda: stub.ListRuns(pb.ListRunsRequest(), timeout=10, metadata=metadata)) == expected
 
 
 def test_permission_denied_names_the_principal_and_the_missing_role(channel):
