@@ -15,6 +15,7 @@ done to it; the tests send it (and ``draw_raw_bytes`` for bytes that are not eve
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from functools import cache
 
@@ -22,6 +23,7 @@ import torch
 from hypothesis import strategies as st
 
 from lossd.client import codec
+from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server import registry
@@ -36,6 +38,10 @@ SPECIAL_FLOATS = (math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1.0, 1.0, 0.
 SPECIAL_INTS = (-1, -2, -100, 0, 1, 2, 3, 4, 7, 15, 16, 79, 80, 81, 255, 256, 1000, 1 << 31, -(1 << 31), INT64_MAX, INT64_MIN, 1 << 40)
 SPECIAL_NUMBERS = (math.nan, math.inf, -math.inf, -1e308, 1e308, -1.0, 0.0, 1e-300, 2.0, 1e6)
 HUGE_DIMS = (1 << 20, 1 << 31, 1 << 32, 1 << 40, 1 << 62, INT64_MAX)
+
+# What the generators actually did (a mutation that found nothing to act on is not counted):
+# the suite checks at the end that every kind of hostile input was sent at least once.
+APPLIED: Counter[str] = Counter()
 
 
 def all_specs() -> list[registry.LossSpec]:
@@ -560,13 +566,18 @@ def draw_request(data: st.DataObject, *, max_mutations: int = 3) -> tuple[pb.Com
         name = data.draw(st.sampled_from(_WEIGHTED), label="mutation")
         what = MUTATIONS[name](data, request)
         if what:
+            APPLIED[name] += 1
             done.append(f"{name}: {what}")
     return request, done
 
 
+RAW_KINDS = ("noise", "truncated", "flipped", "appended", "varint")
+
+
 def draw_raw_bytes(data: st.DataObject) -> tuple[bytes, str]:
     """Bytes that are not (or not quite) a ComputeRequest: noise, truncations, flipped bytes."""
-    choice = data.draw(st.sampled_from(("noise", "truncated", "flipped", "appended", "varint")), label="raw kind")
+    choice = data.draw(st.sampled_from(RAW_KINDS), label="raw kind")
+    APPLIED[f"raw:{choice}"] += 1
     if choice == "noise":
         return data.draw(st.binary(max_size=512), label="noise"), choice
     specs = all_specs()
@@ -595,6 +606,125 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+# --------------------------------------------------------------------------------------------
+# ComputeStream and ComputeChunked: hostile sequences of frames
+
+STREAM_KINDS = ("valid", "mutated", "raw", "raw_inner", "empty")
+
+
+def draw_stream(data: st.DataObject) -> tuple[list[bytes], list[str]]:
+    """1..5 serialized ComputeStreamRequests for one ComputeStream: valid calls, mutated ones,
+    bytes that are not a ComputeStreamRequest, or a valid wrapper around bytes that are not a
+    ComputeRequest, and empty messages."""
+    frames: list[bytes] = []
+    done: list[str] = []
+    for _ in range(data.draw(st.integers(1, 5), label="stream length")):
+        kind = data.draw(st.sampled_from(STREAM_KINDS), label="stream item")
+        APPLIED[f"stream:{kind}"] += 1
+        if kind in ("valid", "mutated"):
+            request, what = draw_request(data, max_mutations=0 if kind == "valid" else 2)
+            frames.append(pb.ComputeStreamRequest(request=request).SerializeToString())
+            done.append(f"{kind}: {'; '.join(what)}")
+        elif kind == "raw":
+            payload, what = draw_raw_bytes(data)
+            frames.append(payload)
+            done.append(f"raw: {what}")
+        elif kind == "raw_inner":  # field 1 (request), length-delimited, holding the raw bytes
+            payload, what = draw_raw_bytes(data)
+            frames.append(b"\x0a" + _varint(len(payload)) + payload)
+            done.append(f"raw request: {what}")
+        else:
+            frames.append(b"")
+            done.append("empty message")
+    return frames, done
+
+
+def to_chunked(request: pb.ComputeRequest) -> tuple[pb.ChunkedRequestHeader, list[bytes]]:
+    """As the client's chunked transport does: every non-empty tensor's bytes leave the message
+    and are listed in the header, in order."""
+    refs: list[pb.ChunkedTensor] = []
+    blobs: list[bytes] = []
+    for path, t in tensor_slots(request):
+        if t.data:
+            refs.append(pb.ChunkedTensor(path=path, size_bytes=len(t.data)))
+            blobs.append(t.data)
+            t.data = b""
+    return pb.ChunkedRequestHeader(request=request, tensors=refs), blobs
+
+
+CHUNK_FAULTS = (
+    "valid", "truncated", "extra_bytes", "dropped_chunk", "duplicated_chunk", "reordered", "size_mismatch",
+    "negative_size", "huge_size", "big_claim", "unknown_path", "duplicate_path", "inline_and_chunked",
+    "no_header", "two_headers", "empty_stream", "garbage_frame",
+)  # fmt: skip
+
+
+def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list[str]]:
+    """The serialized messages of one ComputeChunked call: a (possibly mutated) request moved to
+    chunks, then one framing fault: chunk sequences cut short or too long, chunks dropped,
+    repeated or reordered (bytes landing at the wrong offsets), byte counts that disagree with
+    the header or the shapes, claims of more than ``max_bytes``, bad paths, headers missing or
+    repeated, garbage frames."""
+    request, done = draw_request(data, max_mutations=1)
+    header, blobs = to_chunked(request)
+    stream = b"".join(blobs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6), label="cuts"))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    refs = header.tensors
+    fault = data.draw(st.sampled_from(CHUNK_FAULTS), label="chunk fault")
+    first = [pb.ComputeChunkedRequest(header=header).SerializeToString()]
+    if fault == "truncated" and stream:
+        chunks = chunks[: data.draw(st.integers(0, len(chunks) - 1), label="keep")]
+        last = stream[sum(map(len, chunks)) :]
+        chunks.append(last[: data.draw(st.integers(0, len(last) - 1), label="partial")])
+    elif fault == "extra_bytes":
+        chunks.append(data.draw(st.binary(min_size=1, max_size=64), label="extra"))
+    elif fault in ("dropped_chunk", "duplicated_chunk") and chunks:
+        i = data.draw(st.integers(0, len(chunks) - 1), label="chunk")
+        chunks[i : i + 1] = [] if fault == "dropped_chunk" else [chunks[i], chunks[i]]
+    elif fault == "reordered" and len(chunks) > 1:
+        chunks.reverse()
+    elif fault in ("size_mismatch", "negative_size", "huge_size", "big_claim", "unknown_path", "duplicate_path", "inline_and_chunked") and refs:
+        i = data.draw(st.integers(0, len(refs) - 1), label="ref")
+        ref = refs[i]
+        if fault == "size_mismatch":  # the header disagrees with the shape; the bytes agree with the header
+            delta = data.draw(st.integers(-ref.size_bytes, 64).filter(lambda d: d != 0), label="delta")
+            ref.size_bytes += delta
+            chunks = [b"".join(blobs[:i]) + blobs[i][: len(blobs[i]) + delta] + bytes(max(delta, 0)) + b"".join(blobs[i + 1 :])]
+        elif fault == "negative_size":
+            ref.size_bytes = data.draw(st.sampled_from((-1, -(1 << 20), INT64_MIN)), label="negative size")
+        elif fault == "huge_size":
+            ref.size_bytes = data.draw(st.sampled_from((max_bytes + 1, 1 << 40, INT64_MAX)), label="huge size")
+        elif fault == "big_claim":  # just under the limit, with a few bytes behind it
+            ref.size_bytes = max_bytes - sum(r.size_bytes for j, r in enumerate(refs) if j != i)
+        elif fault == "unknown_path":
+            ref.path = data.draw(st.sampled_from(("args[9]", "params.nothing", "grad_output", "", "loss", "args[0][0]")), label="path")
+        elif fault == "duplicate_path":
+            refs.add().CopyFrom(ref)
+            chunks.append(blobs[i])
+        else:  # the bytes both inline and listed
+            _, tensor = [s for s in tensor_slots(header.request) if s[0] == ref.path][0]
+            tensor.data = blobs[i]
+        first = [pb.ComputeChunkedRequest(header=header).SerializeToString()]
+    elif fault == "no_header":
+        first = []
+    elif fault == "two_headers":
+        first = first * 2
+    elif fault == "empty_stream":
+        first, chunks = [], []
+    elif fault == "garbage_frame":
+        at = data.draw(st.integers(0, len(chunks)), label="at")
+        garbage = data.draw(st.one_of(st.binary(max_size=64), st.just(b"\x12\xff\xff\xff\xff\x0f")), label="garbage")
+        APPLIED[f"chunked:{fault}"] += 1
+        return first + [wire.frame_data(memoryview(c)) for c in chunks[:at]] + [garbage] + [
+            wire.frame_data(memoryview(c)) for c in chunks[at:]
+        ], [*done, f"chunked {fault} at {at}"]
+    else:
+        fault = "valid" if fault != "valid" else fault  # nothing to act on: a valid framing
+    APPLIED[f"chunked:{fault}"] += 1
+    return first + [wire.frame_data(memoryview(c)) for c in chunks], [*done, f"chunked {fault}, {len(chunks)} chunks of {[len(c) for c in chunks]}"]
 
 
 # --------------------------------------------------------------------------------------------

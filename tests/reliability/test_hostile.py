@@ -30,7 +30,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from lossd.client import codec
+from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.server import chunked
 from lossd.server.config import ServerConfig
 from lossd.server.engine import Engine
 from lossd.server.errors import InvalidArgument
@@ -39,7 +41,7 @@ from lossd.server.service import LossServicer, Malformed, safe_parser, to_servic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hostile  # noqa: E402
-from conftest import examples, rss_kib, serving  # noqa: E402
+from conftest import LONG, examples, rss_kib, serving  # noqa: E402
 
 pytestmark = pytest.mark.hostile
 
@@ -53,10 +55,13 @@ ACCEPTABLE = {
     grpc.StatusCode.OUT_OF_RANGE,
 }
 MIN_CI_REQUESTS = 2000
+MIN_LONG_REQUESTS = 50_000
 RSS_GROWTH_LIMIT_MIB = 512  # after thousands of cases, over the warmed-up baseline
 PEAK_GROWTH_LIMIT_MIB = 1024  # the high-water mark: nothing may be sized by a claimed shape
 
 PARSE_COMPUTE = safe_parser(pb.ComputeRequest)
+PARSE_STREAM = safe_parser(pb.ComputeStreamRequest)
+PARSE_CHUNKED = wire.chunk_parser(safe_parser(pb.ComputeChunkedRequest))  # as the server parses
 SENT: Counter[str] = Counter()  # outcomes, by code name (the module's request count)
 STATE: dict[str, int] = {}
 
@@ -82,6 +87,20 @@ def compute_raw(channel):
         request_serializer=lambda b: b,
         response_deserializer=pb.ComputeResponse.FromString,
     )
+
+
+@pytest.fixture(scope="module")
+def stream_raw(channel):
+    """ComputeStream with each message as raw bytes."""
+    return channel.stream_stream(
+        wire.METHOD_STREAM, request_serializer=lambda b: b, response_deserializer=pb.ComputeStreamResponse.FromString
+    )
+
+
+@pytest.fixture(scope="module")
+def chunked_raw(channel):
+    """ComputeChunked with each message as raw bytes; answers parsed as the client parses them."""
+    return wire.chunked_method(channel)
 
 
 @pytest.fixture(scope="module")
@@ -116,27 +135,37 @@ def check_error(error: grpc.RpcError, what: str) -> None:
         assert status.code == code.value[0], what
 
 
-def check_case(compute_raw, reference, device, request: pb.ComputeRequest, what: str) -> None:
-    payload = request.SerializeToString()
-    response, error = send(compute_raw, payload)
-    if error is not None:
-        check_error(error, what)
-    try:  # the same bytes through the same code, here (deserialized as the server does)
+def expect(reference, payload: bytes) -> tuple[pb.ComputeResponse | None, Exception | None]:
+    """The same bytes through the same code, here (deserialized as the server does)."""
+    try:
         parsed = PARSE_COMPUTE(payload)
         if isinstance(parsed, Malformed):
             raise InvalidArgument(f"request is not a valid {parsed.type_name}: {parsed.reason}")
-        expected, local_error = reference.compute(parsed), None
+        return reference.compute(parsed), None
     except Exception as exc:  # noqa: BLE001 - any failure is compared as its status
-        expected, local_error = None, to_service_error(exc)
+        return None, to_service_error(exc)
+
+
+def compare(device, request: pb.ComputeRequest | None, response, error, expected, local_error, what: str) -> None:
+    """A server answer (response or error) against the local one."""
     if response is not None:
         assert local_error is None, f"{what}\n-> server OK, but here {local_error.code.name}: {local_error}"
-        rtol, atol = tolerances(device, request)
+        rtol, atol = tolerances(device, request) if request is not None else (1e-2, 1e-3)
         assert not hostile.same_result(response, expected, rtol=rtol, atol=atol), (
             f"{what}\n-> {hostile.same_result(response, expected, rtol=rtol, atol=atol)}"
         )
     elif device.type == "cpu":  # on CUDA an error may legitimately differ (out of memory)
         assert local_error is not None, f"{what}\n-> server {error.code().name}: {error.details()}, but here OK"
         assert local_error.code == error.code(), f"{what}\n-> server {error.code().name}, here {local_error.code.name}"
+
+
+def check_case(compute_raw, reference, device, request: pb.ComputeRequest, what: str) -> None:
+    payload = request.SerializeToString()
+    response, error = send(compute_raw, payload)
+    if error is not None:
+        check_error(error, what)
+    expected, local_error = expect(reference, payload)
+    compare(device, request, response, error, expected, local_error, what)
 
 
 def test_warm_baseline(lossd_process, compute_raw, reference, device):
@@ -177,6 +206,93 @@ def test_arbitrary_arguments(compute_raw, reference, device, loss, args):
     check_case(compute_raw, reference, device, request, f"{loss} with arbitrary args {[a.WhichOneof('kind') for a in args]}")
 
 
+@hsettings(max_examples=examples(2))
+@given(data=st.data())
+def test_stream_frames(stream_raw, reference, device, data):
+    """A ComputeStream of valid, mutated, undecodable and empty messages: answers in order, each
+    right, until the first bad one, which ends the stream with the status unary Compute gives."""
+    frames, done = hostile.draw_stream(data)
+    what = "\n  ".join(done)
+    answers: list[pb.ComputeStreamResponse] = []
+    error = None
+    try:
+        for answer in stream_raw(iter(frames), timeout=120):
+            answers.append(answer)
+    except grpc.RpcError as exc:
+        error = exc
+    SENT[error.code().name if error is not None else "OK"] += 1
+    for i, frame in enumerate(frames):
+        parsed = PARSE_STREAM(frame)
+        inner = b"" if isinstance(parsed, Malformed) else parsed.request.SerializeToString()
+        expected, local_error = (None, InvalidArgument(f"not a ComputeStreamRequest: {parsed.reason}")) if isinstance(parsed, Malformed) else expect(reference, inner)
+        if i < len(answers):
+            compare(device, pb.ComputeRequest.FromString(inner), answers[i].response, None, expected, local_error, f"message {i} of\n  {what}")
+            continue
+        assert error is not None, f"{what}\n-> {len(answers)} answers to {len(frames)} messages and no error"
+        check_error(error, what)
+        compare(device, None, None, error, expected, local_error, f"message {i} of\n  {what}")
+        break
+
+
+def inline(response: pb.ComputeResponse, tensors: dict) -> pb.ComputeResponse:
+    """Put a chunked response's outboard bytes back into its message (paths `loss`, `grads[i]`)."""
+    for path, flat in tensors.items():
+        if path == "loss":
+            response.loss.tensor_value.data = flat.numpy().tobytes()
+        else:
+            assert path.startswith("grads["), f"unexpected response path {path!r}"
+            response.grads[int(path[6:-1])].grad.data = flat.numpy().tobytes()
+    return response
+
+
+@hsettings(max_examples=examples(3))
+@given(data=st.data())
+def test_chunked_frames(chunked_raw, reference, device, data):
+    """ComputeChunked with chunk sequences cut short, too long, reordered or disagreeing with the
+    header: a well-formed error (nothing sized from a claim) or the same result as here."""
+    frames, done = hostile.draw_chunked(data, reference.max_chunked_bytes)
+    what = "\n  ".join(done)
+    response = error = None
+    try:
+        answers = chunked_raw(iter(frames), timeout=120)
+        first = next(answers)
+        assert isinstance(first, pb.ComputeChunkedResponse) and first.WhichOneof("part") == "header", what
+        assembler = wire.Assembler(first.header.tensors, reference.max_chunked_bytes, "response.tensors")
+        while not assembler.complete:
+            chunk = next(answers)
+            assert isinstance(chunk, memoryview), f"{what}\n-> response ended after {assembler.received} of {assembler.total} bytes"
+            assembler.feed(chunk)
+        response = inline(first.header.response, assembler.tensors())
+        answers.cancel()
+    except grpc.RpcError as exc:
+        error = exc
+    SENT[error.code().name if error is not None else "OK"] += 1
+    if error is not None:
+        check_error(error, what)
+    try:  # the same messages through the same code, here
+        request, external = chunked.receive(iter([PARSE_CHUNKED(f) for f in frames]), reference.max_chunked_bytes)
+        outboard = codec.Outboard(64 << 10)
+        expected = reference.compute(request, None, external=external, outboard=outboard)
+        expected, local_error = inline(expected, {p: t for p, t in outboard.tensors}), None
+    except Exception as exc:  # noqa: BLE001 - compared as its status
+        request, expected, local_error = None, None, to_service_error(exc)
+    compare(device, request, response, error, expected, local_error, what)
+
+
+def test_every_hostile_kind_was_sent():
+    """Each mutation, raw-bytes kind, stream item and chunk fault acted at least once (so a
+    refactor that silently stops generating one kind of input fails here)."""
+    if hsettings.default.max_examples < 100:
+        pytest.skip("a reduced budget need not reach every kind")
+    wanted = set(hostile.MUTATIONS) | {f"raw:{k}" for k in hostile.RAW_KINDS}
+    wanted |= {f"stream:{k}" for k in hostile.STREAM_KINDS} | {f"chunked:{k}" for k in hostile.CHUNK_FAULTS}
+    if not hostile.APPLIED:
+        pytest.skip("the generating tests did not run (selected out)")
+    missing = sorted(wanted - set(hostile.APPLIED))
+    print(f"\nhostile kinds: {dict(sorted(hostile.APPLIED.items()))}")
+    assert not missing, f"never generated: {missing}"
+
+
 def test_server_survived(lossd_process, address, compute_raw, device):
     """After thousands of cases: SERVING, memory bounded, and a valid call still exact."""
     assert lossd_process.proc.poll() is None, "the server process died:\n" + "".join(lossd_process.stderr_lines[-30:])
@@ -203,6 +319,6 @@ def test_server_survived(lossd_process, address, compute_raw, device):
         assert rss - STATE["rss_kib"] < RSS_GROWTH_LIMIT_MIB * 1024, f"RSS grew {(rss - STATE['rss_kib']) // 1024} MiB"
         assert peak - STATE["rss_kib"] < PEAK_GROWTH_LIMIT_MIB * 1024, f"peak RSS {(peak - STATE['rss_kib']) // 1024} MiB over baseline"
     if hsettings.default.max_examples >= 100 and "rss_kib" in STATE:
-        assert total >= MIN_CI_REQUESTS, f"only {total} requests were generated"
+        assert total >= (MIN_LONG_REQUESTS if LONG else MIN_CI_REQUESTS), f"only {total} requests were generated"
     if device.type == "cuda":  # the context is alive: a fresh CUDA computation works on the server
         assert response.device.startswith("cuda")
