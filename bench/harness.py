@@ -456,6 +456,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
+    import lossd.server.losses  # noqa: F401 - registers every loss
     from lossd.server import registry
 
     sizes = [int(s) * KB for s in opts.sizes.split(",")] if opts.sizes else (QUICK_SIZES if opts.quick else FULL_SIZES)
