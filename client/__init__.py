@@ -6,9 +6,20 @@
     loss.backward()
 """
 
+from .audit import AuditClient, audit_run
 from .config import RemoteLossSet, from_config
 from .errors import LossdError
 from .functional import LossClient, RemoteResult, remote_loss
 from .module import RemoteLoss
 
-__all__ = ["LossClient", "LossdError", "RemoteLoss", "RemoteLossSet", "RemoteResult", "from_config", "remote_loss"]
+__all__ = [
+    "AuditClient",
+    "LossClient",
+    "LossdError",
+    "RemoteLoss",
+    "RemoteLossSet",
+    "RemoteResult",
+    "audit_run",
+    "from_config",
+    "remote_loss",
+]

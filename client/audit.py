@@ -34,7 +34,7 @@ import grpc
 import torch
 from torch import Tensor
 
-from ._channel import DEFAULT_MAX_MESSAGE_MB, make_channel, resolve_endpoint
+from ._channel import DEFAULT_MAX_MESSAGE_MB
 from ._proto import lossd_pb2 as pb
 from ._proto import lossd_pb2_grpc as pb_grpc
 from .errors import LossdError, from_rpc_error
@@ -80,6 +80,8 @@ def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> No
     """Raise ValueError for a run id or tags the server would refuse."""
     if run_id is not None and (not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID_CHARS):
         raise ValueError(f"run_id must be a string of at most {MAX_RUN_ID_CHARS} characters")
+    if run_id and "\0" in run_id:
+        raise ValueError("run_id must not contain NUL characters")
     tags = tags or {}
     if len(tags) > MAX_TAGS:
         raise ValueError(f"at most {MAX_TAGS} tags, got {len(tags)}")
@@ -88,6 +90,8 @@ def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> No
             raise ValueError(f"tags must map strings to strings, got {key!r}: {value!r}")
         if not key or len(key) > MAX_TAG_KEY_CHARS or len(value) > MAX_TAG_VALUE_CHARS:
             raise ValueError(f"tag {key[:40]!r}: keys need 1..{MAX_TAG_KEY_CHARS} characters, values at most {MAX_TAG_VALUE_CHARS}")
+        if "\0" in key or "\0" in value:
+            raise ValueError(f"tag {key[:40]!r}: keys and values must not contain NUL characters")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,16 +293,38 @@ def parse_steps(steps: str | tuple[int | None, int | None] | None) -> tuple[int 
 
 
 class AuditClient:
-    """Reads and verifies the audit trail over gRPC (``lossd.v1.AuditService``)."""
+    """Reads and verifies the audit trail over gRPC (``lossd.v1.AuditService``).
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
-        self.target = resolve_endpoint(endpoint)
+    Takes the connection arguments of ``LossClient`` (endpoint, token, TLS files; the same
+    ``$LOSSD_*`` defaults). With ``--auth-tokens`` the token needs the ``audit-read`` role.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        token: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        from .functional import LossClient  # one place that turns these arguments into a channel
+
+        self._conn = LossClient(
+            endpoint, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls, tls_ca=tls_ca,
+            tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, retries=0,
+        )
+        self.target = self._conn.target
         self.timeout = timeout
-        self._channel = make_channel(self.target, max_message_mb)
-        self._stub = pb_grpc.AuditServiceStub(self._channel)
+        self._metadata = self._conn.metadata
+        self._stub = pb_grpc.AuditServiceStub(self._conn.channel)
 
     def close(self) -> None:
-        self._channel.close()
+        self._conn.close()
 
     def __enter__(self) -> AuditClient:
         return self
@@ -308,7 +334,7 @@ class AuditClient:
 
     def list_runs(self, limit: int = 0) -> list[pb.AuditRunSummary]:
         try:
-            return list(self._stub.ListRuns(pb.ListRunsRequest(limit=limit), timeout=self.timeout).runs)
+            return list(self._stub.ListRuns(pb.ListRunsRequest(limit=limit), timeout=self.timeout, metadata=self._metadata).runs)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -316,7 +342,7 @@ class AuditClient:
         """(record, total) pairs in step order, streamed."""
         request = pb.GetRecordsRequest(selector=selector(run_id, steps, loss))
         try:
-            for message in self._stub.GetRecords(request, timeout=self.timeout):
+            for message in self._stub.GetRecords(request, timeout=self.timeout, metadata=self._metadata):
                 yield message.record, message.total
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -328,7 +354,7 @@ class AuditClient:
     def verify(self, run_id: str, steps: Any = None, loss: str | None = None, tolerance: float = 0.0) -> Iterator[pb.VerifyRunResponse]:
         request = pb.VerifyRunRequest(selector=selector(run_id, steps, loss), tolerance=tolerance)
         try:
-            yield from self._stub.VerifyRun(request, timeout=self.timeout)
+            yield from self._stub.VerifyRun(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -428,7 +454,10 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str | None = No
     axes[0, 0].set_title(title or f"lossd audit: run {', '.join(run_ids) or '(none)'} ({len(records)} records)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    all_steps = sorted({r["step"] for r in records})
+    # Machine-readable PNG text chunks: which run and steps the image shows.
+    meta = {"lossd-run": ",".join(run_ids), "lossd-steps": ",".join(map(str, all_steps)), "lossd-records": str(len(records))}
+    fig.savefig(path, dpi=110, metadata=meta if path.suffix.lower() == ".png" else None)
     plt.close(fig)
     return path
 

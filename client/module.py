@@ -10,6 +10,7 @@ from torch import nn
 from . import codec
 from ._channel import DEFAULT_MAX_MESSAGE_MB
 from ._proto import lossd_pb2 as pb
+from .audit import StepCounter, check_audit_fields, current_run, make_context
 from .functional import LossClient, RemoteResult, remote_loss
 from .schema import check_params
 from .transport import DEFAULT_CHUNK_THRESHOLD, Transport
@@ -35,6 +36,16 @@ class RemoteLoss(nn.Module):
             about twice as fast for large tensors), smaller ones over one long-lived stream
             (``ComputeStream``, in order). ``"unary"``, ``"stream"``, ``"chunked"`` force one.
         chunk_threshold: bytes of tensors in one call from which ``"auto"`` sends chunks.
+        run_id: audit run of this module's calls (the server records each call: see the
+            README's "Audit trail"). None: the run of an enclosing ``lossd.client.audit_run``
+            block, if any; else calls are not audited (unless the server runs ``--audit all``).
+        tags: labels recorded with each audited call (merged over the ``audit_run``'s).
+        rank: distributed rank recorded with each call (None: torch.distributed's, else -1).
+        micro_batch: gradient-accumulation index within the step (None: -1, unknown); may be
+            reassigned between calls (``crit.micro_batch = k``).
+        step: first step number. Each call takes the current step and advances it by one,
+            until you assign ``crit.step = i``; from then on calls use the assigned step as is
+            (several losses or micro-batches of one training step share it).
         **params: the upstream constructor's parameters, e.g. ``gamma=2.0``.
 
     ``forward`` takes exactly the upstream forward's arguments and returns the loss on the
@@ -60,10 +71,23 @@ class RemoteLoss(nn.Module):
         retries: int = 4,
         transport: str = "auto",
         chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        rank: int | None = None,
+        micro_batch: int | None = None,
+        step: int | None = None,
         **params: Any,
     ) -> None:
         super().__init__()
         codec.encode_map(params)  # fail now, not at the first step, on a value that cannot travel
+        check_audit_fields(run_id, tags)
+        self.run_id = run_id or None
+        self.tags = dict(tags or {})
+        self.rank = rank
+        self.micro_batch = micro_batch
+        self._steps = StepCounter()
+        if step is not None:
+            self._steps.value = step
         self.name = name
         self.params = dict(params)
         self._owns_client = client is None
@@ -90,8 +114,25 @@ class RemoteLoss(nn.Module):
         """Terms of the last evaluation that upstream computes and drops."""
         return self.last_result.components if self.last_result else {}
 
+    @property
+    def step(self) -> int:
+        """The step the next audited call of this module gets (its own run id only; inside an
+        ``audit_run`` block without one, the block numbers the calls: ``run.step = i``)."""
+        return self._steps.value
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._steps.value = value
+
     def _audit_context(self) -> pb.AuditContext | None:
-        return None
+        """The AuditContext of the next call: this module's run, else the enclosing audit_run's."""
+        if self.run_id:
+            return make_context(self.run_id, self._steps.take(), self.rank, self.micro_batch, self.tags)
+        run = current_run()
+        if run is None:
+            return None
+        rank = self.rank if self.rank is not None else run.rank
+        return make_context(run.run_id, run.counter.take(), rank, self.micro_batch, {**run.tags, **self.tags})
 
     def describe(self) -> pb.LossInfo:
         """The server's declaration of this loss: parameters, inputs, reference."""

@@ -15,6 +15,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .probe import main as health_main
 
         return health_main(argv[1:])
+    if argv[:1] == ["audit"]:
+        from .audit.cli import main as audit_main
+
+        return audit_main(argv[1:])
     if argv[:1] == ["token"]:
         from .probe import token_main
 
@@ -25,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="probe a server's gRPC health service; exit 0 when SERVING (lossd health -h)", add_help=False)
     commands.add_parser("token", help="make a bearer token and its --auth-tokens entry (lossd token -h)", add_help=False)
+    commands.add_parser("audit", help="list, show, export, verify and plot the audit trail (lossd audit -h)", add_help=False)
 
     serve_parser = commands.add_parser("serve", help="run the loss server")
     ServerConfig.add_arguments(serve_parser)

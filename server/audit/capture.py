@@ -31,10 +31,14 @@ def compress(tensor: Tensor) -> Blob:
 
 
 def restore(data: bytes, codec: str, dtype: str, shape: list[int]) -> tuple[Tensor, str]:
-    """Decompress a stored tensor; returns it and the digest of what was actually stored."""
+    """Decompress a stored tensor; returns it and the digest of what was actually stored (a
+    description instead of a digest when the bytes cannot be decompressed: never a match)."""
     if codec != CODEC:
-        raise ValueError(f"unknown capture codec {codec!r}")
-    raw = zlib.decompress(data)
+        return torch.empty(0), f"unknown codec {codec!r}"
+    try:
+        raw = zlib.decompress(data)
+    except zlib.error as exc:  # altered or truncated bytes: a mismatch, reported as such
+        return torch.empty(0), f"undecodable ({exc})"
     digest = digest_bytes(dtype, shape, raw)
     torch_type = getattr(torch, dtype)
     view = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(torch_type, torch_type)

@@ -82,8 +82,22 @@ class Verifier:
 
     def verify_one(self, row: Row, tolerance: float = 0.0) -> Outcome:
         tol = tolerance_for(row.dtype, tolerance)
-        if row.digest() != row.record_sha256:
-            return Outcome(row, RECORD_ALTERED, tolerance=tol, message=f"{_name(row)}: stored fields do not match record_sha256 (the row was edited)")
+        if row.digest() == row.record_sha256:
+            return self._recompute(row, tol)
+        # An edited row: still recompute when possible, to say how far the stored value is off.
+        try:
+            found = self._recompute(row, tol)
+            seen = f"; recomputation: {found.status}" + (f" ({found.message.split(': ', 1)[-1]})" if found.message else "")
+        except Exception as exc:  # noqa: BLE001 - the edit may have broken the row's JSON
+            found = Outcome(row, ERROR, tolerance=tol)
+            seen = f"; recomputation failed: {type(exc).__name__}: {exc}"
+        return Outcome(
+            row, RECORD_ALTERED, found.dev_float64, found.dev_device, tol,
+            f"{_name(row)}: stored fields do not match record_sha256 (the row was edited){seen}",
+        )
+
+    def _recompute(self, row: Row, tol: float) -> Outcome:
+        """Steps 2 and 3: the stored inputs against their digests, then the recomputation."""
         inputs = json.loads(row.inputs)
         if not row.captured:
             return Outcome(row, NOT_CAPTURED, tolerance=tol, message=f"{_name(row)}: inputs not captured; integrity checked, not recomputed")
@@ -124,7 +138,7 @@ class Verifier:
 
 
 def _name(row: Row) -> str:
-    return f"record {row.id} (step {row.step}, {row.loss}, request {row.request_id})"
+    return f"record {row.id} (run {row.run_id!r}, step {row.step}, {row.loss}, request {row.request_id})"
 
 
 def _value_numbers(form: Any) -> list[float] | None:
