@@ -1,0 +1,62 @@
+"""Input capture: content-addressed (each distinct tensor once), capped, and retention."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from conftest import sql
+
+from lossd.client import AuditClient, LossClient
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.functional import build_request
+from lossd.server.app import create_server
+from lossd.server.config import ServerConfig
+
+
+def call(client: LossClient, logits: torch.Tensor, target: torch.Tensor, step: int) -> None:
+    request = build_request("cross_entropy", {}, [logits, target], {}, audit=pb.AuditContext(run_id="cap", step=step))
+    assert client.compute(request).audited
+
+
+def test_each_distinct_input_is_stored_once_and_retention_deletes_unused_ones(tmp_path: Path) -> None:
+    db = str(tmp_path / "a.sqlite3")
+    running = create_server(ServerConfig(port=0, device="cpu", audit_db=db, audit_capture="inputs", audit_retention_days=1.0))
+    endpoint = f"127.0.0.1:{running.port}"
+    client = LossClient(endpoint, timeout=30)
+    target = torch.tensor([0, 1, 2, 0])
+    try:
+        for step in range(3):  # the same target each step, new logits
+            call(client, torch.randn(4, 3), target, step)
+        assert sql(db, "SELECT COUNT(*) FROM audit_blobs")[0][0] == 4  # 3 logits + 1 target
+        assert running.audit.apply_retention(now_ns=time.time_ns()) == 0  # all used today
+        deleted = running.audit.apply_retention(now_ns=time.time_ns() + 2 * 86400 * 10**9)
+        assert deleted == 4 and sql(db, "SELECT COUNT(*) FROM audit_blobs")[0][0] == 0
+        with AuditClient(endpoint) as reader:
+            outcomes = [m.result for m in reader.verify("cap")]
+        assert {o.status for o in outcomes} == {pb.VERIFY_STATUS_INPUT_MISMATCH}
+        assert all("missing from the store" in o.message for o in outcomes)
+        # Records are never deleted by retention.
+        assert sql(db, "SELECT COUNT(*) FROM audit_records")[0][0] == 3
+    finally:
+        client.close()
+        running.stop(0)
+
+
+def test_past_the_cap_inputs_are_recorded_by_digest_only(tmp_path: Path) -> None:
+    db = str(tmp_path / "a.sqlite3")
+    running = create_server(ServerConfig(port=0, device="cpu", audit_db=db, audit_capture="inputs", audit_capture_max_mb=0))
+    endpoint = f"127.0.0.1:{running.port}"
+    client = LossClient(endpoint, timeout=30)
+    try:
+        call(client, torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 0)
+        assert running.audit.stats()["capture_skipped"] == 2
+        with AuditClient(endpoint) as reader:
+            (record,) = reader.records("cap")
+            (result,) = [m.result for m in reader.verify("cap")]
+        assert [i["captured"] for i in record["inputs"]] == [False, False] and all(len(i["sha256"]) == 64 for i in record["inputs"])
+        assert result.status == pb.VERIFY_STATUS_NOT_CAPTURED  # integrity checked, nothing to recompute
+    finally:
+        client.close()
+        running.stop(0)
