@@ -42,6 +42,9 @@ def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest,
                 raise InvalidArgument("expected tensor data, got a second header", field="header")
             message = message.data
         assembler.feed(message)
+    # The client half-closes right after the data; anything more is a broken (or hostile) stream.
+    if next(requests, None) is not None:
+        raise InvalidArgument(f"expected the stream to end after {assembler.total} bytes of tensor data, got more messages", field="data")
     return header.request, assembler.tensors()
 
 

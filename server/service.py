@@ -139,12 +139,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
         *,
         max_chunked_bytes: int = 256 << 20,
         chunk_bytes: int = 1 << 20,
+        chunk_outboard_bytes: int = 64 << 10,
     ) -> None:
         self.engine = engine
         self.limits = limits
         self.after_compute = list(after_compute)
         self.max_chunked_bytes = max_chunked_bytes  # all tensor bytes of one ComputeChunked request
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes  # size of the response's data chunks
+        self.chunk_outboard_bytes = chunk_outboard_bytes  # response tensors this large go in chunks
 
     def compute(
         self,
@@ -192,7 +194,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     @handles_errors
     def _chunked_one(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> tuple[pb.ComputeResponse, codec.Outboard]:
         request, external = chunked.receive(request_iterator, self.max_chunked_bytes)
-        outboard = codec.Outboard(64 << 10)  # gradients of 64 KiB and more go back in chunks
+        outboard = codec.Outboard(self.chunk_outboard_bytes)  # large gradients go back in chunks
         return self.compute(request, context, external=external, outboard=outboard), outboard
 
     @handles_errors
