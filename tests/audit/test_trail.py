@@ -187,3 +187,26 @@ def test_audit_run_numbers_calls_and_merges_tags(trained: Trained) -> None:
         records = list(reader.records("numbered"))
     assert [r["step"] for r in records] == [0, 1, 2, 10, 10]
     assert all(r["tags"] == {"commit": "abc", "loss": "ce"} and r["rank"] == 2 for r in records)
+
+
+def test_verify_recomputation_catches_a_value_forged_with_a_fresh_record_digest(trained: Trained, capsys: pytest.CaptureFixture) -> None:
+    """Someone who edits a value and recomputes record_sha256 is still caught: the loss,
+    recomputed from the captured inputs, does not give the stored value."""
+    from lossd.server.audit.records import COLUMNS, Row
+
+    names = ("id", *COLUMNS)
+    (raw,) = sql(trained.db, f"SELECT {', '.join(names)} FROM audit_records WHERE run_id = ? AND step = 5", (trained.run_id,))
+    row = Row.from_db(dict(zip(names, raw)))
+    original = (row.value, row.record_sha256)
+    form = json.loads(row.value)
+    form["tensor"]["data"][0] *= 1.001
+    row.value = json.dumps(form, separators=(",", ":"))
+    row.record_sha256 = row.digest()
+    sql(trained.db, "UPDATE audit_records SET value = ?, record_sha256 = ? WHERE id = ?", (row.value, row.record_sha256, row.id))
+    try:
+        assert cli.main(["verify", trained.run_id, "--endpoint", trained.endpoint, "--quiet"]) == 1
+    finally:
+        sql(trained.db, "UPDATE audit_records SET value = ?, record_sha256 = ? WHERE id = ?", (*original, row.id))
+    (failed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    assert f"DEVIATION      run {trained.run_id} step 5 record {row.id} request {row.request_id}" in failed
+    assert "recomputation on cpu in float32 deviates by 0.000999" in failed
