@@ -290,7 +290,7 @@ class AuditCollector(Collector):
 
     Known keys (others are ignored, missing ones are not exported): ``queue_depth``,
     ``queue_capacity``, ``records_written``, ``records_dropped``, ``records_refused``,
-    ``queue_blocked``, ``write_seconds_sum``,
+    ``queue_blocked``, ``capture_skipped``, ``write_seconds_sum``,
     ``write_seconds_count``, ``last_write_seconds``.
     """
 
@@ -318,6 +318,7 @@ class AuditCollector(Collector):
             "records_dropped": ("lossd_audit_records_dropped", "Audit records that could not be written."),
             "records_refused": ("lossd_audit_records_refused", "Audited calls failed UNAVAILABLE because the queue stayed full or the commit timed out."),
             "queue_blocked": ("lossd_audit_queue_blocked", "Audited calls that found the queue full and had to wait for room."),
+            "capture_skipped": ("lossd_audit_capture_skipped", "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached."),
         }
         for key, (name, doc) in counters.items():
             if _number(stats.get(key)):

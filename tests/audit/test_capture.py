@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import sql
+from auditkit import sql
 
 from lossd.client import AuditClient, LossClient
 from lossd.client._proto import lossd_pb2 as pb
@@ -52,6 +52,7 @@ def test_past_the_cap_inputs_are_recorded_by_digest_only(tmp_path: Path) -> None
     try:
         call(client, torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 0)
         assert running.audit.stats()["capture_skipped"] == 2
+        assert "lossd_audit_capture_skipped_total 2.0" in running.metrics.exposition().decode()
         with AuditClient(endpoint) as reader:
             (record,) = reader.records("cap")
             (result,) = [m.result for m in reader.verify("cap")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BACKENDS, independent_digest, make_db, sql
+from auditkit import BACKENDS, independent_digest, make_db, sql
 from torch import nn
 
 from lossd.client import RemoteLoss, audit_run
