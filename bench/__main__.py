@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--device cuda]``: see bench/harness.py and docs/performance.md."""
+"""``python -m bench [--quick] [--device cuda]``: see bench/harness.py and bench/RESULTS.md."""
 
 from .harness import main
 
