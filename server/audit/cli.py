@@ -204,7 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _client(args) as client:
             return COMMANDS[args.command](client, args)
     except LossdError as exc:
-        print(f"lossd audit {args.command}: {exc}", file=sys.stderr)
+        hint = ""
+        if exc.code.name == "UNIMPLEMENTED":
+            hint = " (this server keeps no audit trail: it runs --audit none without --audit-db)"
+        print(f"lossd audit {args.command}: {exc}{hint}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError, ValueError) as exc:  # matplotlib missing, unwritable -o, bad file
         print(f"lossd audit {args.command}: {exc}", file=sys.stderr)

@@ -65,3 +65,13 @@ def test_the_cli_takes_the_token_and_reports_a_denial(secured: str, capsys: pyte
     assert "PERMISSION_DENIED" in capsys.readouterr().err
     assert cli.main(["runs", "--endpoint", secured, "--token", AUDIT]) == 0
     assert "secured" in capsys.readouterr().out
+
+
+def test_a_server_without_a_trail_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    running = create_server(ServerConfig(port=0, device="cpu", audit="none"))
+    try:
+        assert cli.main(["runs", "--endpoint", f"127.0.0.1:{running.port}"]) == 2
+    finally:
+        running.stop(0)
+    err = capsys.readouterr().err
+    assert "UNIMPLEMENTED" in err and "keeps no audit trail" in err
