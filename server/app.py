@@ -76,6 +76,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def create_server(config: ServerConfig) -> RunningServer:
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)  # process-wide: every handler thread shares it
     engine = Engine(config.device)
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = TokenTable.load(config.auth_tokens) if config.auth_tokens else None
@@ -90,8 +92,12 @@ def create_server(config: ServerConfig) -> RunningServer:
     servicer = LossServicer(
         engine, config.limits, after_compute=hooks,
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
+        max_evaluations=config.workers,  # --workers bounds concurrent evaluations...
     )
     server = grpc.server(
+        # ...not RPCs: a ComputeStream session holds its thread while idle, so with one thread per
+        # worker a few idle training loops would starve every other call. One thread per admitted
+        # RPC; past --max-concurrent-rpcs calls are refused RESOURCE_EXHAUSTED, never left hanging.
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="lossd"),
         # Metrics outermost, so refusals by the others are counted too.
         interceptors=[metrics.interceptor(), AuthInterceptor(tokens), DeadlineInterceptor()],
