@@ -150,6 +150,29 @@ class Metrics:
             self.rejected.labels(reason).inc()
 
 
+def catalogue() -> list[tuple[str, str, tuple[str, ...], str]]:
+    """Every series a server can export: (name, type, label names, help), for the README.
+
+    Read from the declarations themselves (a Metrics with every optional source attached), so
+    the documentation cannot drift from what is served.
+    """
+    audit = AuditCollector(dict)
+    list(audit.collect())  # learns the keys it reads
+    metrics = Metrics(device="cuda:0", audit_stats=lambda: dict.fromkeys(audit.keys, 1),
+                      memory_probe=lambda: {"allocated": 1, "reserved": 1, "total": 1})
+    rows = []
+    for family in metrics.registry.collect():
+        labels: list[str] = []
+        for sample in family.samples:
+            labels += [k for k in sample.labels if k not in labels and k not in ("le", "quantile")]
+        suffix = "_total" if family.type == "counter" else ""
+        rows.append((family.name + suffix, family.type, tuple(labels), family.documentation))
+    # Labelled series have no samples until first used: take their label names from the declarations.
+    declared = {m._name + ("_total" if m._type == "counter" else ""): tuple(m._labelnames)
+                for m in vars(metrics).values() if isinstance(m, (Counter, Gauge, Histogram))}
+    return sorted((name, kind, declared.get(name) or labels, doc) for name, kind, labels, doc in rows)
+
+
 def grpc_type(handler: Any) -> str:
     if handler.request_streaming:
         return "bidi_stream" if handler.response_streaming else "client_stream"
@@ -296,6 +319,7 @@ class AuditCollector(Collector):
 
     def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         self.stats = stats
+        self.keys: set[str] = set()  # the stats keys it knows, filled in by each collect()
 
     def describe(self) -> list:
         return []  # values are read at scrape time only
@@ -310,6 +334,7 @@ class AuditCollector(Collector):
             "queue_capacity": ("lossd_audit_queue_capacity", "Audit records the queue holds before calls block."),
             "last_write_seconds": ("lossd_audit_last_write_seconds", "Duration of the latest audit write, in seconds."),
         }
+        self.keys = {*gauges}  # what catalogue() feeds to list every series
         for key, (name, doc) in gauges.items():
             if _number(stats.get(key)):
                 yield GaugeMetricFamily(name, doc, value=float(stats[key]))
@@ -320,6 +345,7 @@ class AuditCollector(Collector):
             "queue_blocked": ("lossd_audit_queue_blocked", "Audited calls that found the queue full and had to wait for room."),
             "capture_skipped": ("lossd_audit_capture_skipped", "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached."),
         }
+        self.keys |= {*counters, "write_seconds_count", "write_seconds_sum"}
         for key, (name, doc) in counters.items():
             if _number(stats.get(key)):
                 yield CounterMetricFamily(name, doc, value=float(stats[key]))

@@ -199,6 +199,16 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
                 assert val in bounded[key], f"label {key}={val!r} is not from a bounded set"
     for request in good:
         assert request.request_id not in text
+    # Every served family is in the README's generated list (server/metrics.py catalogue()).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lossd.server.metrics import catalogue
+
+    listed = {name for name, *_ in catalogue()}
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):
+            continue  # prometheus-client's creation timestamp of each counter and histogram
+        assert family.name + ("_total" if family.type == "counter" else "") in listed, family.name
 
     promtool = shutil.which("promtool")
     if promtool is None:
