@@ -155,7 +155,7 @@ def serve(config: ServerConfig) -> None:
         log.warning(
             "\n" + "!" * 78 + "\n!! lossd is listening on %s WITHOUT TLS or authentication: anyone who can\n"
             "!! reach this address can use it. Bind 127.0.0.1, or enable TLS and tokens\n"
-            "!! (--tls-cert/--tls-key, --auth-tokens; docs/deployment.md).\n" + "!" * 78,
+            "!! (--tls-cert/--tls-key, --auth-tokens; see README section Deployment).\n" + "!" * 78,
             config.host,
         )
     elif not is_loopback(config.host):
