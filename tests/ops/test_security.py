@@ -282,3 +282,28 @@ def test_a_digest_entry_authenticates_the_token_it_hashes(tokens_file):
     assert table.authenticate(TOKENS["audit"]).name == "auditor"  # stored as sha256:...
     assert table.authenticate(TOKENS["compute"]).roles == frozenset({"compute"})
     assert table.authenticate("sha256:" + "0" * 64) is None
+
+
+# ------------------------------------------------------------------------------------------
+# Exposure
+
+
+@pytest.mark.parametrize(
+    ("flags", "loud", "note"),
+    [
+        ((), True, None),
+        (("--allow-insecure",), False, "as acknowledged by --allow-insecure"),
+        (("--auth-tokens", "TOKENS"), False, "bearer tokens travel in cleartext"),
+    ],
+    ids=["open", "acknowledged", "tokens-without-tls"],
+)
+def test_a_network_facing_server_warns_unless_secured_or_acknowledged(tokens_file, flags, loud, note):
+    from serverproc import ServerProcess
+
+    flags = tuple(tokens_file if f == "TOKENS" else f for f in flags)
+    with ServerProcess("--host", "0.0.0.0", "--audit", "none", *flags) as proc:
+        assert health_status(f"127.0.0.1:{proc.port}") == "SERVING"
+        log = "".join(proc.stderr_lines)
+    assert ("WITHOUT TLS or authentication" in log) is loud, log
+    if note:
+        assert note in log
