@@ -366,6 +366,32 @@ def memory(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def huge(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One request of ``--huge-mb`` (default 1 GiB) with every default but ``--max-message-mb``."""
+    from lossd.client import RemoteLoss
+
+    server = start_server(lossd_argv(opts, workdir), "lossd listening on", workdir, "lossd-huge")
+    try:
+        n = (opts.huge_mb * MB) // 8  # mse: prediction and target, float32 each
+        gen = torch.Generator().manual_seed(0)
+        pred = torch.randn(n, generator=gen).requires_grad_()
+        target = torch.randn(n, generator=gen)
+        with RemoteLoss("mse", endpoint=server.address) as module:  # client defaults: transport='auto'
+            t0 = time.perf_counter()
+            value = module(pred, target)
+            value.backward()
+            seconds = time.perf_counter() - t0
+        expected = torch.nn.functional.mse_loss(pred.detach(), target)
+        out = {
+            "request_bytes": 8 * n, "seconds": seconds, "server_peak": rss(server.pid)["VmHWM"],
+            "value_matches_local": bool(torch.equal(value.detach(), expected)), "grad_numel": pred.grad.numel(),
+        }
+        print(f"huge: {8 * n / MB:.0f} MB mse in {seconds:.1f} s, value equal to local: {out['value_matches_local']}", flush=True)
+        return out
+    finally:
+        server.stop()
+
+
 # Run in a fresh interpreter: inputs built, RSS read, then one Engine.evaluate (what the server runs).
 _LOCAL_PEAK = """
 import json, sys
@@ -571,7 +597,19 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
             )
         parts += render_targets([t for t in all_targets if t["target"].startswith(("peak", "RSS"))])
         sections["memory"] = "\n".join(parts)
+    if "huge" in result:
+        h = result["huge"]
+        sections["huge"] = (
+            f"{head}\n\n- one {h['request_bytes'] / MB:.0f} MB `mse` request (prediction + target, float32) through "
+            f"`RemoteLoss('mse')` with every client default (transport `auto` -> chunked) and `lossd serve --max-message-mb "
+            f"{opts_mb(result)}`: {h['seconds']:.1f} s forward+backward, value bitwise equal to local: "
+            f"{h['value_matches_local']}, server peak RSS {h['server_peak'] / MB:.0f} MB"
+        )
     return sections
+
+
+def opts_mb(result: dict[str, Any]) -> int:
+    return result["config"].get("max_message_mb", 0)
 
 
 def write_results(sections: dict[str, str], path: Path) -> None:
@@ -587,7 +625,10 @@ def write_results(sections: dict[str, str], path: Path) -> None:
     path.write_text(text)
 
 
-SECTION_TITLES = {"rows": "Latency and bandwidth", "concurrency": "Concurrency: server designs", "memory": "Server memory"}
+SECTION_TITLES = {
+    "rows": "Latency and bandwidth", "concurrency": "Concurrency: server designs", "memory": "Server memory",
+    "huge": "A 1 GiB request",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +640,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 KB..64 MB, short budgets, fewer calls (under 2 minutes)")
     p.add_argument("--concurrency", action="store_true", help="run the server-design comparison (threads/processes/asyncio)")
     p.add_argument("--memory", action="store_true", help="run the server memory measurement")
+    p.add_argument("--huge", action="store_true", help="one --huge-mb request (1 GiB) with defaults but --max-message-mb")
+    p.add_argument("--huge-mb", type=int, default=1024)
     p.add_argument("--rows", action="store_true", help="run the latency/bandwidth table (the default when no part is named)")
     p.add_argument("--write-results", action="store_true", help="update the measured sections of bench/RESULTS.md")
     p.add_argument("--device", default="cpu", help="server device (and of the local column): cpu, cuda, cuda:N")
@@ -627,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     import lossd.server.losses  # noqa: F401 - registers every loss
     from lossd.server import registry
 
-    named = {part for part in ("rows", "concurrency", "memory") if getattr(opts, part)}
+    named = {part for part in ("rows", "concurrency", "memory", "huge") if getattr(opts, part)}
     parts = named or ({"rows", "memory"} if opts.quick else {"rows", "concurrency", "memory"})
     sizes = [int(s) * KB for s in opts.sizes.split(",")] if opts.sizes else (QUICK_SIZES if opts.quick else FULL_SIZES)
     known = {s.name for s in registry.all_specs(None)}
@@ -641,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "mode": "quick" if opts.quick else "full", "machine": machine_info,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {"workers": opts.workers, "clients": opts.clients, "throughput_seconds": opts.throughput_seconds},
+        "config": {"workers": opts.workers, "clients": opts.clients, "max_message_mb": opts.max_message_mb, "throughput_seconds": opts.throughput_seconds},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": notes,
     }
     t_start = time.perf_counter()
@@ -657,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["concurrency"] = concurrency(opts, workdir, pool)
             if "memory" in parts:
                 result["memory"] = memory(opts, workdir)
+            if "huge" in parts:
+                result["huge"] = huge(opts, workdir)
     finally:
         if pool is not None:
             pool.close()
