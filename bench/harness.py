@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> dict[str, int]:
@@ -237,10 +243,11 @@ def _throughput_worker(kind: str, address: str, duration: float, start_at: float
     time.sleep(max(0.0, start_at - time.time()))
     end = time.time() + duration
     count = 0
+    cpu = time.process_time()
     while time.time() < end:
         call()
         count += 1
-    return count
+    return count, time.process_time() - cpu
 
 
 class ClientPool:
@@ -251,10 +258,18 @@ class ClientPool:
         self.pool = multiprocessing.get_context("spawn").Pool(clients)
         self.pool.map(_warm, range(clients))
 
-    def rps(self, address: str, kind: str, duration: float, transport: str) -> float:
+    def rps(self, address: str, kind: str, duration: float, transport: str, pids: Sequence[int] = ()) -> dict[str, float]:
+        """Requests/s of all clients together, and CPU seconds per request of the clients and of
+        the server processes ``pids`` (which explains a ratio: the cores are shared)."""
         start_at = time.time() + 1.5  # every client warmed up and connected before the clock starts
-        counts = self.pool.starmap(_throughput_worker, [(kind, address, duration, start_at, transport)] * self.clients)
-        return sum(counts) / duration
+        before = sum(cpu_seconds(pid) for pid in pids)
+        runs = self.pool.starmap(_throughput_worker, [(kind, address, duration, start_at, transport)] * self.clients)
+        calls = sum(n for n, _ in runs)
+        out = {"rps": calls / duration, "client_cpu_ms": 1e3 * sum(c for _, c in runs) / max(calls, 1)}
+        if pids:
+            # Includes the 1.5 s warm-up (20 calls per client), a small overestimate.
+            out["server_cpu_ms"] = 1e3 * (sum(cpu_seconds(pid) for pid in pids) - before) / max(calls, 1)
+        return out
 
     def close(self) -> None:
         self.pool.terminate()
@@ -307,7 +322,9 @@ def concurrency(opts: argparse.Namespace, workdir: Path, pool: ClientPool) -> li
         for side in ("floor", "lossd"):
             servers = start_design(opts, workdir, side, kind, workers, procs)
             try:
-                row[f"{side}_rps"] = pool.rps(servers[0].address, side, opts.throughput_seconds, "unary")
+                cell = pool.rps(servers[0].address, side, opts.throughput_seconds, "unary", [srv.pid for srv in servers])
+                row[f"{side}_rps"] = cell["rps"]
+                row[f"{side}_cpu"] = cell
             except Exception as exc:  # noqa: BLE001 - a failed design is reported, the run goes on
                 row[f"{side}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             finally:
@@ -551,9 +568,16 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
         tp = result.get("throughput")
         if tp:
             parts.append(f"\nThroughput, {result['config']['clients']} client processes, small cross_entropy calls (16x16 f32 + targets), requests/s:\n")
-            parts.append("| transport | trivial handler | lossd | ratio |\n|---|---|---|---|")
+            parts.append(
+                "| transport | trivial handler | lossd | ratio | CPU ms per call, trivial: server / clients | lossd: server / clients |\n"
+                "|---|---|---|---|---|---|"
+            )
             for transport, cell in tp.items():
-                parts.append(f"| {transport} | {cell['floor_rps']:.0f} | {cell['lossd_rps']:.0f} | {cell['lossd_rps'] / cell['floor_rps']:.2f} |")
+                fl, ls = cell.get("floor", {}), cell.get("lossd", {})
+                parts.append(
+                    f"| {transport} | {cell['floor_rps']:.0f} | {cell['lossd_rps']:.0f} | {cell['lossd_rps'] / cell['floor_rps']:.2f} | "
+                    f"{fl.get('server_cpu_ms', 0):.2f} / {fl.get('client_cpu_ms', 0):.2f} | {ls.get('server_cpu_ms', 0):.2f} / {ls.get('client_cpu_ms', 0):.2f} |"
+                )
         parts += render_targets([t for t in all_targets if not t["target"].startswith(("peak", "RSS"))])
         sections["rows"] = "\n".join(parts)
     if "concurrency" in result:
@@ -563,13 +587,14 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
             "forward+backward on 16x16 logits (lossd) or a bare unary echo of the same bytes (trivial handler), "
             f"{result['config']['throughput_seconds']:.0f} s per cell; requests/s:",
             "",
-            "| server design | trivial handler | lossd | lossd / trivial |",
-            "|---|---|---|---|",
+            "| server design | trivial handler | lossd | lossd / trivial | server CPU ms per call: trivial / lossd |",
+            "|---|---|---|---|---|",
         ]
         for row in result["concurrency"]:
             fl, ls = row.get("floor_rps"), row.get("lossd_rps")
             ratio = f"{ls / fl:.2f}" if fl and ls else "–"
-            parts.append(f"| {row['design']} | {fl or 0:.0f} | {ls or 0:.0f} | {ratio} |")
+            cpu = f"{row.get('floor_cpu', {}).get('server_cpu_ms', 0):.2f} / {row.get('lossd_cpu', {}).get('server_cpu_ms', 0):.2f}"
+            parts.append(f"| {row['design']} | {fl or 0:.0f} | {ls or 0:.0f} | {ratio} | {cpu} |")
         sections["concurrency"] = "\n".join(parts)
     if "memory" in result:
         mem = result["memory"]
@@ -759,9 +784,10 @@ def run_rows(
         if pool is not None:
             result["throughput"] = {}
             for transport in ("unary", "stream") if len(transports) > 1 else ("unary",):
-                floor_rps = pool.rps(floor_server.address, "floor", opts.throughput_seconds, transport)
-                lossd_rps = pool.rps(lossd_server.address, "lossd", opts.throughput_seconds, transport)
-                result["throughput"][transport] = {"floor_rps": floor_rps, "lossd_rps": lossd_rps}
+                floor_cell = pool.rps(floor_server.address, "floor", opts.throughput_seconds, transport, [floor_server.pid])
+                lossd_cell = pool.rps(lossd_server.address, "lossd", opts.throughput_seconds, transport, [lossd_server.pid])
+                floor_rps, lossd_rps = floor_cell["rps"], lossd_cell["rps"]
+                result["throughput"][transport] = {"floor_rps": floor_rps, "lossd_rps": lossd_rps, "floor": floor_cell, "lossd": lossd_cell}
                 print(f"throughput {transport}: trivial {floor_rps:.0f}/s, lossd {lossd_rps:.0f}/s", flush=True)
     finally:
         floor_server.stop()

@@ -8,6 +8,7 @@ returns the value, the gradients for the requested paths, the components and a n
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -211,4 +212,10 @@ def _wire_field(field: str | None, spec: LossSpec, n_positional: int, kwargs: Ma
 
 
 def _non_finite(tensor: Tensor) -> bool:
-    return tensor.is_floating_point() and tensor.numel() > 0 and not bool(torch.isfinite(tensor).all())
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    # A finite sum proves every element finite (NaN and +-inf propagate), in one reduction; only a
+    # non-finite sum (which finite values can also overflow to) needs the element-wise check.
+    if math.isfinite(float(tensor.sum(dtype=torch.float64))):
+        return False
+    return not bool(torch.isfinite(tensor).all())

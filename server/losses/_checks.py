@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument
@@ -25,11 +26,14 @@ def check_class_indices(
     """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index."""
     if target.numel() == 0:
         return
+    top = num_classes if allow_background else num_classes - 1
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo >= 0 and hi <= top:
+        return  # the common case, one kernel: no masking needed
     valid = target if ignore_index is None else target[target != ignore_index]
     if valid.numel() == 0:
         return
     lo, hi = int(valid.min()), int(valid.max())
-    top = num_classes if allow_background else num_classes - 1
     if lo < 0 or hi > top:
         bad = lo if lo < 0 else hi
         ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
