@@ -92,9 +92,13 @@ def create_server(config: ServerConfig) -> RunningServer:
     servicer = LossServicer(
         engine, config.limits, after_compute=hooks,
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
+        max_evaluations=config.workers,  # --workers bounds concurrent evaluations...
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="lossd"),
+        # ...not RPCs: a ComputeStream session holds its thread while idle, so with one thread per
+        # worker a few idle training loops would starve every other call. One thread per admitted
+        # RPC; past --max-concurrent-rpcs calls are refused RESOURCE_EXHAUSTED, never left hanging.
+        futures.ThreadPoolExecutor(max_workers=max(config.workers, config.max_concurrent_rpcs), thread_name_prefix="lossd"),
         # Metrics outermost, so refusals by the others are counted too.
         interceptors=[metrics.interceptor(), AuthInterceptor(tokens), DeadlineInterceptor()],
         options=channel_options(config.max_message_bytes),

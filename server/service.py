@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         max_chunked_bytes: int = 256 << 20,
         chunk_bytes: int = 1 << 20,
         chunk_outboard_bytes: int = 64 << 10,
+        max_evaluations: int = 0,
     ) -> None:
         self.engine = engine
         self.limits = limits
@@ -147,6 +149,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.max_chunked_bytes = max_chunked_bytes  # all tensor bytes of one ComputeChunked request
         self.chunk_bytes = chunk_bytes  # size of the response's data chunks
         self.chunk_outboard_bytes = chunk_outboard_bytes  # response tensors this large go in chunks
+        # At most this many evaluations at once (0: no bound); RPCs waiting on a stream hold no slot.
+        self._slots = threading.BoundedSemaphore(max_evaluations) if max_evaluations > 0 else None
 
     def compute(
         self,
@@ -161,7 +165,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         t0 = time.perf_counter_ns()
         call = decode_compute(request, self.limits, external)
         t1 = time.perf_counter_ns()
-        result = self.engine.evaluate(call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output)
+        if self._slots is None:
+            result = self.engine.evaluate(call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output)
+        else:
+            with self._slots:
+                from .limits import caller_gone  # limits imports this module
+
+                gone = caller_gone(context, "a worker was free to compute it")  # waited past its deadline
+                if gone is not None:
+                    raise gone
+                result = self.engine.evaluate(call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output)
         t2 = time.perf_counter_ns()
         response = encode_compute(result, call.request_id, __version__, outboard)
         t3 = time.perf_counter_ns()

@@ -181,6 +181,9 @@ def test_a_caller_that_hangs_up_mid_request_frees_the_work(how):
             channel.close()
         with pytest.raises(grpc.FutureCancelledError if how == "cancel" else grpc.RpcError):
             call.result(timeout=30)
+        # The hang-up travels to the server's gRPC core asynchronously: give it a moment to land
+        # before the result is ready (not an assertion on speed; only a settle).
+        time.sleep(0.5)
         gate.released.set()
         assert gate.finished.acquire(timeout=30)
         drained(server)
@@ -392,3 +395,28 @@ def test_read_only_audit_database_refuses_to_start_and_names_it(tmp_path):
     finally:
         _undo_read_only(data)
     assert [r for r, _ in stored(data / "audit.sqlite3", "ro")] == [kept.request_id]
+
+
+# --------------------------------------------------------------------------------------------
+# Found by the load test: idle stream sessions starved every other call
+
+
+def test_idle_stream_sessions_do_not_starve_other_calls():
+    """More open ComputeStream sessions than --workers (each training loop keeps one open
+    between steps) must not leave unary calls waiting for a thread until their deadline."""
+    from lossd.client import transport as wire
+
+    with running(workers=2, metrics_port=-1, audit="none") as server:
+        channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}") for _ in range(4)]
+        sessions = [wire.StreamSession(c, timeout=30) for c in channels]
+        try:
+            for session in sessions:  # each opens its stream with one call, then sits idle
+                assert session.compute(build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})).request_id
+            with closing(LossClient(f"127.0.0.1:{server.port}", timeout=20, retries=0)) as client:
+                response = client.compute(build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {}))
+            assert response.request_id  # a starved call would fail DEADLINE_EXCEEDED
+            assert sessions[0].compute(build_request("l1", {}, (torch.ones(3), torch.zeros(3)), {})).request_id
+        finally:
+            for session, channel in zip(sessions, channels):
+                session.close()
+                channel.close()
