@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,19 +131,6 @@ def rss(pid: int) -> dict[str, int]:
 # Timing
 
 
-def timed(fn: Callable[[], Any], budget: float, min_n: int, max_n: int, warmup: int = 1) -> list[float]:
-    """Seconds per call: at least ``min_n`` calls, then more until ``budget`` s or ``max_n``."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_n and (len(times) < min_n or time.perf_counter() - start < budget):
-        t0 = time.perf_counter_ns()
-        fn()
-        times.append((time.perf_counter_ns() - t0) / 1e9)
-    return times
-
-
 def stats(times: list[float]) -> dict[str, float]:
     a = np.asarray(times)
     return {"n": len(a), "p50": float(np.median(a)), "p99": float(np.percentile(a, 99)), "min": float(a.min())}
@@ -161,35 +149,53 @@ def remote_transports() -> list[str]:
     return ["unary"]
 
 
+LOCAL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-local")
+
+
+def torch_threads_of(server_args: list[str]) -> int:
+    """The ``--torch-threads`` given to the server, so the local column runs with the same."""
+    for i, arg in enumerate(server_args):
+        if arg.startswith("--torch-threads="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--torch-threads" and i + 1 < len(server_args):
+            return int(server_args[i + 1])
+    return 0
+
+
 def run_row(
     w: workloads.Workload, floor: FloorClient, lossd_address: str, opts: argparse.Namespace, transports: list[str]
 ) -> dict[str, Any]:
+    """Every column of one row, measured interleaved: one call of each column per round, so
+    every column sees the same machine (other jobs' load moves all of them, not one)."""
     from lossd.client import RemoteLoss
     from lossd.server.engine import Engine
 
-    budget, min_n, max_n = opts.budget, (3 if w.size >= 16 * MB else 5), opts.max_n
+    min_n, max_n = (3 if w.size >= 16 * MB else 5), opts.max_n
     row: dict[str, Any] = {
         "loss": w.loss, "size": w.size, "shape": w.shape, "request_bytes": w.request_bytes, "grad_bytes": w.grad_bytes,
     }
     payload = os.urandom(w.request_bytes) if w.request_bytes < 4 * MB else np.random.bytes(w.request_bytes)
-    row["echo"] = stats(timed(functools.partial(floor.echo, payload, w.grad_bytes), budget, min_n, max_n))
+    cells: dict[str, Callable[[], Any]] = {"echo": functools.partial(floor.echo, payload, w.grad_bytes)}
+    closers: list[Callable[[], Any]] = []
     if w.size <= 1 * MB:
         session = floor.ping_pong(payload, w.grad_bytes)
-        row["pingpong"] = stats(timed(session.round_trip, budget, min_n, max_n))
-        session.close()
-    del payload
+        cells["pingpong"] = session.round_trip
+        closers.append(session.close)
 
     engine = Engine(opts.device if opts.device != "auto" else "cpu")
     local_args = workloads.to_device(w.args, engine.device)
     paths = workloads.grad_paths(local_args, w.args)
 
-    def local() -> None:
+    def evaluate() -> int:
+        t0 = time.perf_counter_ns()
         engine.evaluate(w.loss, w.params, local_args, {}, paths)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter_ns() - t0
 
-    row["local"] = stats(timed(local, budget, min_n, max_n))
-
+    # Like the server, evaluate on a pool thread (not the main thread: under load, OpenMP regions
+    # started from the main thread of a busy process were up to 10x slower); time it there.
+    cells["local"] = lambda: LOCAL_THREAD.submit(evaluate).result()
     for transport in transports:
         if transport == "stream" and w.size > 1 * MB:
             continue  # sessions are for small calls; large ones go chunked
@@ -197,17 +203,42 @@ def run_row(
             continue
         kwargs = {"transport": transport} if transport != "unary" or len(transports) > 1 else {}
         module = RemoteLoss(w.loss, endpoint=lossd_address, max_message_mb=opts.max_message_mb, **kwargs, **w.params)
+        closers.append(module.close)
 
         def remote(module: RemoteLoss = module) -> None:
             w.fresh()
             module(*w.args, **w.kwargs).backward()
 
-        try:
-            row[transport] = stats(timed(remote, budget, min_n, max_n))
-        except Exception as exc:  # noqa: BLE001 - a failed column is reported, the run goes on
-            row[transport] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        finally:
-            module.close()
+        cells[transport] = remote
+
+    times: dict[str, list[float]] = {name: [] for name in cells}
+    try:
+        for name, fn in list(cells.items()):  # warm-up: connections, streams, first-call costs
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a failed column is reported, the run goes on
+                row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                del cells[name]
+        deadline = time.perf_counter() + opts.budget * max(1, len(cells))
+        rounds = 0
+        while rounds < max_n and (rounds < min_n or time.perf_counter() < deadline):
+            for name, fn in list(cells.items()):
+                t0 = time.perf_counter_ns()
+                try:
+                    inner = fn()
+                except Exception as exc:  # noqa: BLE001
+                    row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    del cells[name]
+                    continue
+                elapsed = inner if name == "local" else time.perf_counter_ns() - t0
+                times[name].append(elapsed / 1e9)
+            rounds += 1
+    finally:
+        for close in closers:
+            close()
+    for name, values in times.items():
+        if values and "error" not in row.get(name, {}):
+            row[name] = stats(values)
     return row
 
 
@@ -692,6 +723,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
+    if torch_threads_of(opts.server_arg) > 0:
+        torch.set_num_threads(torch_threads_of(opts.server_arg))  # the local column matches the server
     import lossd.server.losses  # noqa: F401 - registers every loss
     from lossd.server import registry
 
