@@ -130,17 +130,22 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     @handles_stream_errors
     def GetRecords(self, request: pb.GetRecordsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetRecordsResponse]:
         sel = selector(request.selector)
-        total = self.store.count(sel)
-        for row in self.store.records(sel):
-            yield pb.GetRecordsResponse(record=to_message(row), total=total)
+        with self.store.reader() as conn:
+            total = self.store.count(sel, conn)
+            for row in self.store.records(sel, conn):
+                yield pb.GetRecordsResponse(record=to_message(row), total=total)
 
     @handles_stream_errors
     def VerifyRun(self, request: pb.VerifyRunRequest, context: grpc.ServicerContext) -> Iterator[pb.VerifyRunResponse]:
         if not (request.tolerance >= 0 and math.isfinite(request.tolerance)):
             raise InvalidArgument.expected("tolerance", "a finite number >= 0", request.tolerance)
         sel = selector(request.selector)
-        total = self.store.count(sel)
-        outcomes = self.verifier.verify(self.store.records(sel), request.tolerance)
+        with self.store.reader() as conn:
+            total = self.store.count(sel, conn)
+            yield from self._verified(sel, request.tolerance, total, conn)
+
+    def _verified(self, sel: Selector, tolerance: float, total: int, conn: Any) -> Iterator[pb.VerifyRunResponse]:
+        outcomes = self.verifier.verify(self.store.records(sel, conn), tolerance, conn)
         for done, outcome in enumerate(outcomes, start=1):
             row = outcome.row
             yield pb.VerifyRunResponse(

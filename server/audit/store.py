@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -181,16 +182,29 @@ class Store:
                 self._writer = None
 
     # -- reading -------------------------------------------------------------------------
-    def _query(self, text: str, params: Iterable[Any] = ()) -> list[tuple]:
+    @contextmanager
+    def reader(self) -> Iterator[Any]:
+        """One read connection for a whole export or verification (a PostgreSQL connection
+        costs milliseconds; one per page or per record would dominate a long verify)."""
         conn = self.connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _query(self, text: str, params: Iterable[Any] = (), conn: Any = None) -> list[tuple]:
+        own = conn is None
+        if own:
+            conn = self.connect()
         try:
             cur = conn.cursor()
             cur.execute(self.sql(text), tuple(params))
             rows = cur.fetchall()
-            conn.rollback()
+            conn.rollback()  # end the read transaction: never hold a snapshot between queries
             return rows
         finally:
-            conn.close()
+            if own:
+                conn.close()
 
     def stored_blob_bytes(self) -> int:
         return int(self._query("SELECT COALESCE(SUM(stored_bytes), 0) FROM audit_blobs")[0][0])
@@ -219,11 +233,11 @@ class Store:
             params.append(sel.loss)
         return " AND ".join(clauses), params
 
-    def count(self, sel: Selector) -> int:
+    def count(self, sel: Selector, conn: Any = None) -> int:
         where, params = self._where(sel)
-        return int(self._query(f"SELECT COUNT(*) FROM audit_records WHERE {where}", params)[0][0])
+        return int(self._query(f"SELECT COUNT(*) FROM audit_records WHERE {where}", params, conn)[0][0])
 
-    def records(self, sel: Selector) -> Iterator[Row]:
+    def records(self, sel: Selector, conn: Any = None) -> Iterator[Row]:
         """The selected records in (step, rank, micro_batch, id) order, read page by page."""
         where, params = self._where(sel)
         names = ("id", *COLUMNS)
@@ -236,7 +250,7 @@ class Store:
                 text += " AND (step, rank, micro_batch, id) > (?, ?, ?, ?)"
                 page_params.extend(after)
             text += f" ORDER BY step, rank, micro_batch, id LIMIT {_PAGE}"
-            rows = self._query(text, page_params)
+            rows = self._query(text, page_params, conn)
             for raw in rows:
                 row = Row.from_db(dict(zip(names, raw)))
                 yield row
@@ -245,14 +259,14 @@ class Store:
             last = rows[-1]
             after = (last[names.index("step")], last[names.index("rank")], last[names.index("micro_batch")], last[0])
 
-    def blobs(self, digests: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+    def blobs(self, digests: Iterable[str], conn: Any = None) -> dict[str, tuple[str, bytes]]:
         """digest -> (codec, compressed bytes) for those present."""
         wanted = sorted(set(digests))
         found: dict[str, tuple[str, bytes]] = {}
         for i in range(0, len(wanted), 200):
             chunk = wanted[i : i + 200]
             marks = ", ".join("?" for _ in chunk)
-            for digest, codec, data in self._query(f"SELECT digest, codec, data FROM audit_blobs WHERE digest IN ({marks})", chunk):
+            for digest, codec, data in self._query(f"SELECT digest, codec, data FROM audit_blobs WHERE digest IN ({marks})", chunk, conn):
                 found[digest] = (codec, bytes(data))
         return found
 

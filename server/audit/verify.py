@@ -78,20 +78,21 @@ class Verifier:
             self._engines[device] = Engine(dev)
         return self._engines[device]
 
-    def verify(self, rows: Iterator[Row], tolerance: float = 0.0) -> Iterator[Outcome]:
+    def verify(self, rows: Iterator[Row], tolerance: float = 0.0, conn: Any = None) -> Iterator[Outcome]:
+        """``conn``: a read connection of the store (``store.reader()``) to fetch inputs with."""
         for row in rows:
             try:
-                yield self.verify_one(row, tolerance)
+                yield self.verify_one(row, tolerance, conn)
             except Exception as exc:  # noqa: BLE001 - one broken record must not stop the run's report
                 yield Outcome(row, ERROR, tolerance=tolerance_for(row.dtype, tolerance), message=f"{_name(row)}: {type(exc).__name__}: {exc}")
 
-    def verify_one(self, row: Row, tolerance: float = 0.0) -> Outcome:
+    def verify_one(self, row: Row, tolerance: float = 0.0, conn: Any = None) -> Outcome:
         tol = tolerance_for(row.dtype, tolerance)
         if row.digest() == row.record_sha256:
-            return self._recompute(row, tol)
+            return self._recompute(row, tol, conn)
         # An edited row: still recompute when possible, to say how far the stored value is off.
         try:
-            found = self._recompute(row, tol)
+            found = self._recompute(row, tol, conn)
             seen = f"; recomputation: {found.status}" + (f" ({found.message.split(': ', 1)[-1]})" if found.message else "")
         except Exception as exc:  # noqa: BLE001 - the edit may have broken the row's JSON
             found = Outcome(row, ERROR, tolerance=tol)
@@ -101,12 +102,12 @@ class Verifier:
             f"{_name(row)}: stored fields do not match record_sha256 (the row was edited){seen}",
         )
 
-    def _recompute(self, row: Row, tol: float) -> Outcome:
+    def _recompute(self, row: Row, tol: float, conn: Any = None) -> Outcome:
         """Steps 2 and 3: the stored inputs against their digests, then the recomputation."""
         inputs = json.loads(row.inputs)
         if not row.captured:
             return Outcome(row, NOT_CAPTURED, tolerance=tol, message=f"{_name(row)}: inputs not captured; integrity checked, not recomputed")
-        blobs = self.store.blobs(i["sha256"] for i in inputs)
+        blobs = self.store.blobs((i["sha256"] for i in inputs), conn)
         tensors: dict[str, Tensor] = {}
         for i in inputs:
             found = blobs.get(i["sha256"])
