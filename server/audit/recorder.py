@@ -204,8 +204,10 @@ class AuditRecorder:
 
     def _commit(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
-        self.store.write([i.pending for i in batch])
+        missing = self.store.write([i.pending for i in batch])
         elapsed = time.perf_counter() - start
+        if missing and self.capture is not None:
+            self.capture.forget(sorted(missing))  # the next call sending them stores them again
         with self._stats_lock:
             self._written += len(batch)
             self._batches += 1

@@ -287,5 +287,16 @@ def build(
     return Pending(row, blobs, referenced)
 
 
+def uncapture(row: Row, digests: set[str]) -> None:
+    """Mark the inputs with these digests as not captured (their blobs are not in the store)."""
+    inputs = json.loads(row.inputs)
+    for i in inputs:
+        if i["sha256"] in digests:
+            i["captured"] = False
+    row.inputs = dumps(inputs)
+    row.captured = bool(inputs) and all(i["captured"] for i in inputs)
+    row.record_sha256 = row.digest()
+
+
 def raw_bytes(tensor: Tensor) -> memoryview:
     return tensor_bytes(tensor)

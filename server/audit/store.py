@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .records import COLUMNS, Pending, Row
+from .records import COLUMNS, Pending, Row, uncapture
 
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # records per read query (keyset pagination keeps reads short)
@@ -117,11 +117,14 @@ class Store:
         finally:
             conn.close()
 
-    def write(self, batch: list[Pending]) -> None:
+    def write(self, batch: list[Pending]) -> set[str]:
         """Insert a batch in one transaction; returns once it is committed (durable).
 
         A request id already present is skipped (a retried call is recorded once); a blob already
-        present is kept, and its last-use time refreshed.
+        present is kept, and its last-use time refreshed. An input the recorder believed stored
+        but that is not (its blob's write failed, or retention deleted it meanwhile) is recorded
+        as not captured, so no record claims evidence the store does not hold; returns those
+        digests, for the recorder to forget.
         """
         cols = ", ".join(COLUMNS)
         marks = ", ".join("?" for _ in COLUMNS)
@@ -142,10 +145,21 @@ class Store:
                 if blobs:
                     cur.executemany(insert_blob, blobs)
                 touched = sorted({d for p in batch for d in p.referenced} - {b[0] for b in blobs})
+                missing: set[str] = set()
                 if touched:
                     cur.executemany(touch, [(now, d) for d in touched])
+                    present: set[str] = set()
+                    for i in range(0, len(touched), 200):
+                        chunk = touched[i : i + 200]
+                        cur.execute(self.sql(f"SELECT digest FROM audit_blobs WHERE digest IN ({', '.join('?' for _ in chunk)})"), chunk)
+                        present.update(r[0] for r in cur.fetchall())
+                    missing = set(touched) - present
+                    for p in batch:
+                        if missing.intersection(p.referenced):
+                            uncapture(p.row, missing)
                 cur.executemany(insert, [p.row.values() for p in batch])
                 conn.commit()
+                return missing
             except BaseException:
                 self._drop_writer()
                 raise

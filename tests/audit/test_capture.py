@@ -61,3 +61,30 @@ def test_past_the_cap_inputs_are_recorded_by_digest_only(tmp_path: Path) -> None
     finally:
         client.close()
         running.stop(0)
+
+
+def test_an_input_whose_blob_vanished_is_recorded_as_not_captured_then_stored_again(tmp_path: Path) -> None:
+    """Another replica's retention (or a failed write) removed a blob this server believes stored:
+    the next record says the input is not captured (no claim without evidence), and the server
+    stores it again on the following call."""
+    db = str(tmp_path / "a.sqlite3")
+    running = create_server(ServerConfig(port=0, device="cpu", audit_db=db, audit_capture="inputs"))
+    endpoint = f"127.0.0.1:{running.port}"
+    client = LossClient(endpoint, timeout=30)
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    try:
+        call(client, logits, target, 0)
+        sql(db, "DELETE FROM audit_blobs")
+        call(client, logits, target, 1)
+        with AuditClient(endpoint) as reader:
+            assert [m.result.status for m in reader.verify("cap")] == [pb.VERIFY_STATUS_INPUT_MISMATCH, pb.VERIFY_STATUS_NOT_CAPTURED]
+        call(client, logits, target, 2)
+        with AuditClient(endpoint) as reader:
+            records = list(reader.records("cap"))
+            statuses = [m.result.status for m in reader.verify("cap")]
+        assert [[i["captured"] for i in r["inputs"]] for r in records] == [[True, True], [False, False], [True, True]]
+        # Content addressing: storing the tensor again restores step 0's evidence too.
+        assert statuses == [pb.VERIFY_STATUS_OK, pb.VERIFY_STATUS_NOT_CAPTURED, pb.VERIFY_STATUS_OK]
+    finally:
+        client.close()
+        running.stop(0)
