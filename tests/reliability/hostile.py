@@ -356,11 +356,18 @@ def m_replace_value(data: st.DataObject, req: pb.ComputeRequest) -> str:
     return f"{path}: replaced by {v.WhichOneof('kind')}"
 
 
+# Past the cap (16) and, at 200, past what upb itself parses (100): such a request can be sent
+# but no longer copied into another message here, so it is the last mutation of a request and
+# callers that must wrap it (the chunked header) ask for ``shallow`` depths only.
+_NESTING_DEPTHS = [(15, 16, 17, 18, 40, 200)]
+_SHALLOW_DEPTHS = (15, 16, 17, 18, 40, 90)
+
+
 def m_deep_nesting(data: st.DataObject, req: pb.ComputeRequest) -> str:
     path, v = _pick(data, value_slots(req), "value") or (None, None)
     if v is None:
         return ""
-    depth = data.draw(st.sampled_from((15, 16, 17, 18, 40, 200)), label="depth")
+    depth = data.draw(st.sampled_from(_NESTING_DEPTHS[-1]), label="depth")
     inner = pb.Value()
     inner.CopyFrom(v)
     for _ in range(depth):
@@ -555,8 +562,9 @@ def _spec(req: pb.ComputeRequest) -> registry.LossSpec | None:
         return None
 
 
-def draw_request(data: st.DataObject, *, max_mutations: int = 3) -> tuple[pb.ComputeRequest, list[str]]:
-    """A valid call of a random loss, then 0..max_mutations mutations; returns it and what was done."""
+def draw_request(data: st.DataObject, *, max_mutations: int = 3, shallow: bool = False) -> tuple[pb.ComputeRequest, list[str]]:
+    """A valid call of a random loss, then 0..max_mutations mutations; returns it and what was done.
+    ``shallow``: nesting stays within what protobuf can copy into another message."""
     specs = all_specs()
     spec = specs[data.draw(st.integers(0, len(specs) - 1), label="loss")]
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES), label="dtype")
@@ -564,10 +572,18 @@ def draw_request(data: st.DataObject, *, max_mutations: int = 3) -> tuple[pb.Com
     done = [f"{spec.name} {str(dtype).removeprefix('torch.')}"]
     for _ in range(data.draw(st.integers(0, max_mutations), label="mutations")):
         name = data.draw(st.sampled_from(_WEIGHTED), label="mutation")
-        what = MUTATIONS[name](data, request)
+        if shallow:
+            _NESTING_DEPTHS.append(_SHALLOW_DEPTHS)
+        try:
+            what = MUTATIONS[name](data, request)
+        finally:
+            if shallow:
+                _NESTING_DEPTHS.pop()
         if what:
             APPLIED[name] += 1
             done.append(f"{name}: {what}")
+        if name == "deep_nesting":
+            break  # any further copy of the request may exceed protobuf's own depth limit
     return request, done
 
 
@@ -625,7 +641,8 @@ def draw_stream(data: st.DataObject) -> tuple[list[bytes], list[str]]:
         APPLIED[f"stream:{kind}"] += 1
         if kind in ("valid", "mutated"):
             request, what = draw_request(data, max_mutations=0 if kind == "valid" else 2)
-            frames.append(pb.ComputeStreamRequest(request=request).SerializeToString())
+            payload = request.SerializeToString()  # framed by hand, as the client does: no copy
+            frames.append(b"\x0a" + _varint(len(payload)) + payload)
             done.append(f"{kind}: {'; '.join(what)}")
         elif kind == "raw":
             payload, what = draw_raw_bytes(data)
@@ -667,7 +684,7 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
     repeated or reordered (bytes landing at the wrong offsets), byte counts that disagree with
     the header or the shapes, claims of more than ``max_bytes``, bad paths, headers missing or
     repeated, garbage frames."""
-    request, done = draw_request(data, max_mutations=1)
+    request, done = draw_request(data, max_mutations=1, shallow=True)
     header, blobs = to_chunked(request)
     stream = b"".join(blobs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6), label="cuts"))
