@@ -74,7 +74,9 @@ def main() -> int:
     args = parser.parse_args()
     limit = args.max_message_mb << 20
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.workers),
+        # The same pool lossd's server builds (one thread per admitted RPC; lossd additionally
+        # bounds concurrent evaluations by --workers, which a handler that does nothing needs not).
+        futures.ThreadPoolExecutor(max_workers=max(args.workers, args.max_concurrent_rpcs)),
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
     )

@@ -321,9 +321,9 @@ DESIGNS = [
 
 def design_name(kind: str, workers: int, procs: int) -> str:
     if kind == "threads":
-        return f"1 process, ThreadPoolExecutor({workers})"
+        return f"1 process, threads, `--workers {workers}`"
     if kind == "processes":
-        return f"{procs} processes on one port (SO_REUSEPORT), {workers} threads each"
+        return f"{procs} processes on one port (SO_REUSEPORT), `--workers {workers}` each"
     return "1 process, grpc.aio (asyncio)"
 
 
@@ -701,7 +701,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", action="store_true", help="run the latency/bandwidth table (the default when no part is named)")
     p.add_argument("--write-results", action="store_true", help="update the measured sections of bench/RESULTS.md")
     p.add_argument("--device", default="cpu", help="server device (and of the local column): cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=4, help="server handler threads (both servers)")
+    p.add_argument("--workers", type=int, default=4, help="lossd --workers (concurrent evaluations); the floor gets the same pool")
     p.add_argument("--losses", default=",".join(LOSSES))
     p.add_argument("--sizes", default="", help="comma-separated sizes in KB (overrides the mode's)")
     p.add_argument("--budget", type=float, default=None, help="seconds per cell before stopping (min calls still run)")
