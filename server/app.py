@@ -20,7 +20,7 @@ from .audit import AuditRecorder, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .config import ServerConfig
 from .engine import Engine
-from .limits import DeadlineInterceptor, deadline_guard
+from .limits import PROBE_RESERVE, AdmissionInterceptor, DeadlineInterceptor, deadline_guard
 from .metrics import Metrics
 from .security import AuthInterceptor, TokenTable, exposure_notes, server_credentials
 from .service import SERVICE_NAME, LossServicer, method_handlers
@@ -98,11 +98,17 @@ def create_server(config: ServerConfig) -> RunningServer:
         # ...not RPCs: a ComputeStream session holds its thread while idle, so with one thread per
         # worker a few idle training loops would starve every other call. One thread per admitted
         # RPC; past --max-concurrent-rpcs calls are refused RESOURCE_EXHAUSTED, never left hanging.
-        futures.ThreadPoolExecutor(max_workers=max(config.workers, config.max_concurrent_rpcs), thread_name_prefix="lossd"),
+        # PROBE_RESERVE more slots and threads than that, for health checks and reflection, which
+        # AdmissionInterceptor leaves outside the limit.
+        futures.ThreadPoolExecutor(
+            max_workers=max(config.workers, config.max_concurrent_rpcs + PROBE_RESERVE), thread_name_prefix="lossd"
+        ),
         # Metrics outermost, so refusals by the others are counted too.
-        interceptors=[metrics.interceptor(), AuthInterceptor(tokens), DeadlineInterceptor()],
+        interceptors=[
+            metrics.interceptor(), AdmissionInterceptor(config.max_concurrent_rpcs), AuthInterceptor(tokens), DeadlineInterceptor(),
+        ],
         options=channel_options(config.max_message_bytes),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_RESERVE,
     )
     metrics.bind_server(server)
     server.add_generic_rpc_handlers((method_handlers(servicer),))

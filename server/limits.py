@@ -1,4 +1,8 @@
-"""Per-call deadlines on the server side.
+"""Admission and per-call deadlines on the server side.
+
+``AdmissionInterceptor`` enforces ``--max-concurrent-rpcs`` for the lossd services only: health
+checks and reflection stay outside the limit (with a few slots of their own), so a saturated
+replica still answers its probes SERVING instead of being restarted for being busy.
 
 gRPC cancels a call whose deadline has passed, but a Python handler keeps running and its result
 would still flow through the after_compute hooks (the audit trail) before being thrown away by the
@@ -15,13 +19,90 @@ way to); the guards bound the wasted work to one evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from .errors import Cancelled, DeadlineExceeded, ServiceError
+from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError
 from .service import ComputeEvent, abort
+
+# Probes never count against --max-concurrent-rpcs; gRPC's own limit is raised by this many
+# slots (and threads) so that they always find one.
+PROBE_SERVICES = frozenset({
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+PROBE_RESERVE = 8
+# The metrics interceptor reads this attribute of the context to tell why a call was refused.
+REFUSAL_ATTRIBUTE = "lossd_refusal"
+CONCURRENCY_LIMIT = "concurrency_limit"
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Refuses a lossd RPC at once (RESOURCE_EXHAUSTED) when ``limit`` are already running."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        service = details.method.lstrip("/").partition("/")[0]
+        if handler is None or service in PROBE_SERVICES:
+            return handler
+        return rewrap(handler, lambda behavior: self._admitted(behavior, handler.response_streaming))
+
+    def _enter(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            if self.active < self.limit:
+                self.active += 1
+                return
+        setattr(context, REFUSAL_ATTRIBUTE, CONCURRENCY_LIMIT)
+        abort(context, ResourceExhausted(
+            f"{self.limit} calls are already running on this server (raise it with --max-concurrent-rpcs, "
+            "or add replicas)"
+        ))
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def _admitted(self, behavior: Callable, response_streaming: bool) -> Callable:
+        if response_streaming:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                self._enter(context)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    self._leave()
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            self._enter(context)
+            try:
+                return behavior(request, context)
+            finally:
+                self._leave()
+
+        return unary
+
+
+def rewrap(handler: Any, wrap: Callable[[Callable], Callable]) -> Any:
+    """The same RPC method handler with its behaviour wrapped by ``wrap``."""
+    if handler.request_streaming and handler.response_streaming:
+        make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    elif handler.request_streaming:
+        make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    elif handler.response_streaming:
+        make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    else:
+        make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    return make(wrap(behavior), request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 def caller_gone(context: grpc.ServicerContext | None, what: str) -> ServiceError | None:

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from lossd.client._proto import lossd_pb2 as pb
 
 from . import registry as loss_registry
+from .limits import CONCURRENCY_LIMIT, REFUSAL_ATTRIBUTE, rewrap
 from .version import __version__
 
 # gRPC status codes as go-grpc-prometheus spells them (Go's codes.Code.String()).
@@ -59,7 +60,6 @@ REFUSALS: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.CANCELLED: "cancelled",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
-CONCURRENCY_LIMIT = "concurrency_limit"
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PHASES = ("decode", "compute", "encode")
@@ -223,7 +223,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             m._finish(labels, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, CONCURRENCY_LIMIT)
             return handler
         counts_losses = service == "lossd.v1.LossService"
-        return _rewrap(handler, lambda behavior: self._observe(behavior, handler, labels, counts_losses))
+        return rewrap(handler, lambda behavior: self._observe(behavior, handler, labels, counts_losses))
 
     def _observe(self, behavior: Callable, handler: Any, labels: tuple[str, str, str], counts_losses: bool) -> Callable:
         m = self.m
@@ -262,7 +262,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             if code is not grpc.StatusCode.OK or not handler.response_streaming:
                 answered(code)
             pending.clear()
-            m._finish(labels, code, time.perf_counter() - start)
+            m._finish(labels, code, time.perf_counter() - start, getattr(context, REFUSAL_ATTRIBUTE, None))
 
         if handler.response_streaming:
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -290,18 +290,6 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 end(context, start, failed)
 
         return unary
-
-
-def _rewrap(handler: Any, wrap: Callable[[Callable], Callable]) -> Any:
-    if handler.request_streaming and handler.response_streaming:
-        make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    elif handler.request_streaming:
-        make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    elif handler.response_streaming:
-        make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    else:
-        make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    return make(wrap(behavior), request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 # ------------------------------------------------------------------------------------------

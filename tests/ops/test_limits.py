@@ -97,11 +97,14 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once():
         gate = Gate(server.engine)
         slow = [stub.Compute.future(_mse(), timeout=60) for _ in range(2)]
         gate.wait_arrivals(2)  # both are computing: the server is at its limit
-        # The third is refused by gRPC before any handler runs. A hang would end in
-        # DEADLINE_EXCEEDED instead, so the code alone tells "at once" from "queued".
+        # The third is refused at once. A hang would end in DEADLINE_EXCEEDED instead, so the
+        # code alone tells "at once" from "queued".
         with pytest.raises(grpc.RpcError) as caught:
             stub.Compute(_mse(), timeout=20)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-concurrent-rpcs" in caught.value.details()
+        # Probes are outside the limit: a busy replica is not a dead one.
+        assert health_status(f"127.0.0.1:{server.port}") == "SERVING"
         gate.open()
         assert all(f.result().request_id for f in slow)  # the admitted calls were not disturbed
         _inflight_drained(server)
