@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,9 +107,17 @@ class StepCounter:
     so several losses or micro-batches of one training step share it.
     """
 
-    def __init__(self) -> None:
-        self._value = 0
+    def __init__(self, start: int = 0) -> None:
+        self._value = int(start)
         self.manual = False
+        self._lock = threading.Lock()  # data-parallel threads may share one module
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles of RemoteLoss carry the count
+        return {"_value": self._value, "manual": self.manual}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def value(self) -> int:
@@ -122,10 +131,11 @@ class StepCounter:
         self.manual = True
 
     def take(self) -> int:
-        step = self._value
-        if not self.manual:
-            self._value += 1
-        return step
+        with self._lock:
+            step = self._value
+            if not self.manual:
+                self._value += 1
+            return step
 
 
 @dataclass
@@ -154,13 +164,12 @@ _CURRENT_RUN: contextvars.ContextVar[AuditRun | None] = contextvars.ContextVar("
 def audit_run(run_id: str, tags: Mapping[str, str] | None = None, *, rank: int | None = None, step: int | None = None) -> Iterator[AuditRun]:
     """Make ``run_id`` the audit run of every ``RemoteLoss`` call in this context.
 
-    Calls are numbered 0, 1, 2, ... across all ``RemoteLoss`` modules used inside (a module's own
-    ``run_id`` takes precedence). Assign ``run.step = i`` to number training steps yourself.
+    Calls are numbered ``step``, ``step + 1``, ... (from 0 by default) across all ``RemoteLoss``
+    modules used inside (a module's own ``run_id`` takes precedence). Assign ``run.step = i`` to
+    number training steps yourself.
     """
     check_audit_fields(run_id, tags)
-    run = AuditRun(run_id, dict(tags or {}), rank)
-    if step is not None:
-        run.step = step
+    run = AuditRun(run_id, dict(tags or {}), rank, StepCounter(step or 0))
     token = _CURRENT_RUN.set(run)
     try:
         yield run

@@ -85,9 +85,7 @@ class RemoteLoss(nn.Module):
         self.tags = dict(tags or {})
         self.rank = rank
         self.micro_batch = micro_batch
-        self._steps = StepCounter()
-        if step is not None:
-            self._steps.value = step
+        self._steps = StepCounter(step or 0)
         self.name = name
         self.params = dict(params)
         self._owns_client = client is None
@@ -155,9 +153,18 @@ class RemoteLoss(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # Channels cannot be copied or pickled; a copy opens its own on first use.
+        # The state holds plain values only (a Transport holds locks): __setstate__ rebuilds them.
         state = self.__dict__.copy()
-        state["client"] = LossClient(**self.client.options())
+        state["client"] = self.client.options()
         state["_owns_client"] = True
         transport = self.transport
-        state["transport"] = Transport(state["client"], transport.mode, chunk_threshold=transport.chunk_threshold, chunk_bytes=transport.chunk_bytes)
+        state["transport"] = {"mode": transport.mode, "chunk_threshold": transport.chunk_threshold, "chunk_bytes": transport.chunk_bytes}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        client = LossClient(**state["client"])
+        options = state["transport"]
+        state["client"] = client
+        state["transport"] = Transport(client, options["mode"], chunk_threshold=options["chunk_threshold"], chunk_bytes=options["chunk_bytes"])
+        self.__dict__.update(state)

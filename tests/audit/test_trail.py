@@ -189,6 +189,27 @@ def test_audit_run_numbers_calls_and_merges_tags(trained: Trained) -> None:
     assert all(r["tags"] == {"commit": "abc", "loss": "ce"} and r["rank"] == 2 for r in records)
 
 
+def test_a_module_copy_keeps_its_run_and_step(trained: Trained) -> None:
+    import copy
+    import pickle
+
+    crit = RemoteLoss("cross_entropy", endpoint=trained.endpoint, timeout=60, run_id="copied", step=7)
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(crit)))
+    assert (twin.run_id, twin.step) == ("copied", 7)
+    twin(torch.randn(2, 3), torch.tensor([0, 2]))
+    assert twin.last_result.audited and twin.step == 8 and crit.step == 7
+    crit.close()
+    twin.close()
+
+
+def test_the_lossd_command_dispatches_audit(trained: Trained, capsys: pytest.CaptureFixture) -> None:
+    from lossd.server.cli import main
+
+    assert main(["audit", "show", trained.run_id, "--step", "49", "--endpoint", trained.endpoint]) == 0
+    (line,) = capsys.readouterr().out.splitlines()[1:]
+    assert line.split()[0] == "49" and f"{trained.losses[49]:.6g}" in line
+
+
 def test_verify_recomputation_catches_a_value_forged_with_a_fresh_record_digest(trained: Trained, capsys: pytest.CaptureFixture) -> None:
     """Someone who edits a value and recomputes record_sha256 is still caught: the loss,
     recomputed from the captured inputs, does not give the stored value."""
