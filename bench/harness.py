@@ -287,7 +287,7 @@ class ClientPool:
     def __init__(self, clients: int) -> None:
         self.clients = clients
         self.pool = multiprocessing.get_context("spawn").Pool(clients)
-        self.pool.map(_warm, range(clients))
+        self.pool.map(_warm, range(clients), chunksize=1)
 
     def rps(self, address: str, kind: str, duration: float, transport: str, pids: Sequence[int] = ()) -> dict[str, float]:
         """Requests/s of all clients together, and CPU seconds per request of the clients and of
@@ -309,6 +309,8 @@ class ClientPool:
 
 def _warm(_: int) -> None:
     import lossd.client  # noqa: F401 - import torch and the client once per worker process
+
+    time.sleep(1.0)  # hold this worker, so that every worker gets one of the warm-up tasks
 
 
 # Server designs compared under the same load: small cross_entropy calls from the client pool.
@@ -747,14 +749,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    pool = ClientPool(opts.clients) if parts & {"rows", "concurrency"} else None
+    pool = None  # started after the rows: spawned clients importing torch would load the machine
     try:
         with tempfile.TemporaryDirectory(prefix="lossd-bench-") as tmp:
             workdir = Path(tmp)
             if "rows" in parts:
                 result["rows"] = []
-                run_rows(opts, workdir, result, losses, sizes, transports, pool)
+                pool = run_rows(opts, workdir, result, losses, sizes, transports)
             if "concurrency" in parts:
+                pool = pool or ClientPool(opts.clients)
                 result["concurrency"] = concurrency(opts, workdir, pool)
             if "memory" in parts:
                 result["memory"] = memory(opts, workdir)
@@ -786,9 +789,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_rows(
     opts: argparse.Namespace, workdir: Path, result: dict[str, Any], losses: list[str], sizes: list[int],
-    transports: list[str], pool: ClientPool | None,
-) -> None:
-    """The side-by-side table, then throughput of the default servers (same run, same servers)."""
+    transports: list[str],
+) -> ClientPool:
+    """The side-by-side table, then throughput of the default servers (same run, same servers);
+    returns the client pool it started for the throughput, for reuse."""
     floor_server = start_server(floor_argv(opts), "floor listening on", workdir, "floor")
     lossd_server = start_server(lossd_argv(opts, workdir), "lossd listening on", workdir, "lossd")
     try:
@@ -814,14 +818,15 @@ def run_rows(
         skipped = [f"{loss} above {_size(caps[loss])}" for loss in losses if loss in caps and max(sizes) > caps[loss]]
         if skipped:
             result["notes"].append("not measured in this mode (compute, not transport, would dominate or take minutes): " + ", ".join(skipped))
-        if pool is not None:
-            result["throughput"] = {}
-            for transport in ("unary", "stream") if len(transports) > 1 else ("unary",):
-                floor_cell = pool.rps(floor_server.address, "floor", opts.throughput_seconds, transport, [floor_server.pid])
-                lossd_cell = pool.rps(lossd_server.address, "lossd", opts.throughput_seconds, transport, [lossd_server.pid])
-                floor_rps, lossd_rps = floor_cell["rps"], lossd_cell["rps"]
-                result["throughput"][transport] = {"floor_rps": floor_rps, "lossd_rps": lossd_rps, "floor": floor_cell, "lossd": lossd_cell}
-                print(f"throughput {transport}: trivial {floor_rps:.0f}/s, lossd {lossd_rps:.0f}/s", flush=True)
+        pool = ClientPool(opts.clients)
+        result["throughput"] = {}
+        for transport in ("unary", "stream") if len(transports) > 1 else ("unary",):
+            floor_cell = pool.rps(floor_server.address, "floor", opts.throughput_seconds, transport, [floor_server.pid])
+            lossd_cell = pool.rps(lossd_server.address, "lossd", opts.throughput_seconds, transport, [lossd_server.pid])
+            floor_rps, lossd_rps = floor_cell["rps"], lossd_cell["rps"]
+            result["throughput"][transport] = {"floor_rps": floor_rps, "lossd_rps": lossd_rps, "floor": floor_cell, "lossd": lossd_cell}
+            print(f"throughput {transport}: trivial {floor_rps:.0f}/s, lossd {lossd_rps:.0f}/s", flush=True)
     finally:
         floor_server.stop()
         lossd_server.stop()
+    return pool

@@ -28,7 +28,7 @@ class ServerConfig:
     port: int = field(default=50051, metadata={"help": "port to bind; 0 picks a free one and prints it"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when torch sees it), cpu, cuda or cuda:N"})
     workers: int = field(default=4, metadata={"help": "loss evaluations that run at once (torch releases the GIL in kernels); other admitted calls wait for a slot within their deadline"})
-    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads per evaluation; 0 keeps torch's default (one per core). 1 avoids oversubscription when many calls run at once on few cores (bench/RESULTS.md)"})
+    torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads per evaluation (up to --workers run at once); 0 keeps torch's default (one per core), worth it only for one large call at a time on a many-core CPU (bench/RESULTS.md)"})
     max_message_mb: int = field(default=256, metadata={"help": "largest request or response, in MiB (both directions)"})
     max_concurrent_rpcs: int = field(default=64, metadata={"help": "RPCs in flight before new ones get RESOURCE_EXHAUSTED"})
     max_rank: int = field(default=8, metadata={"help": "largest tensor rank accepted"})
