@@ -30,19 +30,21 @@ class Trained:
     logits: list[torch.Tensor]
     targets: list[torch.Tensor]
     grad_norms: list[float]
+    device: str  # what the server computed on, as records name it
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, device: torch.device):
+    """``pytest --device cuda`` runs the server (and verify's same-device recomputation) on the GPU."""
     directory = tmp_path_factory.mktemp(f"trail-{request.param}")
     db = make_db(request.param, directory, request)
-    running = create_server(ServerConfig(port=0, device="cpu", workers=4, audit_db=db, audit_capture="inputs", data_dir=str(directory)))
+    running = create_server(ServerConfig(port=0, device=str(device), workers=4, audit_db=db, audit_capture="inputs", data_dir=str(directory)))
     endpoint = f"127.0.0.1:{running.port}"
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     crit = RemoteLoss("cross_entropy", endpoint=endpoint, timeout=60, run_id=f"train-{request.param}", tags={"test": "trail"}, label_smoothing=0.05)
-    run = Trained(db, endpoint, crit.run_id, [], [], [], [])
+    run = Trained(db, endpoint, crit.run_id, [], [], [], [], str(running.engine.device))
     x_all, y_all = torch.randn(64, 8), torch.randint(0, 4, (64,))
     for step in range(STEPS):
         idx = torch.randint(0, 64, (16,))
@@ -76,7 +78,7 @@ def test_export_has_one_record_per_step_with_the_loop_values_and_digests(trained
     assert [r["value"] for r in records] == trained.losses  # exact: the float32 the loop saw
     for r, logits, targets, norm in zip(records, trained.logits, trained.targets, trained.grad_norms):
         assert r["run_id"] == trained.run_id and r["loss"] == "cross_entropy" and r["tags"] == {"test": "trail"}
-        assert r["params"]["label_smoothing"] == 0.05 and r["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["params"]["label_smoothing"] == 0.05 and r["device"] == trained.device and r["dtype"] == "float32"
         assert r["lossd_version"] and r["torch_version"] == torch.__version__ and r["peer"].startswith("ipv4:127.0.0.1:")
         by_path = {i["path"]: i for i in r["inputs"]}
         assert by_path["args[0]"]["sha256"] == independent_digest(logits)
@@ -230,4 +232,4 @@ def test_verify_recomputation_catches_a_value_forged_with_a_fresh_record_digest(
         sql(trained.db, "UPDATE audit_records SET value = ?, record_sha256 = ? WHERE id = ?", (*original, row.id))
     (failed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
     assert f"DEVIATION      run {trained.run_id} step 5 record {row.id} request {row.request_id}" in failed
-    assert "recomputation on cpu in float32 deviates by 0.000999" in failed
+    assert f"recomputation on {trained.device} in float32 deviates by 0.000999" in failed
