@@ -159,7 +159,9 @@ def torch_threads_of(server_args: list[str]) -> int:
             return int(arg.split("=", 1)[1])
         if arg == "--torch-threads" and i + 1 < len(server_args):
             return int(server_args[i + 1])
-    return 0
+    from lossd.server.config import ServerConfig
+
+    return ServerConfig().torch_threads  # the server's default
 
 
 def run_row(
