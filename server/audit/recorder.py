@@ -85,6 +85,7 @@ class AuditRecorder:
         self._written = 0
         self._rejected = 0
         self._blocked = 0
+        self._duplicates = 0
         self._failed = 0
         self._batches = 0
         self._write_s_sum = 0.0
@@ -209,7 +210,8 @@ class AuditRecorder:
         if missing and self.capture is not None:
             self.capture.forget(sorted(missing))  # the next call sending them stores them again
         with self._stats_lock:
-            self._written += len(batch)
+            self._written += self.store.last_inserted
+            self._duplicates += len(batch) - self.store.last_inserted
             self._batches += 1
             self._write_s_sum += elapsed
             self._last_write_s = elapsed
@@ -269,6 +271,7 @@ class AuditRecorder:
                 "queue_depth": self.queue.qsize(),
                 "queue_capacity": self.queue_size,
                 "records_written": self._written,
+                "records_duplicate": self._duplicates,
                 "records_dropped": self._rejected + self._failed,
                 "records_rejected": self._rejected,
                 "records_refused": self._rejected,

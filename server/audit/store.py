@@ -77,6 +77,7 @@ class Store:
         self.location = location
         self._writer: Any = None
         self._lock = threading.Lock()  # the writer connection (also used by flush at shutdown)
+        self.last_inserted = 0  # records the last write inserted (written by the writer thread only)
 
     @property
     def name(self) -> str:
@@ -158,6 +159,8 @@ class Store:
                         if missing.intersection(p.referenced):
                             uncapture(p.row, missing)
                 cur.executemany(insert, [p.row.values() for p in batch])
+                # Rows actually inserted (a retried request id inserts nothing); -1 if unknown.
+                self.last_inserted = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else len(batch)
                 conn.commit()
                 return missing
             except BaseException:

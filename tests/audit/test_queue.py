@@ -82,3 +82,16 @@ def test_which_calls_are_audited(tmp_path: Path, mode: str) -> None:
         client.close()
         running.stop(0)
     assert (with_run, without) == {"none": (False, False), "runs": (True, False), "all": (True, True)}[mode]
+
+
+def test_a_retried_request_id_is_one_record_and_one_count(audit_db: str) -> None:
+    running = create_server(ServerConfig(port=0, device="cpu", audit_db=audit_db))
+    client = LossClient(f"127.0.0.1:{running.port}", timeout=30)
+    try:
+        req = request(3)
+        assert client.compute(req).audited and client.compute(req).audited
+        stats = running.audit.stats()
+        assert (stats["records_written"], stats["records_duplicate"]) == (1, 1)
+    finally:
+        client.close()
+        running.stop(0)
