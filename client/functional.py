@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,17 +161,33 @@ class LossClient:
     def call(self, method: str, request: Any, *, request_id: str | None = None) -> Any:
         """Invoke one unary RPC, retrying UNAVAILABLE within the deadline; failures become LossdError."""
         self.check_size(request, request_id)
+        rpc = getattr(self.stub, method)
+        try:
+            return self.retrying(lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, request_id) from None
+
+    def retrying(self, attempt: Callable[[float | None], Any]) -> Any:
+        """``attempt(seconds left)`` until it does not fail UNAVAILABLE, within ``timeout``.
+
+        The one retry policy of every transport: up to ``retries`` more tries, jittered
+        exponential backoff, never past the caller's deadline. The caller keeps the request id
+        across tries, so the audit trail records the evaluation once.
+        """
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         backoff = 0.05
-        for attempt in range(self.retries + 1):
+        for tries_left in range(self.retries, -1, -1):
             remaining = None if deadline is None else deadline - time.monotonic()
             try:
-                return getattr(self.stub, method)(request, timeout=remaining, metadata=self._metadata)
+                return attempt(remaining)
             except grpc.RpcError as error:
-                retry = error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
                 pause = backoff * (0.5 + random.random())  # jitter: replicas restarting together
-                if not retry or (deadline is not None and time.monotonic() + pause >= deadline):
-                    raise from_rpc_error(error, request_id) from None
+                if (
+                    error.code() != grpc.StatusCode.UNAVAILABLE
+                    or not tries_left
+                    or (deadline is not None and time.monotonic() + pause >= deadline)
+                ):
+                    raise
                 time.sleep(pause)
                 backoff = min(backoff * 2, 2.0)
         raise AssertionError("unreachable")  # the loop always returns or raises

@@ -225,19 +225,21 @@ class StreamSession:
         self._watchdog: threading.Thread | None = None
         self._closed = False
 
-    def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+    def compute(self, request: pb.ComputeRequest, timeout: float | None = None) -> pb.ComputeResponse:
+        """``timeout``: this call's seconds, when less than the session's (a retry's remainder)."""
         # ComputeStreamRequest{request = 1}: frame the serialized request by hand (no message copy).
         payload = request.SerializeToString()
         framed = b"".join((b"\x0a", _varint(len(payload)), payload))
+        seconds = self.timeout if timeout is None else timeout
         with self._lock:
             if self._answers is None:
                 self._open()
             self._queue.put(framed)
             try:
-                if self.timeout is None:
+                if seconds is None:
                     answer = next(self._answers)
                 else:
-                    self._arm(self.timeout)
+                    self._arm(seconds)
                     try:
                         answer = next(self._answers)
                     finally:
@@ -379,18 +381,24 @@ class Transport:
             return client.compute(request), None
         if outboard is None:
             client.check_size(request, request.request_id)
-        try:
+
+        def attempt(remaining: float | None) -> tuple[pb.ComputeResponse, dict[str, Tensor] | None]:
             if outboard is not None:
                 return chunked_compute(
                     self._chunked_method(),
                     request,
                     outboard,
-                    timeout=client.timeout,
+                    timeout=remaining,
                     chunk_bytes=self.chunk_bytes,
                     max_bytes=1 << 62,  # the client asked for these gradients; the server bounds them
                     metadata=client.metadata,
                 )
-            return self.session().compute(request), None
+            return self.session().compute(request, timeout=remaining), None
+
+        try:
+            # A failed session is reset by StreamSession; the retry opens a new stream, maybe to
+            # another replica, with the same request id.
+            return client.retrying(attempt)
         except grpc.RpcError as error:
             raise from_rpc_error(error, request.request_id) from None
         except _Expired:

@@ -38,6 +38,7 @@ from lossd.client import LossClient, LossdError  # noqa: E402
 from lossd.client._proto import lossd_pb2 as pb  # noqa: E402
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc  # noqa: E402
 from lossd.client.functional import build_request  # noqa: E402
+from lossd.client.transport import Transport  # noqa: E402
 
 pytestmark = pytest.mark.faults
 
@@ -114,22 +115,33 @@ def written(server) -> int:
 # a. restart under a training loop
 
 
-def test_server_killed_and_restarted_during_a_training_loop(tmp_path):
+@pytest.mark.parametrize("mode", ["unary", "stream", "chunked"])
+def test_server_killed_and_restarted_during_a_training_loop(tmp_path, mode):
     """SIGKILL mid-loop, a new server on the same port: every step completes within the
-    client's deadline (LossClient retries UNAVAILABLE with backoff, keeping the request id) and
-    the audit trail holds each step exactly once."""
+    client's deadline (every transport retries UNAVAILABLE with backoff, keeping the request
+    id; a broken stream session is reopened) and the audit trail holds each step exactly once."""
     port, steps = free_port(), 40
     first = serve(tmp_path, port=port).start()
     second = None
     client = LossClient(f"127.0.0.1:{port}", timeout=90, retries=60)
+    transport = Transport(client, mode)
     done: list[tuple[str, int, bool]] = []
     failures: list[BaseException] = []
 
+    def send(step: int) -> tuple[pb.ComputeRequest, pb.ComputeResponse]:
+        if mode == "unary":
+            request = audited("train", step)
+            return request, client.compute(request)
+        tensors = (torch.randn(8), torch.randn(8))
+        outboard = transport.outboard(list(zip(("args[0]", "args[1]"), tensors)))
+        request = build_request("mse", {}, tensors, {}, ["args[0]"], outboard=outboard)
+        request.audit.run_id, request.audit.step = "train", step
+        return request, transport.send(request, outboard)[0]
+
     def training_loop() -> None:
         for step in range(1, steps + 1):
-            request = audited("train", step)
             try:
-                response = client.compute(request)
+                request, response = send(step)
             except BaseException as exc:  # noqa: BLE001 - reported by the test
                 failures.append(exc)
                 return
@@ -155,6 +167,7 @@ def test_server_killed_and_restarted_during_a_training_loop(tmp_path):
         assert sorted(s for _, s in records) == list(range(1, steps + 1)), "a step is missing or recorded twice"
         assert sorted(r for r, _ in records) == sorted(r for r, _, _ in done)
     finally:
+        transport.close()
         client.close()
         first.stop()
         if second is not None:
