@@ -510,6 +510,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with its measured figure (ratios from this run)."""
     out = []
     for row in result.get("rows", []):
+        if "p50" not in row.get("local", {}) or "p50" not in row.get("echo", {}):
+            continue  # a failed floor or local column: reported in the table, no ratio to judge
         local = row["local"]["p50"]
         name = f"{row['loss']} {_size(row['size'])}"
         if row["size"] <= SMALL:
@@ -551,7 +553,7 @@ def table(result: dict[str, Any]) -> str:
             return f"{_ms(cell)} / {_ms(cell, 'p99')}" if cell and "p50" in cell else _ms(cell)
 
         best = best_remote(row)
-        if best is None:
+        if best is None or "p50" not in row.get("local", {}) or "p50" not in row.get("echo", {}):
             ratio = mbs = "–"
         else:
             floor = row["echo"]["p50"] + row["local"]["p50"] if row["size"] < LARGE else row["echo"]["p50"]
@@ -561,7 +563,7 @@ def table(result: dict[str, Any]) -> str:
             mbs = f"{(row['request_bytes'] + row['grad_bytes']) / best[1]['p50'] / MB:.0f}"
         lines.append("| " + " | ".join([
             row["loss"], _size(row["size"]), row["shape"], f"{row['request_bytes'] / MB:.3f}", both("echo"), _ms(row.get("pingpong")),
-            _ms(row["local"]), both("unary"), both("stream"), both("chunked"), both("auto"), ratio, mbs,
+            _ms(row.get("local")), both("unary"), both("stream"), both("chunked"), both("auto"), ratio, mbs,
         ]) + " |")
     return "\n".join(lines)
 
@@ -809,7 +811,7 @@ def run_rows(
                 result["rows"].append(row)
                 best = best_remote(row)
                 print(
-                    f"{loss:>14} {_size(size):>7}  echo {_ms(row['echo'])}  local {_ms(row['local'])}  "
+                    f"{loss:>14} {_size(size):>7}  echo {_ms(row.get('echo'))}  local {_ms(row.get('local'))}  "
                     + "  ".join(f"{t} {_ms(row.get(t))}" for t in transports if t in row)
                     + (f"  best {best[0]}" if best else ""),
                     flush=True,
