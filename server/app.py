@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import ipaddress
 import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,7 @@ class RunningServer:
     metrics_http: Any = None
     audit: AuditRecorder | None = None  # None with --audit none
     audit_store: Any = None  # what AuditService reads (the recorder's store, or --audit-db with --audit none)
+    admission: AdmissionInterceptor | None = None
 
     @property
     def address(self) -> str:
@@ -51,8 +54,14 @@ class RunningServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: health goes NOT_SERVING, new calls are refused, in-flight calls finish."""
+        grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
-        self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        if self.admission is not None:
+            # Before gRPC's own shutdown, which would cancel calls that arrived but were not yet
+            # handed to a thread: here they are still taken, and refused UNAVAILABLE (retried).
+            self.admission.drain(grace)
+        self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         # After the drain: calls in flight have had their records committed; flush the rest.
         self.close_audit()
         if self.metrics_http is not None:
@@ -94,6 +103,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
         max_evaluations=config.workers,  # --workers bounds concurrent evaluations...
     )
+    admission = AdmissionInterceptor(config.max_concurrent_rpcs)
     server = grpc.server(
         # ...not RPCs: a ComputeStream session holds its thread while idle, so with one thread per
         # worker a few idle training loops would starve every other call. One thread per admitted
@@ -104,9 +114,7 @@ def create_server(config: ServerConfig) -> RunningServer:
             max_workers=max(config.workers, config.max_concurrent_rpcs + PROBE_RESERVE), thread_name_prefix="lossd"
         ),
         # Metrics outermost, so refusals by the others are counted too.
-        interceptors=[
-            metrics.interceptor(), AdmissionInterceptor(config.max_concurrent_rpcs), AuthInterceptor(tokens), DeadlineInterceptor(),
-        ],
+        interceptors=[metrics.interceptor(), admission, AuthInterceptor(tokens), DeadlineInterceptor()],
         options=channel_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_RESERVE,
     )
@@ -145,7 +153,7 @@ def create_server(config: ServerConfig) -> RunningServer:
             raise
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store)
+    return RunningServer(server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission)
 
 
 def is_loopback(host: str) -> bool:
@@ -190,6 +198,8 @@ def serve(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack on stderr
     stopping.wait()
     running.stop()
     log.info("stopped")

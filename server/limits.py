@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError
+from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from .service import ComputeEvent, abort
 
 # Probes never count against --max-concurrent-rpcs; gRPC's own limit is raised by this many
@@ -42,52 +42,71 @@ CONCURRENCY_LIMIT = "concurrency_limit"
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
-    """Refuses a lossd RPC at once (RESOURCE_EXHAUSTED) when ``limit`` are already running."""
+    """Refuses a lossd RPC at once (RESOURCE_EXHAUSTED) when ``limit`` are already running, and
+    every new one (UNAVAILABLE, which clients retry elsewhere) once the server drains."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
-        self._lock = threading.Lock()
+        self.sessions = 0  # ComputeStream sessions among them: they idle between calls
+        self.draining = False
+        self._lock = threading.Condition()
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         service = details.method.lstrip("/").partition("/")[0]
         if handler is None or service in PROBE_SERVICES:
             return handler
-        return rewrap(handler, lambda behavior: self._admitted(behavior, handler.response_streaming))
+        session = handler.request_streaming and handler.response_streaming
+        return rewrap(handler, lambda behavior: self._admitted(behavior, handler.response_streaming, session))
 
-    def _enter(self, context: grpc.ServicerContext) -> None:
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls and wait up to ``timeout`` for the running ones (stream sessions
+        aside: they end when gRPC's own grace does). True when none was left running."""
         with self._lock:
-            if self.active < self.limit:
+            self.draining = True
+            return self._lock.wait_for(lambda: self.active - self.sessions <= 0, timeout=max(timeout, 0.0))
+
+    def _enter(self, context: grpc.ServicerContext, session: bool) -> None:
+        with self._lock:
+            if not self.draining and self.active < self.limit:
                 self.active += 1
+                self.sessions += session
                 return
+            draining = self.draining
+        if draining:
+            # Accepted by gRPC after SIGTERM: the caller retries it on another replica (or this
+            # one once restarted) with the same request id; nothing was computed or audited.
+            abort(context, Unavailable("this server is shutting down; retry the call on another replica"))
         setattr(context, REFUSAL_ATTRIBUTE, CONCURRENCY_LIMIT)
         abort(context, ResourceExhausted(
             f"{self.limit} calls are already running on this server (raise it with --max-concurrent-rpcs, "
             "or add replicas)"
         ))
 
-    def _leave(self) -> None:
+    def _leave(self, session: bool) -> None:
         with self._lock:
             self.active -= 1
+            self.sessions -= session
+            self._lock.notify_all()
 
-    def _admitted(self, behavior: Callable, response_streaming: bool) -> Callable:
+    def _admitted(self, behavior: Callable, response_streaming: bool, session: bool) -> Callable:
         if response_streaming:
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._enter(context)
+                self._enter(context, session)
                 try:
                     yield from behavior(request, context)
                 finally:
-                    self._leave()
+                    self._leave(session)
 
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            self._enter(context)
+            self._enter(context, session)
             try:
                 return behavior(request, context)
             finally:
-                self._leave()
+                self._leave(session)
 
         return unary
 

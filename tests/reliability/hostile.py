@@ -693,9 +693,16 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
     fault = data.draw(st.sampled_from(CHUNK_FAULTS), label="chunk fault")
     first = [pb.ComputeChunkedRequest(header=header).SerializeToString()]
     if fault == "truncated" and stream:
-        chunks = chunks[: data.draw(st.integers(0, len(chunks) - 1), label="keep")]
-        last = stream[sum(map(len, chunks)) :]
-        chunks.append(last[: data.draw(st.integers(0, len(last) - 1), label="partial")])
+        # Cut the byte stream short, keeping the chunk boundaries before the cut (some chunks
+        # may be empty, so cutting by chunk count alone could cut nothing).
+        cut, kept, sent = data.draw(st.integers(0, len(stream) - 1), label="cut"), [], 0
+        for chunk in chunks:
+            if sent + len(chunk) > cut:
+                kept.append(chunk[: cut - sent])
+                break
+            kept.append(chunk)
+            sent += len(chunk)
+        chunks = kept
     elif fault == "extra_bytes":
         chunks.append(data.draw(st.binary(min_size=1, max_size=64), label="extra"))
     elif fault in ("dropped_chunk", "duplicated_chunk") and chunks:
