@@ -82,6 +82,9 @@ def _expected(reference: LossServicer, payload: bytes) -> tuple[pb.ComputeRespon
 
 def build_cases() -> tuple[list[Case], list[Case], list[Case]]:
     """(valid small, large, bad) cases, with the answers computed here."""
+    # The server's torch thread count (--torch-threads), so that vectorised and scalar kernel
+    # paths split the work alike and float32 answers agree to the rounding, not just roughly.
+    torch.set_num_threads(ServerConfig().torch_threads)
     reference = LossServicer(Engine("cpu"), ServerConfig().limits)
 
     def case(name: str, request: pb.ComputeRequest | bytes, **kw: Any) -> Case:
