@@ -710,8 +710,11 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
     elif fault in ("dropped_chunk", "duplicated_chunk") and chunks:
         i = data.draw(st.integers(0, len(chunks) - 1), label="chunk")
         chunks[i : i + 1] = [] if fault == "dropped_chunk" else [chunks[i], chunks[i]]
-    elif fault == "reordered" and len(chunks) > 1:
-        chunks.reverse()
+    elif fault == "reordered" and len(stream) > 1:
+        pieces = [c for c in chunks if c]  # reversing around empty chunks would move nothing
+        if len(pieces) < 2:
+            pieces = [stream[: len(stream) // 2], stream[len(stream) // 2 :]]
+        chunks = pieces[::-1]
     elif fault in ("size_mismatch", "negative_size", "huge_size", "big_claim", "unknown_path", "duplicate_path", "inline_and_chunked") and refs:
         i = data.draw(st.integers(0, len(refs) - 1), label="ref")
         ref = refs[i]
