@@ -89,22 +89,47 @@ def abort(context: grpc.ServicerContext, error: ServiceError) -> None:
     context.abort_with_status(rpc_status.to_status(status))
 
 
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"request is not a valid {request.type_name}: {request.reason}")
+
+
+def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    """End the RPC for ``exc``: every failure becomes a status, never a crash."""
+    if _is_abort(exc):
+        raise exc
+    error = to_service_error(exc)
+    if type(error) is ServiceError:
+        log.error("internal error in %s", method, exc_info=exc)
+    else:
+        log.info("%s refused: %s %s", method, error.code.name, error)
+    abort(context, error)
+
+
 def handles_errors(method: Callable) -> Callable:
+    """Unary-response methods: malformed requests and raised errors become statuses."""
+
     @functools.wraps(method)
-    def wrapper(self: LossServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(f"request is not a valid {request.type_name}: {request.reason}")
+            _check_parsed(request)
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            if _is_abort(exc):
-                raise
-            error = to_service_error(exc)
-            if type(error) is ServiceError:
-                log.exception("internal error in %s", method.__name__)
-            else:
-                log.info("%s refused: %s %s", method.__name__, error.code.name, error)
-            abort(context, error)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status by _fail
+            _fail(context, exc, method.__name__)
+
+    return wrapper
+
+
+def handles_stream_errors(method: Callable) -> Callable:
+    """``handles_errors`` for server-streaming methods (errors raised while iterating)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            _check_parsed(request)
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status by _fail
+            _fail(context, exc, method.__name__)
 
     return wrapper
 

@@ -7,10 +7,9 @@ the one mapping in server/service.py.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,16 +19,8 @@ from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 
-from ..errors import InvalidArgument, ServiceError
-from ..service import (
-    Malformed,
-    _is_abort,
-    abort,
-    handles_errors,
-    log,
-    safe_parser,
-    to_service_error,
-)
+from ..errors import InvalidArgument
+from ..service import handles_errors, handles_stream_errors, safe_parser
 from .records import Row, value_scalar
 from .store import Selector, Store
 from .verify import DEVIATION, ERROR, INPUT_MISMATCH, NOT_CAPTURED, OK, RECORD_ALTERED, Verifier
@@ -44,26 +35,6 @@ _STATUS = {
     NOT_CAPTURED: pb.VERIFY_STATUS_NOT_CAPTURED,
     ERROR: pb.VERIFY_STATUS_ERROR,
 }
-
-
-def handles_stream_errors(method: Callable) -> Callable:
-    """``handles_errors`` for server-streaming methods (errors raised while iterating)."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(f"request is not a valid {request.type_name}: {request.reason}")
-            yield from method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            if _is_abort(exc):
-                raise
-            error = to_service_error(exc)
-            if type(error) is ServiceError:
-                log.exception("internal error in %s", method.__name__)
-            abort(context, error)
-
-    return wrapper
 
 
 def selector(sel: pb.AuditSelector) -> Selector:
