@@ -15,8 +15,8 @@ import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import fat
-from lossd.server.registry import LossOutput
 from tests.golden_cases import GOLDEN, get_path, golden_files, load_golden
+from tests.losses.losskit import call, gen, notes, value
 
 FAT_LOSSES = (
     "cross_entropy",
@@ -32,22 +32,9 @@ FAT_LOSSES = (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def value(out):
-    return out.value if isinstance(out, LossOutput) else out
 
 
-def notes(out) -> list[str]:
-    return out.notes if isinstance(out, LossOutput) else []
 
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def call(name: str, *args, **params):
-    """Call through the registry, with its parameter canonicalisation (as the server does)."""
-    spec = registry.get(name)
-    return spec.fn(*args, **spec.canonical_params(params))
 
 
 # --------------------------------------------------------------------------- golden values

@@ -18,6 +18,7 @@ from lossd.server.errors import InvalidArgument
 from lossd.server.losses import visdet
 from lossd.server.registry import LossOutput
 from tests.golden_cases import get_path, golden_files, load_golden
+from tests.losses.losskit import call, gen, notes, value
 
 VISDET_LOSSES = (
     "CrossEntropyLoss",
@@ -44,22 +45,9 @@ PAIR_LOSSES = (
 F64 = torch.float64
 
 
-def value(out):
-    return out.value if isinstance(out, LossOutput) else out
 
 
-def notes(out) -> list[str]:
-    return out.notes if isinstance(out, LossOutput) else []
 
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def call(name: str, *args, **params):
-    """Call through the registry with its parameter canonicalisation, as the server does."""
-    spec = registry.get(name)
-    return spec.fn(*args, **spec.canonical_params(params))
 
 
 def example(name: str, dtype=F64):
