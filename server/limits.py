@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from ._handlers import rewrap
 from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from .service import ComputeEvent, abort
 
@@ -111,19 +112,6 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         return unary
 
 
-def rewrap(handler: Any, wrap: Callable[[Callable], Callable]) -> Any:
-    """The same RPC method handler with its behaviour wrapped by ``wrap``."""
-    if handler.request_streaming and handler.response_streaming:
-        make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    elif handler.request_streaming:
-        make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    elif handler.response_streaming:
-        make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    else:
-        make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    return make(wrap(behavior), request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-
-
 def caller_gone(context: grpc.ServicerContext | None, what: str) -> ServiceError | None:
     """Why the caller no longer wants this call's result, or None while it still does."""
     if context is None:
@@ -150,13 +138,14 @@ class DeadlineInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or handler.request_streaming:
             return handler
-        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        return rewrap(handler, _guarded)
 
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            error = caller_gone(context, "the call was started")
-            if error is not None:
-                abort(context, error)
-            return behavior(request, context)
 
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        return make(guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+def _guarded(behavior: Callable) -> Callable:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        error = caller_gone(context, "the call was started")
+        if error is not None:
+            abort(context, error)
+        return behavior(request, context)
+
+    return guarded

@@ -38,7 +38,8 @@ from prometheus_client.registry import Collector
 from lossd.client._proto import lossd_pb2 as pb
 
 from . import registry as loss_registry
-from .limits import CONCURRENCY_LIMIT, REFUSAL_ATTRIBUTE, rewrap
+from ._handlers import rewrap
+from .limits import CONCURRENCY_LIMIT, REFUSAL_ATTRIBUTE
 from .version import __version__
 
 # gRPC status codes as go-grpc-prometheus spells them (Go's codes.Code.String()).

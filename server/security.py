@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 import yaml
 
+from ._handlers import rewrap
 from .errors import PermissionDenied, ServiceError, Unauthenticated
 
 log = logging.getLogger("lossd.security")
@@ -239,23 +240,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _with_principal(handler, principal)
 
 
-def _wrap(handler: Any, wrap: Callable[[Callable, bool], Callable]) -> Any:
-    """``handler`` with its behaviour replaced by ``wrap(behaviour, response_streaming)``."""
-    if handler.request_streaming and handler.response_streaming:
-        make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    elif handler.request_streaming:
-        make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    elif handler.response_streaming:
-        make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    else:
-        make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    return make(
-        wrap(behavior, handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 def _with_principal(handler: Any, principal: Principal | None) -> Any:
     def wrap(behavior: Callable, streaming: bool) -> Callable:
         def resolve(context: grpc.ServicerContext) -> Principal | None:
@@ -287,7 +271,7 @@ def _with_principal(handler: Any, principal: Principal | None) -> Any:
 
         return unary
 
-    return _wrap(handler, wrap)
+    return rewrap(handler, lambda behavior: wrap(behavior, handler.response_streaming))
 
 
 def _call_as(principal: Principal | None, behavior: Callable, request: Any, context: grpc.ServicerContext) -> Any:
@@ -314,7 +298,7 @@ def _refusal(handler: Any, error: ServiceError, method: str) -> Any:
             return refuse_stream
         return refuse
 
-    return _wrap(handler, wrap)
+    return rewrap(handler, lambda behavior: wrap(behavior, handler.response_streaming))
 
 
 # ------------------------------------------------------------------------------------------
