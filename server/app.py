@@ -200,6 +200,9 @@ def serve(config: ServerConfig) -> None:
     signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack on stderr
-    stopping.wait()
+    # Wait in slices: the kernel may deliver SIGTERM to one of gRPC's threads, and CPython runs
+    # the Python handler only when the main thread returns to bytecode, which an untimed wait never does.
+    while not stopping.wait(0.2):
+        pass
     running.stop()
     log.info("stopped")

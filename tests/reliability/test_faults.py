@@ -293,6 +293,41 @@ def test_sigterm_with_calls_in_flight_finishes_them_and_flushes_the_audit_queue(
     assert sorted(r for r, _ in stored(tmp_path / "audit.sqlite3", "sigterm")) == sorted(answered)
 
 
+# A server whose main thread blocks SIGTERM once gRPC's, the audit writer's and the metrics
+# threads exist, so the kernel must deliver the signal to one of those threads (what CI once hit
+# by chance: the main thread then slept in an untimed wait and the server never drained).
+_SIGTERM_ON_ANOTHER_THREAD = """
+import signal, sys
+from lossd.server import app, cli
+create_server = app.create_server
+def create_then_block(config):
+    running = create_server(config)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return running
+app.create_server = create_then_block
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_delivered_to_another_thread_still_drains_and_exits(tmp_path):
+    proc = serve(tmp_path, "--metrics-port", "0", "--log-level", "INFO")
+    proc.argv = [sys.executable, "-c", _SIGTERM_ON_ANOTHER_THREAD, *proc.argv[3:]]
+    proc.start()
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            assert pb_grpc.LossServiceStub(channel).Compute(audited("other-thread", 0), timeout=30).audited
+        proc.proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("SIGTERM taken by a non-main thread was never acted on") from None
+    finally:
+        proc.stop()
+    assert code == 0, "".join(proc.stderr_lines[-20:])
+    assert any("SIGTERM received: draining" in line for line in proc.stderr_lines), proc.stderr_lines[-20:]
+    assert len(stored(tmp_path / "audit.sqlite3", "other-thread")) == 1
+
+
 def test_sigkill_during_audited_writes_keeps_every_acknowledged_record(tmp_path):
     """Writers hammer an audited server; SIGKILL; after a restart the database is consistent
     and holds every record whose call answered audited=true."""
