@@ -79,8 +79,10 @@ def digest_bytes(dtype: str, shape: tuple[int, ...] | list[int], data: bytes | m
 
 def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> None:
     """Raise ValueError for a run id or tags the server would refuse."""
-    if run_id is not None and (not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID_CHARS):
-        raise ValueError(f"run_id must be a string of at most {MAX_RUN_ID_CHARS} characters")
+    if run_id is not None and not isinstance(run_id, str):
+        raise ValueError(f"run_id must be a string, got {type(run_id).__name__}")
+    if run_id is not None and len(run_id) > MAX_RUN_ID_CHARS:
+        raise ValueError(f"run_id must have at most {MAX_RUN_ID_CHARS} characters, got {len(run_id)}")
     if run_id and "\0" in run_id:
         raise ValueError("run_id must not contain NUL characters")
     tags = tags or {}
@@ -90,7 +92,10 @@ def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> No
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValueError(f"tags must map strings to strings, got {key!r}: {value!r}")
         if not key or len(key) > MAX_TAG_KEY_CHARS or len(value) > MAX_TAG_VALUE_CHARS:
-            raise ValueError(f"tag {key[:40]!r}: keys need 1..{MAX_TAG_KEY_CHARS} characters, values at most {MAX_TAG_VALUE_CHARS}")
+            raise ValueError(
+                f"tag {key[:40]!r}: keys need 1..{MAX_TAG_KEY_CHARS} characters and values at most "
+                f"{MAX_TAG_VALUE_CHARS}, got a key of {len(key)} and a value of {len(value)}"
+            )
         if "\0" in key or "\0" in value:
             raise ValueError(f"tag {key[:40]!r}: keys and values must not contain NUL characters")
 

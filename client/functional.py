@@ -141,6 +141,12 @@ class LossClient:
             self._channel.close()
         self._channel = self._stub = None
 
+    def __enter__(self) -> LossClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
         """Metadata every call carries (the bearer token); the stream transports use it too."""

@@ -10,8 +10,10 @@ from torch import Tensor
 
 from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.audit import check_audit_fields
 
 from .engine import Evaluation
+from .errors import InvalidArgument
 from .registry import REQUIRED, Input, LossSpec, Param
 
 
@@ -47,6 +49,8 @@ def decode_compute(
         _check_external(external, params, args, kwargs, grad_output)
     if len(request.grad_paths) > limits.max_items:
         raise codec.LimitError("grad_paths", f"more than {limits.max_items} paths", "--max-items")
+    if request.audit.run_id or request.audit.tags:
+        check_audit_context(request.audit)
     return ComputeCall(
         loss=request.loss,
         params=params,
@@ -58,6 +62,15 @@ def decode_compute(
         audit=request.audit,
         input_tensors=list(codec.call_tensors(args, kwargs)),
     )
+
+
+def check_audit_context(audit: pb.AuditContext) -> None:
+    """Refuse a run id or tags the audit trail could not store, before anything is computed, and
+    whether or not this server records the call: the same request gets the same answer anywhere."""
+    try:
+        check_audit_fields(audit.run_id, dict(audit.tags))
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), field="audit.run_id" if str(exc).startswith("run_id") else "audit.tags") from None
 
 
 def _check_external(external: dict[str, Tensor], params: Any, args: Any, kwargs: Any, grad_output: Tensor | None) -> None:

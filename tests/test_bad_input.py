@@ -68,6 +68,13 @@ def _with_arg(index: int, value: pb.Value) -> pb.ComputeRequest:
     return msg
 
 
+def _with_audit(run_id: str = "run", tags: dict[str, str] | None = None) -> pb.ComputeRequest:
+    msg = request()
+    msg.audit.run_id = run_id
+    msg.audit.tags.update(tags or {})
+    return msg
+
+
 BAD = {
     "byte count below shape": (_with_arg(0, raw_tensor(data=bytes(47))), grpc.StatusCode.INVALID_ARGUMENT, "args[0].data", "expected 48 bytes"),
     "byte count above shape": (_with_arg(0, raw_tensor(data=bytes(52))), grpc.StatusCode.INVALID_ARGUMENT, "args[0].data", "got 52"),
@@ -93,6 +100,11 @@ BAD = {
     "grad of integer input": (request(grad_paths=["args[1]"]), grpc.StatusCode.INVALID_ARGUMENT, "grad_paths[0]", "floating-point"),
     "deep nesting": (_with_arg(0, nested(40)), grpc.StatusCode.RESOURCE_EXHAUSTED, "args[0]" + "[0]" * 17, "--max-depth"),
     "empty value": (_with_arg(0, pb.Value()), grpc.StatusCode.INVALID_ARGUMENT, "args[0]", "empty Value"),
+    "run id too long": (_with_audit("r" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audit.run_id", "at most 256 characters, got 300"),
+    "NUL in run id": (_with_audit("a\0b"), grpc.StatusCode.INVALID_ARGUMENT, "audit.run_id", "NUL"),
+    "too many tags": (_with_audit(tags={f"t{i}": "v" for i in range(65)}), grpc.StatusCode.INVALID_ARGUMENT, "audit.tags", "at most 64 tags, got 65"),
+    "empty tag key": (_with_audit(tags={"": "v"}), grpc.StatusCode.INVALID_ARGUMENT, "audit.tags", "got a key of 0"),
+    "tag value too long": (_with_audit(tags={"k": "v" * 2000}), grpc.StatusCode.INVALID_ARGUMENT, "audit.tags", "a value of 2000"),
 }
 
 

@@ -28,7 +28,6 @@ from torch import Tensor
 from lossd.client.audit import tensor_bytes, tensor_digest
 from lossd.client.codec import iter_tensors, join_key
 
-from ..errors import InvalidArgument
 from ..version import __version__
 
 # Larger loss values (reduction='none' over big inputs) keep their digest, not their elements.
@@ -198,15 +197,6 @@ def value_scalar(value_json: str) -> float:
 # Building a record
 
 
-def check_context(run_id: str, tags: dict[str, str]) -> None:
-    from lossd.client.audit import check_audit_fields
-
-    try:
-        check_audit_fields(run_id, tags)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc), field="audit") from None
-
-
 def all_tensors(params: dict[str, Any], args: list[Any], kwargs: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
     """Every tensor of an evaluation, with its path: the call's, then tensor-valued params'."""
     yield from iter_tensors(list(args), "args")
@@ -236,8 +226,7 @@ def build(
 ) -> Pending:
     """Build the record of one evaluation. ``capture(digest, tensor)`` stores an input and says
     whether it is stored (``(stored, new_blob)``); None records digests only."""
-    tags = dict(audit.tags)
-    check_context(audit.run_id, tags)
+    tags = dict(audit.tags)  # checked when the request was decoded (messages.check_audit_context)
     inputs: list[dict[str, Any]] = []
     blobs: list[Blob] = []
     referenced: list[str] = []

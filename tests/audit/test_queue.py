@@ -13,6 +13,7 @@ from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server.app import create_server
+from lossd.server.audit.store import Selector
 from lossd.server.config import ServerConfig
 
 
@@ -94,4 +95,29 @@ def test_a_retried_request_id_is_one_record_and_one_count(audit_db: str) -> None
         assert (stats["records_written"], stats["records_duplicate"]) == (1, 1)
     finally:
         client.close()
+        running.stop(0)
+
+
+def test_a_bad_audit_context_is_refused_before_anything_is_computed_or_recorded(tmp_path: Path) -> None:
+    running = create_server(ServerConfig(port=0, device="cpu", workers=2, audit_db=str(tmp_path / "a.sqlite3")))
+    evaluated: list[str] = []
+    original = running.engine.evaluate
+
+    def counted(name, *args, **kwargs):
+        evaluated.append(name)
+        return original(name, *args, **kwargs)
+
+    running.engine.evaluate = counted
+    try:
+        with LossClient(f"127.0.0.1:{running.port}", timeout=30) as client:
+            bad = request(0)
+            bad.audit.tags.update({f"t{i}": "v" for i in range(65)})
+            with pytest.raises(LossdError) as refused:
+                client.compute(bad)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "audit.tags"
+            assert evaluated == []  # refused while decoding, not after the loss ran
+            assert client.compute(request(1)).audited
+            assert evaluated == ["cross_entropy"]
+        assert [row.step for row in running.audit.store.records(Selector("queue"))] == [1]
+    finally:
         running.stop(0)
