@@ -18,6 +18,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ._malloc import IdleTrimmer, set_mmap_threshold
 from .audit import AuditRecorder, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .config import ServerConfig
@@ -46,6 +47,7 @@ class RunningServer:
     audit: AuditRecorder | None = None  # None with --audit none
     audit_store: Any = None  # what AuditService reads (the recorder's store, or --audit-db with --audit none)
     admission: AdmissionInterceptor | None = None
+    trimmer: IdleTrimmer | None = None
 
     @property
     def address(self) -> str:
@@ -64,6 +66,8 @@ class RunningServer:
         self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         # After the drain: calls in flight have had their records committed; flush the rest.
         self.close_audit()
+        if self.trimmer is not None:
+            self.trimmer.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -87,6 +91,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def create_server(config: ServerConfig) -> RunningServer:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)  # process-wide: every handler thread shares it
+    set_mmap_threshold(config.malloc_mmap_threshold_kb)  # process-wide too
+    trimmer = IdleTrimmer(config.trim_memory_idle_s)  # its thread starts with the server
     engine = Engine(config.device)
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = TokenTable.load(config.auth_tokens) if config.auth_tokens else None
@@ -96,6 +102,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     metrics = Metrics(device=str(engine.device), audit_stats=recorder.stats if recorder is not None else None)
     # deadline_guard first: a result the caller no longer waits for is neither sent nor audited.
     hooks = [deadline_guard, metrics.after_compute]
+    if trimmer.enabled:
+        hooks.append(trimmer.after_compute)
     if recorder is not None:
         hooks.append(recorder.after_compute)  # last: it answers `audited` once the record is committed
     servicer = LossServicer(
@@ -153,7 +161,10 @@ def create_server(config: ServerConfig) -> RunningServer:
             raise
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission)
+    return RunningServer(
+        server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission,
+        trimmer.start(),
+    )  # fmt: skip
 
 
 def is_loopback(host: str) -> bool:

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .probe import token_main
 
         return token_main(argv[1:])
-    from .config import ServerConfig
+    from .config import ServerConfig, SettingError
 
     parser = argparse.ArgumentParser(prog="lossd", description="lossd: upstream-exact training losses over gRPC")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             serve(ServerConfig.from_sources(args))
-        except AuditStoreError as exc:
+        except (AuditStoreError, SettingError) as exc:
             print(f"lossd serve: {exc}", file=sys.stderr)
             return 2
         return 0

@@ -22,6 +22,10 @@ from lossd.client.codec import DecodeLimits
 _MB = 1 << 20
 
 
+class SettingError(ValueError):
+    """A setting has a value the server cannot use; ``lossd serve`` prints it and exits 2."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 127.0.0.1 unless you mean to serve a network"})
@@ -29,6 +33,8 @@ class ServerConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when torch sees it), cpu, cuda or cuda:N"})
     workers: int = field(default=4, metadata={"help": "loss evaluations that run at once (torch releases the GIL in kernels); other admitted calls wait for a slot within their deadline"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads per evaluation (up to --workers run at once); 0 keeps torch's default (one per core), worth it only for one large call at a time on a many-core CPU (bench/RESULTS.md)"})
+    trim_memory_idle_s: float = field(default=2.0, metadata={"help": "after 64 MiB or more of requests, once no evaluation has finished for this many seconds, return freed memory to the OS (glibc malloc_trim); 0 never (server/_malloc.py)"})
+    malloc_mmap_threshold_kb: int = field(default=0, metadata={"help": "fix glibc's mmap threshold at this many KiB (1..32768) so large buffers are unmapped when freed: lower peak RSS under mixed sizes, slower large calls (bench/RESULTS.md); 0 keeps glibc's dynamic threshold"})
     max_message_mb: int = field(default=256, metadata={"help": "largest request or response, in MiB (both directions)"})
     max_concurrent_rpcs: int = field(default=64, metadata={"help": "RPCs in flight before new ones get RESOURCE_EXHAUSTED"})
     max_rank: int = field(default=8, metadata={"help": "largest tensor rank accepted"})

@@ -1,0 +1,169 @@
+"""Freed memory goes back to the OS: ``--trim-memory-idle-s`` (on by default) and
+``--malloc-mmap-threshold-kb`` (off by default); see server/_malloc.py for why and what each costs."""
+
+from __future__ import annotations
+
+import ctypes.util
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
+
+from serverproc import ServerProcess  # noqa: E402
+
+from lossd.client import RemoteLoss  # noqa: E402
+from lossd.server._malloc import MAX_THRESHOLD_KB, IdleTrimmer, set_mmap_threshold  # noqa: E402
+from lossd.server.config import SettingError  # noqa: E402
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or ctypes.util.find_library("c") is None,
+    reason="the settings act on glibc's allocator only",
+)
+
+
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+
+
+# --------------------------------------------------------------------------------------------
+# --trim-memory-idle-s
+
+
+class FakeTrim:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, pad: int) -> int:
+        self.calls.append(time.monotonic())
+        return 1
+
+
+def computed(trimmer: IdleTrimmer, nbytes: int) -> None:
+    trimmer.after_compute(SimpleNamespace(request_bytes=nbytes))
+
+
+def test_trims_once_after_enough_bytes_and_a_quiet_spell():
+    trim = FakeTrim()
+    trimmer = IdleTrimmer(1.0, min_bytes=100, trim=trim).start()
+    try:
+        computed(trimmer, 60)
+        time.sleep(1.5)
+        assert trim.calls == []  # 60 bytes: below min_bytes, nothing worth returning
+        computed(trimmer, 60)
+        for _ in range(50):
+            time.sleep(0.05)
+            computed(trimmer, 1)  # busy: no trim while evaluations keep finishing
+        last_compute = time.monotonic()
+        assert trim.calls == []
+        time.sleep(2.5)
+        assert len(trim.calls) == 1 and trim.calls[0] - last_compute >= 1.0  # once, after the quiet spell
+        time.sleep(1.5)
+        assert len(trim.calls) == 1  # and not again until more traffic
+    finally:
+        trimmer.close()
+
+
+def test_zero_never_trims_and_starts_no_thread():
+    trim = FakeTrim()
+    trimmer = IdleTrimmer(0, min_bytes=1, trim=trim).start()
+    assert not trimmer.enabled and trimmer._thread is None
+    with pytest.raises(SettingError, match="--trim-memory-idle-s: expected >= 0"):
+        IdleTrimmer(-1.0)
+
+
+def _mixed_large_calls(address: str) -> None:
+    """Four trainers sending cross_entropy calls of 4-24 MB at once: below glibc's 32 MiB mmap
+    ceiling, so their buffers come from (and stay in) per-thread arenas."""
+
+    def trainer(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        crit = RemoteLoss("cross_entropy", endpoint=address)
+        for rows in (2000, 5000, 3000, 6000, 1000, 4000):
+            x = torch.randn(rows, 1000, generator=g, requires_grad=True)
+            crit(x, torch.randint(0, 1000, (rows,), generator=g)).backward()
+
+    threads = [threading.Thread(target=trainer, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+
+
+@glibc_only
+def test_an_idle_server_gives_back_what_large_calls_left_behind():
+    held: dict[str, tuple[int, int, int]] = {}
+    for idle_s in ("0", "0.5"):
+        with ServerProcess("--trim-memory-idle-s", idle_s, "--log-level", "WARNING") as proc:
+            before = rss_mib(proc.proc.pid)
+            _mixed_large_calls(proc.address)
+            after = rss_mib(proc.proc.pid)
+            time.sleep(2.0)
+            held[idle_s] = (before, after, rss_mib(proc.proc.pid))
+    before, after, idle = held["0"]
+    assert after - before > 300 and idle > after - 50, held  # without it the memory stays (the control)
+    before, after, idle = held["0.5"]
+    assert after - before > 300 and idle - before < 0.4 * (after - before), held
+
+
+# --------------------------------------------------------------------------------------------
+# --malloc-mmap-threshold-kb
+#
+# Checked through glibc's own accounting (``mallinfo2``), in a fresh process per case: a server
+# is created with the setting, a 16 MiB buffer comes and goes (which raises glibc's dynamic
+# threshold to 16 MiB), then a 4 MiB buffer is allocated: mmapped with the threshold fixed, from
+# an arena with glibc's default.
+
+MAPPED_AFTER_A_LARGE_REQUEST = """
+import ctypes, sys
+from lossd.server.app import create_server
+from lossd.server.config import ServerConfig
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+running = create_server(ServerConfig(port=0, device="cpu", audit="none", malloc_mmap_threshold_kb=int(sys.argv[1])))
+libc.free(libc.malloc(16 << 20))
+before = libc.mallinfo2().hblkhd
+buffer = libc.malloc(4 << 20)
+print(libc.mallinfo2().hblkhd - before)
+libc.free(buffer)
+running.stop(0)
+"""
+
+
+def mapped_bytes(threshold_kb: int) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", MAPPED_AFTER_A_LARGE_REQUEST, str(threshold_kb)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
+@glibc_only
+def test_a_fixed_threshold_keeps_buffers_after_a_large_request_out_of_the_arenas():
+    assert mapped_bytes(1024) >= 4 << 20
+
+
+@glibc_only
+def test_zero_the_default_leaves_glibcs_dynamic_threshold_which_puts_them_in_an_arena():
+    assert mapped_bytes(0) == 0
+
+
+@pytest.mark.parametrize("kib", [-1, MAX_THRESHOLD_KB + 1])
+def test_a_threshold_glibc_would_refuse_is_an_error_naming_the_flag(kib):
+    with pytest.raises(SettingError, match=rf"--malloc-mmap-threshold-kb: expected 0\.\.{MAX_THRESHOLD_KB} \(KiB\), got {kib}"):
+        set_mmap_threshold(kib)
