@@ -236,6 +236,9 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
 
 
+IDLE_WAIT_S = 4.0  # past the server's default --trim-memory-idle-s of 2 s
+
+
 def run(duration: float, clients: int, max_requests: int, data_dir: str | None = None, workers: int = 4) -> dict[str, Any]:
     """Start a server, load it, check the audit trail, stop it; return the report."""
     data = Path(data_dir or tempfile.mkdtemp(prefix="lossd-load-"))
@@ -276,6 +279,8 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
         stop.set()
         sampler.join()
         rss, peak = _rss_kib(pid)
+        time.sleep(IDLE_WAIT_S)  # the server gives freed memory back once idle (--trim-memory-idle-s)
+        rss_idle = _rss_kib(pid)[0]
         alive = server.proc.poll() is None
         acked = [rid for r in results for rid in r["audited"]]
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
@@ -299,6 +304,7 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
         max_ms=round(max(latencies, default=0) / 1e6, 2),
         rss_baseline_mib=baseline // 1024,
         rss_end_mib=rss // 1024,
+        rss_idle_mib=rss_idle // 1024,
         rss_peak_mib=max(peak, *samples, 0) // 1024,
         server_alive=alive,
         server_exit_code=exit_code,
