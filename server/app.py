@@ -25,7 +25,13 @@ from .config import ServerConfig
 from .engine import Engine
 from .limits import PROBE_RESERVE, AdmissionInterceptor, DeadlineInterceptor, deadline_guard
 from .metrics import Metrics
-from .security import AuthInterceptor, TokenTable, exposure_notes, server_credentials
+from .security import (
+    AuthInterceptor,
+    TokenTable,
+    certificate_roles,
+    exposure_notes,
+    server_credentials,
+)
 from .service import SERVICE_NAME, LossServicer, method_handlers
 from .version import __version__
 
@@ -96,6 +102,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     engine = Engine(config.device)
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = TokenTable.load(config.auth_tokens) if config.auth_tokens else None
+    cert_roles = certificate_roles(config)
     # Opens and migrates the store now: a bad --audit-db fails at start-up, not at the first call.
     recorder = recorder_from_config(config)
     audit_store = store_from_config(config, recorder)
@@ -122,7 +129,7 @@ def create_server(config: ServerConfig) -> RunningServer:
             max_workers=max(config.workers, config.max_concurrent_rpcs + PROBE_RESERVE), thread_name_prefix="lossd"
         ),
         # Metrics outermost, so refusals by the others are counted too.
-        interceptors=[metrics.interceptor(), admission, AuthInterceptor(tokens), DeadlineInterceptor()],
+        interceptors=[metrics.interceptor(), admission, AuthInterceptor(tokens, cert_roles), DeadlineInterceptor()],
         options=channel_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_RESERVE,
     )

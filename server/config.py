@@ -51,6 +51,7 @@ class ServerConfig:
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain of the server; with --tls-key, serves TLS"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={"help": "PEM CA bundle; clients must present a certificate it signed (mutual TLS)"})
+    tls_client_roles: str = field(default="", metadata={"help": "YAML/JSON file mapping client-certificate common names to roles (with --tls-client-ca); a certificate not listed gets PERMISSION_DENIED. Without it (and without --auth-tokens) every certificate the CA signed gets every role"})
     auth_tokens: str = field(default="", metadata={"help": "YAML/JSON file mapping bearer tokens to {principal, roles}; every call but health and reflection then needs one"})
     allow_insecure: bool = field(default=False, metadata={"help": "acknowledge serving a non-loopback address without TLS or tokens (e.g. behind an mTLS mesh); silences the start-up warning"})
     data_dir: str = field(default="", metadata={"help": "directory for server state (the SQLite audit trail); empty: $XDG_DATA_HOME/lossd or ~/.local/share/lossd"})

@@ -27,12 +27,13 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import yaml
 
 from ._handlers import rewrap
+from .config import SettingError
 from .errors import PermissionDenied, ServiceError, Unauthenticated
 
 log = logging.getLogger("lossd.security")
@@ -74,8 +75,32 @@ def current_principal() -> Principal | None:
     return _current.get()
 
 
-class TokenError(ValueError):
-    """The tokens file is unreadable or malformed; the message names the file and entry."""
+class TokenError(SettingError):
+    """The tokens or certificate-roles file is unreadable or malformed; the message names the file
+    and entry."""
+
+
+def _read_mapping(path: Path, flag: str) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TokenError(f"{flag} {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)  # JSON is YAML; safe_load builds plain data only
+    except yaml.YAMLError as exc:
+        raise TokenError(f"{flag} {path}: not valid YAML or JSON: {exc}") from None
+
+
+def _roles(roles: Any, where: str) -> frozenset[str]:
+    """A validated list of roles (or one role as a string), from a tokens or roles file."""
+    if isinstance(roles, str):
+        roles = [roles]
+    if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+        raise TokenError(f"{where}: 'roles' must be a non-empty list of {sorted(ROLES)}")
+    unknown = sorted(set(roles) - ROLES)
+    if unknown:
+        raise TokenError(f"{where}: unknown role(s) {unknown}; roles are {sorted(ROLES)}")
+    return frozenset(roles)
 
 
 @dataclass(frozen=True)
@@ -98,16 +123,9 @@ class TokenTable:
     @classmethod
     def load(cls, path: str | Path) -> TokenTable:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise TokenError(f"--auth-tokens {path}: {exc.strerror or exc}") from None
+        data = _read_mapping(path, "--auth-tokens")
         if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("%s is readable by other users; chmod 600 it (or store sha256: keys)", path)
-        try:
-            data = yaml.safe_load(text)  # JSON is YAML; safe_load builds plain data only
-        except yaml.YAMLError as exc:
-            raise TokenError(f"--auth-tokens {path}: not valid YAML or JSON: {exc}") from None
         return cls.parse(data, str(path))
 
     @classmethod
@@ -136,21 +154,14 @@ class TokenTable:
             name = value.get("principal")
             if not isinstance(name, str) or not name.strip():
                 raise TokenError(f"{where}: 'principal' must be a non-empty string")
-            roles = value.get("roles")
-            if isinstance(roles, str):
-                roles = [roles]
-            if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
-                raise TokenError(f"{where} ({name}): 'roles' must be a non-empty list of {sorted(ROLES)}")
-            unknown = sorted(set(roles) - ROLES)
-            if unknown:
-                raise TokenError(f"{where} ({name}): unknown role(s) {unknown}; roles are {sorted(ROLES)}")
+            roles = _roles(value.get("roles"), f"{where} ({name})")
             extra = sorted(set(value) - {"principal", "roles"})
             if extra:
                 raise TokenError(f"{where} ({name}): unknown key(s) {extra}")
             if digest in seen:
                 raise TokenError(f"{where} ({name}): the same token is listed twice")
             seen.add(digest)
-            entries.append(_Entry(digest, Principal(name.strip(), frozenset(roles), "token")))
+            entries.append(_Entry(digest, Principal(name.strip(), roles, "token")))
         return cls(entries)
 
     def authenticate(self, token: str) -> Principal | None:
@@ -175,6 +186,40 @@ def token_entry(token: str, principal: str, roles: list[str]) -> str:
     """A tokens-file line that stores the token's SHA-256 rather than the token."""
     digest = hashlib.sha256(token.encode()).hexdigest()
     return f'"sha256:{digest}": {{"principal": {json.dumps(principal)}, "roles": {json.dumps(roles)}}}'
+
+
+class CertificateRoles:
+    """Client-certificate common names → roles (``--tls-client-roles``, with mutual TLS)::
+
+        trainer-a: [compute]
+        auditor-1: audit-read
+
+    A certificate the CA signed whose name is not listed may connect but gets PERMISSION_DENIED.
+    """
+
+    def __init__(self, roles: Mapping[str, frozenset[str]]) -> None:
+        if not roles:
+            raise TokenError("the certificate-roles file names no certificate")
+        self._roles = dict(roles)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CertificateRoles:
+        return cls.parse(_read_mapping(Path(path), "--tls-client-roles"), str(path))
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "certificate roles") -> CertificateRoles:
+        if not isinstance(data, Mapping):
+            raise TokenError(f"{source}: expected a mapping of certificate common name -> roles")
+        roles: dict[str, frozenset[str]] = {}
+        for name, value in data.items():
+            if not isinstance(name, str) or not name.strip():
+                raise TokenError(f"{source}: {name!r}: a common name must be a non-empty string")
+            roles[name.strip()] = _roles(value, f"{source}: {name!r}")
+        return cls(roles)
+
+    def principal(self, common_name: str | None) -> Principal | None:
+        roles = self._roles.get(common_name) if common_name else None
+        return Principal(common_name, roles, "x509") if roles is not None else None
 
 
 def required_role(method: str) -> str | None:
@@ -209,13 +254,18 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     With a token table, every call outside the open services needs ``authorization: Bearer``
     metadata naming a known token (else UNAUTHENTICATED) whose principal holds the service's role
-    (else PERMISSION_DENIED). Without one, calls are not authorized here (mutual TLS, when
-    configured, has already refused unknown clients) and the principal is the client
-    certificate's common name, if any.
+    (else PERMISSION_DENIED). With certificate roles (mutual TLS), the client certificate's
+    common name must be listed with the role (else PERMISSION_DENIED); the check runs in the
+    handler, where the TLS session is known. With neither, calls are not authorized here (mutual
+    TLS, when configured, has already refused unknown clients) and the principal is the client
+    certificate's common name, if any, with every role.
     """
 
-    def __init__(self, tokens: TokenTable | None) -> None:
+    def __init__(self, tokens: TokenTable | None, certificate_roles: CertificateRoles | None = None) -> None:
+        if tokens is not None and certificate_roles is not None:
+            raise SettingError("--auth-tokens and --tls-client-roles both grant roles: use one")
         self.tokens = tokens
+        self.certificate_roles = certificate_roles
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -224,6 +274,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         role = required_role(details.method)
         if role is None:
             return handler
+        if self.certificate_roles is not None:
+            return _with_principal(handler, None, self._certificate_check(role, details.method))
         if self.tokens is None:
             return _with_principal(handler, None)
         token = bearer_token(details.invocation_metadata)
@@ -240,11 +292,31 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _with_principal(handler, principal)
 
 
-def _with_principal(handler: Any, principal: Principal | None) -> Any:
+    def _certificate_check(self, role: str, method: str) -> Callable[[grpc.ServicerContext], Principal]:
+        def check(context: grpc.ServicerContext) -> Principal:
+            name = peer_name(context)
+            principal = self.certificate_roles.principal(name)
+            if principal is None:
+                _refuse(context, PermissionDenied(f"client certificate {name!r} is not listed in --tls-client-roles"), method)
+            if not principal.may(role):
+                _refuse(context, PermissionDenied(f"principal {principal.name!r} lacks the {role!r} role that {method} needs"), method)
+            return principal
+
+        return check
+
+
+def _with_principal(
+    handler: Any, principal: Principal | None, check: Callable[[grpc.ServicerContext], Principal] | None = None
+) -> Any:
+    """``handler`` run as ``principal``; or as whom ``check(context)`` names (it aborts the call
+    when the caller may not make it); or, failing both, as the client certificate's name."""
+
     def wrap(behavior: Callable, streaming: bool) -> Callable:
         def resolve(context: grpc.ServicerContext) -> Principal | None:
             if principal is not None:
                 return principal
+            if check is not None:
+                return check(context)
             name = peer_name(context)
             return Principal(name, frozenset(ROLES), "x509") if name else None
 
@@ -282,13 +354,18 @@ def _call_as(principal: Principal | None, behavior: Callable, request: Any, cont
         _current.reset(token)
 
 
-def _refusal(handler: Any, error: ServiceError, method: str) -> Any:
+def _refuse(context: grpc.ServicerContext, error: ServiceError, method: str) -> NoReturn:
     from .service import abort  # the one mapping of errors to statuses
 
+    log.warning("%s refused for %s: %s %s", method, context.peer(), error.code.name, error)
+    abort(context, error)
+    raise AssertionError("abort returned")  # context.abort always raises
+
+
+def _refusal(handler: Any, error: ServiceError, method: str) -> Any:
     def wrap(_behavior: Callable, streaming: bool) -> Callable:
         def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-            log.warning("%s refused for %s: %s %s", method, context.peer(), error.code.name, error)
-            abort(context, error)
+            _refuse(context, error, method)
 
         if streaming:
             def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -309,21 +386,32 @@ def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"{what} {path}: {exc.strerror or exc}") from None
+        raise SettingError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
+def certificate_roles(config: Any) -> CertificateRoles | None:
+    """``--tls-client-roles``, checked against the rest of the security settings."""
+    if not config.tls_client_roles:
+        return None
+    if not config.tls_client_ca:
+        raise SettingError("--tls-client-roles needs --tls-client-ca: roles are read from verified client certificates")
+    if config.auth_tokens:
+        raise SettingError("--auth-tokens and --tls-client-roles both grant roles: use one")
+    return CertificateRoles.load(config.tls_client_roles)
 
 
 def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> grpc.ServerCredentials | None:
     """TLS credentials from PEM files; None when TLS is off. ``tls_client_ca`` turns on mTLS."""
     if not tls_cert and not tls_key:
         if tls_client_ca:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+            raise SettingError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
         return None
     if not (tls_cert and tls_key):
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
+        raise SettingError("TLS needs both --tls-cert and --tls-key")
     chain = _read(tls_cert, "--tls-cert")
     key = _read(tls_key, "--tls-key")
     if b"-----BEGIN" not in chain or b"PRIVATE KEY-----" not in key:
-        raise ValueError("--tls-cert and --tls-key must be PEM files (a certificate chain and its private key)")
+        raise SettingError("--tls-cert and --tls-key must be PEM files (a certificate chain and its private key)")
     client_ca = _read(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
@@ -337,4 +425,6 @@ def exposure_notes(config: Any) -> list[str]:
         notes.append("bearer tokens travel in cleartext without TLS: add --tls-cert/--tls-key unless the network is trusted")
     elif config.tls_cert and not (config.auth_tokens or config.tls_client_ca):
         notes.append("TLS without --auth-tokens or --tls-client-ca: any client that can connect may compute")
+    elif config.tls_client_ca and not (config.auth_tokens or config.tls_client_roles):
+        notes.append("mutual TLS without --tls-client-roles or --auth-tokens: every certificate the CA signed has every role")
     return notes

@@ -110,9 +110,14 @@ def test_losses_name_prints_the_schema_and_an_example():
 
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
-    [("--malloc-mmap-threshold-kb", "99999", "expected 0..32768 (KiB), got 99999"), ("--trim-memory-idle-s", "-1", "expected >= 0")],
+    [
+        ("--malloc-mmap-threshold-kb", "99999", ": expected 0..32768 (KiB), got 99999"),
+        ("--trim-memory-idle-s", "-1", ": expected >= 0"),
+        ("--tls-client-ca", "ca.pem", " needs --tls-cert and --tls-key"),
+        ("--tls-client-roles", "roles.yaml", " needs --tls-client-ca"),
+    ],
 )
 def test_a_setting_the_server_cannot_use_exits_2_naming_it(flag, value, words):
     out = _cli("serve", "--port", "0", flag, value)
-    assert out.returncode == 2 and f"lossd serve: {flag}: {words}" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and f"lossd serve: {flag}{words}" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr

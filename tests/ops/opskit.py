@@ -84,6 +84,10 @@ class Pki:
     rogue_ca: str
     rogue_cert: str
     rogue_key: str
+    auditor_cert: str  # CA-signed, common name "auditor-1"
+    auditor_key: str
+    stranger_cert: str  # CA-signed, common name "stranger"
+    stranger_key: str
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +96,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca_key, rogue_ca_key = _key(), _key()
     ca = _cert("lossd test CA", ca_key, "lossd test CA", ca_key, ca=True)
     rogue_ca = _cert("rogue CA", rogue_ca_key, "rogue CA", rogue_ca_key, ca=True)
-    server_key, client_key, rogue_key = _key(), _key(), _key()
+    server_key, client_key, rogue_key, auditor_key, stranger_key = _key(), _key(), _key(), _key(), _key()
     return Pki(
         ca=_write(d / "ca.pem", ca),
         server_cert=_write(d / "server.pem", _cert("lossd-server", server_key, "lossd test CA", ca_key, server=True)),
@@ -102,6 +106,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         rogue_ca=_write(d / "rogue-ca.pem", rogue_ca),
         rogue_cert=_write(d / "rogue.pem", _cert("trainer-7", rogue_key, "rogue CA", rogue_ca_key)),
         rogue_key=_write(d / "rogue.key", key=rogue_key),
+        auditor_cert=_write(d / "auditor.pem", _cert("auditor-1", auditor_key, "lossd test CA", ca_key)),
+        auditor_key=_write(d / "auditor.key", key=auditor_key),
+        stranger_cert=_write(d / "stranger.pem", _cert("stranger", stranger_key, "lossd test CA", ca_key)),
+        stranger_key=_write(d / "stranger.key", key=stranger_key),
     )
 
 

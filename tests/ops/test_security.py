@@ -7,6 +7,8 @@ reports the principal the handler sees, and through the real ``AuditService.List
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 import torch
@@ -17,7 +19,15 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.functional import build_request
 from lossd.server import probe
-from lossd.server.security import TokenError, TokenTable, current_principal
+from lossd.server.app import create_server
+from lossd.server.config import ServerConfig, SettingError
+from lossd.server.security import (
+    CertificateRoles,
+    TokenError,
+    TokenTable,
+    current_principal,
+    exposure_notes,
+)
 
 AUDIT_PROBE = "/lossd.v1.AuditService/OpsTestWhoAmI"
 ADMIN_PROBE = "/lossd.v1.OpsTestAdmin/WhoAmI"
@@ -107,6 +117,96 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
         # Refused handshakes leave the server healthy for good clients.
         assert probe.check(target, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key,
                            tls_server_name="localhost") == "SERVING"
+
+
+def _mtls_client(target: str, pki, who: str) -> LossClient:
+    cert, key = {"trainer-7": (pki.client_cert, pki.client_key), "auditor-1": (pki.auditor_cert, pki.auditor_key),
+                 "stranger": (pki.stranger_cert, pki.stranger_key)}[who]
+    return LossClient(target, timeout=20, tls_ca=pki.ca, tls_cert=cert, tls_key=key, retries=0)
+
+
+def _stream_code(client: LossClient) -> grpc.StatusCode:
+    """The status of one Compute on a ComputeStream session (the role check runs per stream too)."""
+    messages = iter([pb.ComputeStreamRequest(request=_mse())])
+    try:
+        for _ in client.stub.ComputeStream(messages, timeout=20):
+            pass
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_certificate_roles_give_each_client_certificate_exactly_its_roles(pki, tmp_path):
+    roles = tmp_path / "client-roles.yaml"
+    roles.write_text("trainer-7: [compute]\nauditor-1: audit-read\n")
+    with running(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca, tls_client_roles=str(roles)) as server:
+        _add_probes(server)
+        target = f"127.0.0.1:{server.port}"
+        seen = {}
+        for who in ("trainer-7", "auditor-1", "stranger"):
+            client = _mtls_client(target, pki, who)
+            try:
+                try:
+                    seen[who, "compute"] = _loss(client.compute(_mse()))
+                except LossdError as error:
+                    seen[who, "compute"] = (error.code, error.details)
+                try:
+                    seen[who, "audit"] = _raw(client.channel, AUDIT_PROBE, None)
+                except grpc.RpcError as error:
+                    seen[who, "audit"] = error.code()
+                seen[who, "stream"] = _stream_code(client)
+            finally:
+                client.close()
+        assert seen["trainer-7", "compute"] == pytest.approx(1.0)
+        assert seen["trainer-7", "audit"] == grpc.StatusCode.PERMISSION_DENIED
+        assert seen["trainer-7", "stream"] == grpc.StatusCode.OK
+        assert seen["auditor-1", "compute"] == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "principal 'auditor-1' lacks the 'compute' role that /lossd.v1.LossService/Compute needs",
+        )
+        assert seen["auditor-1", "audit"] == "auditor-1:audit-read"  # the handler sees the certificate's principal
+        assert seen["auditor-1", "stream"] == grpc.StatusCode.PERMISSION_DENIED
+        assert seen["stranger", "compute"] == (
+            grpc.StatusCode.PERMISSION_DENIED, "client certificate 'stranger' is not listed in --tls-client-roles"
+        )
+        assert seen["stranger", "audit"] == seen["stranger", "stream"] == grpc.StatusCode.PERMISSION_DENIED
+        # Probes stay open to any certificate the CA signed.
+        assert probe.check(target, tls_ca=pki.ca, tls_cert=pki.stranger_cert, tls_key=pki.stranger_key,
+                           tls_server_name="localhost") == "SERVING"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tls_client_ca": ""}, "--tls-client-roles needs --tls-client-ca"),
+        ({"auth_tokens": "TOKENS"}, "--auth-tokens and --tls-client-roles both grant roles: use one"),
+    ],
+    ids=["without-mtls", "with-tokens"],
+)
+def test_certificate_roles_need_mutual_tls_and_exclude_tokens(pki, tokens_file, tmp_path, settings, message):
+    roles = tmp_path / "client-roles.yaml"
+    roles.write_text("trainer-7: [compute]\n")
+    config = ServerConfig(port=0, device="cpu", tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
+                          tls_client_roles=str(roles))
+    config = config.replace(**{k: tokens_file if v == "TOKENS" else v for k, v in settings.items()})
+    with pytest.raises(SettingError, match=re.escape(message)):
+        create_server(config)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"trainer-7": ["root"]}, "'trainer-7': unknown role(s) ['root']"),
+        ({"trainer-7": []}, "'trainer-7': 'roles' must be a non-empty list"),
+        ({"": ["compute"]}, "a common name must be a non-empty string"),
+        (["trainer-7"], "expected a mapping of certificate common name -> roles"),
+        ({}, "names no certificate"),
+    ],
+)
+def test_malformed_certificate_roles_are_refused_naming_the_entry(data, message):
+    with pytest.raises(TokenError) as caught:
+        CertificateRoles.parse(data, "client-roles.yaml")
+    assert message in str(caught.value)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,3 +407,11 @@ def test_a_network_facing_server_warns_unless_secured_or_acknowledged(tokens_fil
     assert ("WITHOUT TLS or authentication" in log) is loud, log
     if note:
         assert note in log
+
+
+def test_mutual_tls_without_certificate_roles_is_noted(pki):
+    config = ServerConfig(host="0.0.0.0", tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    assert exposure_notes(config) == [
+        "mutual TLS without --tls-client-roles or --auth-tokens: every certificate the CA signed has every role"
+    ]
+    assert exposure_notes(config.replace(tls_client_roles="client-roles.yaml")) == []
