@@ -60,7 +60,11 @@ def set_mmap_threshold(kib: int) -> bool:
 
 class IdleTrimmer:
     """``after_compute`` hook and a thread: ``malloc_trim(0)`` once no evaluation has finished for
-    ``idle_s`` seconds after at least ``min_bytes`` of requests since the last trim."""
+    ``idle_s`` seconds after at least ``min_bytes`` of requests since the last trim.
+
+    A trim may fall inside a long evaluation (nothing finishes meanwhile). That is safe:
+    ``malloc_trim`` is thread-safe and releases only pages no live buffer holds.
+    """
 
     def __init__(self, idle_s: float, min_bytes: int = 64 << 20, trim: Callable[[int], int] | None = None) -> None:
         if idle_s < 0:
