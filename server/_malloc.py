@@ -71,7 +71,6 @@ class IdleTrimmer:
             raise SettingError(f"--trim-memory-idle-s: expected >= 0 (0 never trims), got {idle_s}")
         self.idle_s = idle_s
         self.min_bytes = min_bytes
-        self.trims = 0
         self._trim = trim if trim is not None else _libc_function("malloc_trim", [ctypes.c_size_t])
         self._lock = threading.Lock()
         self._pending_bytes = 0
@@ -118,5 +117,4 @@ class IdleTrimmer:
                 continue
             started = time.perf_counter()
             self._trim(0)
-            self.trims += 1
             log.debug("returned freed memory to the OS in %.1f ms", (time.perf_counter() - started) * 1e3)

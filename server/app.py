@@ -170,7 +170,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission,
-        trimmer.start(),
+        trimmer=trimmer.start(),
     )  # fmt: skip
 
 

@@ -67,10 +67,11 @@ def decode_compute(
 def check_audit_context(audit: pb.AuditContext) -> None:
     """Refuse a run id or tags the audit trail could not store, before anything is computed, and
     whether or not this server records the call: the same request gets the same answer anywhere."""
-    try:
-        check_audit_fields(audit.run_id, dict(audit.tags))
-    except ValueError as exc:
-        raise InvalidArgument(str(exc), field="audit.run_id" if str(exc).startswith("run_id") else "audit.tags") from None
+    for field_name, run_id, tags in (("audit.run_id", audit.run_id, None), ("audit.tags", None, dict(audit.tags))):
+        try:
+            check_audit_fields(run_id, tags)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field=field_name) from None
 
 
 def _check_external(external: dict[str, Tensor], params: Any, args: Any, kwargs: Any, grad_output: Tensor | None) -> None:
