@@ -179,3 +179,40 @@ def test_client_checks_parameters_against_the_servers_declaration_before_sending
         crit({"pred": big}, {"target": big})
     with RemoteLoss("FocalLoss", endpoint=endpoint, gamma="2") as crit, pytest.raises(LossdError, match="expected float, got str"):
         crit(big, torch.zeros(64, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------- the whole registry
+
+
+def _family_config(family: str, name: str, params: dict) -> object:
+    """A config that names ``name`` the way its trainer's own config file would."""
+    if family == "fat":
+        return {"loss": {"name": name, **params}}
+    if family == "visdet":
+        return {"type": name, **params}
+    if name == "losses":
+        return {"losses": params["losses"]}
+    # An entry's `weight` is NetsPresso's multiplier, never a loss parameter (fat's class weights).
+    return {"losses": [{"criterion": name, **{k: v for k, v in params.items() if k != "weight"}, "weight": None}]}
+
+
+FAMILY_LOSSES = [(family, spec) for spec in registry.all_specs() for family in spec.families]
+
+
+@pytest.mark.parametrize(("family", "spec"), FAMILY_LOSSES, ids=[f"{f}-{s.name}" for f, s in FAMILY_LOSSES])
+def test_every_loss_is_served_through_its_familys_config(family, spec, endpoint):
+    from lossd.server.engine import Engine
+
+    args, kwargs, params = spec.make_example(torch.float64)
+    config = _family_config(family, spec.name, params)
+    crit = from_config(config, endpoint=endpoint)
+    with crit:
+        value = crit(*args, **kwargs)
+    if family == "netspresso":  # a criterion list, one RPC, summed with its weights
+        assert crit.name == "losses" and crit.params["losses"] == config["losses"]
+    else:
+        assert crit.name == spec.name
+    if family == "visdet":
+        assert crit.params == params
+    expected = Engine("cpu").evaluate(crit.name, crit.params, list(args), kwargs).value
+    torch.testing.assert_close(value.detach().cpu(), expected, rtol=1e-10, atol=1e-12, equal_nan=True)
