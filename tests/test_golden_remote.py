@@ -16,23 +16,9 @@ from lossd.client import RemoteLoss, from_config
 from lossd.client.codec import join_key
 from lossd.server import registry
 from tests.golden_cases import GOLDEN, load_golden
+from tests.losses.losskit import attach_leaves
 
 CASES = sorted(GOLDEN.glob("*/*.pt"))
-
-
-def attach_leaves(obj, path: str, wanted: set[str], leaves: dict[str, torch.Tensor]):
-    """Rebuild ``obj`` with the tensors at ``wanted`` paths replaced by leaves requiring grad."""
-    if isinstance(obj, torch.Tensor):
-        if path not in wanted:
-            return obj
-        leaves[path] = obj.detach().clone().requires_grad_(True)
-        return leaves[path]
-    if isinstance(obj, (list, tuple)):
-        items = [attach_leaves(o, f"{path}[{i}]", wanted, leaves) for i, o in enumerate(obj)]
-        return tuple(items) if isinstance(obj, tuple) else items
-    if isinstance(obj, dict):
-        return {k: attach_leaves(v, join_key(path, k), wanted, leaves) for k, v in obj.items()}
-    return obj
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")

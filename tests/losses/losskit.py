@@ -1,12 +1,16 @@
-"""Helpers the per-family loss tests share: calling a loss as the server does, reading its output."""
+"""Helpers the loss tests share: calling a loss as the server does, reading its output, choosing and
+attaching the inputs that need gradients."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 import lossd.server.losses  # noqa: F401  (registers every spec)
+from lossd.client.codec import call_tensors, join_key
 from lossd.server import registry
-from lossd.server.registry import LossOutput
+from lossd.server.registry import LossOutput, LossSpec
 
 
 def value(out):
@@ -25,3 +29,26 @@ def call(name: str, *args, **params):
     """Call through the registry, with its parameter canonicalisation (as the server does)."""
     spec = registry.get(name)
     return spec.fn(*args, **spec.canonical_params(params))
+
+
+def differentiable_paths(spec: LossSpec, args: Any, kwargs: dict) -> list[str]:
+    """Paths of the floating-point tensors of a call that its declaration marks differentiable."""
+    diff = {i.name for i in spec.inputs if i.differentiable}
+    names = [i.name for i in spec.inputs]
+    paths = [p for p, t in call_tensors(args, kwargs) if t.is_floating_point()]
+    return [p for p in paths if (names[int(p[5])] if p.startswith("args[") else p.split(".")[1].split("[")[0]) in diff]
+
+
+def attach_leaves(obj: Any, path: str, wanted: set[str], leaves: dict[str, torch.Tensor]) -> Any:
+    """Rebuild ``obj`` with the tensors at ``wanted`` paths replaced by leaves requiring grad."""
+    if isinstance(obj, torch.Tensor):
+        if path not in wanted:
+            return obj
+        leaves[path] = obj.detach().clone().requires_grad_(True)
+        return leaves[path]
+    if isinstance(obj, (list, tuple)):
+        items = [attach_leaves(o, f"{path}[{i}]", wanted, leaves) for i, o in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    if isinstance(obj, dict):
+        return {k: attach_leaves(v, join_key(path, k), wanted, leaves) for k, v in obj.items()}
+    return obj
