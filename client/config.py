@@ -18,6 +18,7 @@ Python config files are never executed: use YAML.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,9 @@ from torch import nn
 
 from .functional import LossClient
 from .module import RemoteLoss
+
+# What LossClient takes besides the endpoint: a loss set's one shared connection gets these.
+_CONNECTION_OPTIONS = frozenset(inspect.signature(LossClient).parameters) - {"endpoint"}
 
 # What fat's LossFactory forwards to each loss class (giovannipollo/fat@9abd3cf utils/loss.py).
 FAT_FORWARDED: dict[str, tuple[str, ...]] = {
@@ -107,12 +111,13 @@ def from_config(cfg: Any, endpoint: str | Sequence[str] | None = None, **options
         return RemoteLoss(cfg["type"], endpoint=endpoint, **params, **options)
     named = _find_loss_dicts(cfg)
     if named:
-        connection = ("timeout", "max_message_mb", "token", "tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "retries")
-        client = LossClient(endpoint, **{k: v for k, v in options.items() if k in connection})
+        connection = {k: v for k, v in options.items() if k in _CONNECTION_OPTIONS}
+        per_loss = {k: v for k, v in options.items() if k not in _CONNECTION_OPTIONS}  # transport, run_id, ...
+        client = LossClient(endpoint, **connection)
         losses = RemoteLossSet()
         for key, loss_cfg in named.items():
             params = {k: v for k, v in loss_cfg.items() if k != "type"}
-            losses[key.replace(".", "__")] = RemoteLoss(loss_cfg["type"], client=client, **params)
+            losses[key.replace(".", "__")] = RemoteLoss(loss_cfg["type"], client=client, **params, **per_loss)
         return losses
     return _fat(cfg, endpoint, options)
 

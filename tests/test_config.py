@@ -163,6 +163,17 @@ def test_detector_loss_sets_from_one_config(detector, endpoint):
     losses.close()
 
 
+def test_a_loss_sets_options_reach_every_loss_and_its_connection_is_shared(endpoint):
+    cfg = {"bbox_head": {"type": "GFLHead", **DETECTORS["GFL"]}}
+    losses = from_config(cfg, endpoint=endpoint, timeout=7.0, transport="unary", run_id="set-run", tags={"head": "gfl"})
+    try:
+        assert {crit.transport.mode for crit in losses.values()} == {"unary"}
+        assert {(crit.run_id, tuple(crit.tags.items())) for crit in losses.values()} == {("set-run", (("head", "gfl"),))}
+        assert {crit.client.timeout for crit in losses.values()} == {7.0}
+    finally:
+        losses.close()
+
+
 # ------------------------------------------------------------------------------- client checks
 
 
