@@ -1182,6 +1182,12 @@ def _example_boxes(dtype):
 
 _REG_WEIGHT_DOC = "weight broadcast against the element-wise loss (an (N,) weight does not broadcast against (N, 4))"
 _BOX_WEIGHT_DOC = "(N,) per-box weight, or (N, 4) averaged over the last dim"
+# L1Loss, SmoothL1Loss and BalancedL1Loss take the same forward.
+_BOX_DELTA_INPUTS = (
+    Input("pred", differentiable=True, doc="float predictions, e.g. (N, 4) box deltas"),
+    Input("target", differentiable=True, doc="float targets of pred's shape"),
+    *_tail_inputs(_REG_WEIGHT_DOC),
+)
 
 SPECS = (
     LossSpec(
@@ -1338,11 +1344,7 @@ SPECS = (
         fn=l1_loss,
         families=("visdet",),
         summary="L1 loss |pred - target| with MMDetection weighting and reduction.",
-        inputs=(
-            Input("pred", differentiable=True, doc="float predictions, e.g. (N, 4) box deltas"),
-            Input("target", differentiable=True, doc="float targets of pred's shape"),
-            *_tail_inputs(_REG_WEIGHT_DOC),
-        ),
+        inputs=_BOX_DELTA_INPUTS,
         params=(_REDUCTION, _LOSS_WEIGHT),
         reference=f"visdet.models.losses.L1Loss ({_UPSTREAM})",
         example='RemoteLoss("L1Loss", loss_weight=1.0)(deltas, target_deltas, weight)',
@@ -1353,11 +1355,7 @@ SPECS = (
         fn=smooth_l1_loss,
         families=("visdet",),
         summary="Smooth L1 loss: quadratic below beta, linear above.",
-        inputs=(
-            Input("pred", differentiable=True, doc="float predictions, e.g. (N, 4) box deltas"),
-            Input("target", differentiable=True, doc="float targets of pred's shape"),
-            *_tail_inputs(_REG_WEIGHT_DOC),
-        ),
+        inputs=_BOX_DELTA_INPUTS,
         params=(
             Param(
                 "beta",
@@ -1394,11 +1392,7 @@ SPECS = (
         fn=balanced_l1_loss,
         families=("visdet",),
         summary="Balanced L1 loss (Libra R-CNN): log-shaped below beta, linear above.",
-        inputs=(
-            Input("pred", differentiable=True, doc="float predictions, e.g. (N, 4) box deltas"),
-            Input("target", differentiable=True, doc="float targets of pred's shape"),
-            *_tail_inputs(_REG_WEIGHT_DOC),
-        ),
+        inputs=_BOX_DELTA_INPUTS,
         params=(
             Param("alpha", "float", 0.5, doc="inlier gradient promotion; not 0"),
             Param("gamma", "float", 1.5, doc="upper bound of the error; not 0"),
