@@ -52,3 +52,9 @@ def attach_leaves(obj: Any, path: str, wanted: set[str], leaves: dict[str, torch
     if isinstance(obj, dict):
         return {k: attach_leaves(v, join_key(path, k), wanted, leaves) for k, v in obj.items()}
     return obj
+
+
+def assert_same_gradients(got: torch.Tensor, expected: torch.Tensor, inputs: tuple[torch.Tensor, ...], **tolerance: float) -> None:
+    """The gradients of ``got.sum()`` and ``expected.sum()`` with respect to ``inputs`` agree."""
+    for a, b in zip(torch.autograd.grad(got.sum(), inputs), torch.autograd.grad(expected.sum(), inputs), strict=True):
+        torch.testing.assert_close(a, b, **tolerance)

@@ -16,7 +16,7 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import fat
 from tests.golden_cases import GOLDEN, get_path, golden_files, load_golden
-from tests.losses.losskit import call, gen, notes, value
+from tests.losses.losskit import assert_same_gradients, call, gen, notes, value
 
 FAT_LOSSES = (
     "cross_entropy",
@@ -447,10 +447,7 @@ def test_regression_matches_torch(name, reduction):
     got = value(getattr(fat, name)(x, t, reduction=reduction, **extra))
     expected = torch_cls(reduction=reduction, **extra)(x, t)
     assert_close(got, expected, rtol=0, atol=0)
-    g_got = torch.autograd.grad(got.sum(), (x, t))
-    g_exp = torch.autograd.grad(expected.sum(), (x, t))
-    for a, b in zip(g_got, g_exp, strict=True):
-        assert_close(a, b, rtol=0, atol=0)
+    assert_same_gradients(got, expected, (x, t), rtol=0, atol=0)
 
 
 def test_smooth_l1_beta_zero_is_l1():
@@ -525,12 +522,7 @@ def test_bce_matches_torch_including_target_gradient(reduction):
     got = value(fat.bce(p, t, weight=w, reduction=reduction))
     expected = nn.BCELoss(weight=w.double(), reduction=reduction)(p, t)
     assert_close(got, expected, rtol=0, atol=0)
-    for a, b in zip(
-        torch.autograd.grad(got.sum(), (p, t)),
-        torch.autograd.grad(expected.sum(), (p, t)),
-        strict=True,
-    ):
-        assert_close(a, b)
+    assert_same_gradients(got, expected, (p, t))
 
 
 @pytest.mark.parametrize(
@@ -592,12 +584,7 @@ def test_bce_with_logits_matches_torch(reduction):
     )
     assert got.dtype == torch.float64  # float32 weights follow the input's dtype
     assert_close(got, expected, rtol=0, atol=0)
-    for a, b in zip(
-        torch.autograd.grad(got.sum(), (x, t)),
-        torch.autograd.grad(expected.sum(), (x, t)),
-        strict=True,
-    ):
-        assert_close(a, b)
+    assert_same_gradients(got, expected, (x, t))
 
 
 def test_bce_with_logits_rejects_bad_shapes():
@@ -640,12 +627,7 @@ def test_kl_div_matches_torch(reduction, log_target):
         warnings.simplefilter("ignore")  # torch warns about 'mean'
         expected = nn.KLDivLoss(reduction=reduction, log_target=log_target)(x, t)
     assert_close(got, expected, rtol=0, atol=0)
-    for a, b in zip(
-        torch.autograd.grad(got.sum(), (x, t)),
-        torch.autograd.grad(expected.sum(), (x, t)),
-        strict=True,
-    ):
-        assert_close(a, b)
+    assert_same_gradients(got, expected, (x, t))
 
 
 def test_kl_div_edges():
