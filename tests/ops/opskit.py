@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import json
 import shutil
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -176,3 +177,30 @@ def value(parsed: dict, name: str, **labels: str) -> float:
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+class Gate:
+    """Holds every evaluation of a server's engine at its start until ``open()``; counts those that
+    arrived and finished (so tests decide what is in flight, whatever the machine's speed)."""
+
+    def __init__(self, engine) -> None:
+        self.arrived = threading.Semaphore(0)
+        self.released = threading.Event()
+        self.finished = threading.Semaphore(0)
+        self._evaluate = engine.evaluate
+        engine.evaluate = self._gated  # the servicer calls engine.evaluate per request
+
+    def _gated(self, *args, **kwargs):
+        self.arrived.release()
+        self.released.wait(60)
+        try:
+            return self._evaluate(*args, **kwargs)
+        finally:
+            self.finished.release()
+
+    def wait_arrivals(self, n: int) -> None:
+        for _ in range(n):
+            assert self.arrived.acquire(timeout=30), "a call never reached the engine"
+
+    def open(self) -> None:
+        self.released.set()

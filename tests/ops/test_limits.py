@@ -6,7 +6,6 @@ depends on how fast this machine computes.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from opskit import health_status, running, samples, value
+from opskit import Gate, health_status, running, samples, value
 from serverproc import ServerProcess
 
 from lossd.client import LossClient, LossdError
@@ -40,32 +39,6 @@ LIMITS = {
 
 def _mse(n: int = 4) -> pb.ComputeRequest:
     return build_request("mse", {}, (torch.ones(n), torch.zeros(n)), {})
-
-
-class Gate:
-    """Holds every evaluation at its start until ``open()``; counts those that arrived."""
-
-    def __init__(self, engine) -> None:
-        self.arrived = threading.Semaphore(0)
-        self.released = threading.Event()
-        self.finished = threading.Semaphore(0)
-        self._evaluate = engine.evaluate
-        engine.evaluate = self._gated  # the servicer calls engine.evaluate per request
-
-    def _gated(self, *args, **kwargs):
-        self.arrived.release()
-        self.released.wait(60)
-        try:
-            return self._evaluate(*args, **kwargs)
-        finally:
-            self.finished.release()
-
-    def wait_arrivals(self, n: int) -> None:
-        for _ in range(n):
-            assert self.arrived.acquire(timeout=30), "a call never reached the engine"
-
-    def open(self) -> None:
-        self.released.set()
 
 
 def _inflight_drained(server) -> None:

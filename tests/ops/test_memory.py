@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
 
-from serverproc import ServerProcess  # noqa: E402
+from serverproc import ServerProcess, rss_kib  # noqa: E402
 
 from lossd.client import RemoteLoss  # noqa: E402
 from lossd.server._malloc import MAX_THRESHOLD_KB, IdleTrimmer, set_mmap_threshold  # noqa: E402
@@ -30,8 +30,7 @@ glibc_only = pytest.mark.skipif(
 
 
 def rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+    return rss_kib(pid)[0] // 1024
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,16 +58,6 @@ def examples(weight: float) -> int:
     return max(1, int(settings.default.max_examples * weight))
 
 
-def rss_kib(pid: int) -> tuple[int, int]:
-    """(current, peak) resident memory of a process in KiB, from /proc (Linux)."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values["VmRSS"], values["VmHWM"]
-
-
 def health_status(address: str, timeout: float = 10.0) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

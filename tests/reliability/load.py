@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # hostile.py, conftest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
 
 import hostile  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402
+from serverproc import ServerProcess, rss_kib  # noqa: E402
 
 from lossd.client import codec  # noqa: E402
 from lossd.client import transport as wire  # noqa: E402
@@ -220,15 +220,6 @@ def _judge(c: Case, response: pb.ComputeResponse | None, error: grpc.RpcError | 
 # The run
 
 
-def _rss_kib(pid: int) -> tuple[int, int]:
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values["VmRSS"], values["VmHWM"]
-
-
 def percentile(values: list[int], q: float) -> float:
     if not values:
         return 0.0
@@ -247,14 +238,14 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
     report: dict[str, Any] = {"duration_s": duration, "clients": clients}
     with server:
         pid = server.proc.pid
-        baseline = _rss_kib(pid)[0]
+        baseline = rss_kib(pid)[0]
         samples: list[int] = []
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(0.5):
                 try:
-                    samples.append(_rss_kib(pid)[0])
+                    samples.append(rss_kib(pid)[0])
                 except (OSError, KeyError):
                     return
 
@@ -278,9 +269,9 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
         wall = time.time() - start
         stop.set()
         sampler.join()
-        rss, peak = _rss_kib(pid)
+        rss, peak = rss_kib(pid)
         time.sleep(IDLE_WAIT_S)  # the server gives freed memory back once idle (--trim-memory-idle-s)
-        rss_idle = _rss_kib(pid)[0]
+        rss_idle = rss_kib(pid)[0]
         alive = server.proc.poll() is None
         acked = [rid for r in results for rid in r["audited"]]
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:

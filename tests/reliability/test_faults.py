@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # opskit.py
 
-from opskit import running, samples, value  # noqa: E402
+from opskit import Gate, running, samples, value  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 
 from lossd.client import LossClient, LossdError  # noqa: E402
@@ -74,25 +74,6 @@ def stored(db: Path, run_id: str | None = None) -> list[tuple[str, int]]:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         where, args = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
         return conn.execute(f"SELECT request_id, step FROM audit_records {where} ORDER BY id", args).fetchall()
-
-
-class Gate:
-    """Holds every evaluation at its start until ``open()`` (see tests/ops/test_limits.py)."""
-
-    def __init__(self, engine) -> None:
-        self.arrived = threading.Semaphore(0)
-        self.released = threading.Event()
-        self.finished = threading.Semaphore(0)
-        self._evaluate = engine.evaluate
-        engine.evaluate = self._gated
-
-    def _gated(self, *args, **kwargs):
-        self.arrived.release()
-        self.released.wait(60)
-        try:
-            return self._evaluate(*args, **kwargs)
-        finally:
-            self.finished.release()
 
 
 def metric(server, name: str, **labels: str) -> float:

@@ -41,7 +41,8 @@ from lossd.server.service import LossServicer, Malformed, safe_parser, to_servic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hostile  # noqa: E402
-from conftest import LONG, examples, rss_kib, serving  # noqa: E402
+from conftest import LONG, examples, serving  # noqa: E402
+from serverproc import rss_kib  # noqa: E402  (tests/ is on the path: conftest.py)
 
 pytestmark = pytest.mark.hostile
 
