@@ -136,53 +136,52 @@ class Store:
         )
         touch = self.sql("UPDATE audit_blobs SET last_used_ns = ? WHERE digest = ?")
         now = time.time_ns()
-        with self._lock:
-            if self._writer is None:
-                self._writer = self.connect()
-            conn = self._writer
-            try:
-                cur = conn.cursor()
-                blobs = [(b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now) for p in batch for b in p.blobs]
-                if blobs:
-                    cur.executemany(insert_blob, blobs)
-                touched = sorted({d for p in batch for d in p.referenced} - {b[0] for b in blobs})
-                missing: set[str] = set()
-                if touched:
-                    cur.executemany(touch, [(now, d) for d in touched])
-                    present: set[str] = set()
-                    for i in range(0, len(touched), 200):
-                        chunk = touched[i : i + 200]
-                        cur.execute(self.sql(f"SELECT digest FROM audit_blobs WHERE digest IN ({', '.join('?' for _ in chunk)})"), chunk)
-                        present.update(r[0] for r in cur.fetchall())
-                    missing = set(touched) - present
-                    for p in batch:
-                        if missing.intersection(p.referenced):
-                            uncapture(p.row, missing)
-                cur.executemany(insert, [p.row.values() for p in batch])
-                # Rows actually inserted (a retried request id inserts nothing); -1 if unknown.
-                self.last_inserted = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else len(batch)
-                conn.commit()
-                return missing
-            except BaseException:
-                self._drop_writer()
-                raise
+        with self._writing() as conn:
+            cur = conn.cursor()
+            blobs = [(b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now) for p in batch for b in p.blobs]
+            if blobs:
+                cur.executemany(insert_blob, blobs)
+            touched = sorted({d for p in batch for d in p.referenced} - {b[0] for b in blobs})
+            missing: set[str] = set()
+            if touched:
+                cur.executemany(touch, [(now, d) for d in touched])
+                present: set[str] = set()
+                for i in range(0, len(touched), 200):
+                    chunk = touched[i : i + 200]
+                    cur.execute(self.sql(f"SELECT digest FROM audit_blobs WHERE digest IN ({', '.join('?' for _ in chunk)})"), chunk)
+                    present.update(r[0] for r in cur.fetchall())
+                missing = set(touched) - present
+                for p in batch:
+                    if missing.intersection(p.referenced):
+                        uncapture(p.row, missing)
+            cur.executemany(insert, [p.row.values() for p in batch])
+            # Rows actually inserted (a retried request id inserts nothing); -1 if unknown.
+            self.last_inserted = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else len(batch)
+            conn.commit()
+            return missing
 
     def delete_unused_blobs(self, older_than_ns: int) -> tuple[list[str], int]:
         """Retention: delete captured inputs not used since ``older_than_ns``; (digests, bytes)."""
+        with self._writing() as conn:
+            cur = conn.cursor()
+            cur.execute(self.sql("SELECT digest, stored_bytes FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
+            gone = cur.fetchall()
+            cur.execute(self.sql("DELETE FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
+            conn.commit()
+        return [g[0] for g in gone], sum(int(g[1]) for g in gone)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """The one writer connection, under the lock; opened on first use, dropped on any failure
+        (the next write opens a fresh one)."""
         with self._lock:
             if self._writer is None:
                 self._writer = self.connect()
-            conn = self._writer
             try:
-                cur = conn.cursor()
-                cur.execute(self.sql("SELECT digest, stored_bytes FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
-                gone = cur.fetchall()
-                cur.execute(self.sql("DELETE FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
-                conn.commit()
+                yield self._writer
             except BaseException:
                 self._drop_writer()
                 raise
-        return [g[0] for g in gone], sum(int(g[1]) for g in gone)
 
     def _drop_writer(self) -> None:
         conn, self._writer = self._writer, None
