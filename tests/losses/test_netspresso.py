@@ -14,32 +14,12 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument, LossNotFound
 from lossd.server.losses.netspresso import criteria_list, focal_loss
 from lossd.server.registry import Input, LossOutput, LossSpec
-from tests.golden_cases import GOLDEN, get_path, load_golden
-
-TOL = {"float64": {"rtol": 1e-7, "atol": 1e-10}, "float32": {"rtol": 1e-4, "atol": 1e-6}}
+from tests.golden_cases import GOLDEN, load_golden
+from tests.losses.losskit import GOLDEN_TOL, run_golden
 
 
 def _run_golden(name: str):
-    case = load_golden(GOLDEN / "netspresso" / f"{name}.pt")
-    args, kwargs = case["args"], case["kwargs"]
-    for path in case["grad_paths"]:
-        get_path(args, kwargs, path).requires_grad_(True)
-    if "config" in case:
-        spec, params = registry.get("losses"), {"losses": case["config"]}
-    else:
-        spec = registry.get(case["name"])
-        params = spec.canonical_params(case["ctor"])
-    result = spec.fn(*args, **kwargs, **params)
-    value = result.value if isinstance(result, LossOutput) else result
-    tol = TOL[case["precision"]]
-    assert str(value.dtype).removeprefix("torch.") == case["expected_loss_dtype"]
-    torch.testing.assert_close(value, case["expected_loss"], **tol)
-    value.backward()
-    for path in case["grad_paths"]:
-        torch.testing.assert_close(
-            get_path(args, kwargs, path).grad, case["expected_grads"][path], **tol
-        )
-    return case, result
+    return run_golden(GOLDEN / "netspresso" / f"{name}.pt")
 
 
 def _focal_by_hand(x: float, t: float, alpha: float, gamma: float) -> float:
@@ -489,9 +469,9 @@ def test_criteria_other_netspresso_criteria_golden(golden):
         pytest.skip(f"{case['name']} is not registered yet")
     entry = {"criterion": case["name"], "weight": 2.0, **case["ctor"]}
     result = criteria_list(*case["args"], losses=[entry])
-    torch.testing.assert_close(result.value, 2.0 * case["expected_loss"], **TOL[case["precision"]])
+    torch.testing.assert_close(result.value, 2.0 * case["expected_loss"], **GOLDEN_TOL[case["precision"]])
     torch.testing.assert_close(
-        result.components[case["name"]], case["expected_loss"], **TOL[case["precision"]]
+        result.components[case["name"]], case["expected_loss"], **GOLDEN_TOL[case["precision"]]
     )
     assert result.notes == []
 
@@ -506,6 +486,6 @@ def test_criteria_cur_epoch_reaches_yolox_loss():
     off = criteria_list(
         *case["args"], losses=[{"criterion": "yolox_loss", "l1_activate_epoch": 1, "cur_epoch": 0}]
     )
-    torch.testing.assert_close(on.value, case["expected_loss"], **TOL[case["precision"]])
+    torch.testing.assert_close(on.value, case["expected_loss"], **GOLDEN_TOL[case["precision"]])
     assert off.value.item() < on.value.item()  # the L1 term is off before l1_activate_epoch
     assert on.notes == [] and off.notes == []

@@ -16,9 +16,9 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.pidnet import pidnet_loss
 from lossd.server.registry import LossOutput
-from tests.golden_cases import GOLDEN, get_path, load_golden
+from tests.golden_cases import GOLDEN
+from tests.losses.losskit import GOLDEN_TOL, run_golden
 
-TOL = {"float64": {"rtol": 1e-7, "atol": 1e-10}, "float32": {"rtol": 1e-4, "atol": 1e-6}}
 LOGIT_08 = math.log(4.0)  # sigmoid(log 4) == 0.8
 
 
@@ -81,18 +81,8 @@ def _case(seed: int = 0, *, batch: int = 2, classes: int = 3, low: int = 4, size
 
 
 def test_golden_ignore_255() -> None:
-    case = load_golden(GOLDEN / "netspresso" / "pidnet_loss__ignore_255.pt")
-    args, kwargs = case["args"], case["kwargs"]
-    for path in case["grad_paths"]:
-        get_path(args, kwargs, path).requires_grad_(True)
-    result = pidnet_loss(*args, **kwargs, **case["ctor"])
+    _, result = run_golden(GOLDEN / "netspresso" / "pidnet_loss__ignore_255.pt")
     assert isinstance(result, LossOutput)
-    tol = TOL[case["precision"]]
-    assert str(result.value.dtype).removeprefix("torch.") == str(case["expected_loss_dtype"]).removeprefix("torch.")
-    torch.testing.assert_close(result.value, case["expected_loss"], **tol)
-    result.value.backward()
-    for path in case["grad_paths"]:
-        torch.testing.assert_close(get_path(args, kwargs, path).grad, case["expected_grads"][path], **tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +241,7 @@ def test_float32_matches_float64_reference() -> None:
     assert r.value.dtype == torch.float32
     out64 = {k: v.double() for k, v in out.items()}
     target64 = {"target": target["target"], "bd_gt": target["bd_gt"].double()}
-    torch.testing.assert_close(r.value.double(), _reference(out64, target64, -100), **TOL["float32"])
+    torch.testing.assert_close(r.value.double(), _reference(out64, target64, -100), **GOLDEN_TOL["float32"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.yolox import yolox_loss
 from lossd.server.registry import LossOutput
-from tests.golden_cases import GOLDEN, get_path, load_golden
+from tests.golden_cases import GOLDEN
+from tests.losses.losskit import run_golden
 
-TOL = {"float64": {"rtol": 1e-7, "atol": 1e-10}, "float32": {"rtol": 1e-4, "atol": 1e-6}}
 NUM_CLASSES = 3
 TINY = -5.0  # tw = th = -5: boxes of width stride * e^-5, IoU ~1e-5 with any GT
 
@@ -127,17 +127,7 @@ def _assert_terms(result: LossOutput, expected: dict[str, float]) -> None:
 
 
 def test_golden_l1_on() -> None:
-    case = load_golden(GOLDEN / "netspresso" / "yolox_loss__l1_on.pt")
-    args, kwargs = case["args"], case["kwargs"]
-    for path in case["grad_paths"]:
-        get_path(args, kwargs, path).requires_grad_(True)
-    result = yolox_loss(*args, **kwargs, **case["ctor"])
-    tol = TOL[case["precision"]]
-    assert str(result.value.dtype).removeprefix("torch.") == str(case["expected_loss_dtype"]).removeprefix("torch.")
-    torch.testing.assert_close(result.value, case["expected_loss"], **tol)
-    result.value.backward()
-    for path in case["grad_paths"]:
-        torch.testing.assert_close(get_path(args, kwargs, path).grad, case["expected_grads"][path], **tol)
+    run_golden(GOLDEN / "netspresso" / "yolox_loss__l1_on.pt")
 
 
 # ---------------------------------------------------------------------------------------------
