@@ -137,6 +137,22 @@ def test_components_add_up_to_total() -> None:
     assert all(not v.requires_grad for v in c.values())
 
 
+def test_an_image_without_labelled_or_boundary_pixels_beside_a_labelled_one() -> None:
+    """Segmentation's "image with no boxes": image 0 is all ignore_index and has no boundary;
+    the batch mean runs over image 1's pixels only, and image 0's main head gets no gradient."""
+    out, target = _case(4)
+    target["target"][0] = 255
+    target["bd_gt"][0] = 0
+    pred = out["pred"].clone().requires_grad_(True)
+    r = pidnet_loss({**out, "pred": pred}, target, ignore_index=255)
+    torch.testing.assert_close(r.value, _reference(out, target, 255), rtol=1e-10, atol=1e-12)
+    c = r.components
+    total = 0.4 * c["extra_p_ce"] + c["pred_ce"] + 20 * c["boundary_bce"] + c["boundary_ce"]
+    torch.testing.assert_close(total, r.value.detach(), rtol=1e-12, atol=1e-12)
+    r.value.backward()
+    assert not pred.grad[0].any() and pred.grad[1].abs().sum() > 0
+
+
 def test_boundary_threshold_is_strict_08() -> None:
     # Same-size maps (no interpolation effect): pixels at logit 2 (sigmoid .88) count, pixels at
     # logit 1 (sigmoid .73) and at exactly logit(0.8) do not.
