@@ -18,7 +18,12 @@ from google.protobuf.wrappers_pb2 import BytesValue
 
 async def serve(kind: str, host: str, port: int, max_message_mb: int, device: str) -> None:
     limit = max_message_mb << 20
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
+    )
     if kind == "floor":
         from . import floor
 
@@ -26,7 +31,12 @@ async def serve(kind: str, host: str, port: int, max_message_mb: int, device: st
             return floor._response(context)
 
         handler = grpc.method_handlers_generic_handler(
-            floor.SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=BytesValue.FromString)}
+            floor.SERVICE,
+            {
+                "Echo": grpc.unary_unary_rpc_method_handler(
+                    echo, request_deserializer=BytesValue.FromString
+                )
+            },
         )
     else:
         from lossd.client._proto import lossd_pb2 as pb
@@ -37,21 +47,29 @@ async def serve(kind: str, host: str, port: int, max_message_mb: int, device: st
 
         engine = Engine(device)
         metrics = Metrics(device=str(engine.device))
-        servicer = LossServicer(engine, ServerConfig().limits, after_compute=[metrics.after_compute])
+        servicer = LossServicer(
+            engine, ServerConfig().limits, after_compute=[metrics.after_compute]
+        )
 
-        async def compute(request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> pb.ComputeResponse:
+        async def compute(
+            request: pb.ComputeRequest, context: grpc.aio.ServicerContext
+        ) -> pb.ComputeResponse:
             # CPU-bound: off the event loop, on the loop's executor (the usual asyncio pattern; run
             # inline on the loop's main thread, torch's OpenMP regions were 10x slower under load).
             return await asyncio.get_running_loop().run_in_executor(None, servicer.compute, request)
 
-        async def describe(request: pb.DescribeLossRequest, context: grpc.aio.ServicerContext) -> pb.DescribeLossResponse:
+        async def describe(
+            request: pb.DescribeLossRequest, context: grpc.aio.ServicerContext
+        ) -> pb.DescribeLossResponse:
             return servicer.DescribeLoss(request, context)
 
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
                 "Compute": grpc.unary_unary_rpc_method_handler(
-                    compute, request_deserializer=pb.ComputeRequest.FromString, response_serializer=pb.ComputeResponse.SerializeToString
+                    compute,
+                    request_deserializer=pb.ComputeRequest.FromString,
+                    response_serializer=pb.ComputeResponse.SerializeToString,
                 ),
                 "DescribeLoss": grpc.unary_unary_rpc_method_handler(
                     describe,

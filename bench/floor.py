@@ -38,7 +38,9 @@ def _response(context: grpc.ServicerContext) -> bytes:
     cached = _responses.get(size)
     if cached is None:
         with _lock:
-            cached = _responses.setdefault(size, BytesValue(value=b"\x01" * size).SerializeToString())
+            cached = _responses.setdefault(
+                size, BytesValue(value=b"\x01" * size).SerializeToString()
+            )
     return cached
 
 
@@ -58,8 +60,12 @@ def handlers() -> grpc.GenericRpcHandler:
         {
             # Requests are parsed as protobuf (what any protobuf server must do); responses are
             # prebuilt serialized bytes, so the handler itself costs nothing.
-            "Echo": grpc.unary_unary_rpc_method_handler(_echo, request_deserializer=BytesValue.FromString),
-            "PingPong": grpc.stream_stream_rpc_method_handler(_ping_pong, request_deserializer=BytesValue.FromString),
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                _echo, request_deserializer=BytesValue.FromString
+            ),
+            "PingPong": grpc.stream_stream_rpc_method_handler(
+                _ping_pong, request_deserializer=BytesValue.FromString
+            ),
         },
     )
 
@@ -77,7 +83,10 @@ def main() -> int:
         # The same pool lossd's server builds (one thread per admitted RPC; lossd additionally
         # bounds concurrent evaluations by --workers, which a handler that does nothing needs not).
         futures.ThreadPoolExecutor(max_workers=max(args.workers, args.max_concurrent_rpcs)),
-        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ],
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((handlers(),))
@@ -98,16 +107,28 @@ class FloorClient:
     def __init__(self, target: str, max_message_mb: int = 1024) -> None:
         limit = max_message_mb << 20
         self.channel = grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+            target,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+            ],
         )
-        self._echo = self.channel.unary_unary(ECHO, request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
+        self._echo = self.channel.unary_unary(
+            ECHO,
+            request_serializer=BytesValue.SerializeToString,
+            response_deserializer=BytesValue.FromString,
+        )
         self._ping_pong = self.channel.stream_stream(
-            PING_PONG, request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString
+            PING_PONG,
+            request_serializer=BytesValue.SerializeToString,
+            response_deserializer=BytesValue.FromString,
         )
 
     def echo(self, payload: bytes, response_bytes: int) -> int:
         """One round trip; returns the answer's size (reading the bytes field once, as a client must)."""
-        answer = self._echo(BytesValue(value=payload), metadata=(("x-response-bytes", str(response_bytes)),))
+        answer = self._echo(
+            BytesValue(value=payload), metadata=(("x-response-bytes", str(response_bytes)),)
+        )
         return len(answer.value)
 
     def ping_pong(self, payload: bytes, response_bytes: int) -> PingPong:
@@ -125,7 +146,9 @@ class PingPong:
 
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._payload = payload
-        self._responses = method(iter(self._queue.get, None), metadata=(("x-response-bytes", str(response_bytes)),))
+        self._responses = method(
+            iter(self._queue.get, None), metadata=(("x-response-bytes", str(response_bytes)),)
+        )
 
     def round_trip(self) -> int:
         self._queue.put(BytesValue(value=self._payload))

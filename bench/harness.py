@@ -72,7 +72,9 @@ class Server:
 def start_server(argv: list[str], marker: str, workdir: Path, name: str) -> Server:
     """Start ``argv`` and wait for its ``<marker> HOST:PORT`` line on stdout."""
     log = workdir / f"{name}.log"
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, cwd=HERE.parent)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, cwd=HERE.parent
+    )
     deadline = time.monotonic() + 120
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -87,19 +89,43 @@ def start_server(argv: list[str], marker: str, workdir: Path, name: str) -> Serv
     raise RuntimeError(f"{name} did not start; see {log}:\n{log.read_text()[-3000:]}")
 
 
-def lossd_argv(opts: argparse.Namespace, workdir: Path, workers: int | None = None, port: int = 0) -> list[str]:
+def lossd_argv(
+    opts: argparse.Namespace, workdir: Path, workers: int | None = None, port: int = 0
+) -> list[str]:
     return [
-        sys.executable, "-m", "lossd.server.cli", "serve", "--port", str(port),
-        "--workers", str(workers or opts.workers), "--max-message-mb", str(opts.max_message_mb),
-        "--device", opts.device, "--audit", "none", "--data-dir", str(workdir), "--log-level", "WARNING",
+        sys.executable,
+        "-m",
+        "lossd.server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers or opts.workers),
+        "--max-message-mb",
+        str(opts.max_message_mb),
+        "--device",
+        opts.device,
+        "--audit",
+        "none",
+        "--data-dir",
+        str(workdir),
+        "--log-level",
+        "WARNING",
         *opts.server_arg,
     ]
 
 
 def floor_argv(opts: argparse.Namespace, workers: int | None = None, port: int = 0) -> list[str]:
     return [
-        sys.executable, "-m", "bench.floor", "--port", str(port), "--workers", str(workers or opts.workers),
-        "--max-message-mb", str(opts.max_message_mb),
+        sys.executable,
+        "-m",
+        "bench.floor",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers or opts.workers),
+        "--max-message-mb",
+        str(opts.max_message_mb),
     ]
 
 
@@ -133,7 +159,12 @@ def rss(pid: int) -> dict[str, int]:
 
 def stats(times: list[float]) -> dict[str, float]:
     a = np.asarray(times)
-    return {"n": len(a), "p50": float(np.median(a)), "p99": float(np.percentile(a, 99)), "min": float(a.min())}
+    return {
+        "n": len(a),
+        "p50": float(np.median(a)),
+        "p99": float(np.percentile(a, 99)),
+        "min": float(a.min()),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +196,11 @@ def torch_threads_of(server_args: list[str]) -> int:
 
 
 def run_row(
-    w: workloads.Workload, floor: FloorClient, lossd_address: str, opts: argparse.Namespace, transports: list[str]
+    w: workloads.Workload,
+    floor: FloorClient,
+    lossd_address: str,
+    opts: argparse.Namespace,
+    transports: list[str],
 ) -> dict[str, Any]:
     """Every column of one row, measured interleaved: one call of each column per round, so
     every column sees the same machine (other jobs' load moves all of them, not one)."""
@@ -174,10 +209,20 @@ def run_row(
 
     min_n, max_n = (3 if w.size >= 16 * MB else 5), opts.max_n
     row: dict[str, Any] = {
-        "loss": w.loss, "size": w.size, "shape": w.shape, "request_bytes": w.request_bytes, "grad_bytes": w.grad_bytes,
+        "loss": w.loss,
+        "size": w.size,
+        "shape": w.shape,
+        "request_bytes": w.request_bytes,
+        "grad_bytes": w.grad_bytes,
     }
-    payload = os.urandom(w.request_bytes) if w.request_bytes < 4 * MB else np.random.bytes(w.request_bytes)
-    cells: dict[str, Callable[[], Any]] = {"echo": functools.partial(floor.echo, payload, w.grad_bytes)}
+    payload = (
+        os.urandom(w.request_bytes)
+        if w.request_bytes < 4 * MB
+        else np.random.bytes(w.request_bytes)
+    )
+    cells: dict[str, Callable[[], Any]] = {
+        "echo": functools.partial(floor.echo, payload, w.grad_bytes)
+    }
     closers: list[Callable[[], Any]] = []
     if w.size <= 1 * MB:
         session = floor.ping_pong(payload, w.grad_bytes)
@@ -204,7 +249,9 @@ def run_row(
         if transport == "chunked" and w.size < 1 * MB:
             continue
         kwargs = {"transport": transport} if transport != "unary" or len(transports) > 1 else {}
-        module = RemoteLoss(w.loss, endpoint=lossd_address, max_message_mb=opts.max_message_mb, **kwargs, **w.params)
+        module = RemoteLoss(
+            w.loss, endpoint=lossd_address, max_message_mb=opts.max_message_mb, **kwargs, **w.params
+        )
         closers.append(module.close)
 
         def remote(module: RemoteLoss = module) -> None:
@@ -248,7 +295,9 @@ def run_row(
 # Throughput and memory
 
 
-def _throughput_worker(kind: str, address: str, duration: float, start_at: float, transport: str) -> int:
+def _throughput_worker(
+    kind: str, address: str, duration: float, start_at: float, transport: str
+) -> int:
     torch.set_num_threads(1)
     w = workloads.build("cross_entropy", 1 * KB)
     if kind == "floor":
@@ -258,12 +307,17 @@ def _throughput_worker(kind: str, address: str, duration: float, start_at: float
             session = floor.ping_pong(payload, w.grad_bytes)
             call = session.round_trip
         else:
+
             def call() -> None:
                 floor.echo(payload, w.grad_bytes)
     else:
         from lossd.client import RemoteLoss
 
-        kwargs = {"transport": transport} if "transport" in inspect.signature(RemoteLoss.__init__).parameters else {}
+        kwargs = (
+            {"transport": transport}
+            if "transport" in inspect.signature(RemoteLoss.__init__).parameters
+            else {}
+        )
         torch.set_num_threads(1)
         module = RemoteLoss("cross_entropy", endpoint=address, **kwargs)
 
@@ -291,17 +345,26 @@ class ClientPool:
         self.pool = multiprocessing.get_context("spawn").Pool(clients)
         self.pool.map(_warm, range(clients), chunksize=1)
 
-    def rps(self, address: str, kind: str, duration: float, transport: str, pids: Sequence[int] = ()) -> dict[str, float]:
+    def rps(
+        self, address: str, kind: str, duration: float, transport: str, pids: Sequence[int] = ()
+    ) -> dict[str, float]:
         """Requests/s of all clients together, and CPU seconds per request of the clients and of
         the server processes ``pids`` (which explains a ratio: the cores are shared)."""
         start_at = time.time() + 1.5  # every client warmed up and connected before the clock starts
         before = sum(cpu_seconds(pid) for pid in pids)
-        runs = self.pool.starmap(_throughput_worker, [(kind, address, duration, start_at, transport)] * self.clients)
+        runs = self.pool.starmap(
+            _throughput_worker, [(kind, address, duration, start_at, transport)] * self.clients
+        )
         calls = sum(n for n, _ in runs)
-        out = {"rps": calls / duration, "client_cpu_ms": 1e3 * sum(c for _, c in runs) / max(calls, 1)}
+        out = {
+            "rps": calls / duration,
+            "client_cpu_ms": 1e3 * sum(c for _, c in runs) / max(calls, 1),
+        }
         if pids:
             # Includes the 1.5 s warm-up (20 calls per client), a small overestimate.
-            out["server_cpu_ms"] = 1e3 * (sum(cpu_seconds(pid) for pid in pids) - before) / max(calls, 1)
+            out["server_cpu_ms"] = (
+                1e3 * (sum(cpu_seconds(pid) for pid in pids) - before) / max(calls, 1)
+            )
         return out
 
     def close(self) -> None:
@@ -317,8 +380,14 @@ def _warm(_: int) -> None:
 
 # Server designs compared under the same load: small cross_entropy calls from the client pool.
 DESIGNS = [
-    ("threads", 1, 1), ("threads", 4, 1), ("threads", 16, 1),
-    ("processes", 4, 2),  # two `lossd serve` sharing one port (SO_REUSEPORT, grpc's default on Linux)
+    ("threads", 1, 1),
+    ("threads", 4, 1),
+    ("threads", 16, 1),
+    (
+        "processes",
+        4,
+        2,
+    ),  # two `lossd serve` sharing one port (SO_REUSEPORT, grpc's default on Linux)
     ("asyncio", 0, 1),  # grpc.aio, bench/aio_server.py
 ]
 
@@ -331,7 +400,9 @@ def design_name(kind: str, workers: int, procs: int) -> str:
     return "1 process, grpc.aio (asyncio)"
 
 
-def start_design(opts: argparse.Namespace, workdir: Path, side: str, kind: str, workers: int, procs: int) -> list[Server]:
+def start_design(
+    opts: argparse.Namespace, workdir: Path, side: str, kind: str, workers: int, procs: int
+) -> list[Server]:
     if kind == "asyncio":
         argv = [sys.executable, "-m", "bench.aio_server", "--kind", side, "--device", opts.device]
         return [start_server(argv, "aio listening on", workdir, f"aio-{side}")]
@@ -340,9 +411,23 @@ def start_design(opts: argparse.Namespace, workdir: Path, side: str, kind: str, 
     try:
         for i in range(procs):
             if side == "floor":
-                servers.append(start_server(floor_argv(opts, workers, port), "floor listening on", workdir, f"floor-{kind}{i}"))
+                servers.append(
+                    start_server(
+                        floor_argv(opts, workers, port),
+                        "floor listening on",
+                        workdir,
+                        f"floor-{kind}{i}",
+                    )
+                )
             else:
-                servers.append(start_server(lossd_argv(opts, workdir, workers, port), "lossd listening on", workdir, f"lossd-{kind}{i}"))
+                servers.append(
+                    start_server(
+                        lossd_argv(opts, workdir, workers, port),
+                        "lossd listening on",
+                        workdir,
+                        f"lossd-{kind}{i}",
+                    )
+                )
     except Exception:
         for server in servers:
             server.stop()
@@ -353,11 +438,22 @@ def start_design(opts: argparse.Namespace, workdir: Path, side: str, kind: str, 
 def concurrency(opts: argparse.Namespace, workdir: Path, pool: ClientPool) -> list[dict[str, Any]]:
     rows = []
     for kind, workers, procs in DESIGNS:
-        row: dict[str, Any] = {"design": design_name(kind, workers, procs), "kind": kind, "workers": workers, "processes": procs}
+        row: dict[str, Any] = {
+            "design": design_name(kind, workers, procs),
+            "kind": kind,
+            "workers": workers,
+            "processes": procs,
+        }
         for side in ("floor", "lossd"):
             servers = start_design(opts, workdir, side, kind, workers, procs)
             try:
-                cell = pool.rps(servers[0].address, side, opts.throughput_seconds, "unary", [srv.pid for srv in servers])
+                cell = pool.rps(
+                    servers[0].address,
+                    side,
+                    opts.throughput_seconds,
+                    "unary",
+                    [srv.pid for srv in servers],
+                )
                 row[f"{side}_rps"] = cell["rps"]
                 row[f"{side}_cpu"] = cell
             except Exception as exc:  # noqa: BLE001 - a failed design is reported, the run goes on
@@ -365,7 +461,10 @@ def concurrency(opts: argparse.Namespace, workdir: Path, pool: ClientPool) -> li
             finally:
                 for server in servers:
                     server.stop()
-        print(f"concurrency {row['design']}: trivial {row.get('floor_rps', 0):.0f}/s, lossd {row.get('lossd_rps', 0):.0f}/s", flush=True)
+        print(
+            f"concurrency {row['design']}: trivial {row.get('floor_rps', 0):.0f}/s, lossd {row.get('lossd_rps', 0):.0f}/s",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -389,28 +488,48 @@ def memory(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 module(*small.args).backward()
             after = rss(server.pid)["VmRSS"]
         out["drift"] = {
-            "calls": opts.drift_calls, "rss_before": before, "rss_after": after, "seconds": time.perf_counter() - t0,
+            "calls": opts.drift_calls,
+            "rss_before": before,
+            "rss_after": after,
+            "seconds": time.perf_counter() - t0,
             "ratio": after / before - 1,
         }
-        print(f"memory drift: {before / MB:.1f} MB -> {after / MB:.1f} MB over {opts.drift_calls} calls", flush=True)
+        print(
+            f"memory drift: {before / MB:.1f} MB -> {after / MB:.1f} MB over {opts.drift_calls} calls",
+            flush=True,
+        )
         # Peak: one large request (cross_entropy, so the gradient is as large as the request).
         big = workloads.build("cross_entropy", opts.memory_mb * MB)
-        with RemoteLoss("cross_entropy", endpoint=server.address, max_message_mb=opts.max_message_mb) as module:
+        with RemoteLoss(
+            "cross_entropy", endpoint=server.address, max_message_mb=opts.max_message_mb
+        ) as module:
             base = rss(server.pid)
             t0 = time.perf_counter()
             module(*big.args).backward()
             seconds = time.perf_counter() - t0
         peak = rss(server.pid)
         out["peak"] = {
-            "request_bytes": big.request_bytes, "rss_before": base["VmRSS"], "hwm_before": base["VmHWM"], "hwm_after": peak["VmHWM"],
-            "raise": peak["VmHWM"] - base["VmRSS"], "seconds": seconds, "ratio": (peak["VmHWM"] - base["VmRSS"]) / big.request_bytes,
+            "request_bytes": big.request_bytes,
+            "rss_before": base["VmRSS"],
+            "hwm_before": base["VmHWM"],
+            "hwm_after": peak["VmHWM"],
+            "raise": peak["VmHWM"] - base["VmRSS"],
+            "seconds": seconds,
+            "ratio": (peak["VmHWM"] - base["VmRSS"]) / big.request_bytes,
         }
-        print(f"memory peak: +{out['peak']['raise'] / MB:.0f} MB for {big.request_bytes / MB:.0f} MB", flush=True)
+        print(
+            f"memory peak: +{out['peak']['raise'] / MB:.0f} MB for {big.request_bytes / MB:.0f} MB",
+            flush=True,
+        )
     finally:
         server.stop()
     # The same evaluation with no server: what torch itself needs on top of the inputs.
     probe = subprocess.run(
-        [sys.executable, "-c", _LOCAL_PEAK, str(opts.memory_mb * MB), opts.device], capture_output=True, text=True, cwd=HERE.parent, timeout=600
+        [sys.executable, "-c", _LOCAL_PEAK, str(opts.memory_mb * MB), opts.device],
+        capture_output=True,
+        text=True,
+        cwd=HERE.parent,
+        timeout=600,
     )
     if probe.returncode == 0:
         out["local_peak"] = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -428,17 +547,25 @@ def huge(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(0)
         pred = torch.randn(n, generator=gen).requires_grad_()
         target = torch.randn(n, generator=gen)
-        with RemoteLoss("mse", endpoint=server.address) as module:  # client defaults: transport='auto'
+        with RemoteLoss(
+            "mse", endpoint=server.address
+        ) as module:  # client defaults: transport='auto'
             t0 = time.perf_counter()
             value = module(pred, target)
             value.backward()
             seconds = time.perf_counter() - t0
         expected = torch.nn.functional.mse_loss(pred.detach(), target)
         out = {
-            "request_bytes": 8 * n, "seconds": seconds, "server_peak": rss(server.pid)["VmHWM"],
-            "value_matches_local": bool(torch.equal(value.detach(), expected)), "grad_numel": pred.grad.numel(),
+            "request_bytes": 8 * n,
+            "seconds": seconds,
+            "server_peak": rss(server.pid)["VmHWM"],
+            "value_matches_local": bool(torch.equal(value.detach(), expected)),
+            "grad_numel": pred.grad.numel(),
         }
-        print(f"huge: {8 * n / MB:.0f} MB mse in {seconds:.1f} s, value equal to local: {out['value_matches_local']}", flush=True)
+        print(
+            f"huge: {8 * n / MB:.0f} MB mse in {seconds:.1f} s, value equal to local: {out['value_matches_local']}",
+            flush=True,
+        )
         return out
     finally:
         server.stop()
@@ -480,9 +607,15 @@ def machine(device: str) -> dict[str, Any]:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     info = {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__,
-        "protobuf": google.protobuf.__version__, "device": device,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "device": device,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -502,7 +635,11 @@ def _size(n: int) -> str:
 
 
 def best_remote(row: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    cells = [(t, row[t]) for t in ("auto", "chunked", "stream", "unary") if isinstance(row.get(t), dict) and "p50" in row[t]]
+    cells = [
+        (t, row[t])
+        for t in ("auto", "chunked", "stream", "unary")
+        if isinstance(row.get(t), dict) and "p50" in row[t]
+    ]
     return min(cells, key=lambda c: c[1]["p50"]) if cells else None
 
 
@@ -517,37 +654,84 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if row["size"] <= SMALL:
             if "p50" in row.get("unary", {}):
                 ratio = row["unary"]["p50"] / (row["echo"]["p50"] + local)
-                out.append({"target": f"{name} unary <= 1.2 x (echo + local)", "value": ratio, "met": ratio <= 1.2})
+                out.append(
+                    {
+                        "target": f"{name} unary <= 1.2 x (echo + local)",
+                        "value": ratio,
+                        "met": ratio <= 1.2,
+                    }
+                )
             if "p50" in row.get("stream", {}) and "pingpong" in row:
                 ratio = row["stream"]["p50"] / (row["pingpong"]["p50"] + local)
-                out.append({"target": f"{name} stream <= 1.2 x (pingpong + local)", "value": ratio, "met": ratio <= 1.2})
+                out.append(
+                    {
+                        "target": f"{name} stream <= 1.2 x (pingpong + local)",
+                        "value": ratio,
+                        "met": ratio <= 1.2,
+                    }
+                )
         if row["size"] >= LARGE:
             best = best_remote(row)
             if best:
                 ratio = best[1]["p50"] / row["echo"]["p50"]
                 transport_only = max(0.0, best[1]["p50"] - local) / row["echo"]["p50"]
-                out.append({
-                    "target": f"{name} {best[0]} <= 0.5 x echo (transport alone, lossd - local: {transport_only:.2f} x echo)",
-                    "value": ratio, "met": ratio <= 0.5,
-                })
+                out.append(
+                    {
+                        "target": f"{name} {best[0]} <= 0.5 x echo (transport alone, lossd - local: {transport_only:.2f} x echo)",
+                        "value": ratio,
+                        "met": ratio <= 0.5,
+                    }
+                )
     for transport, cell in (result.get("throughput") or {}).items():
         ratio = cell["lossd_rps"] / cell["floor_rps"]
-        out.append({"target": f"throughput {result['config']['clients']} clients ({transport}) >= 0.7 x trivial handler", "value": ratio, "met": ratio >= 0.7})
+        out.append(
+            {
+                "target": f"throughput {result['config']['clients']} clients ({transport}) >= 0.7 x trivial handler",
+                "value": ratio,
+                "met": ratio >= 0.7,
+            }
+        )
     mem = result.get("memory") or {}
     if "peak" in mem:
         r = mem["peak"]["ratio"]
-        out.append({"target": f"peak RSS raise for one {mem['peak']['request_bytes'] >> 20} MB request <= 3x", "value": r, "met": r <= 3})
+        out.append(
+            {
+                "target": f"peak RSS raise for one {mem['peak']['request_bytes'] >> 20} MB request <= 3x",
+                "value": r,
+                "met": r <= 3,
+            }
+        )
     if "drift" in mem:
         r = mem["drift"]["ratio"]
-        out.append({"target": f"RSS drift over {mem['drift']['calls']} calls < 5 %", "value": r, "met": r < 0.05})
+        out.append(
+            {
+                "target": f"RSS drift over {mem['drift']['calls']} calls < 5 %",
+                "value": r,
+                "met": r < 0.05,
+            }
+        )
     return out
 
 
 def table(result: dict[str, Any]) -> str:
-    cols = ["loss", "payload", "input", "req MB", "echo p50/p99", "pingpong p50", "local p50", "unary p50/p99",
-            "stream p50/p99", "chunked p50/p99", "auto p50/p99", "best/floor", "MB/s"]
+    cols = [
+        "loss",
+        "payload",
+        "input",
+        "req MB",
+        "echo p50/p99",
+        "pingpong p50",
+        "local p50",
+        "unary p50/p99",
+        "stream p50/p99",
+        "chunked p50/p99",
+        "auto p50/p99",
+        "best/floor",
+        "MB/s",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in result["rows"]:
+
         def both(key: str, row: dict = row) -> str:
             cell = row.get(key)
             return f"{_ms(cell)} / {_ms(cell, 'p99')}" if cell and "p50" in cell else _ms(cell)
@@ -556,15 +740,36 @@ def table(result: dict[str, Any]) -> str:
         if best is None or "p50" not in row.get("local", {}) or "p50" not in row.get("echo", {}):
             ratio = mbs = "–"
         else:
-            floor = row["echo"]["p50"] + row["local"]["p50"] if row["size"] < LARGE else row["echo"]["p50"]
+            floor = (
+                row["echo"]["p50"] + row["local"]["p50"]
+                if row["size"] < LARGE
+                else row["echo"]["p50"]
+            )
             if row["size"] <= SMALL and best[0] == "stream" and "pingpong" in row:
                 floor = row["pingpong"]["p50"] + row["local"]["p50"]
             ratio = f"{best[1]['p50'] / floor:.2f} ({best[0]})"
             mbs = f"{(row['request_bytes'] + row['grad_bytes']) / best[1]['p50'] / MB:.0f}"
-        lines.append("| " + " | ".join([
-            row["loss"], _size(row["size"]), row["shape"], f"{row['request_bytes'] / MB:.3f}", both("echo"), _ms(row.get("pingpong")),
-            _ms(row.get("local")), both("unary"), both("stream"), both("chunked"), both("auto"), ratio, mbs,
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["loss"],
+                    _size(row["size"]),
+                    row["shape"],
+                    f"{row['request_bytes'] / MB:.3f}",
+                    both("echo"),
+                    _ms(row.get("pingpong")),
+                    _ms(row.get("local")),
+                    both("unary"),
+                    both("stream"),
+                    both("chunked"),
+                    both("auto"),
+                    ratio,
+                    mbs,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -573,7 +778,8 @@ def render_machine(result: dict[str, Any]) -> str:
     return (
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['platform']}; Python {m['python']}, "
         f"torch {m['torch']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}; server device {m['device']}"
-        + (f" ({m['gpu']})" if "gpu" in m else "") + f". Load average at the start: {m.get('load', '?')}."
+        + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f". Load average at the start: {m.get('load', '?')}."
     )
 
 
@@ -604,7 +810,9 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
         parts += [f"\n- {note}" for note in result.get("notes", [])]
         tp = result.get("throughput")
         if tp:
-            parts.append(f"\nThroughput, {result['config']['clients']} client processes, small cross_entropy calls (16x16 f32 + targets), requests/s:\n")
+            parts.append(
+                f"\nThroughput, {result['config']['clients']} client processes, small cross_entropy calls (16x16 f32 + targets), requests/s:\n"
+            )
             parts.append(
                 "| transport | trivial handler | lossd | ratio | CPU ms per call, trivial: server / clients | lossd: server / clients |\n"
                 "|---|---|---|---|---|---|"
@@ -615,7 +823,9 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
                     f"| {transport} | {cell['floor_rps']:.0f} | {cell['lossd_rps']:.0f} | {cell['lossd_rps'] / cell['floor_rps']:.2f} | "
                     f"{fl.get('server_cpu_ms', 0):.2f} / {fl.get('client_cpu_ms', 0):.2f} | {ls.get('server_cpu_ms', 0):.2f} / {ls.get('client_cpu_ms', 0):.2f} |"
                 )
-        parts += render_targets([t for t in all_targets if not t["target"].startswith(("peak", "RSS"))])
+        parts += render_targets(
+            [t for t in all_targets if not t["target"].startswith(("peak", "RSS"))]
+        )
         sections["rows"] = "\n".join(parts)
     if "concurrency" in result:
         parts = [
@@ -681,14 +891,16 @@ def write_results(sections: dict[str, str], path: Path) -> None:
         start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         block = f"{start}\n{body}\n{end}"
         if start in text and end in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
         else:
             text = text.rstrip("\n") + f"\n\n## {SECTION_TITLES[name]}\n\n{block}\n"
     path.write_text(text)
 
 
 SECTION_TITLES = {
-    "rows": "Latency and bandwidth", "concurrency": "Concurrency: server designs", "memory": "Server memory",
+    "rows": "Latency and bandwidth",
+    "concurrency": "Concurrency: server designs",
+    "memory": "Server memory",
     "huge": "A 1 GiB request",
 }
 
@@ -699,25 +911,77 @@ SECTION_TITLES = {
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 KB..64 MB, short budgets, fewer calls (under 2 minutes)")
-    p.add_argument("--concurrency", action="store_true", help="run the server-design comparison (threads/processes/asyncio)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 KB..64 MB, short budgets, fewer calls (under 2 minutes)",
+    )
+    p.add_argument(
+        "--concurrency",
+        action="store_true",
+        help="run the server-design comparison (threads/processes/asyncio)",
+    )
     p.add_argument("--memory", action="store_true", help="run the server memory measurement")
-    p.add_argument("--huge", action="store_true", help="one --huge-mb request (1 GiB) with defaults but --max-message-mb")
+    p.add_argument(
+        "--huge",
+        action="store_true",
+        help="one --huge-mb request (1 GiB) with defaults but --max-message-mb",
+    )
     p.add_argument("--huge-mb", type=int, default=1024)
-    p.add_argument("--rows", action="store_true", help="run the latency/bandwidth table (the default when no part is named)")
-    p.add_argument("--write-results", action="store_true", help="update the measured sections of bench/RESULTS.md")
-    p.add_argument("--device", default="cpu", help="server device (and of the local column): cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=4, help="lossd --workers (concurrent evaluations); the floor gets the same pool")
+    p.add_argument(
+        "--rows",
+        action="store_true",
+        help="run the latency/bandwidth table (the default when no part is named)",
+    )
+    p.add_argument(
+        "--write-results",
+        action="store_true",
+        help="update the measured sections of bench/RESULTS.md",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="server device (and of the local column): cpu, cuda, cuda:N"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="lossd --workers (concurrent evaluations); the floor gets the same pool",
+    )
     p.add_argument("--losses", default=",".join(LOSSES))
     p.add_argument("--sizes", default="", help="comma-separated sizes in KB (overrides the mode's)")
-    p.add_argument("--budget", type=float, default=None, help="seconds per cell before stopping (min calls still run)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per cell before stopping (min calls still run)",
+    )
     p.add_argument("--max-n", type=int, default=None)
-    p.add_argument("--max-message-mb", type=int, default=1100, help="both servers' --max-message-mb (the one flag for >= 1 GiB)")
-    p.add_argument("--memory-mb", type=int, default=256, help="size of the request for the peak-RSS measurement")
-    p.add_argument("--drift-calls", type=int, default=None, help="small calls for the RSS drift (default 10000; 1000 with --quick)")
+    p.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=1100,
+        help="both servers' --max-message-mb (the one flag for >= 1 GiB)",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=256,
+        help="size of the request for the peak-RSS measurement",
+    )
+    p.add_argument(
+        "--drift-calls",
+        type=int,
+        default=None,
+        help="small calls for the RSS drift (default 10000; 1000 with --quick)",
+    )
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--throughput-seconds", type=float, default=None)
-    p.add_argument("--server-arg", action="append", default=[], help="extra argument for `lossd serve` (repeatable)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for `lossd serve` (repeatable)",
+    )
     p.add_argument("--no-write", action="store_true", help="write no JSON to bench/results/")
     opts = p.parse_args(argv)
     opts.budget = opts.budget if opts.budget is not None else (0.2 if opts.quick else 2.0)
@@ -730,15 +994,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     if torch_threads_of(opts.server_arg) > 0:
-        torch.set_num_threads(torch_threads_of(opts.server_arg))  # the local column matches the server
+        torch.set_num_threads(
+            torch_threads_of(opts.server_arg)
+        )  # the local column matches the server
     import lossd.server.losses  # noqa: F401 - registers every loss
     from lossd.server import registry
 
     named = {part for part in ("rows", "concurrency", "memory", "huge") if getattr(opts, part)}
     parts = named or ({"rows", "memory"} if opts.quick else {"rows", "concurrency", "memory"})
-    sizes = [int(s) * KB for s in opts.sizes.split(",")] if opts.sizes else (QUICK_SIZES if opts.quick else FULL_SIZES)
+    sizes = (
+        [int(s) * KB for s in opts.sizes.split(",")]
+        if opts.sizes
+        else (QUICK_SIZES if opts.quick else FULL_SIZES)
+    )
     known = {s.name for s in registry.all_specs(None)}
-    notes = [f"{name} is not registered on this server yet: skipped" for name in opts.losses.split(",") if name not in known]
+    notes = [
+        f"{name} is not registered on this server yet: skipped"
+        for name in opts.losses.split(",")
+        if name not in known
+    ]
     losses = [name for name in opts.losses.split(",") if name in known]
     transports = remote_transports()
     if transports == ["unary"]:
@@ -746,10 +1020,17 @@ def main(argv: list[str] | None = None) -> int:
     machine_info = machine(opts.device)
     machine_info["load"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     result: dict[str, Any] = {
-        "mode": "quick" if opts.quick else "full", "machine": machine_info,
+        "mode": "quick" if opts.quick else "full",
+        "machine": machine_info,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {"workers": opts.workers, "clients": opts.clients, "max_message_mb": opts.max_message_mb, "throughput_seconds": opts.throughput_seconds},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": notes,
+        "config": {
+            "workers": opts.workers,
+            "clients": opts.clients,
+            "max_message_mb": opts.max_message_mb,
+            "throughput_seconds": opts.throughput_seconds,
+        },
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "notes": notes,
     }
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -781,18 +1062,27 @@ def main(argv: list[str] | None = None) -> int:
         results = HERE / "results"
         results.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = results / f"{stamp}-{result['mode']}-{'-'.join(sorted(parts))}-{opts.device.replace(':', '')}.json"
+        path = (
+            results
+            / f"{stamp}-{result['mode']}-{'-'.join(sorted(parts))}-{opts.device.replace(':', '')}.json"
+        )
         path.write_text(json.dumps(result, indent=1))
         print(f"JSON: {path.relative_to(HERE.parent)}")
     if opts.write_results:
-        out = HERE / ("RESULTS.md" if opts.device == "cpu" else f"RESULTS-{opts.device.replace(':', '')}.md")
+        out = HERE / (
+            "RESULTS.md" if opts.device == "cpu" else f"RESULTS-{opts.device.replace(':', '')}.md"
+        )
         write_results(sections, out)
         print(f"updated {out.relative_to(HERE.parent)}")
     return 0
 
 
 def run_rows(
-    opts: argparse.Namespace, workdir: Path, result: dict[str, Any], losses: list[str], sizes: list[int],
+    opts: argparse.Namespace,
+    workdir: Path,
+    result: dict[str, Any],
+    losses: list[str],
+    sizes: list[int],
     transports: list[str],
 ) -> ClientPool:
     """The side-by-side table, then throughput of the default servers (same run, same servers);
@@ -803,7 +1093,11 @@ def run_rows(
         floor = FloorClient(floor_server.address)
         for loss in losses:
             for size in sizes:
-                cap = workloads.QUICK_MAX_SIZE.get(loss) if opts.quick else workloads.MAX_SIZE.get(loss)
+                cap = (
+                    workloads.QUICK_MAX_SIZE.get(loss)
+                    if opts.quick
+                    else workloads.MAX_SIZE.get(loss)
+                )
                 if cap is not None and size > cap:
                     continue
                 w = workloads.build(loss, size)
@@ -819,17 +1113,44 @@ def run_rows(
                 del w
         floor.close()
         caps = workloads.QUICK_MAX_SIZE if opts.quick else workloads.MAX_SIZE
-        skipped = [f"{loss} above {_size(caps[loss])}" for loss in losses if loss in caps and max(sizes) > caps[loss]]
+        skipped = [
+            f"{loss} above {_size(caps[loss])}"
+            for loss in losses
+            if loss in caps and max(sizes) > caps[loss]
+        ]
         if skipped:
-            result["notes"].append("not measured in this mode (compute, not transport, would dominate or take minutes): " + ", ".join(skipped))
+            result["notes"].append(
+                "not measured in this mode (compute, not transport, would dominate or take minutes): "
+                + ", ".join(skipped)
+            )
         pool = ClientPool(opts.clients)
         result["throughput"] = {}
         for transport in ("unary", "stream") if len(transports) > 1 else ("unary",):
-            floor_cell = pool.rps(floor_server.address, "floor", opts.throughput_seconds, transport, [floor_server.pid])
-            lossd_cell = pool.rps(lossd_server.address, "lossd", opts.throughput_seconds, transport, [lossd_server.pid])
+            floor_cell = pool.rps(
+                floor_server.address,
+                "floor",
+                opts.throughput_seconds,
+                transport,
+                [floor_server.pid],
+            )
+            lossd_cell = pool.rps(
+                lossd_server.address,
+                "lossd",
+                opts.throughput_seconds,
+                transport,
+                [lossd_server.pid],
+            )
             floor_rps, lossd_rps = floor_cell["rps"], lossd_cell["rps"]
-            result["throughput"][transport] = {"floor_rps": floor_rps, "lossd_rps": lossd_rps, "floor": floor_cell, "lossd": lossd_cell}
-            print(f"throughput {transport}: trivial {floor_rps:.0f}/s, lossd {lossd_rps:.0f}/s", flush=True)
+            result["throughput"][transport] = {
+                "floor_rps": floor_rps,
+                "lossd_rps": lossd_rps,
+                "floor": floor_cell,
+                "lossd": lossd_cell,
+            }
+            print(
+                f"throughput {transport}: trivial {floor_rps:.0f}/s, lossd {lossd_rps:.0f}/s",
+                flush=True,
+            )
     finally:
         floor_server.stop()
         lossd_server.stop()

@@ -97,7 +97,14 @@ def _yolox(size: int, gen: torch.Generator) -> Workload:
         boxes = _boxes(6, gen).clamp(max=img - 1).double()
         gt.append({"boxes": boxes, "labels": torch.randint(0, classes, (6,), generator=gen)})
     target = {"gt": gt, "img_size": img, "num_classes": classes}
-    return Workload("yolox_loss", size, [{"pred": [level]}, target], {}, {"l1_activate_epoch": 0}, f"{images}x{channels}x{side}x{side} f32")
+    return Workload(
+        "yolox_loss",
+        size,
+        [{"pred": [level]}, target],
+        {},
+        {"l1_activate_epoch": 0},
+        f"{images}x{channels}x{side}x{side} f32",
+    )
 
 
 BUILDERS: dict[str, Callable[[int, torch.Generator], Workload]] = {
@@ -128,4 +135,8 @@ def grad_paths(args: list[Any], original: list[Any] | None = None) -> list[str]:
     """Wire paths (``args[0].pred[0]``) of the inputs that require a gradient in ``original``."""
     from lossd.client import codec
 
-    return [p for p, t in codec.call_tensors(original if original is not None else args, {}) if t.requires_grad]
+    return [
+        p
+        for p, t in codec.call_tensors(original if original is not None else args, {})
+        if t.requires_grad
+    ]

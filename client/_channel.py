@@ -27,7 +27,9 @@ def resolve_endpoint(endpoint: str | list[str] | tuple[str, ...] | None) -> str:
     return endpoint
 
 
-def channel_credentials(tls: bool | None, ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    tls: bool | None, ca: str | None, cert: str | None, key: str | None
+) -> grpc.ChannelCredentials | None:
     """TLS credentials when asked for (``tls=True``, or any of the files given), else None.
 
     ``ca``: PEM roots that signed the server (None: the system's); ``cert``/``key``: the
@@ -41,7 +43,9 @@ def channel_credentials(tls: bool | None, ca: str | None, cert: str | None, key:
     def read(path: str | None) -> bytes | None:
         return Path(path).read_bytes() if path else None
 
-    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
 
 
 def _is_loopback_target(target: str) -> bool:
@@ -61,7 +65,11 @@ def _is_loopback_target(target: str) -> bool:
 def warn_cleartext_token(target: str) -> None:
     """A bearer token over plaintext to another machine can be read by anyone on the path."""
     if not _is_loopback_target(target):
-        warnings.warn(f"sending a bearer token to {target} without TLS: pass tls_ca=... (or tls=True)", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"sending a bearer token to {target} without TLS: pass tls_ca=... (or tls=True)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def make_channel(

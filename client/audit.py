@@ -61,7 +61,9 @@ def tensor_digest(tensor: Tensor) -> str:
     if host.device.type != "cpu":
         host = host.cpu()
     host = host.contiguous().resolve_conj().resolve_neg()
-    return digest_bytes(str(host.dtype).removeprefix("torch."), tuple(host.shape), tensor_bytes(host))
+    return digest_bytes(
+        str(host.dtype).removeprefix("torch."), tuple(host.shape), tensor_bytes(host)
+    )
 
 
 def tensor_bytes(tensor: Tensor) -> memoryview:
@@ -82,7 +84,9 @@ def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> No
     if run_id is not None and not isinstance(run_id, str):
         raise ValueError(f"run_id must be a string, got {type(run_id).__name__}")
     if run_id is not None and len(run_id) > MAX_RUN_ID_CHARS:
-        raise ValueError(f"run_id must have at most {MAX_RUN_ID_CHARS} characters, got {len(run_id)}")
+        raise ValueError(
+            f"run_id must have at most {MAX_RUN_ID_CHARS} characters, got {len(run_id)}"
+        )
     if run_id and "\0" in run_id:
         raise ValueError("run_id must not contain NUL characters")
     tags = tags or {}
@@ -162,11 +166,19 @@ class AuditRun:
         self.counter.value = value
 
 
-_CURRENT_RUN: contextvars.ContextVar[AuditRun | None] = contextvars.ContextVar("lossd_audit_run", default=None)
+_CURRENT_RUN: contextvars.ContextVar[AuditRun | None] = contextvars.ContextVar(
+    "lossd_audit_run", default=None
+)
 
 
 @contextmanager
-def audit_run(run_id: str, tags: Mapping[str, str] | None = None, *, rank: int | None = None, step: int | None = None) -> Iterator[AuditRun]:
+def audit_run(
+    run_id: str,
+    tags: Mapping[str, str] | None = None,
+    *,
+    rank: int | None = None,
+    step: int | None = None,
+) -> Iterator[AuditRun]:
     """Make ``run_id`` the audit run of every ``RemoteLoss`` call in this context.
 
     Calls are numbered ``step``, ``step + 1``, ... (from 0 by default) across all ``RemoteLoss``
@@ -198,7 +210,9 @@ def default_rank() -> int:
     return -1
 
 
-def make_context(run_id: str, step: int, rank: int | None, micro_batch: int | None, tags: Mapping[str, str]) -> pb.AuditContext:
+def make_context(
+    run_id: str, step: int, rank: int | None, micro_batch: int | None, tags: Mapping[str, str]
+) -> pb.AuditContext:
     return pb.AuditContext(
         run_id=run_id,
         step=step,
@@ -280,7 +294,9 @@ def _sanitize(obj: Any) -> Any:
     return obj
 
 
-def selector(run_id: str, steps: str | tuple[int | None, int | None] | None = None, loss: str | None = None) -> pb.AuditSelector:
+def selector(
+    run_id: str, steps: str | tuple[int | None, int | None] | None = None, loss: str | None = None
+) -> pb.AuditSelector:
     """``steps`` is ``"A:B"`` (inclusive, either side may be empty), ``"A"``, or a pair."""
     sel = pb.AuditSelector(run_id=run_id, loss=loss or "")
     lo, hi = parse_steps(steps)
@@ -329,8 +345,16 @@ class AuditClient:
         from .functional import LossClient  # one place that turns these arguments into a channel
 
         self._conn = LossClient(
-            endpoint, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls, tls_ca=tls_ca,
-            tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, retries=0,
+            endpoint,
+            timeout=timeout,
+            max_message_mb=max_message_mb,
+            token=token,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            retries=0,
         )
         self.target = self._conn.target
         self.timeout = timeout
@@ -348,24 +372,36 @@ class AuditClient:
 
     def list_runs(self, limit: int = 0) -> list[pb.AuditRunSummary]:
         try:
-            return list(self._stub.ListRuns(pb.ListRunsRequest(limit=limit), timeout=self.timeout, metadata=self._metadata).runs)
+            return list(
+                self._stub.ListRuns(
+                    pb.ListRunsRequest(limit=limit), timeout=self.timeout, metadata=self._metadata
+                ).runs
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def raw_records(self, run_id: str, steps: Any = None, loss: str | None = None) -> Iterator[tuple[pb.AuditRecord, int]]:
+    def raw_records(
+        self, run_id: str, steps: Any = None, loss: str | None = None
+    ) -> Iterator[tuple[pb.AuditRecord, int]]:
         """(record, total) pairs in step order, streamed."""
         request = pb.GetRecordsRequest(selector=selector(run_id, steps, loss))
         try:
-            for message in self._stub.GetRecords(request, timeout=self.timeout, metadata=self._metadata):
+            for message in self._stub.GetRecords(
+                request, timeout=self.timeout, metadata=self._metadata
+            ):
                 yield message.record, message.total
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def records(self, run_id: str, steps: Any = None, loss: str | None = None) -> Iterator[dict[str, Any]]:
+    def records(
+        self, run_id: str, steps: Any = None, loss: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         for record, _ in self.raw_records(run_id, steps, loss):
             yield record_to_dict(record)
 
-    def verify(self, run_id: str, steps: Any = None, loss: str | None = None, tolerance: float = 0.0) -> Iterator[pb.VerifyRunResponse]:
+    def verify(
+        self, run_id: str, steps: Any = None, loss: str | None = None, tolerance: float = 0.0
+    ) -> Iterator[pb.VerifyRunResponse]:
         request = pb.VerifyRunRequest(selector=selector(run_id, steps, loss), tolerance=tolerance)
         try:
             yield from self._stub.VerifyRun(request, timeout=self.timeout, metadata=self._metadata)
@@ -406,7 +442,16 @@ class Progress:
             print(file=self.stream)
 
 
-def export(client: AuditClient, run_id: str, out: IO[str], fmt: str = "jsonl", *, steps: Any = None, loss: str | None = None, progress: Progress | None = None) -> int:
+def export(
+    client: AuditClient,
+    run_id: str,
+    out: IO[str],
+    fmt: str = "jsonl",
+    *,
+    steps: Any = None,
+    loss: str | None = None,
+    progress: Progress | None = None,
+) -> int:
     """Write the selected records to ``out`` as JSON lines or CSV; returns the count."""
     if fmt not in ("jsonl", "csv"):
         raise ValueError(f"format must be jsonl or csv, got {fmt!r}")
@@ -452,25 +497,35 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str | None = No
             values.setdefault(r["loss"], {}).setdefault(r["step"], []).append(float(value))
         for name, v in r["components"].items():
             if isinstance(v, (int, float)):
-                components.setdefault(f"{r['loss']}.{name}", {}).setdefault(r["step"], []).append(float(v))
+                components.setdefault(f"{r['loss']}.{name}", {}).setdefault(r["step"], []).append(
+                    float(v)
+                )
     panels = 2 if components else 1
     fig, axes = plt.subplots(panels, 1, figsize=(8, 3.2 * panels), sharex=True, squeeze=False)
     for ax, series, ylabel in zip(axes[:, 0], (values, components), ("loss", "component")):
         for name, by_step in sorted(series.items()):
             steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=name, linewidth=1.5)
+            ax.plot(
+                steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=name, linewidth=1.5
+            )
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if series:
             ax.legend(loc="upper right", fontsize="small")
     axes[-1, 0].set_xlabel("step")
     run_ids = sorted({r["run_id"] for r in records})
-    axes[0, 0].set_title(title or f"lossd audit: run {', '.join(run_ids) or '(none)'} ({len(records)} records)")
+    axes[0, 0].set_title(
+        title or f"lossd audit: run {', '.join(run_ids) or '(none)'} ({len(records)} records)"
+    )
     fig.tight_layout()
     path = Path(path)
     all_steps = sorted({r["step"] for r in records})
     # Machine-readable PNG text chunks: which run and steps the image shows.
-    meta = {"lossd-run": ",".join(run_ids), "lossd-steps": ",".join(map(str, all_steps)), "lossd-records": str(len(records))}
+    meta = {
+        "lossd-run": ",".join(run_ids),
+        "lossd-steps": ",".join(map(str, all_steps)),
+        "lossd-records": str(len(records)),
+    }
     fig.savefig(path, dpi=110, metadata=meta if path.suffix.lower() == ".png" else None)
     plt.close(fig)
     return path

@@ -124,7 +124,13 @@ class Outboard:
 # Tensors
 
 
-def encode_tensor(tensor: Tensor, out: pb.Tensor | None = None, *, outboard: Outboard | None = None, path: str = "tensor") -> pb.Tensor:
+def encode_tensor(
+    tensor: Tensor,
+    out: pb.Tensor | None = None,
+    *,
+    outboard: Outboard | None = None,
+    path: str = "tensor",
+) -> pb.Tensor:
     """Encode a tensor (any device, any layout) as raw little-endian C-contiguous bytes.
 
     With ``outboard``, a tensor of at least ``outboard.min_bytes`` keeps its dtype and shape in
@@ -153,7 +159,11 @@ def encode_tensor(tensor: Tensor, out: pb.Tensor | None = None, *, outboard: Out
 
 
 def decode_tensor(
-    msg: pb.Tensor, field: str = "tensor", limits: DecodeLimits = DEFAULT_LIMITS, *, data: Tensor | None = None
+    msg: pb.Tensor,
+    field: str = "tensor",
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    *,
+    data: Tensor | None = None,
 ) -> Tensor:
     """Decode and validate a wire tensor into a fresh, writable CPU tensor (one copy).
 
@@ -162,16 +172,24 @@ def decode_tensor(
     """
     dtype = _FROM_WIRE.get(msg.dtype)
     if dtype is None:
-        raise DecodeError(f"{field}.dtype", f"expected one of {dtype_names()}, got {dtype_name(msg.dtype)}")
+        raise DecodeError(
+            f"{field}.dtype", f"expected one of {dtype_names()}, got {dtype_name(msg.dtype)}"
+        )
     shape = list(msg.shape)
     if len(shape) > limits.max_rank:
-        raise DecodeError(f"{field}.shape", f"expected rank <= {limits.max_rank}, got rank {len(shape)}")
+        raise DecodeError(
+            f"{field}.shape", f"expected rank <= {limits.max_rank}, got rank {len(shape)}"
+        )
     for i, size in enumerate(shape):
         if size < 0:
             raise DecodeError(f"{field}.shape[{i}]", f"expected a size >= 0, got {size}")
     numel = math.prod(shape)  # Python ints: no overflow however large the claim
     if numel > limits.max_elements:
-        raise LimitError(f"{field}.shape", f"{numel} elements exceed the per-tensor limit of {limits.max_elements}", "--max-elements")
+        raise LimitError(
+            f"{field}.shape",
+            f"{numel} elements exceed the per-tensor limit of {limits.max_elements}",
+            "--max-elements",
+        )
     # An empty tensor still gets strides from its other dims: [0, 2**40, 2**40] would overflow them.
     spanned = math.prod(size for size in shape if size)
     if numel == 0 and spanned > limits.max_elements:
@@ -183,7 +201,9 @@ def decode_tensor(
     itemsize = _ITEMSIZE[dtype]
     if data is not None:
         if msg.data:
-            raise DecodeError(f"{field}.data", "expected no inline bytes for a tensor sent in chunks")
+            raise DecodeError(
+                f"{field}.data", "expected no inline bytes for a tensor sent in chunks"
+            )
         size = data.numel()
     else:
         data = msg.data  # upb builds a new bytes object per access: read once
@@ -223,7 +243,9 @@ _NUMPY = {
 # Values
 
 
-def encode_value(obj: Any, out: pb.Value | None = None, *, outboard: Outboard | None = None, path: str = "value") -> pb.Value:
+def encode_value(
+    obj: Any, out: pb.Value | None = None, *, outboard: Outboard | None = None, path: str = "value"
+) -> pb.Value:
     """Encode a Python value (tensors, numbers, str, bool, None, list, tuple, dict) as a Value.
 
     ``outboard`` and ``path`` (the value's path, as decode names it): see ``encode_tensor``.
@@ -246,11 +268,21 @@ def encode_value(obj: Any, out: pb.Value | None = None, *, outboard: Outboard | 
     elif isinstance(obj, tuple):
         msg.tuple_value.SetInParent()
         for i, item in enumerate(obj):
-            encode_value(item, msg.tuple_value.items.add(), outboard=outboard, path=f"{path}[{i}]" if outboard else path)
+            encode_value(
+                item,
+                msg.tuple_value.items.add(),
+                outboard=outboard,
+                path=f"{path}[{i}]" if outboard else path,
+            )
     elif isinstance(obj, list):
         msg.list_value.SetInParent()
         for i, item in enumerate(obj):
-            encode_value(item, msg.list_value.items.add(), outboard=outboard, path=f"{path}[{i}]" if outboard else path)
+            encode_value(
+                item,
+                msg.list_value.items.add(),
+                outboard=outboard,
+                path=f"{path}[{i}]" if outboard else path,
+            )
     elif isinstance(obj, Mapping):
         msg.dict_value.SetInParent()  # an empty dict is still a dict
         encode_map(obj, msg.dict_value, outboard=outboard, path=path)
@@ -261,14 +293,22 @@ def encode_value(obj: Any, out: pb.Value | None = None, *, outboard: Outboard | 
     return msg
 
 
-def encode_map(obj: Mapping[str, Any], out: pb.ValueMap | None = None, *, outboard: Outboard | None = None, path: str = "value") -> pb.ValueMap:
+def encode_map(
+    obj: Mapping[str, Any],
+    out: pb.ValueMap | None = None,
+    *,
+    outboard: Outboard | None = None,
+    path: str = "value",
+) -> pb.ValueMap:
     msg = out if out is not None else pb.ValueMap()
     for key, value in obj.items():
         if not isinstance(key, str):
             raise EncodeError(f"dict keys must be strings, got {type(key).__name__} {key!r}")
         entry = msg.entries.add()
         entry.key = key
-        encode_value(value, entry.value, outboard=outboard, path=join_key(path, key) if outboard else path)
+        encode_value(
+            value, entry.value, outboard=outboard, path=join_key(path, key) if outboard else path
+        )
     return msg
 
 
@@ -286,9 +326,15 @@ class _Budget:
         self.items += 1
         self.elements += elements
         if self.items > self.limits.max_items:
-            raise LimitError(field, f"more than {self.limits.max_items} values in one request", "--max-items")
+            raise LimitError(
+                field, f"more than {self.limits.max_items} values in one request", "--max-items"
+            )
         if self.elements > self.limits.max_total_elements:
-            raise LimitError(field, f"more than {self.limits.max_total_elements} tensor elements in one request", "--max-total-elements")
+            raise LimitError(
+                field,
+                f"more than {self.limits.max_total_elements} tensor elements in one request",
+                "--max-total-elements",
+            )
 
 
 def decode_value(
@@ -309,10 +355,15 @@ def decode_value(
         raise LimitError(field, f"nesting deeper than {limits.max_depth} levels", "--max-depth")
     kind = msg.WhichOneof("kind")
     if kind is None:
-        raise DecodeError(field, "expected a value (none, bool, int, float, string, tensor, list, tuple or dict), got an empty Value")
+        raise DecodeError(
+            field,
+            "expected a value (none, bool, int, float, string, tensor, list, tuple or dict), got an empty Value",
+        )
     if kind == "tensor_value":
         data = external.get(field) if external else None
-        tensor = decode_tensor(msg.tensor_value, field, limits, data=data)  # per-tensor checks first: more precise
+        tensor = decode_tensor(
+            msg.tensor_value, field, limits, data=data
+        )  # per-tensor checks first: more precise
         budget.take(field, tensor.numel())
         return tensor
     budget.take(field)
@@ -327,15 +378,23 @@ def decode_value(
     if kind == "string_value":
         s = msg.string_value
         if len(s) > limits.max_string_bytes:
-            raise LimitError(field, f"string of {len(s)} characters exceeds {limits.max_string_bytes}", "--max-string-bytes")
+            raise LimitError(
+                field,
+                f"string of {len(s)} characters exceeds {limits.max_string_bytes}",
+                "--max-string-bytes",
+            )
         return s
     if kind in ("list_value", "tuple_value"):
         items = [
-            decode_value(item, f"{field}[{i}]", limits, budget=budget, depth=depth + 1, external=external)
+            decode_value(
+                item, f"{field}[{i}]", limits, budget=budget, depth=depth + 1, external=external
+            )
             for i, item in enumerate(getattr(msg, kind).items)
         ]
         return tuple(items) if kind == "tuple_value" else items
-    return decode_map(msg.dict_value, field, limits, budget=budget, depth=depth + 1, external=external)
+    return decode_map(
+        msg.dict_value, field, limits, budget=budget, depth=depth + 1, external=external
+    )
 
 
 def decode_map(
@@ -354,8 +413,14 @@ def decode_map(
         if key in out:
             raise DecodeError(join_key(field, key), f"duplicate key {key!r}")
         if len(key) > limits.max_string_bytes:
-            raise LimitError(field, f"key of {len(key)} characters exceeds {limits.max_string_bytes}", "--max-string-bytes")
-        out[key] = decode_value(entry.value, join_key(field, key), limits, budget=budget, depth=depth, external=external)
+            raise LimitError(
+                field,
+                f"key of {len(key)} characters exceeds {limits.max_string_bytes}",
+                "--max-string-bytes",
+            )
+        out[key] = decode_value(
+            entry.value, join_key(field, key), limits, budget=budget, depth=depth, external=external
+        )
     return out
 
 

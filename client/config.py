@@ -90,7 +90,9 @@ def _netspresso_entries(cfg: Any) -> list[Mapping[str, Any]] | None:
     return None
 
 
-def from_config(cfg: Any, endpoint: str | Sequence[str] | None = None, **options: Any) -> RemoteLoss | RemoteLossSet:
+def from_config(
+    cfg: Any, endpoint: str | Sequence[str] | None = None, **options: Any
+) -> RemoteLoss | RemoteLossSet:
     """Build a ``RemoteLoss`` (or a ``RemoteLossSet``) from a trainer's loss config.
 
     ``options`` are passed to every ``RemoteLoss`` (``timeout``, ``max_message_mb``, ...).
@@ -100,7 +102,9 @@ def from_config(cfg: Any, endpoint: str | Sequence[str] | None = None, **options
     if entries is not None:
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping) or "criterion" not in entry:
-                raise ValueError(f"losses[{i}]: expected a mapping with a 'criterion' key, got {entry!r}")
+                raise ValueError(
+                    f"losses[{i}]: expected a mapping with a 'criterion' key, got {entry!r}"
+                )
         return RemoteLoss("losses", endpoint=endpoint, losses=[dict(e) for e in entries], **options)
     if cfg is None:
         cfg = {}
@@ -112,12 +116,16 @@ def from_config(cfg: Any, endpoint: str | Sequence[str] | None = None, **options
     named = _find_loss_dicts(cfg)
     if named:
         connection = {k: v for k, v in options.items() if k in _CONNECTION_OPTIONS}
-        per_loss = {k: v for k, v in options.items() if k not in _CONNECTION_OPTIONS}  # transport, run_id, ...
+        per_loss = {
+            k: v for k, v in options.items() if k not in _CONNECTION_OPTIONS
+        }  # transport, run_id, ...
         client = LossClient(endpoint, **connection)
         losses = RemoteLossSet()
         for key, loss_cfg in named.items():
             params = {k: v for k, v in loss_cfg.items() if k != "type"}
-            losses[key.replace(".", "__")] = RemoteLoss(loss_cfg["type"], client=client, **params, **per_loss)
+            losses[key.replace(".", "__")] = RemoteLoss(
+                loss_cfg["type"], client=client, **params, **per_loss
+            )
         return losses
     return _fat(cfg, endpoint, options)
 

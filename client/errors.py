@@ -15,7 +15,14 @@ class LossdError(RuntimeError):
         request_id: the request id of the failed call, when there was one.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str, *, field: str | None = None, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        field: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details

@@ -54,7 +54,6 @@ class RemoteResult:
     audited: bool = False
 
 
-
 class LossClient:
     """A connection to a lossd server (or several replicas). Thread-safe; reuse it.
 
@@ -95,7 +94,9 @@ class LossClient:
         self.timeout = timeout
         self.max_message_mb = max_message_mb
         self.token = token if token is not None else env.get("LOSSD_TOKEN") or None
-        self.tls = tls if tls is not None else env.get("LOSSD_TLS", "").lower() in ("1", "true", "yes")
+        self.tls = (
+            tls if tls is not None else env.get("LOSSD_TLS", "").lower() in ("1", "true", "yes")
+        )
         self.tls_ca = tls_ca or env.get("LOSSD_TLS_CA") or None
         self.tls_cert = tls_cert or env.get("LOSSD_TLS_CERT") or None
         self.tls_key = tls_key or env.get("LOSSD_TLS_KEY") or None
@@ -127,7 +128,9 @@ class LossClient:
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = make_channel(self.target, self.max_message_mb, self._credentials, self.tls_server_name)
+            self._channel = make_channel(
+                self.target, self.max_message_mb, self._credentials, self.tls_server_name
+            )
         return self._channel
 
     @property
@@ -169,7 +172,9 @@ class LossClient:
         self.check_size(request, request_id)
         rpc = getattr(self.stub, method)
         try:
-            return self.retrying(lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata))
+            return self.retrying(
+                lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata)
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error, request_id) from None
 
@@ -210,7 +215,9 @@ class LossClient:
         """The server's declaration of a loss; cached, since a server's registry is fixed."""
         info = self._described.get(name)
         if info is None:
-            info = self._described[name] = self.call("DescribeLoss", pb.DescribeLossRequest(name=name)).loss
+            info = self._described[name] = self.call(
+                "DescribeLoss", pb.DescribeLossRequest(name=name)
+            ).loss
         return info
 
 
@@ -235,7 +242,11 @@ def build_request(
 
 
 def _result(response: pb.ComputeResponse) -> RemoteResult:
-    components = codec.decode_map(response.components, "components") if response.HasField("components") else {}
+    components = (
+        codec.decode_map(response.components, "components")
+        if response.HasField("components")
+        else {}
+    )
     result = RemoteResult(
         request_id=response.request_id,
         components=components,
@@ -252,11 +263,19 @@ def _result(response: pb.ComputeResponse) -> RemoteResult:
     )
     if result.non_finite:
         why = "; ".join(result.notes) or "see the inputs"
-        warnings.warn(f"lossd returned a non-finite loss or gradient ({why})", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"lossd returned a non-finite loss or gradient ({why})", RuntimeWarning, stacklevel=4
+        )
     return result
 
 
-def _send(call: _Call | None, client: LossClient, request: pb.ComputeRequest, transport: Transport | None, outboard: codec.Outboard | None):
+def _send(
+    call: _Call | None,
+    client: LossClient,
+    request: pb.ComputeRequest,
+    transport: Transport | None,
+    outboard: codec.Outboard | None,
+):
     """(response, tensors that came outside it) over the call's transport; unary by default."""
     if transport is None:
         return client.compute(request), None
@@ -265,7 +284,9 @@ def _send(call: _Call | None, client: LossClient, request: pb.ComputeRequest, tr
 
 def _grads(response: pb.ComputeResponse, external: dict[str, Tensor] | None) -> dict[str, Tensor]:
     return {
-        g.path: codec.decode_tensor(g.grad, g.path, data=external.get(f"grads[{i}]") if external else None)
+        g.path: codec.decode_tensor(
+            g.grad, g.path, data=external.get(f"grads[{i}]") if external else None
+        )
         for i, g in enumerate(response.grads)
     }
 
@@ -283,7 +304,10 @@ class _RemoteLossFunction(torch.autograd.Function):
         call.result = _result(response)
         value = codec.decode_value(response.loss, "loss", external=external)
         if not isinstance(value, Tensor):
-            raise LossdError(grpc.StatusCode.INVALID_ARGUMENT, f"{call.request.loss} returned a {type(value).__name__}, not a tensor; gradients need a tensor")
+            raise LossdError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{call.request.loss} returned a {type(value).__name__}, not a tensor; gradients need a tensor",
+            )
         grads = _grads(response, external)
         ctx.call = call
         # The server returns gradients with the value whenever the loss is a scalar.
@@ -308,7 +332,9 @@ class _RemoteLossFunction(torch.autograd.Function):
             if call.outboard is not None:  # the inputs went in chunks: so do they again
                 outboard = codec.Outboard(call.outboard.min_bytes)
                 outboard.tensors = list(call.outboard.tensors)
-            codec.encode_tensor(grad_output.detach(), request.grad_output, outboard=outboard, path="grad_output")
+            codec.encode_tensor(
+                grad_output.detach(), request.grad_output, outboard=outboard, path="grad_output"
+            )
             response, external = _send(call, call.client, request, call.transport, outboard)
             grads = _grads(response, external)
             scale = None
@@ -362,6 +388,14 @@ def remote_loss(
         response, external = _send(None, client, request, transport, outboard)
         result = _result(response)
         return _like(codec.decode_value(response.loss, "loss", external=external), device), result
-    call = _Call(client, request, [p for p, _ in diff], [t for _, t in diff], device, transport=transport, outboard=outboard)
+    call = _Call(
+        client,
+        request,
+        [p for p, _ in diff],
+        [t for _, t in diff],
+        device,
+        transport=transport,
+        outboard=outboard,
+    )
     value = _RemoteLossFunction.apply(call, *call.tensors)
     return value, call.result  # type: ignore[return-value]

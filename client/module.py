@@ -90,8 +90,16 @@ class RemoteLoss(nn.Module):
         self.params = dict(params)
         self._owns_client = client is None
         self.client = client or LossClient(
-            endpoint, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls, tls_ca=tls_ca,
-            tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, retries=retries,
+            endpoint,
+            timeout=timeout,
+            max_message_mb=max_message_mb,
+            token=token,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            retries=retries,
         )
         self.last_result: RemoteResult | None = None
         self._params_checked = False
@@ -103,7 +111,13 @@ class RemoteLoss(nn.Module):
             check_params(self.client.describe(self.name), self.params)
             self._params_checked = True
         value, self.last_result = remote_loss(
-            self.client, self.name, self.params, args, kwargs, audit=self._audit_context(), transport=self.transport
+            self.client,
+            self.name,
+            self.params,
+            args,
+            kwargs,
+            audit=self._audit_context(),
+            transport=self.transport,
         )
         return value
 
@@ -125,12 +139,16 @@ class RemoteLoss(nn.Module):
     def _audit_context(self) -> pb.AuditContext | None:
         """The AuditContext of the next call: this module's run, else the enclosing audit_run's."""
         if self.run_id:
-            return make_context(self.run_id, self._steps.take(), self.rank, self.micro_batch, self.tags)
+            return make_context(
+                self.run_id, self._steps.take(), self.rank, self.micro_batch, self.tags
+            )
         run = current_run()
         if run is None:
             return None
         rank = self.rank if self.rank is not None else run.rank
-        return make_context(run.run_id, run.counter.take(), rank, self.micro_batch, {**run.tags, **self.tags})
+        return make_context(
+            run.run_id, run.counter.take(), rank, self.micro_batch, {**run.tags, **self.tags}
+        )
 
     def describe(self) -> pb.LossInfo:
         """The server's declaration of this loss: parameters, inputs, reference."""
@@ -158,7 +176,11 @@ class RemoteLoss(nn.Module):
         state["client"] = self.client.options()
         state["_owns_client"] = True
         transport = self.transport
-        state["transport"] = {"mode": transport.mode, "chunk_threshold": transport.chunk_threshold, "chunk_bytes": transport.chunk_bytes}
+        state["transport"] = {
+            "mode": transport.mode,
+            "chunk_threshold": transport.chunk_threshold,
+            "chunk_bytes": transport.chunk_bytes,
+        }
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -166,5 +188,10 @@ class RemoteLoss(nn.Module):
         client = LossClient(**state["client"])
         options = state["transport"]
         state["client"] = client
-        state["transport"] = Transport(client, options["mode"], chunk_threshold=options["chunk_threshold"], chunk_bytes=options["chunk_bytes"])
+        state["transport"] = Transport(
+            client,
+            options["mode"],
+            chunk_threshold=options["chunk_threshold"],
+            chunk_bytes=options["chunk_bytes"],
+        )
         self.__dict__.update(state)

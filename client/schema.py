@@ -41,14 +41,23 @@ def check_params(info: pb.LossInfo, params: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(name, list(declared), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             accepted = ", ".join(declared) or "none"
-            raise _refuse(field, f"unknown parameter {name!r} for loss {info.name!r}{hint} (accepted: {accepted})")
+            raise _refuse(
+                field,
+                f"unknown parameter {name!r} for loss {info.name!r}{hint} (accepted: {accepted})",
+            )
         if value is None:
             if not param.nullable:
                 raise _refuse(field, f"expected {param.type} (None is not allowed), got None")
             continue
         kinds = _KINDS.get(param.type)
-        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and param.type in ("int", "float"))):
+        if kinds and (
+            not isinstance(value, kinds)
+            or (isinstance(value, bool) and param.type in ("int", "float"))
+        ):
             raise _refuse(field, f"expected {param.type}, got {type(value).__name__}")
     for param in info.params:
         if param.required and param.name not in params:
-            raise _refuse(f"params.{param.name}", f"loss {info.name!r} requires parameter {param.name!r} ({param.type}: {param.doc})")
+            raise _refuse(
+                f"params.{param.name}",
+                f"loss {info.name!r} requires parameter {param.name!r} ({param.type}: {param.doc})",
+            )

@@ -74,7 +74,7 @@ def chunk_parser(full: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         if data[:1] == _DATA_TAG:
             parsed = _read_varint(data, 1)
             if parsed is not None and parsed[0] + parsed[1] == len(data):
-                return memoryview(data)[parsed[1]:]
+                return memoryview(data)[parsed[1] :]
         return full(data)
 
     return parse
@@ -100,7 +100,9 @@ class Assembler:
     aligned, so any dtype can be viewed in place).
     """
 
-    def __init__(self, listed: Sequence[pb.ChunkedTensor], max_bytes: int, field: str = "header.tensors") -> None:
+    def __init__(
+        self, listed: Sequence[pb.ChunkedTensor], max_bytes: int, field: str = "header.tensors"
+    ) -> None:
         self.paths: list[str] = []
         self.sizes: list[int] = []
         self.offsets: list[int] = []
@@ -109,14 +111,18 @@ class Assembler:
         seen: set[str] = set()
         for i, ref in enumerate(listed):
             if ref.size_bytes < 0:
-                raise codec.DecodeError(f"{field}[{i}].size_bytes", f"expected a size >= 0, got {ref.size_bytes}")
+                raise codec.DecodeError(
+                    f"{field}[{i}].size_bytes", f"expected a size >= 0, got {ref.size_bytes}"
+                )
             if ref.path in seen:
                 raise codec.DecodeError(f"{field}[{i}].path", f"duplicate path {ref.path!r}")
             seen.add(ref.path)
             total += ref.size_bytes
             if total > max_bytes:
                 raise codec.LimitError(
-                    field, f"chunked tensors of more than {total} bytes exceed the limit of {max_bytes} bytes", "--max-message-mb"
+                    field,
+                    f"chunked tensors of more than {total} bytes exceed the limit of {max_bytes} bytes",
+                    "--max-message-mb",
                 )
             self.paths.append(ref.path)
             self.sizes.append(ref.size_bytes)
@@ -150,7 +156,10 @@ class Assembler:
         self.received += len(data)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {path: self.buffer[off : off + size] for path, off, size in zip(self.paths, self.offsets, self.sizes)}
+        return {
+            path: self.buffer[off : off + size]
+            for path, off, size in zip(self.paths, self.offsets, self.sizes)
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +171,11 @@ def _parse_chunked_response(data: bytes) -> Any:
 
 
 def chunked_method(channel: grpc.Channel):
-    return channel.stream_stream(METHOD_CHUNKED, request_serializer=None, response_deserializer=chunk_parser(_parse_chunked_response))
+    return channel.stream_stream(
+        METHOD_CHUNKED,
+        request_serializer=None,
+        response_deserializer=chunk_parser(_parse_chunked_response),
+    )
 
 
 def chunked_compute(
@@ -176,7 +189,9 @@ def chunked_compute(
     metadata: Any = None,
 ) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
     """One evaluation over ComputeChunked. Raises grpc.RpcError like a unary call would."""
-    header = pb.ComputeChunkedRequest(header=pb.ChunkedRequestHeader(request=request, tensors=refs(outboard.tensors)))
+    header = pb.ComputeChunkedRequest(
+        header=pb.ChunkedRequestHeader(request=request, tensors=refs(outboard.tensors))
+    )
 
     def messages() -> Iterator[bytes]:
         yield header.SerializeToString()
@@ -192,7 +207,9 @@ def chunked_compute(
         chunk = next(answers, None)
         if not isinstance(chunk, memoryview):
             answers.cancel()
-            raise _ProtocolError(f"response ended after {assembler.received} of {assembler.total} bytes")
+            raise _ProtocolError(
+                f"response ended after {assembler.received} of {assembler.total} bytes"
+            )
         assembler.feed(chunk)
     answers.cancel()  # the server ends the stream after the data; nothing else is expected
     return first.header.response, assembler.tensors()
@@ -210,9 +227,13 @@ class StreamSession:
     cancels the stream and fails with DEADLINE_EXCEEDED, as a unary call would.
     """
 
-    def __init__(self, channel: grpc.Channel, timeout: float | None = None, metadata: Any = None) -> None:
+    def __init__(
+        self, channel: grpc.Channel, timeout: float | None = None, metadata: Any = None
+    ) -> None:
         self._method = channel.stream_stream(
-            METHOD_STREAM, request_serializer=None, response_deserializer=pb.ComputeStreamResponse.FromString
+            METHOD_STREAM,
+            request_serializer=None,
+            response_deserializer=pb.ComputeStreamResponse.FromString,
         )
         self.timeout = timeout
         self.metadata = metadata
@@ -225,7 +246,9 @@ class StreamSession:
         self._watchdog: threading.Thread | None = None
         self._closed = False
 
-    def compute(self, request: pb.ComputeRequest, timeout: float | None = None) -> pb.ComputeResponse:
+    def compute(
+        self, request: pb.ComputeRequest, timeout: float | None = None
+    ) -> pb.ComputeResponse:
         """``timeout``: this call's seconds, when less than the session's (a retry's remainder)."""
         # ComputeStreamRequest{request = 1}: frame the serialized request by hand (no message copy).
         payload = request.SerializeToString()
@@ -274,7 +297,9 @@ class StreamSession:
             self._expired = False
             self._deadline = time.monotonic() + seconds
             if self._watchdog is None:
-                self._watchdog = threading.Thread(target=self._watch, name="lossd-stream-deadline", daemon=True)
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="lossd-stream-deadline", daemon=True
+                )
                 self._watchdog.start()
             self._timer_lock.notify()
 
@@ -366,9 +391,13 @@ class Transport:
         """An Outboard when this call goes chunked, else None (inline bytes)."""
         if not self.wants_chunks(tensors):
             return None
-        return codec.Outboard(min(OUTBOARD_MIN_BYTES, self.chunk_threshold) if self.mode == "auto" else 0)
+        return codec.Outboard(
+            min(OUTBOARD_MIN_BYTES, self.chunk_threshold) if self.mode == "auto" else 0
+        )
 
-    def send(self, request: pb.ComputeRequest, outboard: codec.Outboard | None) -> tuple[pb.ComputeResponse, dict[str, Tensor] | None]:
+    def send(
+        self, request: pb.ComputeRequest, outboard: codec.Outboard | None
+    ) -> tuple[pb.ComputeResponse, dict[str, Tensor] | None]:
         """Run one evaluation; failures are raised as ``LossdError`` exactly as unary raises them."""
         from .errors import LossdError, from_rpc_error
 
@@ -390,7 +419,8 @@ class Transport:
                     outboard,
                     timeout=remaining,
                     chunk_bytes=self.chunk_bytes,
-                    max_bytes=1 << 62,  # the client asked for these gradients; the server bounds them
+                    max_bytes=1
+                    << 62,  # the client asked for these gradients; the server bounds them
                     metadata=client.metadata,
                 )
             return self.session().compute(request, timeout=remaining), None
@@ -402,14 +432,24 @@ class Transport:
         except grpc.RpcError as error:
             raise from_rpc_error(error, request.request_id) from None
         except _Expired:
-            raise LossdError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", request_id=request.request_id) from None
+            raise LossdError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "Deadline Exceeded",
+                request_id=request.request_id,
+            ) from None
         except (_ProtocolError, codec.DecodeError) as exc:
-            raise LossdError(grpc.StatusCode.INTERNAL, f"malformed chunked answer: {exc}", request_id=request.request_id) from None
+            raise LossdError(
+                grpc.StatusCode.INTERNAL,
+                f"malformed chunked answer: {exc}",
+                request_id=request.request_id,
+            ) from None
 
     def session(self) -> StreamSession:
         with self._lock:
             if self._session is None:
-                self._session = StreamSession(self.client.channel, self.client.timeout, self.client.metadata)
+                self._session = StreamSession(
+                    self.client.channel, self.client.timeout, self.client.metadata
+                )
             return self._session
 
     def _chunked_method(self) -> Any:

@@ -19,7 +19,11 @@ OUT = Path(__file__).resolve().parent / "audit-curve.png"
 
 def main(steps: int = 150) -> None:
     with tempfile.TemporaryDirectory() as d:
-        running = create_server(ServerConfig(port=0, device="cpu", audit_db=f"{d}/audit.sqlite3", audit_capture="inputs"))
+        running = create_server(
+            ServerConfig(
+                port=0, device="cpu", audit_db=f"{d}/audit.sqlite3", audit_capture="inputs"
+            )
+        )
         endpoint = f"127.0.0.1:{running.port}"
         torch.manual_seed(0)
         centers = torch.randn(5, 16) * 2
@@ -27,8 +31,14 @@ def main(steps: int = 150) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
         crit = RemoteLoss(
             "losses",
-            losses=[{"criterion": "cross_entropy", "weight": 1.0}, {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5}],
-            endpoint=endpoint, run_id="readme-demo", tags={"model": "mlp-16-32-5"}, timeout=60,
+            losses=[
+                {"criterion": "cross_entropy", "weight": 1.0},
+                {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5},
+            ],
+            endpoint=endpoint,
+            run_id="readme-demo",
+            tags={"model": "mlp-16-32-5"},
+            timeout=60,
         )
         for step in range(steps):
             y = torch.randint(0, 5, (32,))
@@ -39,9 +49,24 @@ def main(steps: int = 150) -> None:
             loss.backward()
             opt.step()
         crit.close()
-        assert cli.main(["plot", "readme-demo", "-o", str(OUT), "--endpoint", endpoint,
-                         "--title", f"lossd audit plot readme-demo ({steps} steps, losses = CE + 0.5 focal)"]) == 0
-        assert cli.main(["verify", "readme-demo", "--endpoint", endpoint, "--quiet"]) == 0, "verify failed"
+        assert (
+            cli.main(
+                [
+                    "plot",
+                    "readme-demo",
+                    "-o",
+                    str(OUT),
+                    "--endpoint",
+                    endpoint,
+                    "--title",
+                    f"lossd audit plot readme-demo ({steps} steps, losses = CE + 0.5 focal)",
+                ]
+            )
+            == 0
+        )
+        assert cli.main(["verify", "readme-demo", "--endpoint", endpoint, "--quiet"]) == 0, (
+            "verify failed"
+        )
         running.stop(0)
 
 

@@ -45,7 +45,9 @@ def main() -> int:
             print(f"wrote {(TARGET / new.name).relative_to(ROOT)}")
     init = TARGET / "__init__.py"
     if not init.exists():
-        init.write_text('"""Generated protobuf and gRPC code; regenerate with proto/generate.py."""\n')
+        init.write_text(
+            '"""Generated protobuf and gRPC code; regenerate with proto/generate.py."""\n'
+        )
     return 0
 
 

@@ -18,4 +18,8 @@ def rewrap(handler: Any, wrap: Callable[[Callable], Callable]) -> Any:
         make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
     else:
         make, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    return make(wrap(behavior), request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return make(
+        wrap(behavior),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

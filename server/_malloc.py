@@ -48,7 +48,9 @@ def set_mmap_threshold(kib: int) -> bool:
     Returns whether the threshold was set: False for 0 and where the C library is not glibc.
     """
     if not 0 <= kib <= MAX_THRESHOLD_KB:
-        raise SettingError(f"--malloc-mmap-threshold-kb: expected 0..{MAX_THRESHOLD_KB} (KiB), got {kib}")
+        raise SettingError(
+            f"--malloc-mmap-threshold-kb: expected 0..{MAX_THRESHOLD_KB} (KiB), got {kib}"
+        )
     if kib == 0:
         return False
     mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
@@ -66,7 +68,9 @@ class IdleTrimmer:
     ``malloc_trim`` is thread-safe and releases only pages no live buffer holds.
     """
 
-    def __init__(self, idle_s: float, min_bytes: int = 64 << 20, trim: Callable[[int], int] | None = None) -> None:
+    def __init__(
+        self, idle_s: float, min_bytes: int = 64 << 20, trim: Callable[[int], int] | None = None
+    ) -> None:
         if idle_s < 0:
             raise SettingError(f"--trim-memory-idle-s: expected >= 0 (0 never trims), got {idle_s}")
         self.idle_s = idle_s
@@ -117,4 +121,6 @@ class IdleTrimmer:
                 continue
             started = time.perf_counter()
             self._trim(0)
-            log.debug("returned freed memory to the OS in %.1f ms", (time.perf_counter() - started) * 1e3)
+            log.debug(
+                "returned freed memory to the OS in %.1f ms", (time.perf_counter() - started) * 1e3
+            )

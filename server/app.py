@@ -51,7 +51,9 @@ class RunningServer:
     metrics_port: int | None = None  # the bound /metrics port, None when not served
     metrics_http: Any = None
     audit: AuditRecorder | None = None  # None with --audit none
-    audit_store: Any = None  # what AuditService reads (the recorder's store, or --audit-db with --audit none)
+    audit_store: Any = (
+        None  # what AuditService reads (the recorder's store, or --audit-db with --audit none)
+    )
     admission: AdmissionInterceptor | None = None
     trimmer: IdleTrimmer | None = None
 
@@ -106,15 +108,21 @@ def create_server(config: ServerConfig) -> RunningServer:
     # Opens and migrates the store now: a bad --audit-db fails at start-up, not at the first call.
     recorder = recorder_from_config(config)
     audit_store = store_from_config(config, recorder)
-    metrics = Metrics(device=str(engine.device), audit_stats=recorder.stats if recorder is not None else None)
+    metrics = Metrics(
+        device=str(engine.device), audit_stats=recorder.stats if recorder is not None else None
+    )
     # deadline_guard first: a result the caller no longer waits for is neither sent nor audited.
     hooks = [deadline_guard, metrics.after_compute]
     if trimmer.enabled:
         hooks.append(trimmer.after_compute)
     if recorder is not None:
-        hooks.append(recorder.after_compute)  # last: it answers `audited` once the record is committed
+        hooks.append(
+            recorder.after_compute
+        )  # last: it answers `audited` once the record is committed
     servicer = LossServicer(
-        engine, config.limits, after_compute=hooks,
+        engine,
+        config.limits,
+        after_compute=hooks,
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
         max_evaluations=config.workers,  # --workers bounds concurrent evaluations...
     )
@@ -126,10 +134,16 @@ def create_server(config: ServerConfig) -> RunningServer:
         # PROBE_RESERVE more slots and threads than that, for health checks and reflection, which
         # AdmissionInterceptor leaves outside the limit.
         futures.ThreadPoolExecutor(
-            max_workers=max(config.workers, config.max_concurrent_rpcs + PROBE_RESERVE), thread_name_prefix="lossd"
+            max_workers=max(config.workers, config.max_concurrent_rpcs + PROBE_RESERVE),
+            thread_name_prefix="lossd",
         ),
         # Metrics outermost, so refusals by the others are counted too.
-        interceptors=[metrics.interceptor(), admission, AuthInterceptor(tokens, cert_roles), DeadlineInterceptor()],
+        interceptors=[
+            metrics.interceptor(),
+            admission,
+            AuthInterceptor(tokens, cert_roles),
+            DeadlineInterceptor(),
+        ],
         options=channel_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_RESERVE,
     )
@@ -145,13 +159,21 @@ def create_server(config: ServerConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
-            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *services,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
 
     host = config.host
     bind = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
-    port = server.add_secure_port(bind, credentials) if credentials is not None else server.add_insecure_port(bind)
+    port = (
+        server.add_secure_port(bind, credentials)
+        if credentials is not None
+        else server.add_insecure_port(bind)
+    )
     if port == 0:
         if recorder is not None:
             recorder.close()
@@ -160,7 +182,9 @@ def create_server(config: ServerConfig) -> RunningServer:
     metrics_http = metrics_port = None
     if config.metrics_port >= 0:
         try:
-            metrics_http, metrics_port = metrics.serve_http(config.metrics_host or config.host, config.metrics_port)
+            metrics_http, metrics_port = metrics.serve_http(
+                config.metrics_host or config.host, config.metrics_port
+            )
         except OSError:
             server.stop(0)
             if recorder is not None:
@@ -185,11 +209,17 @@ def is_loopback(host: str) -> bool:
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     secured = bool(config.tls_cert or config.auth_tokens)
     if not is_loopback(config.host) and not secured and not config.allow_insecure:
         log.warning(
-            "\n" + "!" * 78 + "\n!! lossd is listening on %s WITHOUT TLS or authentication: anyone who can\n"
+            "\n"
+            + "!" * 78
+            + "\n!! lossd is listening on %s WITHOUT TLS or authentication: anyone who can\n"
             "!! reach this address can use it. Bind 127.0.0.1, or enable TLS and tokens\n"
             "!! (--tls-cert/--tls-key, --auth-tokens; see README section Deployment).\n" + "!" * 78,
             config.host,
@@ -198,9 +228,21 @@ def serve(config: ServerConfig) -> None:
         for line in exposure_notes(config):
             log.warning("%s", line)
     running = create_server(config)
-    log.info("lossd %s (torch %s) on %s, device %s; settings:\n%s", __version__, torch.__version__, running.address, running.engine.device, config.describe())
+    log.info(
+        "lossd %s (torch %s) on %s, device %s; settings:\n%s",
+        __version__,
+        torch.__version__,
+        running.address,
+        running.engine.device,
+        config.describe(),
+    )
     if running.audit is not None:
-        log.info("audit trail: %s calls recorded in %s (capture %s)", config.audit, running.audit.store.name, config.audit_capture)
+        log.info(
+            "audit trail: %s calls recorded in %s (capture %s)",
+            config.audit,
+            running.audit.store.name,
+            config.audit_capture,
+        )
     # The bound address on stdout, alone on its line, so scripts and tests can read it.
     print(f"lossd listening on {running.address}", flush=True)
     if running.metrics_port is not None:
@@ -211,13 +253,19 @@ def serve(config: ServerConfig) -> None:
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s received: draining (up to %.1f s)", signal.Signals(signum).name, config.grace_seconds)
+        log.info(
+            "%s received: draining (up to %.1f s)",
+            signal.Signals(signum).name,
+            config.grace_seconds,
+        )
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack on stderr
+        faulthandler.register(
+            signal.SIGUSR1, all_threads=True
+        )  # `kill -USR1`: every thread's stack on stderr
     # Wait in slices: the kernel may deliver SIGTERM to one of gRPC's threads, and CPython runs
     # the Python handler only when the main thread returns to bytecode, which an untimed wait never does.
     while not stopping.wait(0.2):

@@ -24,17 +24,26 @@ def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest,
     """Read the header and every data chunk; return the request and its tensors' bytes by path."""
     first = next(requests, None)
     if first is None:
-        raise InvalidArgument("empty ComputeChunked stream: expected a header first", field="header")
-    if isinstance(first, memoryview) or getattr(first, "WhichOneof", None) is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument(
+            "empty ComputeChunked stream: expected a header first", field="header"
+        )
+    if (
+        isinstance(first, memoryview)
+        or getattr(first, "WhichOneof", None) is None
+        or first.WhichOneof("part") != "header"
+    ):
         _check_parsed(first)
-        raise InvalidArgument("expected the header as the first message of ComputeChunked", field="header")
+        raise InvalidArgument(
+            "expected the header as the first message of ComputeChunked", field="header"
+        )
     header = first.header
     assembler = wire.Assembler(header.tensors, max_bytes)
     while not assembler.complete:
         message = next(requests, None)
         if message is None:
             raise InvalidArgument(
-                f"the stream ended after {assembler.received} of {assembler.total} bytes of tensor data", field="data"
+                f"the stream ended after {assembler.received} of {assembler.total} bytes of tensor data",
+                field="data",
             )
         if not isinstance(message, memoryview):
             _check_parsed(message)
@@ -44,7 +53,10 @@ def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest,
         assembler.feed(message)
     # The client half-closes right after the data; anything more is a broken (or hostile) stream.
     if next(requests, None) is not None:
-        raise InvalidArgument(f"expected the stream to end after {assembler.total} bytes of tensor data, got more messages", field="data")
+        raise InvalidArgument(
+            f"expected the stream to end after {assembler.total} bytes of tensor data, got more messages",
+            field="data",
+        )
     return header.request, assembler.tensors()
 
 
@@ -54,9 +66,13 @@ def _check_parsed(message: Any) -> None:
         raise InvalidArgument(f"request is not a valid {message.type_name}: {reason}")
 
 
-def answer(response: pb.ComputeResponse, outboard: codec.Outboard, chunk_bytes: int) -> Iterator[bytes]:
+def answer(
+    response: pb.ComputeResponse, outboard: codec.Outboard, chunk_bytes: int
+) -> Iterator[bytes]:
     """The serialized response stream: the header, then the outboard tensors' bytes in chunks."""
-    header = pb.ComputeChunkedResponse(header=pb.ChunkedResponseHeader(response=response, tensors=wire.refs(outboard.tensors)))
+    header = pb.ComputeChunkedResponse(
+        header=pb.ChunkedResponseHeader(response=response, tensors=wire.refs(outboard.tensors))
+    )
     yield header.SerializeToString()
     yield from wire.iter_frames(outboard.tensors, chunk_bytes)
 

@@ -25,17 +25,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return token_main(argv[1:])
     from .config import ServerConfig, SettingError
 
-    parser = argparse.ArgumentParser(prog="lossd", description="lossd: upstream-exact training losses over gRPC")
+    parser = argparse.ArgumentParser(
+        prog="lossd", description="lossd: upstream-exact training losses over gRPC"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("health", help="probe a server's gRPC health service; exit 0 when SERVING (lossd health -h)", add_help=False)
-    commands.add_parser("token", help="make a bearer token and its --auth-tokens entry (lossd token -h)", add_help=False)
-    commands.add_parser("audit", help="list, show, export, verify and plot the audit trail (lossd audit -h)", add_help=False)
+    commands.add_parser(
+        "health",
+        help="probe a server's gRPC health service; exit 0 when SERVING (lossd health -h)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "token",
+        help="make a bearer token and its --auth-tokens entry (lossd token -h)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "audit",
+        help="list, show, export, verify and plot the audit trail (lossd audit -h)",
+        add_help=False,
+    )
 
     serve_parser = commands.add_parser("serve", help="run the loss server")
     ServerConfig.add_arguments(serve_parser)
 
-    losses_parser = commands.add_parser("losses", help="print the loss registry, or one loss's schema")
-    losses_parser.add_argument("name", nargs="?", help="a loss name: print its schema and an example call")
+    losses_parser = commands.add_parser(
+        "losses", help="print the loss registry, or one loss's schema"
+    )
+    losses_parser.add_argument(
+        "name", nargs="?", help="a loss name: print its schema and an example call"
+    )
     losses_parser.add_argument("--family", help="only this family (netspresso, fat, visdet)")
 
     args = parser.parse_args(argv)

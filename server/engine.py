@@ -78,7 +78,9 @@ class Engine:
         n_positional = len(args)
         names = [i.name for i in spec.inputs]
         call_args = [bound[n] for n in names[:n_positional]]
-        call_kwargs = {n: bound[n] for n in names[n_positional:] if n in bound}  # function names, not call names
+        call_kwargs = {
+            n: bound[n] for n in names[n_positional:] if n in bound
+        }  # function names, not call names
 
         wanted = _mark_requires_grad(call_args, call_kwargs, grad_paths)
 
@@ -92,7 +94,9 @@ class Engine:
             exc.field = _wire_field(exc.field, spec, n_positional, call_kwargs)
             raise
         except torch.OutOfMemoryError as exc:
-            raise ResourceExhausted(f"out of device memory evaluating {loss} on {self.device}: {exc}".split("\n")[0]) from None
+            raise ResourceExhausted(
+                f"out of device memory evaluating {loss} on {self.device}: {exc}".split("\n")[0]
+            ) from None
         except (RuntimeError, IndexError) as exc:
             if self.device.type == "cuda" and "CUDA error" in str(exc):
                 raise  # a poisoned context is the server's problem, not the caller's (INTERNAL)
@@ -126,27 +130,44 @@ class Engine:
 
     def _to_device(self, tensor: Tensor) -> Tensor:
         # detach(): a fresh leaf, so marking it requires_grad never touches the caller's tensor.
-        return tensor.detach() if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
+        return (
+            tensor.detach()
+            if tensor.device == self.device
+            else tensor.to(self.device, non_blocking=True)
+        )
 
-    def _gradients(self, value: Any, wanted: dict[str, Tensor], grad_output: Tensor | None) -> dict[str, Tensor]:
+    def _gradients(
+        self, value: Any, wanted: dict[str, Tensor], grad_output: Tensor | None
+    ) -> dict[str, Tensor]:
         if not wanted:
             return {}
         if not isinstance(value, Tensor):
-            raise InvalidArgument(f"gradients need a tensor loss value, the loss returned {type(value).__name__}", field="grad_paths")
+            raise InvalidArgument(
+                f"gradients need a tensor loss value, the loss returned {type(value).__name__}",
+                field="grad_paths",
+            )
         if grad_output is None:
             if value.numel() != 1:
                 # Non-scalar loss: the caller asks again with grad_output (its backward pass).
                 return {}
         else:
             if tuple(grad_output.shape) != tuple(value.shape):
-                raise InvalidArgument.expected("grad_output", f"shape {list(value.shape)} (the loss output's)", f"shape {list(grad_output.shape)}")
+                raise InvalidArgument.expected(
+                    "grad_output",
+                    f"shape {list(value.shape)} (the loss output's)",
+                    f"shape {list(grad_output.shape)}",
+                )
             if not grad_output.is_floating_point():
-                raise InvalidArgument.expected("grad_output", "a floating-point tensor", str(grad_output.dtype))
+                raise InvalidArgument.expected(
+                    "grad_output", "a floating-point tensor", str(grad_output.dtype)
+                )
             grad_output = self._to_device(grad_output).to(value.dtype)
         if not value.requires_grad:
             return {}  # the value does not depend on any requested input
         paths = list(wanted)
-        found = torch.autograd.grad(value, [wanted[p] for p in paths], grad_outputs=grad_output, allow_unused=True)
+        found = torch.autograd.grad(
+            value, [wanted[p] for p in paths], grad_outputs=grad_output, allow_unused=True
+        )
         return {p: g.detach() for p, g in zip(paths, found) if g is not None}
 
 
@@ -155,7 +176,11 @@ def bind_inputs(spec: LossSpec, args: list[Any], kwargs: dict[str, Any]) -> dict
     names = [i.name for i in spec.inputs]
     by_keyword = {i.call_name: i.name for i in spec.inputs}
     if len(args) > len(names):
-        raise InvalidArgument.expected("args", f"at most {len(names)} positional arguments ({', '.join(by_keyword)})", len(args))
+        raise InvalidArgument.expected(
+            "args",
+            f"at most {len(names)} positional arguments ({', '.join(by_keyword)})",
+            len(args),
+        )
     bound: dict[str, Any] = dict(zip(names, args))
     for key, value in kwargs.items():
         name = by_keyword.get(key)
@@ -166,20 +191,27 @@ def bind_inputs(spec: LossSpec, args: list[Any], kwargs: dict[str, Any]) -> dict
                 field=f"kwargs.{key}",
             )
         if name in bound:
-            raise InvalidArgument(f"argument {key!r} given both positionally and by keyword", field=f"kwargs.{key}")
+            raise InvalidArgument(
+                f"argument {key!r} given both positionally and by keyword", field=f"kwargs.{key}"
+            )
         bound[name] = value
     symbols: dict[str, int] = {}
     for index, declared in enumerate(spec.inputs):
         where = f"kwargs.{declared.call_name}" if declared.call_name in kwargs else f"args[{index}]"
         if declared.name not in bound:
             if not declared.optional:
-                raise InvalidArgument(f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})", field=where)
+                raise InvalidArgument(
+                    f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})",
+                    field=where,
+                )
             continue
         bound[declared.name] = registry.check_input(declared, bound[declared.name], where, symbols)
     return bound
 
 
-def _mark_requires_grad(args: list[Any], kwargs: dict[str, Any], grad_paths: Sequence[str]) -> dict[str, Tensor]:
+def _mark_requires_grad(
+    args: list[Any], kwargs: dict[str, Any], grad_paths: Sequence[str]
+) -> dict[str, Tensor]:
     if not grad_paths:
         return {}
     tensors = dict(call_tensors(args, kwargs))
@@ -188,9 +220,16 @@ def _mark_requires_grad(args: list[Any], kwargs: dict[str, Any], grad_paths: Seq
         tensor = tensors.get(path)
         if tensor is None:
             available = ", ".join(tensors) or "none"
-            raise InvalidArgument(f"no input tensor at path {path!r} (tensors in this call: {available})", field=f"grad_paths[{i}]")
+            raise InvalidArgument(
+                f"no input tensor at path {path!r} (tensors in this call: {available})",
+                field=f"grad_paths[{i}]",
+            )
         if not tensor.is_floating_point():
-            raise InvalidArgument.expected(f"grad_paths[{i}]", "a path to a floating-point tensor", f"{path} of dtype {str(tensor.dtype).removeprefix('torch.')}")
+            raise InvalidArgument.expected(
+                f"grad_paths[{i}]",
+                "a path to a floating-point tensor",
+                f"{path} of dtype {str(tensor.dtype).removeprefix('torch.')}",
+            )
         if path in wanted:
             raise InvalidArgument(f"path {path!r} requested twice", field=f"grad_paths[{i}]")
         tensor.requires_grad_(True)
@@ -198,7 +237,9 @@ def _mark_requires_grad(args: list[Any], kwargs: dict[str, Any], grad_paths: Seq
     return wanted
 
 
-def _wire_field(field: str | None, spec: LossSpec, n_positional: int, kwargs: Mapping[str, Any]) -> str | None:
+def _wire_field(
+    field: str | None, spec: LossSpec, n_positional: int, kwargs: Mapping[str, Any]
+) -> str | None:
     """Loss functions name fields by argument (``target``, ``out.pred[1]``); callers know paths
     (``args[1]``, ``args[0].pred[1]``, ``kwargs.target``)."""
     if not field:
@@ -206,8 +247,12 @@ def _wire_field(field: str | None, spec: LossSpec, n_positional: int, kwargs: Ma
     for index, declared in enumerate(spec.inputs):
         name = declared.name
         if field == name or field.startswith((name + ".", name + "[")):
-            prefix = f"args[{index}]" if index < n_positional and name not in kwargs else f"kwargs.{declared.call_name}"
-            return prefix + field[len(name):]
+            prefix = (
+                f"args[{index}]"
+                if index < n_positional and name not in kwargs
+                else f"kwargs.{declared.call_name}"
+            )
+            return prefix + field[len(name) :]
     return field
 
 

@@ -31,11 +31,13 @@ from .service import ComputeEvent, abort
 
 # Probes never count against --max-concurrent-rpcs; gRPC's own limit is raised by this many
 # slots (and threads) so that they always find one.
-PROBE_SERVICES = frozenset({
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
-})
+PROBE_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 PROBE_RESERVE = 8
 # The metrics interceptor reads this attribute of the context to tell why a call was refused.
 REFUSAL_ATTRIBUTE = "lossd_refusal"
@@ -59,14 +61,18 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         if handler is None or service in PROBE_SERVICES:
             return handler
         session = handler.request_streaming and handler.response_streaming
-        return rewrap(handler, lambda behavior: self._admitted(behavior, handler.response_streaming, session))
+        return rewrap(
+            handler, lambda behavior: self._admitted(behavior, handler.response_streaming, session)
+        )
 
     def drain(self, timeout: float) -> bool:
         """Refuse new calls and wait up to ``timeout`` for the running ones (stream sessions
         aside: they end when gRPC's own grace does). True when none was left running."""
         with self._lock:
             self.draining = True
-            return self._lock.wait_for(lambda: self.active - self.sessions <= 0, timeout=max(timeout, 0.0))
+            return self._lock.wait_for(
+                lambda: self.active - self.sessions <= 0, timeout=max(timeout, 0.0)
+            )
 
     def _enter(self, context: grpc.ServicerContext, session: bool) -> None:
         with self._lock:
@@ -78,12 +84,18 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         if draining:
             # Accepted by gRPC after SIGTERM: the caller retries it on another replica (or this
             # one once restarted) with the same request id; nothing was computed or audited.
-            abort(context, Unavailable("this server is shutting down; retry the call on another replica"))
+            abort(
+                context,
+                Unavailable("this server is shutting down; retry the call on another replica"),
+            )
         setattr(context, REFUSAL_ATTRIBUTE, CONCURRENCY_LIMIT)
-        abort(context, ResourceExhausted(
-            f"{self.limit} calls are already running on this server (raise it with --max-concurrent-rpcs, "
-            "or add replicas)"
-        ))
+        abort(
+            context,
+            ResourceExhausted(
+                f"{self.limit} calls are already running on this server (raise it with --max-concurrent-rpcs, "
+                "or add replicas)"
+            ),
+        )
 
     def _leave(self, session: bool) -> None:
         with self._lock:
@@ -93,6 +105,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
     def _admitted(self, behavior: Callable, response_streaming: bool, session: bool) -> Callable:
         if response_streaming:
+
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 self._enter(context, session)
                 try:
@@ -118,7 +131,9 @@ def caller_gone(context: grpc.ServicerContext | None, what: str) -> ServiceError
         return None
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
-        return DeadlineExceeded(f"the caller's deadline passed before {what}; nothing was sent or audited")
+        return DeadlineExceeded(
+            f"the caller's deadline passed before {what}; nothing was sent or audited"
+        )
     if not context.is_active():
         return Cancelled(f"the caller cancelled before {what}; nothing was sent or audited")
     return None

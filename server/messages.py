@@ -33,15 +33,25 @@ class ComputeCall:
 
 
 def decode_compute(
-    request: pb.ComputeRequest, limits: codec.DecodeLimits, external: dict[str, Tensor] | None = None
+    request: pb.ComputeRequest,
+    limits: codec.DecodeLimits,
+    external: dict[str, Tensor] | None = None,
 ) -> ComputeCall:
     """``external``: bytes of tensors that came outside the message (chunked transport), by path."""
     budget = codec.new_budget(limits)
     params = codec.decode_map(request.params, "params", limits, budget=budget, external=external)
-    args = [codec.decode_value(v, f"args[{i}]", limits, budget=budget, external=external) for i, v in enumerate(request.args)]
+    args = [
+        codec.decode_value(v, f"args[{i}]", limits, budget=budget, external=external)
+        for i, v in enumerate(request.args)
+    ]
     kwargs = codec.decode_map(request.kwargs, "kwargs", limits, budget=budget, external=external)
     grad_output = (
-        codec.decode_tensor(request.grad_output, "grad_output", limits, data=external.get("grad_output") if external else None)
+        codec.decode_tensor(
+            request.grad_output,
+            "grad_output",
+            limits,
+            data=external.get("grad_output") if external else None,
+        )
         if request.HasField("grad_output")
         else None
     )
@@ -67,24 +77,36 @@ def decode_compute(
 def check_audit_context(audit: pb.AuditContext) -> None:
     """Refuse a run id or tags the audit trail could not store, before anything is computed, and
     whether or not this server records the call: the same request gets the same answer anywhere."""
-    for field_name, run_id, tags in (("audit.run_id", audit.run_id, None), ("audit.tags", None, dict(audit.tags))):
+    for field_name, run_id, tags in (
+        ("audit.run_id", audit.run_id, None),
+        ("audit.tags", None, dict(audit.tags)),
+    ):
         try:
             check_audit_fields(run_id, tags)
         except ValueError as exc:
             raise InvalidArgument(str(exc), field=field_name) from None
 
 
-def _check_external(external: dict[str, Tensor], params: Any, args: Any, kwargs: Any, grad_output: Tensor | None) -> None:
+def _check_external(
+    external: dict[str, Tensor], params: Any, args: Any, kwargs: Any, grad_output: Tensor | None
+) -> None:
     # Every chunked tensor must land on a tensor of the request, or its bytes would be ignored.
-    known = {p for p, _ in codec.call_tensors(args, kwargs)} | {p for p, _ in codec.iter_tensors(params, "params")}
+    known = {p for p, _ in codec.call_tensors(args, kwargs)} | {
+        p for p, _ in codec.iter_tensors(params, "params")
+    }
     if grad_output is not None:
         known.add("grad_output")
     for i, path in enumerate(external):
         if path not in known:
-            raise codec.DecodeError(f"header.tensors[{i}].path", f"expected the path of a tensor of the request, got {path!r}")
+            raise codec.DecodeError(
+                f"header.tensors[{i}].path",
+                f"expected the path of a tensor of the request, got {path!r}",
+            )
 
 
-def encode_compute(result: Evaluation, request_id: str, version: str, outboard: codec.Outboard | None = None) -> pb.ComputeResponse:
+def encode_compute(
+    result: Evaluation, request_id: str, version: str, outboard: codec.Outboard | None = None
+) -> pb.ComputeResponse:
     """``outboard``: collect large tensors there instead of inlining them (chunked transport)."""
     response = pb.ComputeResponse(
         non_finite=result.non_finite,
@@ -95,7 +117,9 @@ def encode_compute(result: Evaluation, request_id: str, version: str, outboard: 
     )
     codec.encode_value(result.value, response.loss, outboard=outboard, path="loss")
     for i, (path, grad) in enumerate(result.grads.items()):
-        codec.encode_tensor(grad, response.grads.add(path=path).grad, outboard=outboard, path=f"grads[{i}]")
+        codec.encode_tensor(
+            grad, response.grads.add(path=path).grad, outboard=outboard, path=f"grads[{i}]"
+        )
     if result.components:
         codec.encode_map(result.components, response.components)
     return response
@@ -139,7 +163,9 @@ def _input_info(declared: Input) -> pb.InputInfo:
     return pb.InputInfo(
         name=declared.name,
         kind=declared.kind,
-        dtypes=[codec.wire_dtype(_torch_dtype(d)) for d in declared.dtypes] if declared.kind == "tensor" else [],
+        dtypes=[codec.wire_dtype(_torch_dtype(d)) for d in declared.dtypes]
+        if declared.kind == "tensor"
+        else [],
         shape=[str(s) for s in declared.shape] if declared.kind == "tensor" else [],
         differentiable=declared.differentiable,
         optional=declared.optional,

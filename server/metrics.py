@@ -62,7 +62,25 @@ REFUSALS: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
 
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 PHASES = ("decode", "compute", "encode")
 UNREGISTERED = "unregistered"
 
@@ -81,19 +99,74 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
-        self.started = Counter("grpc_server_started_total", "RPCs started on the server.", grpc_labels, registry=r)
-        self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, regardless of success or failure.", (*grpc_labels, "grpc_code"), registry=r)
-        self.handling = Histogram("grpc_server_handling_seconds", "Response latency of RPCs handled by the server, in seconds.", grpc_labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.msg_received = Counter("grpc_server_msg_received_total", "Stream messages received by the server.", grpc_labels, registry=r)
-        self.msg_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.", grpc_labels, registry=r)
-        self.inflight = Gauge("lossd_inflight_requests", "RPCs being handled right now.", registry=r)
-        self.rejected = Counter("lossd_rejected_requests_total", "Calls refused because of the request or the caller, by reason.", ("reason",), registry=r)
-        self.requests = Counter("lossd_requests_total", "Loss evaluations asked for (Compute and stream messages), by loss and status code.", ("loss", "grpc_code"), registry=r)
-        self.phase = Histogram("lossd_phase_seconds", "Server-side duration of each phase of a successful evaluation, in seconds.", ("loss", "phase"), buckets=LATENCY_BUCKETS, registry=r)
-        self.received = Counter("lossd_received_bytes_total", "Request bytes of evaluated calls.", ("loss",), registry=r)
-        self.sent = Counter("lossd_sent_bytes_total", "Response bytes of evaluated calls.", ("loss",), registry=r)
-        self.non_finite = Counter("lossd_non_finite_results_total", "Evaluations whose value or gradients hold NaN or Inf.", ("loss",), registry=r)
-        info = Gauge("lossd_build_info", "Always 1; the labels say what is serving.", ("version", "torch_version", "device"), registry=r)
+        self.started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", grpc_labels, registry=r
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, regardless of success or failure.",
+            (*grpc_labels, "grpc_code"),
+            registry=r,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server, in seconds.",
+            grpc_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received_total",
+            "Stream messages received by the server.",
+            grpc_labels,
+            registry=r,
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent_total",
+            "Stream messages sent by the server.",
+            grpc_labels,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "lossd_inflight_requests", "RPCs being handled right now.", registry=r
+        )
+        self.rejected = Counter(
+            "lossd_rejected_requests_total",
+            "Calls refused because of the request or the caller, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.requests = Counter(
+            "lossd_requests_total",
+            "Loss evaluations asked for (Compute and stream messages), by loss and status code.",
+            ("loss", "grpc_code"),
+            registry=r,
+        )
+        self.phase = Histogram(
+            "lossd_phase_seconds",
+            "Server-side duration of each phase of a successful evaluation, in seconds.",
+            ("loss", "phase"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.received = Counter(
+            "lossd_received_bytes_total", "Request bytes of evaluated calls.", ("loss",), registry=r
+        )
+        self.sent = Counter(
+            "lossd_sent_bytes_total", "Response bytes of evaluated calls.", ("loss",), registry=r
+        )
+        self.non_finite = Counter(
+            "lossd_non_finite_results_total",
+            "Evaluations whose value or gradients hold NaN or Inf.",
+            ("loss",),
+            registry=r,
+        )
+        info = Gauge(
+            "lossd_build_info",
+            "Always 1; the labels say what is serving.",
+            ("version", "torch_version", "device"),
+            registry=r,
+        )
         info.labels(__version__, _torch_version(), device).set(1)
         if audit_stats is not None:
             r.register(AuditCollector(audit_stats))
@@ -111,8 +184,14 @@ class Metrics:
 
     def bind_server(self, server: grpc.Server) -> None:
         """Let the interceptor see gRPC's concurrency count, to count calls gRPC refuses for it."""
-        state = getattr(server, "_state", None)  # private, read-only; absent → those refusals go uncounted
-        if state is not None and hasattr(state, "active_rpc_count") and hasattr(state, "maximum_concurrent_rpcs"):
+        state = getattr(
+            server, "_state", None
+        )  # private, read-only; absent → those refusals go uncounted
+        if (
+            state is not None
+            and hasattr(state, "active_rpc_count")
+            and hasattr(state, "maximum_concurrent_rpcs")
+        ):
             self._server_state = state
 
     def serve_http(self, host: str, port: int) -> tuple[Any, int]:
@@ -131,7 +210,9 @@ class Metrics:
     def after_compute(self, event: Any) -> None:
         loss = self.loss_label(event.result.spec.name)
         timings = event.response.timings
-        for phase, ns in zip(PHASES, (timings.decode_ns, timings.compute_ns, timings.encode_ns), strict=True):
+        for phase, ns in zip(
+            PHASES, (timings.decode_ns, timings.compute_ns, timings.encode_ns), strict=True
+        ):
             self.phase.labels(loss, phase).observe(ns / 1e9)
         self.received.labels(loss).inc(event.request_bytes)
         self.sent.labels(loss).inc(event.response.ByteSize())
@@ -141,9 +222,19 @@ class Metrics:
     def _concurrency_exceeded(self) -> bool:
         # Read under the same server lock, just after gRPC computed the same condition.
         state = self._server_state
-        return state is not None and state.maximum_concurrent_rpcs is not None and state.active_rpc_count >= state.maximum_concurrent_rpcs
+        return (
+            state is not None
+            and state.maximum_concurrent_rpcs is not None
+            and state.active_rpc_count >= state.maximum_concurrent_rpcs
+        )
 
-    def _finish(self, labels: tuple[str, str, str], code: grpc.StatusCode, seconds: float, reason: str | None = None) -> None:
+    def _finish(
+        self,
+        labels: tuple[str, str, str],
+        code: grpc.StatusCode,
+        seconds: float,
+        reason: str | None = None,
+    ) -> None:
         self.handled.labels(*labels, CODE_NAMES.get(code, "Unknown")).inc()
         self.handling.labels(*labels).observe(seconds)
         reason = reason or REFUSALS.get(code)
@@ -159,8 +250,11 @@ def catalogue() -> list[tuple[str, str, tuple[str, ...], str]]:
     """
     audit = AuditCollector(dict)
     list(audit.collect())  # learns the keys it reads
-    metrics = Metrics(device="cuda:0", audit_stats=lambda: dict.fromkeys(audit.keys, 1),
-                      memory_probe=lambda: {"allocated": 1, "reserved": 1, "total": 1})
+    metrics = Metrics(
+        device="cuda:0",
+        audit_stats=lambda: dict.fromkeys(audit.keys, 1),
+        memory_probe=lambda: {"allocated": 1, "reserved": 1, "total": 1},
+    )
     rows = []
     for family in metrics.registry.collect():
         labels: list[str] = []
@@ -169,9 +263,14 @@ def catalogue() -> list[tuple[str, str, tuple[str, ...], str]]:
         suffix = "_total" if family.type == "counter" else ""
         rows.append((family.name + suffix, family.type, tuple(labels), family.documentation))
     # Labelled series have no samples until first used: take their label names from the declarations.
-    declared = {m._name + ("_total" if m._type == "counter" else ""): tuple(m._labelnames)
-                for m in vars(metrics).values() if isinstance(m, (Counter, Gauge, Histogram))}
-    return sorted((name, kind, declared.get(name) or labels, doc) for name, kind, labels, doc in rows)
+    declared = {
+        m._name + ("_total" if m._type == "counter" else ""): tuple(m._labelnames)
+        for m in vars(metrics).values()
+        if isinstance(m, (Counter, Gauge, Histogram))
+    }
+    return sorted(
+        (name, kind, declared.get(name) or labels, doc) for name, kind, labels, doc in rows
+    )
 
 
 def grpc_type(handler: Any) -> str:
@@ -224,9 +323,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             m._finish(labels, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, CONCURRENCY_LIMIT)
             return handler
         counts_losses = service == "lossd.v1.LossService"
-        return rewrap(handler, lambda behavior: self._observe(behavior, handler, labels, counts_losses))
+        return rewrap(
+            handler, lambda behavior: self._observe(behavior, handler, labels, counts_losses)
+        )
 
-    def _observe(self, behavior: Callable, handler: Any, labels: tuple[str, str, str], counts_losses: bool) -> Callable:
+    def _observe(
+        self, behavior: Callable, handler: Any, labels: tuple[str, str, str], counts_losses: bool
+    ) -> Callable:
         m = self.m
         pending: collections.deque[str] = collections.deque()  # losses asked for, not yet answered
 
@@ -263,9 +366,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             if code is not grpc.StatusCode.OK or not handler.response_streaming:
                 answered(code)
             pending.clear()
-            m._finish(labels, code, time.perf_counter() - start, getattr(context, REFUSAL_ATTRIBUTE, None))
+            m._finish(
+                labels, code, time.perf_counter() - start, getattr(context, REFUSAL_ATTRIBUTE, None)
+            )
 
         if handler.response_streaming:
+
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 start = begin()
                 failed = True
@@ -320,8 +426,14 @@ class AuditCollector(Collector):
             stats = {}
         gauges = {
             "queue_depth": ("lossd_audit_queue_depth", "Audit records waiting to be written."),
-            "queue_capacity": ("lossd_audit_queue_capacity", "Audit records the queue holds before calls block."),
-            "last_write_seconds": ("lossd_audit_last_write_seconds", "Duration of the latest audit write, in seconds."),
+            "queue_capacity": (
+                "lossd_audit_queue_capacity",
+                "Audit records the queue holds before calls block.",
+            ),
+            "last_write_seconds": (
+                "lossd_audit_last_write_seconds",
+                "Duration of the latest audit write, in seconds.",
+            ),
         }
         self.keys = {*gauges}  # what catalogue() feeds to list every series
         for key, (name, doc) in gauges.items():
@@ -329,10 +441,22 @@ class AuditCollector(Collector):
                 yield GaugeMetricFamily(name, doc, value=float(stats[key]))
         counters = {
             "records_written": ("lossd_audit_records_written", "Audit records committed."),
-            "records_dropped": ("lossd_audit_records_dropped", "Audit records that could not be written."),
-            "records_refused": ("lossd_audit_records_refused", "Audited calls failed UNAVAILABLE because the queue stayed full or the commit timed out."),
-            "queue_blocked": ("lossd_audit_queue_blocked", "Audited calls that found the queue full and had to wait for room."),
-            "capture_skipped": ("lossd_audit_capture_skipped", "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached."),
+            "records_dropped": (
+                "lossd_audit_records_dropped",
+                "Audit records that could not be written.",
+            ),
+            "records_refused": (
+                "lossd_audit_records_refused",
+                "Audited calls failed UNAVAILABLE because the queue stayed full or the commit timed out.",
+            ),
+            "queue_blocked": (
+                "lossd_audit_queue_blocked",
+                "Audited calls that found the queue full and had to wait for room.",
+            ),
+            "capture_skipped": (
+                "lossd_audit_capture_skipped",
+                "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached.",
+            ),
         }
         self.keys |= {*counters, "write_seconds_count", "write_seconds_sum"}
         for key, (name, doc) in counters.items():
@@ -340,8 +464,10 @@ class AuditCollector(Collector):
                 yield CounterMetricFamily(name, doc, value=float(stats[key]))
         if _number(stats.get("write_seconds_count")) and _number(stats.get("write_seconds_sum")):
             yield SummaryMetricFamily(
-                "lossd_audit_write_seconds", "Audit write latency (per committed batch), in seconds.",
-                count_value=float(stats["write_seconds_count"]), sum_value=float(stats["write_seconds_sum"]),
+                "lossd_audit_write_seconds",
+                "Audit write latency (per committed batch), in seconds.",
+                count_value=float(stats["write_seconds_count"]),
+                sum_value=float(stats["write_seconds_sum"]),
             )
 
 
@@ -361,8 +487,14 @@ class DeviceMemoryCollector(Collector):
         except Exception:  # noqa: BLE001
             return
         docs = {
-            "allocated": ("lossd_device_memory_allocated_bytes", "Device memory held by tensors, in bytes."),
-            "reserved": ("lossd_device_memory_reserved_bytes", "Device memory reserved by the caching allocator, in bytes."),
+            "allocated": (
+                "lossd_device_memory_allocated_bytes",
+                "Device memory held by tensors, in bytes.",
+            ),
+            "reserved": (
+                "lossd_device_memory_reserved_bytes",
+                "Device memory reserved by the caching allocator, in bytes.",
+            ),
             "total": ("lossd_device_memory_total_bytes", "Device memory in total, in bytes."),
         }
         for key, (name, doc) in docs.items():
@@ -395,4 +527,3 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
-

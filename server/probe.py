@@ -41,16 +41,34 @@ def _server_setting(name: str, default: Any, env: Mapping[str, str]) -> Any:
 def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     port = _server_setting("port", 50051, env)
     server_cert = _server_setting("tls_cert", "", env)
-    p = argparse.ArgumentParser(prog="lossd health", description="Exit 0 when the lossd server reports SERVING.")
-    p.add_argument("--endpoint", default=f"127.0.0.1:{port}", help="host:port to probe (default: 127.0.0.1 and the server's port)")
+    p = argparse.ArgumentParser(
+        prog="lossd health", description="Exit 0 when the lossd server reports SERVING."
+    )
+    p.add_argument(
+        "--endpoint",
+        default=f"127.0.0.1:{port}",
+        help="host:port to probe (default: 127.0.0.1 and the server's port)",
+    )
     p.add_argument("--service", default="", help="service to ask about; empty: the whole server")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds before the probe gives up")
-    p.add_argument("--tls-ca", default=env.get("LOSSD_HEALTH_TLS_CA") or server_cert or None,
-                   help="PEM roots to verify the server (default: $LOSSD_HEALTH_TLS_CA, else the server's own --tls-cert when it has one)")
-    p.add_argument("--tls-cert", default=env.get("LOSSD_HEALTH_TLS_CERT"), help="client certificate, for a server that requires mutual TLS")
-    p.add_argument("--tls-key", default=env.get("LOSSD_HEALTH_TLS_KEY"), help="private key of --tls-cert")
-    p.add_argument("--tls-server-name", default=env.get("LOSSD_HEALTH_TLS_SERVER_NAME") or ("localhost" if server_cert else None),
-                   help="name to verify in the server certificate (default with TLS: localhost)")
+    p.add_argument(
+        "--tls-ca",
+        default=env.get("LOSSD_HEALTH_TLS_CA") or server_cert or None,
+        help="PEM roots to verify the server (default: $LOSSD_HEALTH_TLS_CA, else the server's own --tls-cert when it has one)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=env.get("LOSSD_HEALTH_TLS_CERT"),
+        help="client certificate, for a server that requires mutual TLS",
+    )
+    p.add_argument(
+        "--tls-key", default=env.get("LOSSD_HEALTH_TLS_KEY"), help="private key of --tls-cert"
+    )
+    p.add_argument(
+        "--tls-server-name",
+        default=env.get("LOSSD_HEALTH_TLS_SERVER_NAME") or ("localhost" if server_cert else None),
+        help="name to verify in the server certificate (default with TLS: localhost)",
+    )
     return p
 
 
@@ -86,11 +104,19 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = parser(env).parse_args(argv)
     try:
         status = check(
-            args.endpoint, args.service, args.timeout,
-            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+            args.endpoint,
+            args.service,
+            args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
         )
     except grpc.RpcError as error:
-        print(f"lossd health: {args.endpoint}: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(
+            f"lossd health: {args.endpoint}: {error.code().name}: {error.details()}",
+            file=sys.stderr,
+        )
         return 1
     except OSError as error:
         print(f"lossd health: {error}", file=sys.stderr)
@@ -103,16 +129,24 @@ def token_main(argv: Sequence[str] | None = None) -> int:
     """``lossd token``: print a new token and the tokens-file line that grants it."""
     from .security import ROLES, new_token, token_entry
 
-    p = argparse.ArgumentParser(prog="lossd token", description="Make a bearer token and its --auth-tokens entry.")
-    p.add_argument("--principal", required=True, help="who the token identifies (recorded in the audit trail)")
-    p.add_argument("--roles", default="compute", help=f"comma-separated, from {', '.join(sorted(ROLES))}")
+    p = argparse.ArgumentParser(
+        prog="lossd token", description="Make a bearer token and its --auth-tokens entry."
+    )
+    p.add_argument(
+        "--principal", required=True, help="who the token identifies (recorded in the audit trail)"
+    )
+    p.add_argument(
+        "--roles", default="compute", help=f"comma-separated, from {', '.join(sorted(ROLES))}"
+    )
     args = p.parse_args(argv)
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     unknown = sorted(set(roles) - ROLES)
     if unknown or not roles:
         p.error(f"unknown roles {unknown}; choose from {sorted(ROLES)}")
     token = new_token()
-    print(f"# give this token to {args.principal} (LOSSD_TOKEN=...); it is not stored anywhere:\n# {token}")
+    print(
+        f"# give this token to {args.principal} (LOSSD_TOKEN=...); it is not stored anywhere:\n# {token}"
+    )
     print("# add this line to the --auth-tokens file:")
     print(token_entry(token, args.principal, roles))
     return 0

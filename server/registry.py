@@ -136,9 +136,13 @@ def _check_range(spec: Param | Input, value: Any, where: str) -> None:
         raise InvalidArgument.expected(where, "a number", "NaN")
     lo, hi = spec.minimum, spec.maximum
     if lo is not None and (value < lo or (spec.minimum_exclusive and value == lo)):
-        raise InvalidArgument.expected(where, f"a value {'>' if spec.minimum_exclusive else '>='} {lo}", value)
+        raise InvalidArgument.expected(
+            where, f"a value {'>' if spec.minimum_exclusive else '>='} {lo}", value
+        )
     if hi is not None and (value > hi or (spec.maximum_exclusive and value == hi)):
-        raise InvalidArgument.expected(where, f"a value {'<' if spec.maximum_exclusive else '<='} {hi}", value)
+        raise InvalidArgument.expected(
+            where, f"a value {'<' if spec.maximum_exclusive else '<='} {hi}", value
+        )
 
 
 @dataclass(frozen=True)
@@ -254,17 +258,25 @@ def _check_signature(spec: LossSpec) -> None:
         p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     ]
     keyword = {
-        p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     if positional != [i.name for i in spec.inputs]:
-        raise ValueError(f"{spec.name}: inputs {[i.name for i in spec.inputs]} != signature {positional}")
+        raise ValueError(
+            f"{spec.name}: inputs {[i.name for i in spec.inputs]} != signature {positional}"
+        )
     if list(keyword) != [p.name for p in spec.params]:
-        raise ValueError(f"{spec.name}: params {[p.name for p in spec.params]} != signature {list(keyword)}")
+        raise ValueError(
+            f"{spec.name}: params {[p.name for p in spec.params]} != signature {list(keyword)}"
+        )
     for p in spec.params:
         sig_default = keyword[p.name]
         expected = inspect.Parameter.empty if p.required else p.default
         if sig_default != expected and sig_default is not expected:
-            raise ValueError(f"{spec.name}: default of {p.name} is {p.default!r} in the spec, {sig_default!r} in the function")
+            raise ValueError(
+                f"{spec.name}: default of {p.name} is {p.default!r} in the spec, {sig_default!r} in the function"
+            )
 
 
 def get(name: str) -> LossSpec:
@@ -275,7 +287,9 @@ def get(name: str) -> LossSpec:
         if not close:  # case-insensitive matches help e.g. "focalloss" -> "FocalLoss"
             close = [n for n in _REGISTRY if n.lower() == name.lower()]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise LossNotFound(f"unknown loss {name!r}{hint} (ListLosses lists all {len(_REGISTRY)})", field="loss") from None
+        raise LossNotFound(
+            f"unknown loss {name!r}{hint} (ListLosses lists all {len(_REGISTRY)})", field="loss"
+        ) from None
 
 
 def all_specs(family: str | None = None) -> list[LossSpec]:
@@ -314,22 +328,36 @@ def check_input(spec: Input, value: Any, where: str, symbols: dict[str, int]) ->
     return value  # "structure" and "any": the loss validates its own layout
 
 
-def _bind_shape(pattern: Sequence[str | int], shape: tuple[int, ...], where: str, symbols: dict[str, int]) -> None:
+def _bind_shape(
+    pattern: Sequence[str | int], shape: tuple[int, ...], where: str, symbols: dict[str, int]
+) -> None:
     if "*" not in pattern:
         if len(pattern) != len(shape):
-            raise InvalidArgument.expected(where, f"shape ({', '.join(map(str, pattern))})", list(shape))
+            raise InvalidArgument.expected(
+                where, f"shape ({', '.join(map(str, pattern))})", list(shape)
+            )
         pairs = zip(pattern, shape)
     else:
         star = list(pattern).index("*")
         head, tail = pattern[:star], pattern[star + 1 :]
         if len(shape) < len(head) + len(tail):
-            raise InvalidArgument.expected(where, f"shape ({', '.join(map(str, pattern))})", list(shape))
-        pairs = list(zip(head, shape[: len(head)])) + list(zip(tail, shape[len(shape) - len(tail) :]))
+            raise InvalidArgument.expected(
+                where, f"shape ({', '.join(map(str, pattern))})", list(shape)
+            )
+        pairs = list(zip(head, shape[: len(head)])) + list(
+            zip(tail, shape[len(shape) - len(tail) :])
+        )
     for sym, size in pairs:
         if isinstance(sym, int):
             if size != sym:
-                raise InvalidArgument.expected(where, f"shape ({', '.join(map(str, pattern))}) with {sym} there", list(shape))
+                raise InvalidArgument.expected(
+                    where, f"shape ({', '.join(map(str, pattern))}) with {sym} there", list(shape)
+                )
         elif sym in symbols and symbols[sym] != size:
-            raise InvalidArgument.expected(where, f"{sym}={symbols[sym]} (as in an earlier input)", f"{sym}={size} in shape {list(shape)}")
+            raise InvalidArgument.expected(
+                where,
+                f"{sym}={symbols[sym]} (as in an earlier input)",
+                f"{sym}={size} in shape {list(shape)}",
+            )
         else:
             symbols[sym] = size

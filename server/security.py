@@ -46,11 +46,13 @@ SERVICE_ROLES: dict[str, str] = {
     "lossd.v1.LossService": COMPUTE,
     "lossd.v1.AuditService": AUDIT_READ,
 }
-OPEN_SERVICES = frozenset({
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
-})
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 
 MIN_TOKEN_CHARS = 16  # a guessable token is no authentication
 
@@ -67,7 +69,9 @@ class Principal:
         return role in self.roles or ADMIN in self.roles
 
 
-_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("lossd_principal", default=None)
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "lossd_principal", default=None
+)
 
 
 def current_principal() -> Principal | None:
@@ -147,7 +151,9 @@ class TokenTable:
                     raise TokenError(f"{where}: sha256: must be followed by 64 hex digits")
             else:
                 if len(key) < MIN_TOKEN_CHARS:
-                    raise TokenError(f"{where}: tokens must be at least {MIN_TOKEN_CHARS} characters (use `lossd token`)")
+                    raise TokenError(
+                        f"{where}: tokens must be at least {MIN_TOKEN_CHARS} characters (use `lossd token`)"
+                    )
                 digest = hashlib.sha256(key.encode()).digest()
             if not isinstance(value, Mapping):
                 raise TokenError(f"{where}: expected {{principal: NAME, roles: [...]}}")
@@ -185,7 +191,9 @@ def new_token() -> str:
 def token_entry(token: str, principal: str, roles: list[str]) -> str:
     """A tokens-file line that stores the token's SHA-256 rather than the token."""
     digest = hashlib.sha256(token.encode()).hexdigest()
-    return f'"sha256:{digest}": {{"principal": {json.dumps(principal)}, "roles": {json.dumps(roles)}}}'
+    return (
+        f'"sha256:{digest}": {{"principal": {json.dumps(principal)}, "roles": {json.dumps(roles)}}}'
+    )
 
 
 class CertificateRoles:
@@ -261,7 +269,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
     certificate's common name, if any, with every role.
     """
 
-    def __init__(self, tokens: TokenTable | None, certificate_roles: CertificateRoles | None = None) -> None:
+    def __init__(
+        self, tokens: TokenTable | None, certificate_roles: CertificateRoles | None = None
+    ) -> None:
         if tokens is not None and certificate_roles is not None:
             raise SettingError("--auth-tokens and --tls-client-roles both grant roles: use one")
         self.tokens = tokens
@@ -280,33 +290,60 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return _with_principal(handler, None)
         token = bearer_token(details.invocation_metadata)
         if not token:
-            return _refusal(handler, Unauthenticated(
-                "this server needs a bearer token: pass RemoteLoss(token=...) or set LOSSD_TOKEN "
-                "(metadata `authorization: Bearer <token>`)"), details.method)
+            return _refusal(
+                handler,
+                Unauthenticated(
+                    "this server needs a bearer token: pass RemoteLoss(token=...) or set LOSSD_TOKEN "
+                    "(metadata `authorization: Bearer <token>`)"
+                ),
+                details.method,
+            )
         principal = self.tokens.authenticate(token)
         if principal is None:
-            return _refusal(handler, Unauthenticated("the bearer token is not valid"), details.method)
+            return _refusal(
+                handler, Unauthenticated("the bearer token is not valid"), details.method
+            )
         if not principal.may(role):
-            return _refusal(handler, PermissionDenied(
-                f"principal {principal.name!r} lacks the {role!r} role that {details.method} needs"), details.method)
+            return _refusal(
+                handler,
+                PermissionDenied(
+                    f"principal {principal.name!r} lacks the {role!r} role that {details.method} needs"
+                ),
+                details.method,
+            )
         return _with_principal(handler, principal)
 
-
-    def _certificate_check(self, role: str, method: str) -> Callable[[grpc.ServicerContext], Principal]:
+    def _certificate_check(
+        self, role: str, method: str
+    ) -> Callable[[grpc.ServicerContext], Principal]:
         def check(context: grpc.ServicerContext) -> Principal:
             name = peer_name(context)
             principal = self.certificate_roles.principal(name)
             if principal is None:
-                _refuse(context, PermissionDenied(f"client certificate {name!r} is not listed in --tls-client-roles"), method)
+                _refuse(
+                    context,
+                    PermissionDenied(
+                        f"client certificate {name!r} is not listed in --tls-client-roles"
+                    ),
+                    method,
+                )
             if not principal.may(role):
-                _refuse(context, PermissionDenied(f"principal {principal.name!r} lacks the {role!r} role that {method} needs"), method)
+                _refuse(
+                    context,
+                    PermissionDenied(
+                        f"principal {principal.name!r} lacks the {role!r} role that {method} needs"
+                    ),
+                    method,
+                )
             return principal
 
         return check
 
 
 def _with_principal(
-    handler: Any, principal: Principal | None, check: Callable[[grpc.ServicerContext], Principal] | None = None
+    handler: Any,
+    principal: Principal | None,
+    check: Callable[[grpc.ServicerContext], Principal] | None = None,
 ) -> Any:
     """``handler`` run as ``principal``; or as whom ``check(context)`` names (it aborts the call
     when the caller may not make it); or, failing both, as the client certificate's name."""
@@ -321,6 +358,7 @@ def _with_principal(
             return Principal(name, frozenset(ROLES), "x509") if name else None
 
         if streaming:
+
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 # The generator runs one step per response, on whichever thread asks for it:
                 # set the principal around each step, not once.
@@ -346,7 +384,9 @@ def _with_principal(
     return rewrap(handler, lambda behavior: wrap(behavior, handler.response_streaming))
 
 
-def _call_as(principal: Principal | None, behavior: Callable, request: Any, context: grpc.ServicerContext) -> Any:
+def _call_as(
+    principal: Principal | None, behavior: Callable, request: Any, context: grpc.ServicerContext
+) -> Any:
     token = _current.set(principal)
     try:
         return behavior(request, context)
@@ -368,6 +408,7 @@ def _refusal(handler: Any, error: ServiceError, method: str) -> Any:
             _refuse(context, error, method)
 
         if streaming:
+
             def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 refuse(request, context)
                 yield from ()
@@ -394,37 +435,55 @@ def certificate_roles(config: Any) -> CertificateRoles | None:
     if not config.tls_client_roles:
         return None
     if not config.tls_client_ca:
-        raise SettingError("--tls-client-roles needs --tls-client-ca: roles are read from verified client certificates")
+        raise SettingError(
+            "--tls-client-roles needs --tls-client-ca: roles are read from verified client certificates"
+        )
     if config.auth_tokens:
         raise SettingError("--auth-tokens and --tls-client-roles both grant roles: use one")
     return CertificateRoles.load(config.tls_client_roles)
 
 
-def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> grpc.ServerCredentials | None:
+def server_credentials(
+    tls_cert: str, tls_key: str, tls_client_ca: str = ""
+) -> grpc.ServerCredentials | None:
     """TLS credentials from PEM files; None when TLS is off. ``tls_client_ca`` turns on mTLS."""
     if not tls_cert and not tls_key:
         if tls_client_ca:
-            raise SettingError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+            raise SettingError(
+                "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"
+            )
         return None
     if not (tls_cert and tls_key):
         raise SettingError("TLS needs both --tls-cert and --tls-key")
     chain = _read(tls_cert, "--tls-cert")
     key = _read(tls_key, "--tls-key")
     if b"-----BEGIN" not in chain or b"PRIVATE KEY-----" not in key:
-        raise SettingError("--tls-cert and --tls-key must be PEM files (a certificate chain and its private key)")
+        raise SettingError(
+            "--tls-cert and --tls-key must be PEM files (a certificate chain and its private key)"
+        )
     client_ca = _read(tls_client_ca, "--tls-client-ca") if tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def exposure_notes(config: Any) -> list[str]:
     """Remarks on a network-facing server that has TLS or tokens but not both (or none, acknowledged)."""
     notes = []
     if config.allow_insecure and not (config.tls_cert or config.auth_tokens):
-        notes.append(f"serving {config.host} without TLS or tokens, as acknowledged by --allow-insecure")
+        notes.append(
+            f"serving {config.host} without TLS or tokens, as acknowledged by --allow-insecure"
+        )
     elif config.auth_tokens and not config.tls_cert:
-        notes.append("bearer tokens travel in cleartext without TLS: add --tls-cert/--tls-key unless the network is trusted")
+        notes.append(
+            "bearer tokens travel in cleartext without TLS: add --tls-cert/--tls-key unless the network is trusted"
+        )
     elif config.tls_cert and not (config.auth_tokens or config.tls_client_ca):
-        notes.append("TLS without --auth-tokens or --tls-client-ca: any client that can connect may compute")
+        notes.append(
+            "TLS without --auth-tokens or --tls-client-ca: any client that can connect may compute"
+        )
     elif config.tls_client_ca and not (config.auth_tokens or config.tls_client_roles):
-        notes.append("mutual TLS without --tls-client-roles or --auth-tokens: every certificate the CA signed has every role")
+        notes.append(
+            "mutual TLS without --tls-client-roles or --auth-tokens: every certificate the CA signed has every role"
+        )
     return notes

@@ -191,15 +191,26 @@ class LossServicer(pb_grpc.LossServiceServicer):
         call = decode_compute(request, self.limits, external)
         t1 = time.perf_counter_ns()
         if self._slots is None:
-            result = self.engine.evaluate(call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output)
+            result = self.engine.evaluate(
+                call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output
+            )
         else:
             with self._slots:
                 from .limits import caller_gone  # limits imports this module
 
-                gone = caller_gone(context, "a worker was free to compute it")  # waited past its deadline
+                gone = caller_gone(
+                    context, "a worker was free to compute it"
+                )  # waited past its deadline
                 if gone is not None:
                     raise gone
-                result = self.engine.evaluate(call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output)
+                result = self.engine.evaluate(
+                    call.loss,
+                    call.params,
+                    call.args,
+                    call.kwargs,
+                    call.grad_paths,
+                    call.grad_output,
+                )
         t2 = time.perf_counter_ns()
         response = encode_compute(result, call.request_id, __version__, outboard)
         t3 = time.perf_counter_ns()
@@ -207,17 +218,23 @@ class LossServicer(pb_grpc.LossServiceServicer):
         response.timings.compute_ns = t2 - t1
         response.timings.encode_ns = t3 - t2
         if self.after_compute:
-            size = request.ByteSize() + (sum(t.numel() for t in external.values()) if external else 0)
+            size = request.ByteSize() + (
+                sum(t.numel() for t in external.values()) if external else 0
+            )
             event = ComputeEvent(call, result, response, size, context)
             for hook in self.after_compute:
                 hook(event)
         return response
 
     @handles_errors
-    def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext) -> pb.ComputeResponse:
+    def Compute(
+        self, request: pb.ComputeRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeResponse:
         return self.compute(request, context)
 
-    def ComputeStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[pb.ComputeStreamResponse]:
+    def ComputeStream(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[pb.ComputeStreamResponse]:
         for message in request_iterator:
             yield self._stream_one(message, context)
 
@@ -225,23 +242,33 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def _stream_one(self, message: Any, context: grpc.ServicerContext) -> pb.ComputeStreamResponse:
         return pb.ComputeStreamResponse(response=self.compute(message.request, context))
 
-    def ComputeChunked(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def ComputeChunked(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         response, outboard = self._chunked_one(request_iterator, context)
         yield from chunked.answer(response, outboard, self.chunk_bytes)
 
     @handles_errors
-    def _chunked_one(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> tuple[pb.ComputeResponse, codec.Outboard]:
+    def _chunked_one(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> tuple[pb.ComputeResponse, codec.Outboard]:
         request, external = chunked.receive(request_iterator, self.max_chunked_bytes)
         outboard = codec.Outboard(self.chunk_outboard_bytes)  # large gradients go back in chunks
         return self.compute(request, context, external=external, outboard=outboard), outboard
 
     @handles_errors
-    def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext) -> pb.ListLossesResponse:
+    def ListLosses(
+        self, request: pb.ListLossesRequest, context: grpc.ServicerContext
+    ) -> pb.ListLossesResponse:
         specs = registry.all_specs(request.family or None)
-        return pb.ListLossesResponse(losses=[loss_info(s) for s in sorted(specs, key=lambda s: s.name)])
+        return pb.ListLossesResponse(
+            losses=[loss_info(s) for s in sorted(specs, key=lambda s: s.name)]
+        )
 
     @handles_errors
-    def DescribeLoss(self, request: pb.DescribeLossRequest, context: grpc.ServicerContext) -> pb.DescribeLossResponse:
+    def DescribeLoss(
+        self, request: pb.DescribeLossRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeLossResponse:
         return pb.DescribeLossResponse(loss=loss_info(registry.get(request.name)))
 
 
@@ -260,7 +287,9 @@ def method_handlers(servicer: LossServicer) -> grpc.GenericRpcHandler:
                 request_deserializer=safe_parser(pb.ComputeStreamRequest),
                 response_serializer=pb.ComputeStreamResponse.SerializeToString,
             ),
-            "ComputeChunked": chunked.method_handler(servicer, safe_parser(pb.ComputeChunkedRequest)),
+            "ComputeChunked": chunked.method_handler(
+                servicer, safe_parser(pb.ComputeChunkedRequest)
+            ),
             "ListLosses": grpc.unary_unary_rpc_method_handler(
                 servicer.ListLosses,
                 request_deserializer=safe_parser(pb.ListLossesRequest),

@@ -15,7 +15,9 @@ from lossd.server.config import ServerConfig
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default="cpu", help="device for the server and tensors: cpu or cuda")
+    parser.addoption(
+        "--device", default="cpu", help="device for the server and tensors: cpu or cuda"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

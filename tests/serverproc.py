@@ -14,8 +14,20 @@ from pathlib import Path
 class ServerProcess:
     """A ``lossd serve`` child process. Use as a context manager; ``address`` once started."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
-        self.argv: Sequence[str] = [sys.executable, "-m", "lossd.server.cli", "serve", "--port", "0", "--device", "cpu", *flags]
+    def __init__(
+        self, *flags: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    ) -> None:
+        self.argv: Sequence[str] = [
+            sys.executable,
+            "-m",
+            "lossd.server.cli",
+            "serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            *flags,
+        ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
@@ -24,7 +36,9 @@ class ServerProcess:
         self.stdout_lines: list[str] = []  # what it printed after the address line
 
     def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
+        )
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:

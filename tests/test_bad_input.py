@@ -25,7 +25,9 @@ def stub(endpoint):
     channel.close()
 
 
-def request(loss="cross_entropy", params=None, args=None, kwargs=None, grad_paths=()) -> pb.ComputeRequest:
+def request(
+    loss="cross_entropy", params=None, args=None, kwargs=None, grad_paths=()
+) -> pb.ComputeRequest:
     msg = pb.ComputeRequest(loss=loss, grad_paths=list(grad_paths))
     codec.encode_map(params or {}, msg.params)
     for a in args if args is not None else [torch.randn(4, 3), torch.tensor([0, 1, 2, 0])]:
@@ -76,35 +78,175 @@ def _with_audit(run_id: str = "run", tags: dict[str, str] | None = None) -> pb.C
 
 
 BAD = {
-    "byte count below shape": (_with_arg(0, raw_tensor(data=bytes(47))), grpc.StatusCode.INVALID_ARGUMENT, "args[0].data", "expected 48 bytes"),
-    "byte count above shape": (_with_arg(0, raw_tensor(data=bytes(52))), grpc.StatusCode.INVALID_ARGUMENT, "args[0].data", "got 52"),
-    "terabyte claim": (_with_arg(0, raw_tensor(shape=(1 << 20, 1 << 20), data=bytes(48))), grpc.StatusCode.RESOURCE_EXHAUSTED, "args[0].shape", "--max-elements"),
-    "negative dim": (_with_arg(0, raw_tensor(shape=(-4, -3))), grpc.StatusCode.INVALID_ARGUMENT, "args[0].shape[0]", "size >= 0"),
-    "rank 9": (_with_arg(0, raw_tensor(shape=(1,) * 9, data=bytes(4))), grpc.StatusCode.INVALID_ARGUMENT, "args[0].shape", "rank <= 8"),
-    "unknown dtype enum": (_with_arg(0, raw_tensor(dtype=42)), grpc.StatusCode.INVALID_ARGUMENT, "args[0].dtype", "<enum 42>"),
-    "unspecified dtype": (_with_arg(0, raw_tensor(dtype=0)), grpc.StatusCode.INVALID_ARGUMENT, "args[0].dtype", "<enum 0>"),
-    "wrong dtype": (request(args=[torch.randn(4, 3), torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64)]), grpc.StatusCode.INVALID_ARGUMENT, "args[1]", "expected"),
-    "wrong shape": (request(args=[torch.randn(4, 3), torch.tensor([0, 1])]), grpc.StatusCode.INVALID_ARGUMENT, "args[1]", "shape"),
-    "class index too large": (request(args=[torch.randn(4, 3), torch.tensor([0, 1, 3, 0])]), grpc.StatusCode.INVALID_ARGUMENT, "args[1]", "index 3"),
-    "negative class index": (request(args=[torch.randn(4, 3), torch.tensor([0, -5, 1, 0])]), grpc.StatusCode.INVALID_ARGUMENT, "args[1]", "index -5"),
-    "unknown loss": (request(loss="cross_entrpy"), grpc.StatusCode.NOT_FOUND, "loss", "did you mean 'cross_entropy'"),
-    "unknown parameter": (request(params={"label_smothing": 0.1}), grpc.StatusCode.INVALID_ARGUMENT, "params.label_smothing", "did you mean label_smoothing"),
-    "ill-typed parameter": (request(params={"ignore_index": "x"}), grpc.StatusCode.INVALID_ARGUMENT, "params.ignore_index", "expected int, got str"),
-    "parameter out of range": (request(params={"label_smoothing": 1.5}), grpc.StatusCode.INVALID_ARGUMENT, "params.label_smoothing", "<= 1.0"),
-    "NaN parameter": (request(params={"label_smoothing": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "params.label_smoothing", "NaN"),
-    "bad choice": (request(params={"reduction": "avg"}), grpc.StatusCode.INVALID_ARGUMENT, "params.reduction", "one of"),
-    "missing argument": (request(args=[torch.randn(4, 3)]), grpc.StatusCode.INVALID_ARGUMENT, "args[1]", "target"),
-    "too many arguments": (request(args=[torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.ones(1)]), grpc.StatusCode.INVALID_ARGUMENT, "args", "at most 2"),
-    "unknown keyword": (request(kwargs={"avg_factor": 2.0}), grpc.StatusCode.INVALID_ARGUMENT, "kwargs.avg_factor", "unexpected keyword"),
-    "grad of unknown path": (request(grad_paths=["args[0].pred"]), grpc.StatusCode.INVALID_ARGUMENT, "grad_paths[0]", "no input tensor"),
-    "grad of integer input": (request(grad_paths=["args[1]"]), grpc.StatusCode.INVALID_ARGUMENT, "grad_paths[0]", "floating-point"),
-    "deep nesting": (_with_arg(0, nested(40)), grpc.StatusCode.RESOURCE_EXHAUSTED, "args[0]" + "[0]" * 17, "--max-depth"),
-    "empty value": (_with_arg(0, pb.Value()), grpc.StatusCode.INVALID_ARGUMENT, "args[0]", "empty Value"),
-    "run id too long": (_with_audit("r" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audit.run_id", "at most 256 characters, got 300"),
+    "byte count below shape": (
+        _with_arg(0, raw_tensor(data=bytes(47))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0].data",
+        "expected 48 bytes",
+    ),
+    "byte count above shape": (
+        _with_arg(0, raw_tensor(data=bytes(52))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0].data",
+        "got 52",
+    ),
+    "terabyte claim": (
+        _with_arg(0, raw_tensor(shape=(1 << 20, 1 << 20), data=bytes(48))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "args[0].shape",
+        "--max-elements",
+    ),
+    "negative dim": (
+        _with_arg(0, raw_tensor(shape=(-4, -3))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0].shape[0]",
+        "size >= 0",
+    ),
+    "rank 9": (
+        _with_arg(0, raw_tensor(shape=(1,) * 9, data=bytes(4))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0].shape",
+        "rank <= 8",
+    ),
+    "unknown dtype enum": (
+        _with_arg(0, raw_tensor(dtype=42)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0].dtype",
+        "<enum 42>",
+    ),
+    "unspecified dtype": (
+        _with_arg(0, raw_tensor(dtype=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0].dtype",
+        "<enum 0>",
+    ),
+    "wrong dtype": (
+        request(args=[torch.randn(4, 3), torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[1]",
+        "expected",
+    ),
+    "wrong shape": (
+        request(args=[torch.randn(4, 3), torch.tensor([0, 1])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[1]",
+        "shape",
+    ),
+    "class index too large": (
+        request(args=[torch.randn(4, 3), torch.tensor([0, 1, 3, 0])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[1]",
+        "index 3",
+    ),
+    "negative class index": (
+        request(args=[torch.randn(4, 3), torch.tensor([0, -5, 1, 0])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[1]",
+        "index -5",
+    ),
+    "unknown loss": (
+        request(loss="cross_entrpy"),
+        grpc.StatusCode.NOT_FOUND,
+        "loss",
+        "did you mean 'cross_entropy'",
+    ),
+    "unknown parameter": (
+        request(params={"label_smothing": 0.1}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.label_smothing",
+        "did you mean label_smoothing",
+    ),
+    "ill-typed parameter": (
+        request(params={"ignore_index": "x"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.ignore_index",
+        "expected int, got str",
+    ),
+    "parameter out of range": (
+        request(params={"label_smoothing": 1.5}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.label_smoothing",
+        "<= 1.0",
+    ),
+    "NaN parameter": (
+        request(params={"label_smoothing": float("nan")}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.label_smoothing",
+        "NaN",
+    ),
+    "bad choice": (
+        request(params={"reduction": "avg"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.reduction",
+        "one of",
+    ),
+    "missing argument": (
+        request(args=[torch.randn(4, 3)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[1]",
+        "target",
+    ),
+    "too many arguments": (
+        request(args=[torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.ones(1)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args",
+        "at most 2",
+    ),
+    "unknown keyword": (
+        request(kwargs={"avg_factor": 2.0}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "kwargs.avg_factor",
+        "unexpected keyword",
+    ),
+    "grad of unknown path": (
+        request(grad_paths=["args[0].pred"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "grad_paths[0]",
+        "no input tensor",
+    ),
+    "grad of integer input": (
+        request(grad_paths=["args[1]"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "grad_paths[0]",
+        "floating-point",
+    ),
+    "deep nesting": (
+        _with_arg(0, nested(40)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "args[0]" + "[0]" * 17,
+        "--max-depth",
+    ),
+    "empty value": (
+        _with_arg(0, pb.Value()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "args[0]",
+        "empty Value",
+    ),
+    "run id too long": (
+        _with_audit("r" * 300),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "audit.run_id",
+        "at most 256 characters, got 300",
+    ),
     "NUL in run id": (_with_audit("a\0b"), grpc.StatusCode.INVALID_ARGUMENT, "audit.run_id", "NUL"),
-    "too many tags": (_with_audit(tags={f"t{i}": "v" for i in range(65)}), grpc.StatusCode.INVALID_ARGUMENT, "audit.tags", "at most 64 tags, got 65"),
-    "empty tag key": (_with_audit(tags={"": "v"}), grpc.StatusCode.INVALID_ARGUMENT, "audit.tags", "got a key of 0"),
-    "tag value too long": (_with_audit(tags={"k": "v" * 2000}), grpc.StatusCode.INVALID_ARGUMENT, "audit.tags", "a value of 2000"),
+    "too many tags": (
+        _with_audit(tags={f"t{i}": "v" for i in range(65)}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "audit.tags",
+        "at most 64 tags, got 65",
+    ),
+    "empty tag key": (
+        _with_audit(tags={"": "v"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "audit.tags",
+        "got a key of 0",
+    ),
+    "tag value too long": (
+        _with_audit(tags={"k": "v" * 2000}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "audit.tags",
+        "a value of 2000",
+    ),
 }
 
 
@@ -142,10 +284,18 @@ def test_thousands_of_inputs_hit_the_item_cap(endpoint):
         running.stop(0)
 
 
-@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\xff\x01", bytes(range(256))], ids=["varint", "truncated", "noise"])
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xff\xff", b"\x0a\xff\x01", bytes(range(256))],
+    ids=["varint", "truncated", "noise"],
+)
 def test_malformed_protobuf_is_invalid_argument(endpoint, stub, garbage):
     channel = grpc.insecure_channel(endpoint)
-    raw = channel.unary_unary("/lossd.v1.LossService/Compute", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    raw = channel.unary_unary(
+        "/lossd.v1.LossService/Compute",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
     with pytest.raises(grpc.RpcError) as info:
         raw(garbage, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -161,13 +311,22 @@ def test_oversized_message_is_resource_exhausted_and_names_the_setting():
         big = torch.randn(1 << 19)  # 2 MiB of float32 > 1 MiB server limit
         # 4 MiB of tensors: "auto" sends them chunked; the server's one limit bounds that path too.
         for transport in ("unary", "auto"):
-            with RemoteLoss("mse", endpoint=endpoint, transport=transport) as crit, pytest.raises(LossdError) as info:
+            with (
+                RemoteLoss("mse", endpoint=endpoint, transport=transport) as crit,
+                pytest.raises(LossdError) as info,
+            ):
                 crit(big, big)
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, transport
             assert "--max-message-mb" in info.value.details, transport
-        with RemoteLoss("mse", endpoint=endpoint, max_message_mb=1, transport="unary") as crit, pytest.raises(LossdError) as info:
+        with (
+            RemoteLoss("mse", endpoint=endpoint, max_message_mb=1, transport="unary") as crit,
+            pytest.raises(LossdError) as info,
+        ):
             crit(big, big)  # refused by the client before sending
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_message_mb" in info.value.details
+        assert (
+            info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "max_message_mb" in info.value.details
+        )
         with RemoteLoss("mse", endpoint=endpoint) as crit:
             assert crit(torch.ones(3), torch.zeros(3)).item() == 1.0
     finally:
@@ -177,7 +336,10 @@ def test_oversized_message_is_resource_exhausted_and_names_the_setting():
 def test_nan_inputs_are_computed_and_flagged(endpoint):
     x = torch.randn(4, 3)
     x[1, 1] = float("nan")
-    with RemoteLoss("cross_entropy", endpoint=endpoint) as crit, pytest.warns(RuntimeWarning, match="non-finite"):
+    with (
+        RemoteLoss("cross_entropy", endpoint=endpoint) as crit,
+        pytest.warns(RuntimeWarning, match="non-finite"),
+    ):
         loss = crit(x.requires_grad_(True), torch.tensor([0, 1, 2, 0]))
     assert torch.isnan(loss) and crit.last_result.non_finite
 
@@ -189,4 +351,6 @@ def test_errors_surface_as_one_exception_type_with_code_and_message(endpoint):
     with RemoteLoss("cross_entropy", endpoint=endpoint) as crit, pytest.raises(LossdError) as info:
         crit(torch.randn(2, 3), torch.tensor([0, 7]))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.field == "args[1]"
-    assert len(info.value.request_id) == 32, "the failed call's request id is kept for the server log"
+    assert len(info.value.request_id) == 32, (
+        "the failed call's request id is kept for the server log"
+    )

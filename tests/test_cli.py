@@ -43,9 +43,15 @@ def test_health_reports_serving_overall_and_per_service(proc):
 def test_reflection_lists_the_services(proc):
     with grpc.insecure_channel(proc.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for reply in replies for s in reply.list_services_response.service}
-    assert {"lossd.v1.LossService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        "lossd.v1.LossService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
 
 
 def test_list_losses_is_the_registry(proc):
@@ -57,7 +63,11 @@ def test_list_losses_is_the_registry(proc):
     info = client.describe("cross_entropy")
     assert {"fat", "netspresso"} <= set(info.families)
     smoothing = next(p for p in info.params if p.name == "label_smoothing")
-    assert smoothing.type == "float" and smoothing.maximum == 1.0 and smoothing.default_value.float_value == 0.0
+    assert (
+        smoothing.type == "float"
+        and smoothing.maximum == 1.0
+        and smoothing.default_value.float_value == 0.0
+    )
     assert any(i.differentiable for i in info.inputs) and info.reference
     client.close()
 
@@ -89,7 +99,12 @@ def test_signal_drains_in_flight_calls_then_exits_cleanly(sig):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lossd.server.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lossd.server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_losses_command_prints_the_registry():

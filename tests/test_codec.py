@@ -10,7 +10,18 @@ import torch
 from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
 
-ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
+ALL_DTYPES = [
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
 
 
 def _sample(dtype: torch.dtype, shape=(3, 4)) -> torch.Tensor:
@@ -30,7 +41,11 @@ def test_tensor_round_trip_is_bit_exact(dtype):
     assert len(msg.data) == t.numel() * t.element_size()  # 16-bit types travel as 16 bits
     back = codec.decode_tensor(pb.Tensor.FromString(msg.SerializeToString()))
     assert back.dtype == dtype and back.shape == t.shape
-    same_bits = back.view(torch.int16).equal(t.view(torch.int16)) if t.element_size() == 2 and dtype.is_floating_point else back.equal(t)
+    same_bits = (
+        back.view(torch.int16).equal(t.view(torch.int16))
+        if t.element_size() == 2 and dtype.is_floating_point
+        else back.equal(t)
+    )
     assert same_bits
 
 
@@ -64,7 +79,10 @@ def test_decoded_tensor_is_writable_and_owns_its_memory():
 def test_nested_values_round_trip_with_types_and_order():
     value = {
         "pred": [torch.ones(2, 3), torch.zeros(1)],
-        "gt": [{"boxes": torch.rand(2, 4), "labels": torch.tensor([1, 0])}, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}],
+        "gt": [
+            {"boxes": torch.rand(2, 4), "labels": torch.tensor([1, 0])},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+        ],
         "img_size": 64,
         "scale": 0.5,
         "name": "x",
@@ -81,8 +99,14 @@ def test_nested_values_round_trip_with_types_and_order():
     assert back["flag"] is True and back["nothing"] is None and back["z"] == {} and back["a"] == []
     assert back["gt"][1]["boxes"].shape == (0, 4)
     assert [p for p, _ in codec.iter_tensors(back, "args[0]")] == [
-        "args[0].pred[0]", "args[0].pred[1]", "args[0].gt[0].boxes", "args[0].gt[0].labels",
-        "args[0].gt[1].boxes", "args[0].gt[1].labels", "args[0].pair[0]", "args[0].pair[1]",
+        "args[0].pred[0]",
+        "args[0].pred[1]",
+        "args[0].gt[0].boxes",
+        "args[0].gt[0].labels",
+        "args[0].gt[1].boxes",
+        "args[0].gt[1].labels",
+        "args[0].pair[0]",
+        "args[0].pair[1]",
     ]
 
 
@@ -91,7 +115,9 @@ def test_keys_that_are_not_identifiers_get_bracketed_paths():
     assert codec.join_key("args[0]", "a.b") == "args[0]['a.b']"
 
 
-@pytest.mark.parametrize("bad", [{1: 2}, {1, 2}, torch.zeros(2, dtype=torch.complex64), 1 << 70, object()])
+@pytest.mark.parametrize(
+    "bad", [{1: 2}, {1, 2}, torch.zeros(2, dtype=torch.complex64), 1 << 70, object()]
+)
 def test_values_without_a_wire_form_are_refused_at_encode(bad):
     with pytest.raises(codec.EncodeError):
         codec.encode_value(bad)
@@ -135,7 +161,9 @@ def test_an_empty_tensor_with_absurd_other_dims_is_refused():
     msg = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[0, 2**20, 2**62], data=b"")
     with pytest.raises(codec.LimitError, match="empty tensor whose other dims span"):
         codec.decode_tensor(msg, "args[0]")
-    assert codec.decode_tensor(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[0, 7], data=b"")).shape == (0, 7)
+    assert codec.decode_tensor(
+        pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[0, 7], data=b"")
+    ).shape == (0, 7)
 
 
 def test_limits_name_the_setting():

@@ -18,7 +18,11 @@ def _ce_inputs(seed=0):
 # ------------------------------------------------------------------------------- fat
 
 
-@pytest.mark.parametrize("cfg", [{}, {"loss": None}, {"loss": {}}, {"loss": {"label_smoothing": 0.0}}, None], ids=["empty", "loss-null", "loss-empty", "no-name", "none"])
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"loss": None}, {"loss": {}}, {"loss": {"label_smoothing": 0.0}}, None],
+    ids=["empty", "loss-null", "loss-empty", "no-name", "none"],
+)
 def test_fat_missing_loss_or_name_means_cross_entropy(cfg, endpoint):
     crit = from_config(cfg, endpoint=endpoint)
     x, t = _ce_inputs()
@@ -27,7 +31,10 @@ def test_fat_missing_loss_or_name_means_cross_entropy(cfg, endpoint):
 
 
 def test_fat_names_are_lower_cased_and_forwarded_params_used(endpoint):
-    crit = from_config({"loss": {"name": "Cross_Entropy", "label_smoothing": 0.1, "weight": [1, 2, 1, 1]}}, endpoint=endpoint)
+    crit = from_config(
+        {"loss": {"name": "Cross_Entropy", "label_smoothing": 0.1, "weight": [1, 2, 1, 1]}},
+        endpoint=endpoint,
+    )
     x, t = _ce_inputs()
     assert crit.params == {"label_smoothing": 0.1, "weight": [1, 2, 1, 1]}
     expected = F.cross_entropy(x, t, label_smoothing=0.1, weight=torch.tensor([1.0, 2.0, 1.0, 1.0]))
@@ -43,8 +50,14 @@ def test_fat_drops_params_it_does_not_forward_with_a_warning(endpoint):
 
 def test_fat_kl_div_defaults_to_batchmean_and_forwards_reduction(endpoint):
     x, y = torch.randn(4, 3).log_softmax(-1), torch.randn(4, 3).softmax(-1)
-    assert torch.equal(from_config({"loss": {"name": "kl_div"}}, endpoint=endpoint)(x, y), F.kl_div(x, y, reduction="batchmean"))
-    assert torch.equal(from_config({"loss": {"name": "kl_div", "reduction": "sum"}}, endpoint=endpoint)(x, y), F.kl_div(x, y, reduction="sum"))
+    assert torch.equal(
+        from_config({"loss": {"name": "kl_div"}}, endpoint=endpoint)(x, y),
+        F.kl_div(x, y, reduction="batchmean"),
+    )
+    assert torch.equal(
+        from_config({"loss": {"name": "kl_div", "reduction": "sum"}}, endpoint=endpoint)(x, y),
+        F.kl_div(x, y, reduction="sum"),
+    )
 
 
 def test_fat_unknown_name_lists_the_nine():
@@ -83,9 +96,24 @@ def _focal(x, t, alpha=0.25, gamma=2.0):
 @pytest.mark.parametrize(
     "cfg",
     [
-        [{"criterion": "cross_entropy", "weight": None}, {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5}],
-        {"losses": [{"criterion": "cross_entropy", "weight": None}, {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5}]},
-        {"model": {"losses": [{"criterion": "cross_entropy", "weight": None}, {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5}]}},
+        [
+            {"criterion": "cross_entropy", "weight": None},
+            {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5},
+        ],
+        {
+            "losses": [
+                {"criterion": "cross_entropy", "weight": None},
+                {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5},
+            ]
+        },
+        {
+            "model": {
+                "losses": [
+                    {"criterion": "cross_entropy", "weight": None},
+                    {"criterion": "focal_loss", "alpha": 0.25, "gamma": 2.0, "weight": 0.5},
+                ]
+            }
+        },
         "model:\n  losses:\n    - criterion: cross_entropy\n      weight: ~\n    - criterion: focal_loss\n      alpha: 0.25\n      gamma: 2.0\n      weight: 0.5\n",
     ],
     ids=["list", "losses", "model.losses", "yaml"],
@@ -110,16 +138,58 @@ def test_netspresso_criteria_are_summed_with_weights_in_one_rpc(cfg, endpoint):
 
 def test_visdet_type_dict_builds_that_loss(endpoint):
     crit = from_config({"type": "SmoothL1Loss", "beta": 1.0, "loss_weight": 2.0}, endpoint=endpoint)
-    assert isinstance(crit, RemoteLoss) and crit.name == "SmoothL1Loss" and crit.params == {"beta": 1.0, "loss_weight": 2.0}
+    assert (
+        isinstance(crit, RemoteLoss)
+        and crit.name == "SmoothL1Loss"
+        and crit.params == {"beta": 1.0, "loss_weight": 2.0}
+    )
     x, y = torch.randn(4, 4), torch.randn(4, 4)
     torch.testing.assert_close(crit(x, y), 2.0 * F.smooth_l1_loss(x, y))
 
 
 DETECTORS = {
-    "RetinaNet": {"loss_cls": {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}, "loss_bbox": {"type": "SmoothL1Loss", "beta": 1.0, "loss_weight": 1.0}},
-    "FCOS": {"loss_cls": {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}, "loss_bbox": {"type": "IoULoss", "mode": "log", "loss_weight": 1.0}, "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}},
-    "ATSS": {"loss_cls": {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}, "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0}, "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}},
-    "GFL": {"loss_cls": {"type": "QualityFocalLoss", "use_sigmoid": True, "beta": 2.0, "loss_weight": 1.0}, "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0}, "loss_dfl": {"type": "DistributionFocalLoss", "loss_weight": 0.25}},
+    "RetinaNet": {
+        "loss_cls": {
+            "type": "FocalLoss",
+            "use_sigmoid": True,
+            "gamma": 2.0,
+            "alpha": 0.25,
+            "loss_weight": 1.0,
+        },
+        "loss_bbox": {"type": "SmoothL1Loss", "beta": 1.0, "loss_weight": 1.0},
+    },
+    "FCOS": {
+        "loss_cls": {
+            "type": "FocalLoss",
+            "use_sigmoid": True,
+            "gamma": 2.0,
+            "alpha": 0.25,
+            "loss_weight": 1.0,
+        },
+        "loss_bbox": {"type": "IoULoss", "mode": "log", "loss_weight": 1.0},
+        "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
+    },
+    "ATSS": {
+        "loss_cls": {
+            "type": "FocalLoss",
+            "use_sigmoid": True,
+            "gamma": 2.0,
+            "alpha": 0.25,
+            "loss_weight": 1.0,
+        },
+        "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+        "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
+    },
+    "GFL": {
+        "loss_cls": {
+            "type": "QualityFocalLoss",
+            "use_sigmoid": True,
+            "beta": 2.0,
+            "loss_weight": 1.0,
+        },
+        "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+        "loss_dfl": {"type": "DistributionFocalLoss", "loss_weight": 0.25},
+    },
 }
 
 
@@ -145,19 +215,39 @@ def test_detector_loss_sets_from_one_config(detector, endpoint):
         elif kind == "QualityFocalLoss":
             args, kwargs = (logits, (labels, torch.rand(n, generator=g, dtype=torch.float64))), {}
         elif kind == "SmoothL1Loss":
-            args, kwargs = (torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64)), {}
+            args, kwargs = (
+                (
+                    torch.randn(n, 4, generator=g, dtype=torch.float64),
+                    torch.randn(n, 4, generator=g, dtype=torch.float64),
+                ),
+                {},
+            )
         elif kind in ("IoULoss", "GIoULoss"):
             args, kwargs = (_boxes(n, g), _boxes(n, g)), {}
         elif kind == "CrossEntropyLoss":
-            args, kwargs = (torch.randn(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)), {}
+            args, kwargs = (
+                (
+                    torch.randn(n, generator=g, dtype=torch.float64),
+                    torch.rand(n, generator=g, dtype=torch.float64),
+                ),
+                {},
+            )
         else:  # DistributionFocalLoss
-            args, kwargs = (torch.randn(n, 8, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64) * 6.9), {}
+            args, kwargs = (
+                (
+                    torch.randn(n, 8, generator=g, dtype=torch.float64),
+                    torch.rand(n, generator=g, dtype=torch.float64) * 6.9,
+                ),
+                {},
+            )
         value = crit(*args, **kwargs)
         # The config's parameters (loss_weight, gamma, mode, ...) reached the server's loss.
         spec = registry.get(kind)
         local = spec.fn(*args, **kwargs, **spec.canonical_params(crit.params))
         assert value.dim() == 0, key
-        torch.testing.assert_close(value.detach(), getattr(local, "value", local).detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            value.detach(), getattr(local, "value", local).detach(), rtol=1e-12, atol=0
+        )
     shared = {id(crit.client) for crit in losses.values()}
     assert len(shared) == 1, "a loss set shares one connection"
     losses.close()
@@ -165,10 +255,19 @@ def test_detector_loss_sets_from_one_config(detector, endpoint):
 
 def test_a_loss_sets_options_reach_every_loss_and_its_connection_is_shared(endpoint):
     cfg = {"bbox_head": {"type": "GFLHead", **DETECTORS["GFL"]}}
-    losses = from_config(cfg, endpoint=endpoint, timeout=7.0, transport="unary", run_id="set-run", tags={"head": "gfl"})
+    losses = from_config(
+        cfg,
+        endpoint=endpoint,
+        timeout=7.0,
+        transport="unary",
+        run_id="set-run",
+        tags={"head": "gfl"},
+    )
     try:
         assert {crit.transport.mode for crit in losses.values()} == {"unary"}
-        assert {(crit.run_id, tuple(crit.tags.items())) for crit in losses.values()} == {("set-run", (("head", "gfl"),))}
+        assert {(crit.run_id, tuple(crit.tags.items())) for crit in losses.values()} == {
+            ("set-run", (("head", "gfl"),))
+        }
         assert {crit.client.timeout for crit in losses.values()} == {7.0}
     finally:
         losses.close()
@@ -186,9 +285,15 @@ def test_client_checks_parameters_against_the_servers_declaration_before_sending
             crit(big, torch.zeros(64, dtype=torch.long))
         assert info.value.field == "params.gama" and "did you mean gamma" in info.value.details
         assert crit.last_result is None, "nothing was computed"
-    with RemoteLoss("focal_loss", endpoint=endpoint, alpha=0.25) as crit, pytest.raises(LossdError, match="requires parameter 'gamma'"):
+    with (
+        RemoteLoss("focal_loss", endpoint=endpoint, alpha=0.25) as crit,
+        pytest.raises(LossdError, match="requires parameter 'gamma'"),
+    ):
         crit({"pred": big}, {"target": big})
-    with RemoteLoss("FocalLoss", endpoint=endpoint, gamma="2") as crit, pytest.raises(LossdError, match="expected float, got str"):
+    with (
+        RemoteLoss("FocalLoss", endpoint=endpoint, gamma="2") as crit,
+        pytest.raises(LossdError, match="expected float, got str"),
+    ):
         crit(big, torch.zeros(64, dtype=torch.long))
 
 
@@ -204,13 +309,23 @@ def _family_config(family: str, name: str, params: dict) -> object:
     if name == "losses":
         return {"losses": params["losses"]}
     # An entry's `weight` is NetsPresso's multiplier, never a loss parameter (fat's class weights).
-    return {"losses": [{"criterion": name, **{k: v for k, v in params.items() if k != "weight"}, "weight": None}]}
+    return {
+        "losses": [
+            {
+                "criterion": name,
+                **{k: v for k, v in params.items() if k != "weight"},
+                "weight": None,
+            }
+        ]
+    }
 
 
 FAMILY_LOSSES = [(family, spec) for spec in registry.all_specs() for family in spec.families]
 
 
-@pytest.mark.parametrize(("family", "spec"), FAMILY_LOSSES, ids=[f"{f}-{s.name}" for f, s in FAMILY_LOSSES])
+@pytest.mark.parametrize(
+    ("family", "spec"), FAMILY_LOSSES, ids=[f"{f}-{s.name}" for f, s in FAMILY_LOSSES]
+)
 def test_every_loss_is_served_through_its_familys_config(family, spec, endpoint):
     from lossd.server.engine import Engine
 
@@ -226,4 +341,6 @@ def test_every_loss_is_served_through_its_familys_config(family, spec, endpoint)
     if family == "visdet":
         assert crit.params == params
     expected = Engine("cpu").evaluate(crit.name, crit.params, list(args), kwargs).value
-    torch.testing.assert_close(value.detach().cpu(), expected, rtol=1e-10, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(
+        value.detach().cpu(), expected, rtol=1e-10, atol=1e-12, equal_nan=True
+    )

@@ -21,7 +21,9 @@ def engine(device) -> Engine:
 def test_value_and_gradients_equal_local_autograd(engine, device):
     x = torch.randn(6, 5, dtype=torch.float64)
     t = torch.randint(0, 5, (6,))
-    result = engine.evaluate("cross_entropy", {"label_smoothing": 0.2}, [x, t], grad_paths=["args[0]"])
+    result = engine.evaluate(
+        "cross_entropy", {"label_smoothing": 0.2}, [x, t], grad_paths=["args[0]"]
+    )
     leaf = x.clone().to(device).requires_grad_(True)
     expected = F.cross_entropy(leaf, t.to(device), label_smoothing=0.2)
     expected.backward()
@@ -42,7 +44,9 @@ def test_non_scalar_loss_needs_grad_output_and_gives_the_exact_vjp(engine, devic
     first = engine.evaluate("mse", params, [x, y], grad_paths=["args[0]"])
     assert first.grads == {}, "a non-scalar loss has no gradient without grad_output"
     go = torch.randn(4, 3, dtype=torch.float64)
-    second = engine.evaluate("mse", params, [x, y], grad_paths=["args[0]", "args[1]"], grad_output=go)
+    second = engine.evaluate(
+        "mse", params, [x, y], grad_paths=["args[0]", "args[1]"], grad_output=go
+    )
     leaf_x, leaf_y = x.to(device).requires_grad_(True), y.to(device).requires_grad_(True)
     F.mse_loss(leaf_x, leaf_y, reduction="none").backward(go.to(device))
     assert torch.equal(second.grads["args[0]"], leaf_x.grad)
@@ -64,11 +68,35 @@ def test_keyword_arguments_bind_like_python(engine):
     [
         ([torch.randn(3)], {}, [], "args[1]", "needs argument 'target'"),
         ([torch.randn(3), torch.randn(3), torch.randn(3)], {}, [], "args", "at most 2 positional"),
-        ([torch.randn(3), torch.randn(3)], {"reduction": "sum"}, [], "kwargs.reduction", "constructor parameter"),
+        (
+            [torch.randn(3), torch.randn(3)],
+            {"reduction": "sum"},
+            [],
+            "kwargs.reduction",
+            "constructor parameter",
+        ),
         ([torch.randn(3), torch.randn(3)], {"beta": 1}, [], "kwargs.beta", "unexpected keyword"),
-        ([torch.randn(3)], {"input": torch.randn(3)}, [], "kwargs.input", "both positionally and by keyword"),
-        ([torch.randn(3), torch.randn(3)], {}, ["args[2]"], "grad_paths[0]", "no input tensor at path"),
-        ([torch.randn(3), torch.randn(3)], {}, ["args[0]", "args[0]"], "grad_paths[1]", "requested twice"),
+        (
+            [torch.randn(3)],
+            {"input": torch.randn(3)},
+            [],
+            "kwargs.input",
+            "both positionally and by keyword",
+        ),
+        (
+            [torch.randn(3), torch.randn(3)],
+            {},
+            ["args[2]"],
+            "grad_paths[0]",
+            "no input tensor at path",
+        ),
+        (
+            [torch.randn(3), torch.randn(3)],
+            {},
+            ["args[0]", "args[0]"],
+            "grad_paths[1]",
+            "requested twice",
+        ),
         ([torch.randn(3).long(), torch.randn(3)], {}, ["args[0]"], "args[0]", "dtype in"),
     ],
 )
@@ -81,7 +109,12 @@ def test_bad_calls_name_the_field(engine, args, kwargs, grad_paths, field, words
 
 def test_gradient_of_an_integer_input_is_refused(engine):
     with pytest.raises(InvalidArgument, match="floating-point tensor"):
-        engine.evaluate("nll", {}, [torch.randn(3, 2).log_softmax(-1), torch.tensor([0, 1, 1])], grad_paths=["args[1]"])
+        engine.evaluate(
+            "nll",
+            {},
+            [torch.randn(3, 2).log_softmax(-1), torch.tensor([0, 1, 1])],
+            grad_paths=["args[1]"],
+        )
 
 
 def test_unknown_loss_suggests_close_names(engine):
@@ -95,7 +128,9 @@ def test_non_finite_results_are_flagged(engine):
     x = torch.tensor([[float("nan"), 0.0]])
     result = engine.evaluate("cross_entropy", {}, [x, torch.tensor([0])], grad_paths=["args[0]"])
     assert result.non_finite and math.isnan(result.value.item())
-    ok = engine.evaluate("cross_entropy", {}, [torch.zeros(1, 2), torch.tensor([0])], grad_paths=["args[0]"])
+    ok = engine.evaluate(
+        "cross_entropy", {}, [torch.zeros(1, 2), torch.tensor([0])], grad_paths=["args[0]"]
+    )
     assert not ok.non_finite
 
 
@@ -108,7 +143,10 @@ PAIR = registry.LossSpec(
     fn=_pair_loss,
     families=("test",),
     summary="",
-    inputs=(registry.Input("input", shape=("N", "C")), registry.Input("target", shape=("N", 3, "*"))),
+    inputs=(
+        registry.Input("input", shape=("N", "C")),
+        registry.Input("target", shape=("N", 3, "*")),
+    ),
 )
 
 
@@ -127,7 +165,9 @@ def test_a_forward_keyword_may_share_a_constructor_parameters_name(engine):
     """mmdet CrossEntropyLoss takes ignore_index both in the constructor and at call time."""
     score, label = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     ctor = engine.evaluate("CrossEntropyLoss", {"ignore_index": 1}, [score, label])
-    call = engine.evaluate("CrossEntropyLoss", {"ignore_index": 2}, [score, label], {"ignore_index": 1})
+    call = engine.evaluate(
+        "CrossEntropyLoss", {"ignore_index": 2}, [score, label], {"ignore_index": 1}
+    )
     assert torch.equal(ctor.value, call.value)
     plain = engine.evaluate("CrossEntropyLoss", {}, [score, label])
     assert not torch.equal(plain.value, call.value)

@@ -15,7 +15,9 @@ def test_non_finite_matches_isfinite(dtype: torch.dtype) -> None:
     big = torch.finfo(dtype).max
     cases = [
         torch.zeros(5, dtype=dtype),
-        torch.full((1000,), big, dtype=dtype),  # finite, but its sum overflows in float64 for float64 only
+        torch.full(
+            (1000,), big, dtype=dtype
+        ),  # finite, but its sum overflows in float64 for float64 only
         torch.tensor([1.0, float("nan")], dtype=dtype),
         torch.tensor([1.0, float("inf")], dtype=dtype),
         torch.tensor([float("-inf"), float("inf")], dtype=dtype),

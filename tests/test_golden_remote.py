@@ -29,10 +29,17 @@ def test_golden_case_through_rpc(path, endpoint):
         pytest.fail(f"{name} is not registered")
     wanted, leaves = set(case["grad_paths"]), {}
     args = attach_leaves(list(case["args"]), "args", wanted, leaves)
-    kwargs = {k: attach_leaves(v, join_key("kwargs", k), wanted, leaves) for k, v in case["kwargs"].items()}
+    kwargs = {
+        k: attach_leaves(v, join_key("kwargs", k), wanted, leaves)
+        for k, v in case["kwargs"].items()
+    }
     assert set(leaves) == wanted, f"golden paths not found: {wanted - set(leaves)}"
 
-    crit = from_config(case["config"], endpoint=endpoint) if "config" in case else RemoteLoss(name, endpoint=endpoint, **case["ctor"])
+    crit = (
+        from_config(case["config"], endpoint=endpoint)
+        if "config" in case
+        else RemoteLoss(name, endpoint=endpoint, **case["ctor"])
+    )
     with crit:
         loss = crit(*args, **kwargs)
     expected = case["expected_loss"]
@@ -50,4 +57,6 @@ def test_golden_case_through_rpc(path, endpoint):
             assert leaf.grad is None, f"{grad_path}: upstream gives no gradient"
         else:
             assert leaf.grad is not None, f"{grad_path}: no gradient came back"
-            torch.testing.assert_close(leaf.grad, want, rtol=rtol, atol=atol, msg=lambda m, p=grad_path: f"{p}: {m}")
+            torch.testing.assert_close(
+                leaf.grad, want, rtol=rtol, atol=atol, msg=lambda m, p=grad_path: f"{p}: {m}"
+            )

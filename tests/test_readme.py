@@ -9,11 +9,15 @@ from lossd.server import docs
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e '.[dev,plot,postgres]' && .venv/bin/python -m pytest"
-SERVE_COMMAND = "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e . && .venv/bin/lossd serve"
+SERVE_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e . && .venv/bin/lossd serve"
+)
 
 
 def test_loss_table_and_flags_are_current():
-    assert docs.render_readme(README) == README, "README is stale: run `python -m lossd.server.docs`"
+    assert docs.render_readme(README) == README, (
+        "README is stale: run `python -m lossd.server.docs`"
+    )
 
 
 def test_every_served_loss_is_in_the_readme():

@@ -20,8 +20,29 @@ from tests.losses.losskit import attach_leaves, differentiable_paths
 
 SEED_LOSSES = {
     "netspresso": {"cross_entropy", "focal_loss", "yolox_loss", "retinanet_loss", "pidnet_loss"},
-    "fat": {"cross_entropy", "nll", "mse", "l1", "smooth_l1", "bce", "bce_with_logits", "kl_div", "sqr_hinge"},
-    "visdet": {"CrossEntropyLoss", "FocalLoss", "QualityFocalLoss", "DistributionFocalLoss", "L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss", "IoULoss", "GIoULoss"},
+    "fat": {
+        "cross_entropy",
+        "nll",
+        "mse",
+        "l1",
+        "smooth_l1",
+        "bce",
+        "bce_with_logits",
+        "kl_div",
+        "sqr_hinge",
+    },
+    "visdet": {
+        "CrossEntropyLoss",
+        "FocalLoss",
+        "QualityFocalLoss",
+        "DistributionFocalLoss",
+        "L1Loss",
+        "SmoothL1Loss",
+        "MSELoss",
+        "BalancedL1Loss",
+        "IoULoss",
+        "GIoULoss",
+    },
 }
 SPECS = registry.all_specs()
 
@@ -35,17 +56,27 @@ def test_every_seed_loss_is_served_under_its_upstream_name(family):
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_declaration_matches_the_function(spec):
     sig = inspect.signature(spec.fn)
-    positional = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    positional = [
+        p for p in sig.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
     keyword = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert [p.name for p in positional] == [i.name for i in spec.inputs]
     assert [p.name for p in keyword] == [p.name for p in spec.params]
     for declared, actual in zip(spec.inputs, positional):
         if declared.optional:
-            assert actual.default is not inspect.Parameter.empty, f"{declared.name} is optional but has no default"
+            assert actual.default is not inspect.Parameter.empty, (
+                f"{declared.name} is optional but has no default"
+            )
     for declared, actual in zip(spec.params, keyword):
-        assert (actual.default is inspect.Parameter.empty) == (declared.default is REQUIRED), declared.name
-    assert not {i.name for i in spec.inputs} & {p.name for p in spec.params}, "a name is both input and parameter"
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()), "**kwargs hides typos"
+        assert (actual.default is inspect.Parameter.empty) == (declared.default is REQUIRED), (
+            declared.name
+        )
+    assert not {i.name for i in spec.inputs} & {p.name for p in spec.params}, (
+        "a name is both input and parameter"
+    )
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()), (
+        "**kwargs hides typos"
+    )
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -86,12 +117,22 @@ def test_value_and_gradients_through_remoteloss_equal_local_autograd(spec, endpo
     wanted = differentiable_paths(spec, args, kwargs)
     leaves: dict[str, torch.Tensor] = {}
     remote_args = attach_leaves(list(args), "args", set(wanted), leaves)
-    remote_kwargs = {k: attach_leaves(v, f"kwargs.{k}", set(wanted), leaves) for k, v in kwargs.items()}
+    remote_kwargs = {
+        k: attach_leaves(v, f"kwargs.{k}", set(wanted), leaves) for k, v in kwargs.items()
+    }
     with RemoteLoss(spec.name, endpoint=endpoint, **params) as crit:
         value = crit(*remote_args, **remote_kwargs)
-    grad_output = None if value.dim() == 0 else torch.randn(value.shape, dtype=value.dtype, generator=torch.Generator().manual_seed(0))
-    local = Engine("cpu").evaluate(spec.name, params, list(args), kwargs, grad_paths=wanted, grad_output=grad_output)
-    torch.testing.assert_close(value.detach().cpu(), local.value, rtol=1e-12, atol=1e-12, equal_nan=True)
+    grad_output = (
+        None
+        if value.dim() == 0
+        else torch.randn(value.shape, dtype=value.dtype, generator=torch.Generator().manual_seed(0))
+    )
+    local = Engine("cpu").evaluate(
+        spec.name, params, list(args), kwargs, grad_paths=wanted, grad_output=grad_output
+    )
+    torch.testing.assert_close(
+        value.detach().cpu(), local.value, rtol=1e-12, atol=1e-12, equal_nan=True
+    )
     assert set(leaves) == set(wanted) and wanted, spec.name
     value.backward(grad_output)
     for path in wanted:
@@ -100,4 +141,11 @@ def test_value_and_gradients_through_remoteloss_equal_local_autograd(spec, endpo
         if expected is None:  # upstream gives this input no gradient in this call
             assert got is None or not got.any(), path
         else:
-            torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12, equal_nan=True, msg=f"{spec.name} {path}")
+            torch.testing.assert_close(
+                got.cpu(),
+                expected,
+                rtol=1e-12,
+                atol=1e-12,
+                equal_nan=True,
+                msg=f"{spec.name} {path}",
+            )

@@ -38,32 +38,73 @@ class Case:
 
 
 def _cls(dtype, g, n=6, c=5):
-    return torch.randn(n, c, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, c, (n,), generator=g)
+    return torch.randn(n, c, generator=g, dtype=torch.float64).to(dtype), torch.randint(
+        0, c, (n,), generator=g
+    )
 
 
 def _reg(dtype, g):
-    return torch.randn(6, 5, generator=g, dtype=torch.float64).to(dtype), torch.randn(6, 5, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(6, 5, generator=g, dtype=torch.float64).to(dtype), torch.randn(
+        6, 5, generator=g, dtype=torch.float64
+    ).to(dtype)
 
 
 def _prob(dtype, g):
-    return torch.rand(6, 5, generator=g, dtype=torch.float64).clamp(0.05, 0.95).to(dtype), torch.rand(6, 5, generator=g, dtype=torch.float64).to(dtype)
+    return torch.rand(6, 5, generator=g, dtype=torch.float64).clamp(0.05, 0.95).to(
+        dtype
+    ), torch.rand(6, 5, generator=g, dtype=torch.float64).to(dtype)
 
 
 def _kl(dtype, g):
-    return torch.randn(6, 5, generator=g, dtype=torch.float64).log_softmax(-1).to(dtype), torch.randn(6, 5, generator=g, dtype=torch.float64).softmax(-1).to(dtype)
+    return torch.randn(6, 5, generator=g, dtype=torch.float64).log_softmax(-1).to(
+        dtype
+    ), torch.randn(6, 5, generator=g, dtype=torch.float64).softmax(-1).to(dtype)
 
 
 CASES = [
-    Case("cross_entropy", lambda x, t, **p: F.cross_entropy(x, t, **p), _cls, {"label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5, 1.0, 3.0]}),
+    Case(
+        "cross_entropy",
+        lambda x, t, **p: F.cross_entropy(x, t, **p),
+        _cls,
+        {"label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5, 1.0, 3.0]},
+    ),
     Case("cross_entropy", lambda x, t, **p: F.cross_entropy(x, t, **p), _cls, {"ignore_index": 2}),
-    Case("nll", lambda x, t, **p: F.nll_loss(x, t, **p), lambda d, g: (lambda x, t: (x.log_softmax(-1), t))(*_cls(d, g)), {"weight": [1, 2, 1, 1, 1]}),
+    Case(
+        "nll",
+        lambda x, t, **p: F.nll_loss(x, t, **p),
+        lambda d, g: (lambda x, t: (x.log_softmax(-1), t))(*_cls(d, g)),
+        {"weight": [1, 2, 1, 1, 1]},
+    ),
     Case("mse", lambda x, t, **p: F.mse_loss(x, t, **p), _reg, target_grad=True),
     Case("l1", lambda x, t, **p: F.l1_loss(x, t, **p), _reg, target_grad=True),
-    Case("smooth_l1", lambda x, t, **p: F.smooth_l1_loss(x, t, **p), _reg, {"beta": 0.5}, target_grad=True),
+    Case(
+        "smooth_l1",
+        lambda x, t, **p: F.smooth_l1_loss(x, t, **p),
+        _reg,
+        {"beta": 0.5},
+        target_grad=True,
+    ),
     Case("bce", lambda x, t, **p: F.binary_cross_entropy(x, t, **p), _prob, target_grad=True),
-    Case("bce_with_logits", lambda x, t, **p: F.binary_cross_entropy_with_logits(x, t, **p), _reg, {"pos_weight": [2.0, 1.0, 0.5, 1.0, 1.0]}, target_grad=True),
-    Case("kl_div", lambda x, t, **p: F.kl_div(x, t, **{"reduction": "batchmean", **p}), _kl, target_grad=True),
-    Case("kl_div", lambda x, t, **p: F.kl_div(x, t, **{"reduction": "batchmean", **p}), lambda d, g: (lambda x, t: (x, t.log()))(*_kl(d, g)), {"log_target": True}, target_grad=True),
+    Case(
+        "bce_with_logits",
+        lambda x, t, **p: F.binary_cross_entropy_with_logits(x, t, **p),
+        _reg,
+        {"pos_weight": [2.0, 1.0, 0.5, 1.0, 1.0]},
+        target_grad=True,
+    ),
+    Case(
+        "kl_div",
+        lambda x, t, **p: F.kl_div(x, t, **{"reduction": "batchmean", **p}),
+        _kl,
+        target_grad=True,
+    ),
+    Case(
+        "kl_div",
+        lambda x, t, **p: F.kl_div(x, t, **{"reduction": "batchmean", **p}),
+        lambda d, g: (lambda x, t: (x, t.log()))(*_kl(d, g)),
+        {"log_target": True},
+        target_grad=True,
+    ),
     # fat's hand-written backward rounds differently from autograd of the formula, so the
     # bitwise reference is fat's function itself; the formula is checked separately below.
     Case("sqr_hinge", lambda x, t: registry.get("sqr_hinge").fn(x, t), _cls, has_reduction=False),
@@ -73,10 +114,15 @@ IDS = [f"{c.name}-{'-'.join(c.params) or 'default'}" for c in CASES]
 
 def _torch_params(case: Case, dtype: torch.dtype) -> dict:
     """lossd takes lists where torch takes tensors."""
-    return {k: torch.tensor(v, dtype=dtype) if isinstance(v, list) else v for k, v in case.params.items()}
+    return {
+        k: torch.tensor(v, dtype=dtype) if isinstance(v, list) else v
+        for k, v in case.params.items()
+    }
 
 
-def _check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+def _check(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> None:
     assert actual.dtype == expected.dtype and actual.device == expected.device
     if dtype == torch.float32 and device.type == "cpu":
         assert torch.equal(actual, expected), (actual - expected).abs().max()
@@ -90,7 +136,11 @@ def test_value_and_input_gradients_equal_local(case, dtype, endpoint, device):
     g = torch.Generator().manual_seed(7)
     x, t = (v.to(device) for v in case.inputs(dtype, g))
     xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    tr, tl = (t.clone().requires_grad_(True), t.clone().requires_grad_(True)) if case.target_grad else (t, t)
+    tr, tl = (
+        (t.clone().requires_grad_(True), t.clone().requires_grad_(True))
+        if case.target_grad
+        else (t, t)
+    )
     with RemoteLoss(case.name, endpoint=endpoint, **case.params) as crit:
         remote = crit(xr, tr)
     local = case.local(xl, tl, **_torch_params(case, dtype))
@@ -131,7 +181,11 @@ def test_model_parameter_gradients_equal_local(case, endpoint, device):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.has_reduction], ids=[i for c, i in zip(CASES, IDS) if c.has_reduction])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.has_reduction],
+    ids=[i for c, i in zip(CASES, IDS) if c.has_reduction],
+)
 def test_reduction_none_backward_is_an_exact_vjp(case, endpoint, device):
     g = torch.Generator().manual_seed(3)
     x, t = (v.to(device) for v in case.inputs(torch.float64, g))
@@ -172,18 +226,37 @@ def test_gradcheck_float64_through_the_rpc(case, endpoint, device):
     g = torch.Generator().manual_seed(9)
     x, t = (v.to(device) for v in case.inputs(torch.float64, g))
     if case.name in ("l1", "smooth_l1"):
-        x = x + 0.1 * torch.sign(x - t)  # keep |x − t| away from the kinks finite differences cannot see
+        x = x + 0.1 * torch.sign(
+            x - t
+        )  # keep |x − t| away from the kinks finite differences cannot see
     crit = RemoteLoss(case.name, endpoint=endpoint, **case.params)
     inputs = (x.requires_grad_(True), t.requires_grad_(True) if case.target_grad else t)
     assert torch.autograd.gradcheck(lambda *a: crit(*a), inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
     crit.close()
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "nll", "mse", "l1", "smooth_l1", "bce", "bce_with_logits", "kl_div", "sqr_hinge"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cross_entropy",
+        "nll",
+        "mse",
+        "l1",
+        "smooth_l1",
+        "bce",
+        "bce_with_logits",
+        "kl_div",
+        "sqr_hinge",
+    ],
+)
 def test_gradcheck_float64_of_each_loss_function(name):
     spec = registry.get(name)
     args, kwargs, params = spec.make_example(torch.float64)
-    diff = [i for i, (a, declared) in enumerate(zip(args, spec.inputs)) if declared.differentiable and isinstance(a, torch.Tensor) and a.is_floating_point()]
+    diff = [
+        i
+        for i, (a, declared) in enumerate(zip(args, spec.inputs))
+        if declared.differentiable and isinstance(a, torch.Tensor) and a.is_floating_point()
+    ]
     assert diff, f"{name} declares no differentiable tensor input"
 
     def fn(*tensors):

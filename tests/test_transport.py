@@ -29,7 +29,11 @@ TRANSPORTS = ("unary", "stream", "chunked")
 @pytest.fixture(scope="module")
 def endpoint():
     servicer = LossServicer(
-        Engine("cpu"), codec.DecodeLimits(), max_chunked_bytes=LIMIT, chunk_bytes=1000, chunk_outboard_bytes=0
+        Engine("cpu"),
+        codec.DecodeLimits(),
+        max_chunked_bytes=LIMIT,
+        chunk_bytes=1000,
+        chunk_outboard_bytes=0,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(LIMIT))
     server.add_generic_rpc_handlers((method_handlers(servicer),))
@@ -50,11 +54,17 @@ def cases() -> dict[str, tuple[str, dict, callable]]:
 
     def ce():
         g = torch.Generator().manual_seed(1)
-        return [torch.randn(300, 50, generator=g).requires_grad_(), torch.randint(0, 50, (300,), generator=g)]
+        return [
+            torch.randn(300, 50, generator=g).requires_grad_(),
+            torch.randint(0, 50, (300,), generator=g),
+        ]
 
     def focal():
         g = torch.Generator().manual_seed(2)
-        return [torch.randn(64, 80, generator=g).requires_grad_(), torch.randint(0, 81, (64,), generator=g)]
+        return [
+            torch.randn(64, 80, generator=g).requires_grad_(),
+            torch.randint(0, 81, (64,), generator=g),
+        ]
 
     def giou():
         g = torch.Generator().manual_seed(3)
@@ -189,16 +199,31 @@ def test_errors_carry_the_same_codes_in_order_on_every_transport(endpoint: str) 
         ("cross_entropy", {}, [logits(), good]),  # the stream reopens and goes on
         ("no_such_loss", {}, [logits(), good]),  # NOT_FOUND
         ("cross_entropy", {"label_smoothing": "lots"}, [logits(), good]),  # INVALID_ARGUMENT
-        ("mse", {}, [torch.zeros(LIMIT // 4 + 1).requires_grad_(), torch.zeros(LIMIT // 4 + 1)]),  # over the limit
+        (
+            "mse",
+            {},
+            [torch.zeros(LIMIT // 4 + 1).requires_grad_(), torch.zeros(LIMIT // 4 + 1)],
+        ),  # over the limit
         ("cross_entropy", {"label_smoothing": 0.2}, [logits(), good]),
     ]
-    fresh = [[(loss, params, [a.detach().clone().requires_grad_(a.requires_grad) for a in args]) for loss, params, args in calls] for _ in TRANSPORTS]
+    fresh = [
+        [
+            (loss, params, [a.detach().clone().requires_grad_(a.requires_grad) for a in args])
+            for loss, params, args in calls
+        ]
+        for _ in TRANSPORTS
+    ]
     outcomes = {t: _outcomes(endpoint, t, c) for t, c in zip(TRANSPORTS, fresh)}
     unary = outcomes["unary"]
     codes = [o[0] for o in unary]
     assert codes == [
-        "ok", grpc.StatusCode.INVALID_ARGUMENT, "ok", grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED, "ok",
+        "ok",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ok",
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "ok",
     ]
     assert unary[1][1] == "args[1]"
     for transport in ("stream", "chunked"):
@@ -206,7 +231,9 @@ def test_errors_carry_the_same_codes_in_order_on_every_transport(endpoint: str) 
         assert [o[0] for o in got] == codes, transport
         for mine, theirs in zip(got, unary):
             if mine[0] == "ok":
-                assert torch.equal(mine[1], theirs[1]) and torch.equal(mine[2], theirs[2]), transport
+                assert torch.equal(mine[1], theirs[1]) and torch.equal(mine[2], theirs[2]), (
+                    transport
+                )
             elif mine[0] == grpc.StatusCode.INVALID_ARGUMENT:
                 assert mine[1] == theirs[1], transport  # the same field named
 
@@ -226,19 +253,29 @@ def test_broken_chunked_streams_are_invalid_argument(endpoint: str) -> None:
     x = torch.randn(100)
     outboard = codec.Outboard(0)
     request = build_request("mse", {}, [x, x], {}, [], outboard=outboard)
-    header = pb.ComputeChunkedRequest(header=pb.ChunkedRequestHeader(request=request, tensors=wire.refs(outboard.tensors)))
+    header = pb.ComputeChunkedRequest(
+        header=pb.ChunkedRequestHeader(request=request, tensors=wire.refs(outboard.tensors))
+    )
     data = list(wire.iter_frames(outboard.tensors, 300))
     ok_channel = grpc.insecure_channel(endpoint)
     try:
-        answers = list(wire.chunked_method(ok_channel)(iter([header.SerializeToString(), *data]), timeout=30))
-        assert isinstance(answers[0], pb.ComputeChunkedResponse) and answers[0].header.response.loss.HasField("tensor_value")
+        answers = list(
+            wire.chunked_method(ok_channel)(iter([header.SerializeToString(), *data]), timeout=30)
+        )
+        assert isinstance(answers[0], pb.ComputeChunkedResponse) and answers[
+            0
+        ].header.response.loss.HasField("tensor_value")
     finally:
         ok_channel.close()
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert _raw_chunked(endpoint, data) == invalid  # no header
     assert _raw_chunked(endpoint, [header.SerializeToString(), *data[:-1]]) == invalid  # truncated
-    assert _raw_chunked(endpoint, [header.SerializeToString(), *data, data[0]]) == invalid  # bytes beyond the sizes
-    assert _raw_chunked(endpoint, [header.SerializeToString(), header.SerializeToString()]) == invalid  # two headers
+    assert (
+        _raw_chunked(endpoint, [header.SerializeToString(), *data, data[0]]) == invalid
+    )  # bytes beyond the sizes
+    assert (
+        _raw_chunked(endpoint, [header.SerializeToString(), header.SerializeToString()]) == invalid
+    )  # two headers
     lying = pb.ComputeChunkedRequest()
     lying.CopyFrom(header)
     lying.header.tensors[0].path = "args[7]"  # lands on no tensor of the request
@@ -264,7 +301,11 @@ def test_a_few_megabytes_with_default_chunks_equal_unary(endpoint: str) -> None:
 
 
 def test_chunked_assembler_decodes_zero_copy_views_of_one_buffer() -> None:
-    tensors = [("a", torch.arange(10, dtype=torch.float32)), ("b", torch.arange(7, dtype=torch.bfloat16)), ("c", torch.zeros(0))]
+    tensors = [
+        ("a", torch.arange(10, dtype=torch.float32)),
+        ("b", torch.arange(7, dtype=torch.bfloat16)),
+        ("c", torch.zeros(0)),
+    ]
     flat = [(path, t.reshape(-1).view(torch.uint8)) for path, t in tensors]
     assembler = wire.Assembler(wire.refs(flat), max_bytes=1 << 20)
     for frame in wire.iter_frames(flat, 5):

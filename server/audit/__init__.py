@@ -10,7 +10,16 @@
 from .recorder import AuditRecorder
 from .store import AuditStoreError, Selector, Store, default_location, open_store
 
-__all__ = ["AuditRecorder", "AuditStoreError", "Selector", "Store", "default_location", "open_store", "recorder_from_config", "store_from_config"]
+__all__ = [
+    "AuditRecorder",
+    "AuditStoreError",
+    "Selector",
+    "Store",
+    "default_location",
+    "open_store",
+    "recorder_from_config",
+    "store_from_config",
+]
 
 
 def recorder_from_config(config):  # noqa: ANN001, ANN201 - ServerConfig -> AuditRecorder | None

@@ -41,7 +41,9 @@ def restore(data: bytes, codec: str, dtype: str, shape: list[int]) -> tuple[Tens
         return torch.empty(0), f"undecodable ({exc})"
     digest = digest_bytes(dtype, shape, raw)
     torch_type = getattr(torch, dtype)
-    view = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(torch_type, torch_type)
+    view = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(
+        torch_type, torch_type
+    )
     itemsize = torch.empty((), dtype=view).element_size()
     numel = 1
     for s in shape:
@@ -57,7 +59,9 @@ class Capture:
 
     def __init__(self, max_bytes: int, stored_bytes: int = 0, known_limit: int = 100_000) -> None:
         self.max_bytes = max_bytes
-        self.stored_bytes = stored_bytes  # compressed bytes in the store (approximate with replicas)
+        self.stored_bytes = (
+            stored_bytes  # compressed bytes in the store (approximate with replicas)
+        )
         self.skipped = 0
         self._known: OrderedDict[str, None] = OrderedDict()  # digests known to be stored (LRU)
         self._known_limit = known_limit

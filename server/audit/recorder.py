@@ -69,12 +69,18 @@ class AuditRecorder:
         if mode not in MODES:
             raise ValueError(f"--audit must be one of {', '.join(MODES)}, got {mode!r}")
         if capture not in CAPTURE_MODES:
-            raise ValueError(f"--audit-capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
+            raise ValueError(
+                f"--audit-capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}"
+            )
         if queue_size < 1:
             raise ValueError(f"--audit-queue-size must be at least 1, got {queue_size}")
         self.store = store
         self.mode = mode
-        self.capture = Capture(capture_max_mb << 20, store.stored_blob_bytes()) if capture == "inputs" else None
+        self.capture = (
+            Capture(capture_max_mb << 20, store.stored_blob_bytes())
+            if capture == "inputs"
+            else None
+        )
         self.retention_ns = int(retention_days * 86400e9)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.queue_size = queue_size
@@ -139,7 +145,12 @@ class AuditRecorder:
                 self._forget(pending)
                 with self._stats_lock:
                     self._rejected += 1
-                log.warning("audit queue full (%d records) for %.1f s: refusing %s", self.queue_size, self.queue_timeout_s, call.request_id)
+                log.warning(
+                    "audit queue full (%d records) for %.1f s: refusing %s",
+                    self.queue_size,
+                    self.queue_timeout_s,
+                    call.request_id,
+                )
                 raise Unavailable(
                     f"the audit trail ({self.store.name}) is behind: its queue of {self.queue_size} records stayed full "
                     f"for {self.queue_timeout_s:g} s (--audit-queue-timeout-s); the call was not recorded, retry it"
@@ -160,7 +171,9 @@ class AuditRecorder:
 
     def _forget(self, pending: Pending) -> None:
         if self.capture is not None and pending.blobs:
-            self.capture.forget([b.digest for b in pending.blobs], sum(len(b.data) for b in pending.blobs))
+            self.capture.forget(
+                [b.digest for b in pending.blobs], sum(len(b.data) for b in pending.blobs)
+            )
 
     # -- writer thread -------------------------------------------------------------------
 
@@ -194,7 +207,12 @@ class AuditRecorder:
                 self._fail(batch, exc)
             else:
                 # One record the database refuses must not fail the others: retry one by one.
-                log.warning("audit write of %d records failed (%s: %s); retrying them one by one", len(batch), type(exc).__name__, exc)
+                log.warning(
+                    "audit write of %d records failed (%s: %s); retrying them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                )
                 for item in batch:
                     try:
                         self._commit([item])
@@ -217,7 +235,13 @@ class AuditRecorder:
             self._last_write_s = elapsed
 
     def _fail(self, batch: list[_Item], exc: BaseException) -> None:
-        log.error("audit store %s could not write %d record(s): %s: %s", self.store.name, len(batch), type(exc).__name__, exc)
+        log.error(
+            "audit store %s could not write %d record(s): %s: %s",
+            self.store.name,
+            len(batch),
+            type(exc).__name__,
+            exc,
+        )
         for item in batch:
             self._forget(item.pending)
             item.error = exc
@@ -235,7 +259,9 @@ class AuditRecorder:
         if not self.retention_ns or self.capture is None:
             return 0
         try:
-            digests, freed = self.store.delete_unused_blobs((now_ns or time.time_ns()) - self.retention_ns)
+            digests, freed = self.store.delete_unused_blobs(
+                (now_ns or time.time_ns()) - self.retention_ns
+            )
         except Exception:  # noqa: BLE001 - retention is retried at the next interval
             log.exception("audit retention failed")
             return 0

@@ -127,8 +127,12 @@ def to_json(obj: Any, path: str, tensor: Callable[[str, Tensor], Any]) -> Any:
     if isinstance(obj, list):
         return [to_json(v, f"{path}[{i}]", tensor) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        return {"dict": {str(k): to_json(v, join_key(path, str(k)), tensor) for k, v in obj.items()}}
-    return {"repr": type(obj).__name__}  # never reached for decoded requests; keeps records writable
+        return {
+            "dict": {str(k): to_json(v, join_key(path, str(k)), tensor) for k, v in obj.items()}
+        }
+    return {
+        "repr": type(obj).__name__
+    }  # never reached for decoded requests; keeps records writable
 
 
 def from_json(obj: Any, tensor: Callable[[Any], Any]) -> Any:
@@ -197,7 +201,9 @@ def value_scalar(value_json: str) -> float:
 # Building a record
 
 
-def all_tensors(params: dict[str, Any], args: list[Any], kwargs: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
+def all_tensors(
+    params: dict[str, Any], args: list[Any], kwargs: dict[str, Any]
+) -> Iterator[tuple[str, Tensor]]:
     """Every tensor of an evaluation, with its path: the call's, then tensor-valued params'."""
     yield from iter_tensors(list(args), "args")
     for key, value in kwargs.items():
@@ -243,8 +249,20 @@ def build(
                 blobs.append(blob)
             if stored:
                 referenced.append(digest)
-        inputs.append({"path": path, "dtype": _dtype(host), "shape": list(host.shape), "sha256": digest, "captured": stored})
-    dtype = _dtype(value) if isinstance(value, Tensor) else next((i["dtype"] for i in inputs if i["dtype"].startswith(("float", "bfloat"))), "")
+        inputs.append(
+            {
+                "path": path,
+                "dtype": _dtype(host),
+                "shape": list(host.shape),
+                "sha256": digest,
+                "captured": stored,
+            }
+        )
+    dtype = (
+        _dtype(value)
+        if isinstance(value, Tensor)
+        else next((i["dtype"] for i in inputs if i["dtype"].startswith(("float", "bfloat"))), "")
+    )
     row = Row(
         request_id=request_id,
         run_id=audit.run_id,
@@ -257,7 +275,12 @@ def build(
         principal=principal,
         loss=loss,
         params=dumps(to_json(params, "params", _ref)["dict"]),
-        call=dumps({"args": to_json(list(args), "args", _ref), "kwargs": to_json(kwargs, "kwargs", _ref)["dict"]}),
+        call=dumps(
+            {
+                "args": to_json(list(args), "args", _ref),
+                "kwargs": to_json(kwargs, "kwargs", _ref)["dict"],
+            }
+        ),
         lossd_version=__version__,
         torch_version=torch.__version__,
         device=device,
@@ -265,7 +288,12 @@ def build(
         inputs=dumps(inputs),
         value=dumps(to_json(value, "value", value_form)),
         components=dumps({k: scalar_of(v) for k, v in components.items()}),
-        grad_norms=dumps({p: float(torch.linalg.vector_norm(g.detach().double()).item()) for p, g in grads.items()}),
+        grad_norms=dumps(
+            {
+                p: float(torch.linalg.vector_norm(g.detach().double()).item())
+                for p, g in grads.items()
+            }
+        ),
         non_finite=bool(non_finite),
         decode_ns=int(timings.decode_ns),
         compute_ns=int(timings.compute_ns),

@@ -71,12 +71,18 @@ def to_message(row: Row) -> pb.AuditRecord:
         components={k: float(v) for k, v in json.loads(row.components).items()},
         grad_norms={k: float(v) for k, v in json.loads(row.grad_norms).items()},
         non_finite=row.non_finite,
-        timings=pb.Timings(decode_ns=row.decode_ns, compute_ns=row.compute_ns, encode_ns=row.encode_ns),
+        timings=pb.Timings(
+            decode_ns=row.decode_ns, compute_ns=row.compute_ns, encode_ns=row.encode_ns
+        ),
         record_sha256=row.record_sha256,
     )
     for i in json.loads(row.inputs):
         record.inputs.add(
-            path=i["path"], dtype=codec.wire_dtype(getattr(torch, i["dtype"])), shape=i["shape"], sha256=i["sha256"], captured=i["captured"]
+            path=i["path"],
+            dtype=codec.wire_dtype(getattr(torch, i["dtype"])),
+            shape=i["shape"],
+            sha256=i["sha256"],
+            captured=i["captured"],
         )
     return record
 
@@ -87,19 +93,28 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         self.verifier = Verifier(store)
 
     @handles_errors
-    def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
+    def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRunsResponse:
         if request.limit < 0:
             raise InvalidArgument.expected("limit", ">= 0", request.limit)
         response = pb.ListRunsResponse()
         for r in self.store.list_runs(request.limit):
             response.runs.add(
-                run_id=r.run_id, records=r.records, first_step=r.first_step, last_step=r.last_step,
-                first_time_unix_ns=r.first_time_ns, last_time_unix_ns=r.last_time_ns, losses=list(r.losses),
+                run_id=r.run_id,
+                records=r.records,
+                first_step=r.first_step,
+                last_step=r.last_step,
+                first_time_unix_ns=r.first_time_ns,
+                last_time_unix_ns=r.last_time_ns,
+                losses=list(r.losses),
             )
         return response
 
     @handles_stream_errors
-    def GetRecords(self, request: pb.GetRecordsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetRecordsResponse]:
+    def GetRecords(
+        self, request: pb.GetRecordsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetRecordsResponse]:
         sel = selector(request.selector)
         with self.store.reader() as conn:
             total = self.store.count(sel, conn)
@@ -107,7 +122,9 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 yield pb.GetRecordsResponse(record=to_message(row), total=total)
 
     @handles_stream_errors
-    def VerifyRun(self, request: pb.VerifyRunRequest, context: grpc.ServicerContext) -> Iterator[pb.VerifyRunResponse]:
+    def VerifyRun(
+        self, request: pb.VerifyRunRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.VerifyRunResponse]:
         if not (request.tolerance >= 0 and math.isfinite(request.tolerance)):
             raise InvalidArgument.expected("tolerance", "a finite number >= 0", request.tolerance)
         sel = selector(request.selector)
@@ -115,15 +132,23 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             total = self.store.count(sel, conn)
             yield from self._verified(sel, request.tolerance, total, conn)
 
-    def _verified(self, sel: Selector, tolerance: float, total: int, conn: Any) -> Iterator[pb.VerifyRunResponse]:
+    def _verified(
+        self, sel: Selector, tolerance: float, total: int, conn: Any
+    ) -> Iterator[pb.VerifyRunResponse]:
         outcomes = self.verifier.verify(self.store.records(sel, conn), tolerance, conn)
         for done, outcome in enumerate(outcomes, start=1):
             row = outcome.row
             yield pb.VerifyRunResponse(
                 result=pb.VerifyResult(
-                    record_id=row.id, request_id=row.request_id, step=row.step, loss=row.loss,
-                    status=_STATUS[outcome.status], max_rel_dev_float64=outcome.dev_float64,
-                    max_rel_dev_device=outcome.dev_device, tolerance=outcome.tolerance, message=outcome.message,
+                    record_id=row.id,
+                    request_id=row.request_id,
+                    step=row.step,
+                    loss=row.loss,
+                    status=_STATUS[outcome.status],
+                    max_rel_dev_float64=outcome.dev_float64,
+                    max_rel_dev_device=outcome.dev_device,
+                    tolerance=outcome.tolerance,
+                    message=outcome.message,
                 ),
                 done=done,
                 total=total,

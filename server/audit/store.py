@@ -77,7 +77,9 @@ class Store:
         self.location = location
         self._writer: Any = None
         self._lock = threading.Lock()  # the writer connection (also used by flush at shutdown)
-        self.last_inserted = 0  # records the last write inserted (written by the writer thread only)
+        self.last_inserted = (
+            0  # records the last write inserted (written by the writer thread only)
+        )
 
     @property
     def name(self) -> str:
@@ -101,7 +103,9 @@ class Store:
         try:
             cur = conn.cursor()
             self._lock_schema(cur)
-            cur.execute("CREATE TABLE IF NOT EXISTS audit_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ns BIGINT NOT NULL)")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS audit_schema (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ns BIGINT NOT NULL)"
+            )
             cur.execute("SELECT COALESCE(MAX(version), 0) FROM audit_schema")
             current = int(cur.fetchone()[0])
             version = current
@@ -112,7 +116,12 @@ class Store:
                     for word, replacement in self.words.items():
                         statement = statement.replace("{{" + word + "}}", replacement)
                     cur.execute(statement)
-                cur.execute(self.sql("INSERT INTO audit_schema (version, name, applied_at_ns) VALUES (?, ?, ?)"), (version, name, time.time_ns()))
+                cur.execute(
+                    self.sql(
+                        "INSERT INTO audit_schema (version, name, applied_at_ns) VALUES (?, ?, ?)"
+                    ),
+                    (version, name, time.time_ns()),
+                )
             conn.commit()
             return max(version, current)
         finally:
@@ -129,7 +138,9 @@ class Store:
         """
         cols = ", ".join(COLUMNS)
         marks = ", ".join("?" for _ in COLUMNS)
-        insert = self.sql(f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING")
+        insert = self.sql(
+            f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING"
+        )
         insert_blob = self.sql(
             "INSERT INTO audit_blobs (digest, codec, raw_bytes, stored_bytes, data, created_at_ns, last_used_ns) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING"
@@ -138,7 +149,11 @@ class Store:
         now = time.time_ns()
         with self._writing() as conn:
             cur = conn.cursor()
-            blobs = [(b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now) for p in batch for b in p.blobs]
+            blobs = [
+                (b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now)
+                for p in batch
+                for b in p.blobs
+            ]
             if blobs:
                 cur.executemany(insert_blob, blobs)
             touched = sorted({d for p in batch for d in p.referenced} - {b[0] for b in blobs})
@@ -148,7 +163,12 @@ class Store:
                 present: set[str] = set()
                 for i in range(0, len(touched), 200):
                     chunk = touched[i : i + 200]
-                    cur.execute(self.sql(f"SELECT digest FROM audit_blobs WHERE digest IN ({', '.join('?' for _ in chunk)})"), chunk)
+                    cur.execute(
+                        self.sql(
+                            f"SELECT digest FROM audit_blobs WHERE digest IN ({', '.join('?' for _ in chunk)})"
+                        ),
+                        chunk,
+                    )
                     present.update(r[0] for r in cur.fetchall())
                 missing = set(touched) - present
                 for p in batch:
@@ -156,7 +176,9 @@ class Store:
                         uncapture(p.row, missing)
             cur.executemany(insert, [p.row.values() for p in batch])
             # Rows actually inserted (a retried request id inserts nothing); -1 if unknown.
-            self.last_inserted = cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else len(batch)
+            self.last_inserted = (
+                cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else len(batch)
+            )
             conn.commit()
             return missing
 
@@ -164,9 +186,14 @@ class Store:
         """Retention: delete captured inputs not used since ``older_than_ns``; (digests, bytes)."""
         with self._writing() as conn:
             cur = conn.cursor()
-            cur.execute(self.sql("SELECT digest, stored_bytes FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
+            cur.execute(
+                self.sql("SELECT digest, stored_bytes FROM audit_blobs WHERE last_used_ns < ?"),
+                (older_than_ns,),
+            )
             gone = cur.fetchall()
-            cur.execute(self.sql("DELETE FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,))
+            cur.execute(
+                self.sql("DELETE FROM audit_blobs WHERE last_used_ns < ?"), (older_than_ns,)
+            )
             conn.commit()
         return [g[0] for g in gone], sum(int(g[1]) for g in gone)
 
@@ -232,9 +259,22 @@ class Store:
         )
         rows = self._query(text + (f" LIMIT {int(limit)}" if limit > 0 else ""))
         losses: dict[str, list[str]] = {}
-        for run_id, loss in self._query("SELECT DISTINCT run_id, loss FROM audit_records ORDER BY run_id, loss"):
+        for run_id, loss in self._query(
+            "SELECT DISTINCT run_id, loss FROM audit_records ORDER BY run_id, loss"
+        ):
             losses.setdefault(run_id, []).append(loss)
-        return [RunSummary(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), tuple(losses.get(r[0], ()))) for r in rows]
+        return [
+            RunSummary(
+                r[0],
+                int(r[1]),
+                int(r[2]),
+                int(r[3]),
+                int(r[4]),
+                int(r[5]),
+                tuple(losses.get(r[0], ())),
+            )
+            for r in rows
+        ]
 
     def _where(self, sel: Selector) -> tuple[str, list[Any]]:
         clauses, params = ["run_id = ?"], [sel.run_id]
@@ -251,7 +291,9 @@ class Store:
 
     def count(self, sel: Selector, conn: Any = None) -> int:
         where, params = self._where(sel)
-        return int(self._query(f"SELECT COUNT(*) FROM audit_records WHERE {where}", params, conn)[0][0])
+        return int(
+            self._query(f"SELECT COUNT(*) FROM audit_records WHERE {where}", params, conn)[0][0]
+        )
 
     def records(self, sel: Selector, conn: Any = None) -> Iterator[Row]:
         """The selected records in (step, rank, micro_batch, id) order, read page by page."""
@@ -273,7 +315,12 @@ class Store:
             if len(rows) < _PAGE:
                 return
             last = rows[-1]
-            after = (last[names.index("step")], last[names.index("rank")], last[names.index("micro_batch")], last[0])
+            after = (
+                last[names.index("step")],
+                last[names.index("rank")],
+                last[names.index("micro_batch")],
+                last[0],
+            )
 
     def blobs(self, digests: Iterable[str], conn: Any = None) -> dict[str, tuple[str, bytes]]:
         """digest -> (codec, compressed bytes) for those present."""
@@ -282,7 +329,11 @@ class Store:
         for i in range(0, len(wanted), 200):
             chunk = wanted[i : i + 200]
             marks = ", ".join("?" for _ in chunk)
-            for digest, codec, data in self._query(f"SELECT digest, codec, data FROM audit_blobs WHERE digest IN ({marks})", chunk, conn):
+            for digest, codec, data in self._query(
+                f"SELECT digest, codec, data FROM audit_blobs WHERE digest IN ({marks})",
+                chunk,
+                conn,
+            ):
                 found[digest] = (codec, bytes(data))
         return found
 
@@ -316,7 +367,9 @@ class PostgresStore(Store):
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise RuntimeError("--audit-db postgresql://... needs psycopg: pip install 'lossd[postgres]'") from None
+            raise RuntimeError(
+                "--audit-db postgresql://... needs psycopg: pip install 'lossd[postgres]'"
+            ) from None
 
     def connect(self) -> Any:
         import psycopg
@@ -359,5 +412,9 @@ def redact(location: str) -> str:
 
 
 def default_location(data_dir: str) -> str:
-    base = Path(data_dir).expanduser() if data_dir else Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lossd"
+    base = (
+        Path(data_dir).expanduser()
+        if data_dir
+        else Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lossd"
+    )
     return str(base / "audit.sqlite3")

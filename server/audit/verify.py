@@ -73,18 +73,27 @@ class Verifier:
     def engine(self, device: str) -> Engine | None:
         if device not in self._engines:
             dev = torch.device(device)
-            if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            if dev.type == "cuda" and (
+                not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+            ):
                 return None
             self._engines[device] = Engine(dev)
         return self._engines[device]
 
-    def verify(self, rows: Iterator[Row], tolerance: float = 0.0, conn: Any = None) -> Iterator[Outcome]:
+    def verify(
+        self, rows: Iterator[Row], tolerance: float = 0.0, conn: Any = None
+    ) -> Iterator[Outcome]:
         """``conn``: a read connection of the store (``store.reader()``) to fetch inputs with."""
         for row in rows:
             try:
                 yield self.verify_one(row, tolerance, conn)
             except Exception as exc:  # noqa: BLE001 - one broken record must not stop the run's report
-                yield Outcome(row, ERROR, tolerance=tolerance_for(row.dtype, tolerance), message=f"{_name(row)}: {type(exc).__name__}: {exc}")
+                yield Outcome(
+                    row,
+                    ERROR,
+                    tolerance=tolerance_for(row.dtype, tolerance),
+                    message=f"{_name(row)}: {type(exc).__name__}: {exc}",
+                )
 
     def verify_one(self, row: Row, tolerance: float = 0.0, conn: Any = None) -> Outcome:
         tol = tolerance_for(row.dtype, tolerance)
@@ -93,12 +102,18 @@ class Verifier:
         # An edited row: still recompute when possible, to say how far the stored value is off.
         try:
             found = self._recompute(row, tol, conn)
-            seen = f"; recomputation: {found.status}" + (f" ({found.message.split(': ', 1)[-1]})" if found.message else "")
+            seen = f"; recomputation: {found.status}" + (
+                f" ({found.message.split(': ', 1)[-1]})" if found.message else ""
+            )
         except Exception as exc:  # noqa: BLE001 - the edit may have broken the row's JSON
             found = Outcome(row, ERROR, tolerance=tol)
             seen = f"; recomputation failed: {type(exc).__name__}: {exc}"
         return Outcome(
-            row, RECORD_ALTERED, found.dev_float64, found.dev_device, tol,
+            row,
+            RECORD_ALTERED,
+            found.dev_float64,
+            found.dev_device,
+            tol,
             f"{_name(row)}: stored fields do not match record_sha256 (the row was edited){seen}",
         )
 
@@ -106,16 +121,31 @@ class Verifier:
         """Steps 2 and 3: the stored inputs against their digests, then the recomputation."""
         inputs = json.loads(row.inputs)
         if not row.captured:
-            return Outcome(row, NOT_CAPTURED, tolerance=tol, message=f"{_name(row)}: inputs not captured; integrity checked, not recomputed")
+            return Outcome(
+                row,
+                NOT_CAPTURED,
+                tolerance=tol,
+                message=f"{_name(row)}: inputs not captured; integrity checked, not recomputed",
+            )
         blobs = self.store.blobs((i["sha256"] for i in inputs), conn)
         tensors: dict[str, Tensor] = {}
         for i in inputs:
             found = blobs.get(i["sha256"])
             if found is None:
-                return Outcome(row, INPUT_MISMATCH, tolerance=tol, message=f"{_name(row)}: input {i['path']} (sha256 {i['sha256'][:12]}...) is missing from the store")
+                return Outcome(
+                    row,
+                    INPUT_MISMATCH,
+                    tolerance=tol,
+                    message=f"{_name(row)}: input {i['path']} (sha256 {i['sha256'][:12]}...) is missing from the store",
+                )
             tensor, digest = restore(found[1], found[0], i["dtype"], i["shape"])
             if digest != i["sha256"]:
-                return Outcome(row, INPUT_MISMATCH, tolerance=tol, message=f"{_name(row)}: stored input {i['path']} no longer matches its digest {i['sha256'][:12]}...")
+                return Outcome(
+                    row,
+                    INPUT_MISMATCH,
+                    tolerance=tol,
+                    message=f"{_name(row)}: stored input {i['path']} no longer matches its digest {i['sha256'][:12]}...",
+                )
             tensors[i["path"]] = tensor
         params = {k: from_json(v, tensors.__getitem__) for k, v in json.loads(row.params).items()}
         call = json.loads(row.call)
@@ -126,8 +156,15 @@ class Verifier:
 
         cpu = self._engines.setdefault("cpu", Engine("cpu"))
         widen = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
-        wide = cpu.evaluate(row.loss, map_tensors(params, widen), map_tensors(args, widen), map_tensors(kwargs, widen))
-        dev64, scaled64 = _deviation(recorded_value, recorded_components, wide.value, wide.components)
+        wide = cpu.evaluate(
+            row.loss,
+            map_tensors(params, widen),
+            map_tensors(args, widen),
+            map_tensors(kwargs, widen),
+        )
+        dev64, scaled64 = _deviation(
+            recorded_value, recorded_components, wide.value, wide.components
+        )
         device_engine = self.engine(row.device)
         notes = []
         if device_engine is None:
@@ -135,14 +172,22 @@ class Verifier:
             notes.append(f"device {row.device} is absent here: recomputed in float64 only")
         else:
             same = device_engine.evaluate(row.loss, params, args, kwargs)
-            dev_dev = _deviation(recorded_value, recorded_components, same.value, same.components)[0]
+            dev_dev = _deviation(recorded_value, recorded_components, same.value, same.components)[
+                0
+            ]
         failed = []
         if not (math.isnan(dev_dev) or dev_dev <= tol):
-            failed.append(f"the recomputation on {row.device} in {row.dtype or 'the recorded dtypes'} deviates by {dev_dev:.3g} > tolerance {tol:g}")
+            failed.append(
+                f"the recomputation on {row.device} in {row.dtype or 'the recorded dtypes'} deviates by {dev_dev:.3g} > tolerance {tol:g}"
+            )
         if not scaled64 <= tol:
-            failed.append(f"the float64 CPU recomputation deviates by {dev64:.3g} (relative; {scaled64:.3g} on the scale max(1, |value|)) > tolerance {tol:g}")
+            failed.append(
+                f"the float64 CPU recomputation deviates by {dev64:.3g} (relative; {scaled64:.3g} on the scale max(1, |value|)) > tolerance {tol:g}"
+            )
         if failed:
-            return Outcome(row, DEVIATION, dev64, dev_dev, tol, f"{_name(row)}: " + "; ".join(failed + notes))
+            return Outcome(
+                row, DEVIATION, dev64, dev_dev, tol, f"{_name(row)}: " + "; ".join(failed + notes)
+            )
         return Outcome(row, OK, dev64, dev_dev, tol, "; ".join(notes))
 
 
@@ -174,11 +219,20 @@ def _value_numbers(form: Any) -> list[float] | None:
     return numbers if walk(form) else None
 
 
-def _deviation(recorded: list[float] | None, recorded_components: dict[str, float], value: Any, components: dict[str, Tensor]) -> tuple[float, float]:
+def _deviation(
+    recorded: list[float] | None,
+    recorded_components: dict[str, float],
+    value: Any,
+    components: dict[str, Tensor],
+) -> tuple[float, float]:
     """(largest relative deviation, largest deviation relative to max(1, |a|, |b|))."""
     worst = scaled = 0.0
     if recorded is not None:
-        fresh = [float(x) for _, t in iter_tensors(value, "v") for x in t.detach().double().reshape(-1).cpu().tolist()]
+        fresh = [
+            float(x)
+            for _, t in iter_tensors(value, "v")
+            for x in t.detach().double().reshape(-1).cpu().tolist()
+        ]
         if not isinstance(value, Tensor) and isinstance(value, (int, float)):
             fresh = [float(value)]
         if len(fresh) != len(recorded):

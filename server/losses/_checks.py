@@ -37,7 +37,9 @@ def check_class_indices(
     if lo < 0 or hi > top:
         bad = lo if lo < 0 else hi
         ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-        raise InvalidArgument.expected(field, f"class indices in [0, {top}]{ignore}", f"index {bad}")
+        raise InvalidArgument.expected(
+            field, f"class indices in [0, {top}]{ignore}", f"index {bad}"
+        )
 
 
 def require_key(mapping: Any, key: str, field: str) -> Any:
@@ -50,14 +52,20 @@ def require_key(mapping: Any, key: str, field: str) -> Any:
     return mapping[key]
 
 
-def require_tensor(value: Any, field: str, *, floating: bool | None = None, dim: int | None = None) -> Tensor:
+def require_tensor(
+    value: Any, field: str, *, floating: bool | None = None, dim: int | None = None
+) -> Tensor:
     """A tensor, optionally floating (True) or integral (False), optionally of a given rank."""
     if not isinstance(value, Tensor):
         raise InvalidArgument.expected(field, "a tensor", type(value).__name__)
     if floating is True and not value.is_floating_point():
-        raise InvalidArgument.expected(field, "a floating-point tensor", str(value.dtype).removeprefix("torch."))
+        raise InvalidArgument.expected(
+            field, "a floating-point tensor", str(value.dtype).removeprefix("torch.")
+        )
     if floating is False and (value.is_floating_point() or value.dtype.is_complex):
-        raise InvalidArgument.expected(field, "an integer tensor", str(value.dtype).removeprefix("torch."))
+        raise InvalidArgument.expected(
+            field, "an integer tensor", str(value.dtype).removeprefix("torch.")
+        )
     if dim is not None and value.dim() != dim:
         raise InvalidArgument.expected(field, f"a {dim}-d tensor", f"shape {list(value.shape)}")
     return value

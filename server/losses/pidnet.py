@@ -62,12 +62,18 @@ def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
 def _check_map(value: Any, field: str, batch: int | None, channels: int | None) -> Tensor:
     logits = require_tensor(value, field, floating=True, dim=4)
     if batch is not None and logits.shape[0] != batch:
-        raise InvalidArgument.expected(field, f"batch size {batch} (as in out.pred)", f"shape {list(logits.shape)}")
+        raise InvalidArgument.expected(
+            field, f"batch size {batch} (as in out.pred)", f"shape {list(logits.shape)}"
+        )
     if channels is not None and logits.shape[1] != channels:
-        raise InvalidArgument.expected(field, f"{channels} channel(s)", f"shape {list(logits.shape)}")
+        raise InvalidArgument.expected(
+            field, f"{channels} channel(s)", f"shape {list(logits.shape)}"
+        )
     if logits.shape[2] == 0 or logits.shape[3] == 0:
         # F.interpolate refuses empty spatial sizes.
-        raise InvalidArgument.expected(field, "non-empty spatial size (h, w >= 1)", f"shape {list(logits.shape)}")
+        raise InvalidArgument.expected(
+            field, "non-empty spatial size (h, w >= 1)", f"shape {list(logits.shape)}"
+        )
     return logits
 
 
@@ -120,11 +126,15 @@ def pidnet_loss(
     """
     notes = []
     if weight is not None:
-        notes.append("weight is accepted and ignored, as upstream PIDNetLoss (the criterion's YAML weight multiplies the loss outside)")
+        notes.append(
+            "weight is accepted and ignored, as upstream PIDNetLoss (the criterion's YAML weight multiplies the loss outside)"
+        )
     pred = _check_map(require_key(out, "pred", "out"), "out.pred", None, None)
     extra_p = require_key(out, "extra_p", "out")
     if extra_p is None:
-        notes.append("out.extra_p is None (eval-mode head): upstream returns sum(pred - pred), a zero, without reading extra_d or target")
+        notes.append(
+            "out.extra_p is None (eval-mode head): upstream returns sum(pred - pred), a zero, without reading extra_d or target"
+        )
         return LossOutput(torch.sum(pred - pred), notes=notes)
     batch, num_classes = pred.shape[:2]
     extra_p = _check_map(extra_p, "out.extra_p", batch, None)
@@ -132,16 +142,28 @@ def pidnet_loss(
 
     labels = require_tensor(require_key(target, "target", "target"), "target.target", dim=3)
     if labels.dtype != torch.int64:
-        raise InvalidArgument.expected("target.target", "an int64 label tensor", str(labels.dtype).removeprefix("torch."))
+        raise InvalidArgument.expected(
+            "target.target", "an int64 label tensor", str(labels.dtype).removeprefix("torch.")
+        )
     if labels.shape[0] != batch:
-        raise InvalidArgument.expected("target.target", f"batch size {batch} (as in out.pred)", f"shape {list(labels.shape)}")
+        raise InvalidArgument.expected(
+            "target.target", f"batch size {batch} (as in out.pred)", f"shape {list(labels.shape)}"
+        )
     if labels.shape[1] == 0 or labels.shape[2] == 0:
-        raise InvalidArgument.expected("target.target", "non-empty spatial size (H, W >= 1)", f"shape {list(labels.shape)}")
+        raise InvalidArgument.expected(
+            "target.target", "non-empty spatial size (H, W >= 1)", f"shape {list(labels.shape)}"
+        )
     bd_gt = require_tensor(require_key(target, "bd_gt", "target"), "target.bd_gt", floating=True)
     if bd_gt.shape != labels.shape:
-        raise InvalidArgument.expected("target.bd_gt", f"shape {list(labels.shape)} (as target.target)", f"shape {list(bd_gt.shape)}")
+        raise InvalidArgument.expected(
+            "target.bd_gt",
+            f"shape {list(labels.shape)} (as target.target)",
+            f"shape {list(bd_gt.shape)}",
+        )
     # Both heads are scored against the same labels: each must be a valid class of both.
-    check_class_indices(labels, min(num_classes, extra_p.shape[1]), "target.target", ignore_index=ignore_index)
+    check_class_indices(
+        labels, min(num_classes, extra_p.shape[1]), "target.target", ignore_index=ignore_index
+    )
 
     size = labels.shape[-2:]
     pred = _resize(pred, size)
@@ -156,10 +178,16 @@ def pidnet_loss(
     boundary_ce = _cross_entropy(pred, bd_label, ignore_index)
 
     # Same association as upstream: (0.4 * p + 1.0 * main) + 20 * bce + boundary-aware ce.
-    total = (EXTRA_P_WEIGHT * extra_p_ce + PRED_WEIGHT * pred_ce) + BOUNDARY_BCE_WEIGHT * boundary_bce + boundary_ce
+    total = (
+        (EXTRA_P_WEIGHT * extra_p_ce + PRED_WEIGHT * pred_ce)
+        + BOUNDARY_BCE_WEIGHT * boundary_bce
+        + boundary_ce
+    )
 
     if not bool((labels != ignore_index).any()):
-        notes.append("upstream returns NaN: every label equals ignore_index, so each cross-entropy averages over zero pixels")
+        notes.append(
+            "upstream returns NaN: every label equals ignore_index, so each cross-entropy averages over zero pixels"
+        )
     elif not bool((bd_label != ignore_index).any()):
         notes.append(
             "upstream returns NaN: no non-ignored pixel has sigmoid(extra_d) > 0.8, so the boundary-aware "
@@ -212,8 +240,18 @@ SPECS = (
             ),
         ),
         params=(
-            Param("ignore_index", "int", IGNORE_INDEX_NONE_VALUE, doc="label value excluded from the cross-entropies"),
-            Param("weight", "any", None, doc="accepted and ignored, as upstream (class weights are never applied)"),
+            Param(
+                "ignore_index",
+                "int",
+                IGNORE_INDEX_NONE_VALUE,
+                doc="label value excluded from the cross-entropies",
+            ),
+            Param(
+                "weight",
+                "any",
+                None,
+                doc="accepted and ignored, as upstream (class weights are never applied)",
+            ),
         ),
         reference="netspresso_trainer.losses.segmentation.pidnet.PIDNetLoss (netspresso-trainer==1.4.1); "
         "Xu et al., PIDNet, CVPR 2023",

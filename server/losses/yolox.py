@@ -39,8 +39,12 @@ def _xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
 
 def pairwise_iou_cxcywh(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     """IoU of every pair of ``(M, 4)`` and ``(N, 4)`` cxcywh boxes (no eps), as ``(M, N)``."""
-    top_left = torch.max(boxes_a[:, None, :2] - boxes_a[:, None, 2:] / 2, boxes_b[:, :2] - boxes_b[:, 2:] / 2)
-    bottom_right = torch.min(boxes_a[:, None, :2] + boxes_a[:, None, 2:] / 2, boxes_b[:, :2] + boxes_b[:, 2:] / 2)
+    top_left = torch.max(
+        boxes_a[:, None, :2] - boxes_a[:, None, 2:] / 2, boxes_b[:, :2] - boxes_b[:, 2:] / 2
+    )
+    bottom_right = torch.min(
+        boxes_a[:, None, :2] + boxes_a[:, None, 2:] / 2, boxes_b[:, :2] + boxes_b[:, 2:] / 2
+    )
     area_a = torch.prod(boxes_a[:, 2:], 1)
     area_b = torch.prod(boxes_b[:, 2:], 1)
     overlaps = (top_left < bottom_right).to(top_left.dtype).prod(dim=2)
@@ -59,7 +63,9 @@ def aligned_iou_cxcywh(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tenso
     return area_i / (area_p + area_g - area_i + eps)
 
 
-def _decode_levels(levels: list[Tensor], img_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _decode_levels(
+    levels: list[Tensor], img_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Flatten the levels (row-major H x W, levels in order) and decode boxes to absolute cxcywh.
 
     Returns the decoded outputs ``(B, A, 5 + C)``, the raw regression ``(B, A, 4)`` and, per
@@ -71,13 +77,34 @@ def _decode_levels(levels: list[Tensor], img_size: int) -> tuple[Tensor, Tensor,
         stride = img_size // width
         flat = level.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        grid = torch.stack((cols, rows), dim=2).reshape(1, height * width, 2).to(device=level.device, dtype=level.dtype)
-        decoded.append(torch.cat(((flat[..., :2] + grid) * stride, torch.exp(flat[..., 2:4]) * stride, flat[..., 4:]), dim=-1))
+        grid = (
+            torch.stack((cols, rows), dim=2)
+            .reshape(1, height * width, 2)
+            .to(device=level.device, dtype=level.dtype)
+        )
+        decoded.append(
+            torch.cat(
+                (
+                    (flat[..., :2] + grid) * stride,
+                    torch.exp(flat[..., 2:4]) * stride,
+                    flat[..., 4:],
+                ),
+                dim=-1,
+            )
+        )
         raw.append(flat[..., :4])
         xs.append(grid[0, :, 0])
         ys.append(grid[0, :, 1])
-        strides.append(torch.full((height * width,), float(stride), device=level.device, dtype=level.dtype))
-    return torch.cat(decoded, 1), torch.cat(raw, 1), torch.cat(xs), torch.cat(ys), torch.cat(strides)
+        strides.append(
+            torch.full((height * width,), float(stride), device=level.device, dtype=level.dtype)
+        )
+    return (
+        torch.cat(decoded, 1),
+        torch.cat(raw, 1),
+        torch.cat(xs),
+        torch.cat(ys),
+        torch.cat(strides),
+    )
 
 
 def _candidates(gt: Tensor, x_shifts: Tensor, y_shifts: Tensor, strides: Tensor) -> Tensor:
@@ -147,7 +174,11 @@ def simota_assign(
 
 def _level_list(value: Any, num_classes: int) -> list[Tensor]:
     if isinstance(value, Tensor) or not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidArgument.expected("out.pred", "a list with one (B, 5 + C, H_l, W_l) tensor per level", type(value).__name__)
+        raise InvalidArgument.expected(
+            "out.pred",
+            "a list with one (B, 5 + C, H_l, W_l) tensor per level",
+            type(value).__name__,
+        )
     if not value:
         raise InvalidArgument.expected("out.pred", "at least one level", "an empty list")
     levels = []
@@ -155,19 +186,34 @@ def _level_list(value: Any, num_classes: int) -> list[Tensor]:
         where = f"out.pred[{k}]"
         level = require_tensor(level, where, floating=True, dim=4)
         if level.shape[1] != 5 + num_classes:
-            raise InvalidArgument.expected(where, f"5 + num_classes = {5 + num_classes} channels", f"shape {list(level.shape)}")
+            raise InvalidArgument.expected(
+                where, f"5 + num_classes = {5 + num_classes} channels", f"shape {list(level.shape)}"
+            )
         if level.shape[2] == 0 or level.shape[3] == 0:
-            raise InvalidArgument.expected(where, "non-empty H_l, W_l", f"shape {list(level.shape)}")
+            raise InvalidArgument.expected(
+                where, "non-empty H_l, W_l", f"shape {list(level.shape)}"
+            )
         if levels and level.shape[0] != levels[0].shape[0]:
-            raise InvalidArgument.expected(where, f"batch size {levels[0].shape[0]} (as out.pred[0])", f"shape {list(level.shape)}")
+            raise InvalidArgument.expected(
+                where,
+                f"batch size {levels[0].shape[0]} (as out.pred[0])",
+                f"shape {list(level.shape)}",
+            )
         if levels and level.device != levels[0].device:
-            raise InvalidArgument.expected(where, f"device {levels[0].device} (as out.pred[0])", str(level.device))
+            raise InvalidArgument.expected(
+                where, f"device {levels[0].device} (as out.pred[0])", str(level.device)
+            )
         levels.append(level)
     return levels
 
 
 def _plain_int(value: Any, field: str, minimum: int) -> int:
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+    if (
+        isinstance(value, Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
         value = int(value.item())
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidArgument.expected(field, "an int", type(value).__name__)
@@ -176,29 +222,39 @@ def _plain_int(value: Any, field: str, minimum: int) -> int:
     return value
 
 
-def _check_inputs(out: Mapping[str, Any], target: Mapping[str, Any]) -> tuple[list[Tensor], list[dict], int, int]:
+def _check_inputs(
+    out: Mapping[str, Any], target: Mapping[str, Any]
+) -> tuple[list[Tensor], list[dict], int, int]:
     num_classes = _plain_int(require_key(target, "num_classes", "target"), "target.num_classes", 0)
     img_size = _plain_int(require_key(target, "img_size", "target"), "target.img_size", 1)
     levels = _level_list(require_key(out, "pred", "out"), num_classes)
     gts = require_key(target, "gt", "target")
     if not isinstance(gts, Sequence) or isinstance(gts, (str, Tensor)):
-        raise InvalidArgument.expected("target.gt", "a list with one {'boxes', 'labels'} dict per image", type(gts).__name__)
+        raise InvalidArgument.expected(
+            "target.gt", "a list with one {'boxes', 'labels'} dict per image", type(gts).__name__
+        )
     batch = levels[0].shape[0]
     if len(gts) != batch:
-        raise InvalidArgument.expected("target.gt", f"one entry per image, B = {batch} (as out.pred)", f"{len(gts)} entries")
+        raise InvalidArgument.expected(
+            "target.gt", f"one entry per image, B = {batch} (as out.pred)", f"{len(gts)} entries"
+        )
     if batch == 0:
         # Upstream takes max() over the per-image GT counts: ValueError on an empty batch.
         raise InvalidArgument.expected("out.pred[0]", "at least one image", "batch size 0")
     images = []
     for i, gt in enumerate(gts):
         where = f"target.gt[{i}]"
-        labels = require_tensor(require_key(gt, "labels", where), f"{where}.labels", floating=False, dim=1)
+        labels = require_tensor(
+            require_key(gt, "labels", where), f"{where}.labels", floating=False, dim=1
+        )
         if labels.dtype == torch.bool:
             raise InvalidArgument.expected(f"{where}.labels", "an integer tensor", "bool")
         boxes = require_tensor(require_key(gt, "boxes", where), f"{where}.boxes", floating=True)
         if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] != labels.shape[0]:
             raise InvalidArgument.expected(
-                f"{where}.boxes", f"shape ({labels.shape[0]}, 4), xyxy, one row per label", f"shape {list(boxes.shape)}"
+                f"{where}.boxes",
+                f"shape ({labels.shape[0]}, 4), xyxy, one row per label",
+                f"shape {list(boxes.shape)}",
             )
         # Checked before any kernel: an out-of-range label must never reach one_hot on a device.
         check_class_indices(labels, num_classes, f"{where}.labels")
@@ -206,7 +262,9 @@ def _check_inputs(out: Mapping[str, Any], target: Mapping[str, Any]) -> tuple[li
         if bool(bad.any()):
             # Upstream's xyxy -> cxcywh conversion asserts "Invalid box".
             j = int(bad.nonzero()[0, 0])
-            raise InvalidArgument.expected(f"{where}.boxes[{j}]", "an xyxy box with x2 >= x1 and y2 >= y1", boxes[j].tolist())
+            raise InvalidArgument.expected(
+                f"{where}.boxes[{j}]", "an xyxy box with x2 >= x1 and y2 >= y1", boxes[j].tolist()
+            )
         images.append({"boxes": boxes, "labels": labels})
     return levels, images, img_size, num_classes
 
@@ -330,7 +388,9 @@ def yolox_loss(
         fg_mask[candidate] = fg_cand
         num_fg += int(fg_cand.sum())
         matched_boxes = gt_boxes[matched_gt]
-        cls_targets.append(F.one_hot(matched_classes.to(torch.int64), num_classes) * matched_ious.unsqueeze(-1))
+        cls_targets.append(
+            F.one_hot(matched_classes.to(torch.int64), num_classes) * matched_ious.unsqueeze(-1)
+        )
         reg_targets.append(matched_boxes)
         obj_targets.append(fg_mask.unsqueeze(-1).to(level_dtype))
         fg_masks.append(fg_mask)
@@ -357,9 +417,13 @@ def yolox_loss(
 
     iou = aligned_iou_cxcywh(bbox_preds.reshape(-1, 4)[fg], reg_target)
     loss_iou = reduce_loss(1 - iou**2, "sum") / divisor
-    obj_bce = F.binary_cross_entropy_with_logits(obj_preds.reshape(-1, 1), obj_target, reduction="none")
+    obj_bce = F.binary_cross_entropy_with_logits(
+        obj_preds.reshape(-1, 1), obj_target, reduction="none"
+    )
     loss_obj = reduce_loss(obj_bce, "sum") / divisor
-    cls_bce = F.binary_cross_entropy_with_logits(cls_preds.reshape(-1, num_classes)[fg], cls_target, reduction="none")
+    cls_bce = F.binary_cross_entropy_with_logits(
+        cls_preds.reshape(-1, num_classes)[fg], cls_target, reduction="none"
+    )
     loss_cls = reduce_loss(cls_bce, "sum") / divisor
     if use_l1:
         l1 = F.l1_loss(raw_reg.reshape(-1, 4)[fg], torch.cat(l1_targets, 0), reduction="none")
@@ -372,7 +436,9 @@ def yolox_loss(
         "iou": loss_iou.detach(),
         "obj": loss_obj.detach(),
         "cls": loss_cls.detach(),
-        "l1": loss_l1.detach() if isinstance(loss_l1, Tensor) else torch.zeros((), dtype=total.dtype, device=device),
+        "l1": loss_l1.detach()
+        if isinstance(loss_l1, Tensor)
+        else torch.zeros((), dtype=total.dtype, device=device),
     }
     return LossOutput(total, components=components, notes=notes)
 
@@ -390,10 +456,14 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
         level[:, 2:4] = -5.0
         pred.append(level)
     # GT 0 (label 0): cxcywh (12, 12, 16, 12), fitted by level 0, row 1, col 1 (stride 8).
-    pred[0][0, :4, 1, 1] = torch.tensor([0.6, 0.45, math.log(15 / 8), math.log(13 / 8)], dtype=torch.float64)
+    pred[0][0, :4, 1, 1] = torch.tensor(
+        [0.6, 0.45, math.log(15 / 8), math.log(13 / 8)], dtype=torch.float64
+    )
     pred[0][0, 5, 1, 1] = 0.0
     # GT 1 (label 2): cxcywh (22, 22, 18, 16), fitted by level 1, row 1, col 1 (stride 16).
-    pred[1][0, :4, 1, 1] = torch.tensor([0.4, 0.35, math.log(17 / 16), math.log(15 / 16)], dtype=torch.float64)
+    pred[1][0, :4, 1, 1] = torch.tensor(
+        [0.4, 0.35, math.log(17 / 16), math.log(15 / 16)], dtype=torch.float64
+    )
     pred[1][0, 7, 1, 1] = 0.0
     gt = [
         {
@@ -403,7 +473,11 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
         {"boxes": torch.zeros(0, 4, dtype=dtype), "labels": torch.zeros(0, dtype=torch.int64)},
     ]
     target = {"gt": gt, "img_size": img_size, "num_classes": num_classes}
-    return ({"pred": [level.to(dtype) for level in pred]}, target), {}, {"l1_activate_epoch": 1, "cur_epoch": 3}
+    return (
+        ({"pred": [level.to(dtype) for level in pred]}, target),
+        {},
+        {"l1_activate_epoch": 1, "cur_epoch": 3},
+    )
 
 
 SPECS = (
@@ -427,7 +501,11 @@ SPECS = (
             ),
         ),
         params=(
-            Param("l1_activate_epoch", "int", doc="first epoch (cur_epoch >= it) that adds the L1 term"),
+            Param(
+                "l1_activate_epoch",
+                "int",
+                doc="first epoch (cur_epoch >= it) that adds the L1 term",
+            ),
             Param(
                 "cur_epoch",
                 "int",

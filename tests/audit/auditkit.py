@@ -42,5 +42,11 @@ def sql(db: str, text: str, params: tuple[Any, ...] = ()) -> list[tuple]:
 def independent_digest(t: torch.Tensor) -> str:
     """SHA-256 of dtype + shape + bytes, written from the proto's description, not lossd's code."""
     t = t.detach().contiguous()
-    header = b"lossd-tensor-v1\0" + str(t.dtype).replace("torch.", "").encode() + b"\0" + ",".join(str(s) for s in t.shape).encode() + b"\0"
+    header = (
+        b"lossd-tensor-v1\0"
+        + str(t.dtype).replace("torch.", "").encode()
+        + b"\0"
+        + ",".join(str(s) for s in t.shape).encode()
+        + b"\0"
+    )
     return hashlib.sha256(header + t.numpy().tobytes()).hexdigest()

@@ -25,7 +25,9 @@ def postgres() -> Iterator[PostgresServer]:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("PostgreSQL backend not tested: psycopg is not installed (pip install 'lossd[postgres]')")
+        pytest.skip(
+            "PostgreSQL backend not tested: psycopg is not installed (pip install 'lossd[postgres]')"
+        )
     try:
         server = PostgresServer().start()
     except (PostgresUnavailable, OSError) as exc:

@@ -25,13 +25,18 @@ class PostgresUnavailable(RuntimeError):
 
 
 def _bindir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).parent
-    raise PostgresUnavailable("no initdb found (Debian/Ubuntu: apt-get install -y postgresql; .ci/run installs it)")
+    raise PostgresUnavailable(
+        "no initdb found (Debian/Ubuntu: apt-get install -y postgresql; .ci/run installs it)"
+    )
 
 
 def _free_port() -> int:
@@ -51,20 +56,51 @@ class PostgresServer:
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError:
-                raise PostgresUnavailable("running as root and there is no 'postgres' user to own the cluster") from None
+                raise PostgresUnavailable(
+                    "running as root and there is no 'postgres' user to own the cluster"
+                ) from None
             os.chown(self.root, user.pw_uid, user.pw_gid)
             self.prefix = ["runuser", "-u", "postgres", "--"]
 
     def _run(self, *argv: str, timeout: float = 60) -> None:
-        done = subprocess.run([*self.prefix, *argv], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [*self.prefix, *argv], capture_output=True, text=True, timeout=timeout
+        )
         if done.returncode != 0:
-            raise PostgresUnavailable(f"{Path(argv[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
+            raise PostgresUnavailable(
+                f"{Path(argv[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}"
+            )
 
     def start(self) -> PostgresServer:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         # fsync off: the tests kill lossd, never PostgreSQL, so durability does not depend on it.
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off -c max_connections=200"
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-t", "60", "-o", options, "start", timeout=90)
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+            timeout=90,
+        )
         self.wait_ready()
         return self
 
@@ -81,7 +117,9 @@ class PostgresServer:
                 return
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
-                    raise PostgresUnavailable(f"the server did not accept connections: {exc}") from None
+                    raise PostgresUnavailable(
+                        f"the server did not accept connections: {exc}"
+                    ) from None
                 time.sleep(0.2)
 
     def new_database(self) -> str:
@@ -95,5 +133,13 @@ class PostgresServer:
 
     def stop(self) -> None:
         with contextlib.suppress(PostgresUnavailable, subprocess.TimeoutExpired):
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop", timeout=60)
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "stop",
+                timeout=60,
+            )
         shutil.rmtree(self.root, ignore_errors=True)

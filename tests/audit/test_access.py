@@ -24,14 +24,27 @@ AUDIT = "audit-token-0123456789abcdef"
 def secured(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("access")
     tokens = d / "tokens.json"
-    tokens.write_text(json.dumps({
-        COMPUTE: {"principal": "trainer-a", "roles": ["compute"]},
-        "sha256:" + hashlib.sha256(AUDIT.encode()).hexdigest(): {"principal": "auditor", "roles": ["audit-read"]},
-    }))
+    tokens.write_text(
+        json.dumps(
+            {
+                COMPUTE: {"principal": "trainer-a", "roles": ["compute"]},
+                "sha256:" + hashlib.sha256(AUDIT.encode()).hexdigest(): {
+                    "principal": "auditor",
+                    "roles": ["audit-read"],
+                },
+            }
+        )
+    )
     tokens.chmod(0o600)
-    running = create_server(ServerConfig(port=0, device="cpu", auth_tokens=str(tokens), audit_db=str(d / "audit.sqlite3")))
+    running = create_server(
+        ServerConfig(
+            port=0, device="cpu", auth_tokens=str(tokens), audit_db=str(d / "audit.sqlite3")
+        )
+    )
     endpoint = f"127.0.0.1:{running.port}"
-    crit = RemoteLoss("cross_entropy", endpoint=endpoint, token=COMPUTE, timeout=60, run_id="secured")
+    crit = RemoteLoss(
+        "cross_entropy", endpoint=endpoint, token=COMPUTE, timeout=60, run_id="secured"
+    )
     crit(torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 1])).backward()
     assert crit.last_result.audited
     crit.close()
@@ -60,7 +73,9 @@ def test_an_audit_read_token_reads_the_trail_and_sees_the_principal(secured: str
     assert record["principal"] == "trainer-a" and record["peer"].startswith("ipv4:127.0.0.1:")
 
 
-def test_the_cli_takes_the_token_and_reports_a_denial(secured: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_the_cli_takes_the_token_and_reports_a_denial(
+    secured: str, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     assert cli.main(["runs", "--endpoint", secured, "--token", COMPUTE]) == 2
     assert "PERMISSION_DENIED" in capsys.readouterr().err
     assert cli.main(["runs", "--endpoint", secured, "--token", AUDIT]) == 0

@@ -16,13 +16,21 @@ from lossd.server.config import ServerConfig
 
 
 def call(client: LossClient, logits: torch.Tensor, target: torch.Tensor, step: int) -> None:
-    request = build_request("cross_entropy", {}, [logits, target], {}, audit=pb.AuditContext(run_id="cap", step=step))
+    request = build_request(
+        "cross_entropy", {}, [logits, target], {}, audit=pb.AuditContext(run_id="cap", step=step)
+    )
     assert client.compute(request).audited
 
 
-def test_each_distinct_input_is_stored_once_and_retention_deletes_unused_ones(tmp_path: Path) -> None:
+def test_each_distinct_input_is_stored_once_and_retention_deletes_unused_ones(
+    tmp_path: Path,
+) -> None:
     db = str(tmp_path / "a.sqlite3")
-    running = create_server(ServerConfig(port=0, device="cpu", audit_db=db, audit_capture="inputs", audit_retention_days=1.0))
+    running = create_server(
+        ServerConfig(
+            port=0, device="cpu", audit_db=db, audit_capture="inputs", audit_retention_days=1.0
+        )
+    )
     endpoint = f"127.0.0.1:{running.port}"
     client = LossClient(endpoint, timeout=30)
     target = torch.tensor([0, 1, 2, 0])
@@ -46,7 +54,11 @@ def test_each_distinct_input_is_stored_once_and_retention_deletes_unused_ones(tm
 
 def test_past_the_cap_inputs_are_recorded_by_digest_only(tmp_path: Path) -> None:
     db = str(tmp_path / "a.sqlite3")
-    running = create_server(ServerConfig(port=0, device="cpu", audit_db=db, audit_capture="inputs", audit_capture_max_mb=0))
+    running = create_server(
+        ServerConfig(
+            port=0, device="cpu", audit_db=db, audit_capture="inputs", audit_capture_max_mb=0
+        )
+    )
     endpoint = f"127.0.0.1:{running.port}"
     client = LossClient(endpoint, timeout=30)
     try:
@@ -56,14 +68,20 @@ def test_past_the_cap_inputs_are_recorded_by_digest_only(tmp_path: Path) -> None
         with AuditClient(endpoint) as reader:
             (record,) = reader.records("cap")
             (result,) = [m.result for m in reader.verify("cap")]
-        assert [i["captured"] for i in record["inputs"]] == [False, False] and all(len(i["sha256"]) == 64 for i in record["inputs"])
-        assert result.status == pb.VERIFY_STATUS_NOT_CAPTURED  # integrity checked, nothing to recompute
+        assert [i["captured"] for i in record["inputs"]] == [False, False] and all(
+            len(i["sha256"]) == 64 for i in record["inputs"]
+        )
+        assert (
+            result.status == pb.VERIFY_STATUS_NOT_CAPTURED
+        )  # integrity checked, nothing to recompute
     finally:
         client.close()
         running.stop(0)
 
 
-def test_an_input_whose_blob_vanished_is_recorded_as_not_captured_then_stored_again(tmp_path: Path) -> None:
+def test_an_input_whose_blob_vanished_is_recorded_as_not_captured_then_stored_again(
+    tmp_path: Path,
+) -> None:
     """Another replica's retention (or a failed write) removed a blob this server believes stored:
     the next record says the input is not captured (no claim without evidence), and the server
     stores it again on the following call."""
@@ -77,12 +95,19 @@ def test_an_input_whose_blob_vanished_is_recorded_as_not_captured_then_stored_ag
         sql(db, "DELETE FROM audit_blobs")
         call(client, logits, target, 1)
         with AuditClient(endpoint) as reader:
-            assert [m.result.status for m in reader.verify("cap")] == [pb.VERIFY_STATUS_INPUT_MISMATCH, pb.VERIFY_STATUS_NOT_CAPTURED]
+            assert [m.result.status for m in reader.verify("cap")] == [
+                pb.VERIFY_STATUS_INPUT_MISMATCH,
+                pb.VERIFY_STATUS_NOT_CAPTURED,
+            ]
         call(client, logits, target, 2)
         with AuditClient(endpoint) as reader:
             records = list(reader.records("cap"))
             statuses = [m.result.status for m in reader.verify("cap")]
-        assert [[i["captured"] for i in r["inputs"]] for r in records] == [[True, True], [False, False], [True, True]]
+        assert [[i["captured"] for i in r["inputs"]] for r in records] == [
+            [True, True],
+            [False, False],
+            [True, True],
+        ]
         # Content addressing: storing the tensor again restores step 0's evidence too.
         assert statuses == [pb.VERIFY_STATUS_OK, pb.VERIFY_STATUS_NOT_CAPTURED, pb.VERIFY_STATUS_OK]
     finally:

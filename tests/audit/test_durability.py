@@ -25,10 +25,19 @@ from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
 
 
-def audited_request(run_id: str, step: int, request_id: str | None = None, size: int = 8) -> pb.ComputeRequest:
+def audited_request(
+    run_id: str, step: int, request_id: str | None = None, size: int = 8
+) -> pb.ComputeRequest:
     logits = torch.randn(size, 5)
     target = torch.randint(0, 5, (size,))
-    request = build_request("cross_entropy", {}, [logits, target], {}, ["args[0]"], pb.AuditContext(run_id=run_id, step=step, rank=-1, micro_batch=-1))
+    request = build_request(
+        "cross_entropy",
+        {},
+        [logits, target],
+        {},
+        ["args[0]"],
+        pb.AuditContext(run_id=run_id, step=step, rank=-1, micro_batch=-1),
+    )
     if request_id is not None:
         request.request_id = request_id
     return request
@@ -39,8 +48,19 @@ def stored_request_ids(endpoint: str, run_id: str) -> list[str]:
         return [r["request_id"] for r in reader.records(run_id)]
 
 
-def test_acknowledged_records_survive_sigkill_and_a_retried_request_id_is_recorded_once(audit_db: str, tmp_path: Path) -> None:
-    flags = ("--audit-db", audit_db, "--data-dir", str(tmp_path), "--workers", "4", "--log-level", "WARNING")
+def test_acknowledged_records_survive_sigkill_and_a_retried_request_id_is_recorded_once(
+    audit_db: str, tmp_path: Path
+) -> None:
+    flags = (
+        "--audit-db",
+        audit_db,
+        "--data-dir",
+        str(tmp_path),
+        "--workers",
+        "4",
+        "--log-level",
+        "WARNING",
+    )
     acked: list[str] = []
     lock = threading.Lock()
     enough = threading.Event()
@@ -114,26 +134,41 @@ class FailingConnections:
         self.store.close()
 
 
-@pytest.mark.parametrize(("pragma", "error"), [("PRAGMA query_only = ON", "readonly"), ("max_page_count", "full")], ids=["read-only", "full"])
-def test_an_unwritable_store_fails_audited_calls_unavailable_naming_it(tmp_path: Path, pragma: str, error: str) -> None:
+@pytest.mark.parametrize(
+    ("pragma", "error"),
+    [("PRAGMA query_only = ON", "readonly"), ("max_page_count", "full")],
+    ids=["read-only", "full"],
+)
+def test_an_unwritable_store_fails_audited_calls_unavailable_naming_it(
+    tmp_path: Path, pragma: str, error: str
+) -> None:
     db = tmp_path / "audit.sqlite3"
-    running = create_server(ServerConfig(port=0, device="cpu", audit_db=str(db), audit_capture="inputs"))
+    running = create_server(
+        ServerConfig(port=0, device="cpu", audit_db=str(db), audit_capture="inputs")
+    )
     client = LossClient(f"127.0.0.1:{running.port}", timeout=30, retries=0)
     try:
         assert client.compute(audited_request("store", 0)).audited
         with FailingConnections(running.audit.store, pragma):
             with pytest.raises(LossdError) as caught:
-                client.compute(audited_request("store", 1, size=4096))  # a new 80 KiB input must be stored
+                client.compute(
+                    audited_request("store", 1, size=4096)
+                )  # a new 80 KiB input must be stored
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             assert str(db) in caught.value.details and error in caught.value.details.lower()
             assert "not recorded" in caught.value.details
             # Unaudited calls are unaffected, and the failure is counted.
-            plain = build_request("cross_entropy", {}, [torch.randn(2, 3), torch.tensor([0, 2])], {})
+            plain = build_request(
+                "cross_entropy", {}, [torch.randn(2, 3), torch.tensor([0, 2])], {}
+            )
             assert not client.compute(plain).audited
             assert running.audit.stats()["records_dropped"] == 1
         # Writable again: the server recovers on its own (a fresh connection per failed write).
         assert client.compute(audited_request("store", 2)).audited
-        assert [r["step"] for r in AuditClient(f"127.0.0.1:{running.port}").records("store")] == [0, 2]
+        assert [r["step"] for r in AuditClient(f"127.0.0.1:{running.port}").records("store")] == [
+            0,
+            2,
+        ]
     finally:
         client.close()
         running.stop(0)
@@ -155,13 +190,36 @@ def test_a_read_only_store_stops_the_server_at_start_naming_it(tmp_path: Path) -
     prefix: list[str] = []
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
-        if setpriv is None or subprocess.run([setpriv, "--bounding-set=-dac_override,-dac_read_search", "true"]).returncode != 0:
-            pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (setpriv): file modes do not bind root")
+        if (
+            setpriv is None
+            or subprocess.run(
+                [setpriv, "--bounding-set=-dac_override,-dac_read_search", "true"]
+            ).returncode
+            != 0
+        ):
+            pytest.skip(
+                "running as root and cannot drop CAP_DAC_OVERRIDE (setpriv): file modes do not bind root"
+            )
         prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run(
-        [*prefix, sys.executable, "-m", "lossd.server.cli", "serve", "--port", "0", "--device", "cpu", "--audit-db", str(db)],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "lossd.server.cli",
+            "serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--audit-db",
+            str(db),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     data.chmod(0o755)  # let pytest clean up
     assert done.returncode == 2, done.stderr[-2000:]

@@ -18,13 +18,26 @@ from lossd.server.config import ServerConfig
 
 
 def request(step: int) -> pb.ComputeRequest:
-    return build_request("cross_entropy", {}, [torch.randn(2, 3), torch.tensor([0, 2])], {}, audit=pb.AuditContext(run_id="queue", step=step))
+    return build_request(
+        "cross_entropy",
+        {},
+        [torch.randn(2, 3), torch.tensor([0, 2])],
+        {},
+        audit=pb.AuditContext(run_id="queue", step=step),
+    )
 
 
 def test_a_full_queue_blocks_then_refuses_unavailable_and_counts_it(tmp_path: Path) -> None:
-    running = create_server(ServerConfig(
-        port=0, device="cpu", workers=4, audit_db=str(tmp_path / "a.sqlite3"), audit_queue_size=1, audit_queue_timeout_s=0.3,
-    ))
+    running = create_server(
+        ServerConfig(
+            port=0,
+            device="cpu",
+            workers=4,
+            audit_db=str(tmp_path / "a.sqlite3"),
+            audit_queue_size=1,
+            audit_queue_timeout_s=0.3,
+        )
+    )
     store = running.audit.store
     release, writing = threading.Event(), threading.Event()
     original = store.write
@@ -58,11 +71,20 @@ def test_a_full_queue_blocks_then_refuses_unavailable_and_counts_it(tmp_path: Pa
         call(2)  # finds the queue full: waits 0.3 s, then is refused
         refused = results[2]
         assert isinstance(refused, LossdError) and refused.code == grpc.StatusCode.UNAVAILABLE
-        assert "queue of 1 records stayed full" in refused.details and "a.sqlite3" in refused.details
+        assert (
+            "queue of 1 records stayed full" in refused.details and "a.sqlite3" in refused.details
+        )
         stats = running.audit.stats()
-        assert stats["queue_blocked"] == 1 and stats["records_refused"] == 1 and stats["queue_depth"] == 1
+        assert (
+            stats["queue_blocked"] == 1
+            and stats["records_refused"] == 1
+            and stats["queue_depth"] == 1
+        )
         exposition = running.metrics.exposition().decode()
-        assert "lossd_audit_queue_blocked_total 1.0" in exposition and "lossd_audit_records_refused_total 1.0" in exposition
+        assert (
+            "lossd_audit_queue_blocked_total 1.0" in exposition
+            and "lossd_audit_records_refused_total 1.0" in exposition
+        )
         release.set()
         first.join(30)
         second.join(30)
@@ -74,15 +96,23 @@ def test_a_full_queue_blocks_then_refuses_unavailable_and_counts_it(tmp_path: Pa
 
 @pytest.mark.parametrize("mode", ["none", "runs", "all"])
 def test_which_calls_are_audited(tmp_path: Path, mode: str) -> None:
-    running = create_server(ServerConfig(port=0, device="cpu", audit=mode, audit_db=str(tmp_path / "a.sqlite3")))
+    running = create_server(
+        ServerConfig(port=0, device="cpu", audit=mode, audit_db=str(tmp_path / "a.sqlite3"))
+    )
     client = LossClient(f"127.0.0.1:{running.port}", timeout=30)
     try:
         with_run = client.compute(request(0)).audited
-        without = client.compute(build_request("cross_entropy", {}, [torch.randn(2, 3), torch.tensor([0, 2])], {})).audited
+        without = client.compute(
+            build_request("cross_entropy", {}, [torch.randn(2, 3), torch.tensor([0, 2])], {})
+        ).audited
     finally:
         client.close()
         running.stop(0)
-    assert (with_run, without) == {"none": (False, False), "runs": (True, False), "all": (True, True)}[mode]
+    assert (with_run, without) == {
+        "none": (False, False),
+        "runs": (True, False),
+        "all": (True, True),
+    }[mode]
 
 
 def test_a_retried_request_id_is_one_record_and_one_count(audit_db: str) -> None:
@@ -98,8 +128,12 @@ def test_a_retried_request_id_is_one_record_and_one_count(audit_db: str) -> None
         running.stop(0)
 
 
-def test_a_bad_audit_context_is_refused_before_anything_is_computed_or_recorded(tmp_path: Path) -> None:
-    running = create_server(ServerConfig(port=0, device="cpu", workers=2, audit_db=str(tmp_path / "a.sqlite3")))
+def test_a_bad_audit_context_is_refused_before_anything_is_computed_or_recorded(
+    tmp_path: Path,
+) -> None:
+    running = create_server(
+        ServerConfig(port=0, device="cpu", workers=2, audit_db=str(tmp_path / "a.sqlite3"))
+    )
     evaluated: list[str] = []
     original = running.engine.evaluate
 
@@ -114,7 +148,10 @@ def test_a_bad_audit_context_is_refused_before_anything_is_computed_or_recorded(
             bad.audit.tags.update({f"t{i}": "v" for i in range(65)})
             with pytest.raises(LossdError) as refused:
                 client.compute(bad)
-            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "audit.tags"
+            assert (
+                refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                and refused.value.field == "audit.tags"
+            )
             assert evaluated == []  # refused while decoding, not after the loss ran
             assert client.compute(request(1)).audited
             assert evaluated == ["cross_entropy"]

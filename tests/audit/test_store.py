@@ -14,7 +14,9 @@ def test_migrations_are_applied_once_and_recorded(audit_db: str) -> None:
     first = open_store(audit_db)
     second = open_store(audit_db)  # a second replica starting on the same database
     assert first.migrate() == second.migrate() == shipped[-1][0]
-    assert sql(audit_db, "SELECT version, name FROM audit_schema ORDER BY version") == [(v, n) for v, n, _ in shipped]
+    assert sql(audit_db, "SELECT version, name FROM audit_schema ORDER BY version") == [
+        (v, n) for v, n, _ in shipped
+    ]
     first.close()
     second.close()
 

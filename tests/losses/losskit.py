@@ -38,7 +38,11 @@ def differentiable_paths(spec: LossSpec, args: Any, kwargs: dict) -> list[str]:
     diff = {i.name for i in spec.inputs if i.differentiable}
     names = [i.name for i in spec.inputs]
     paths = [p for p, t in call_tensors(args, kwargs) if t.is_floating_point()]
-    return [p for p in paths if (names[int(p[5])] if p.startswith("args[") else p.split(".")[1].split("[")[0]) in diff]
+    return [
+        p
+        for p in paths
+        if (names[int(p[5])] if p.startswith("args[") else p.split(".")[1].split("[")[0]) in diff
+    ]
 
 
 def attach_leaves(obj: Any, path: str, wanted: set[str], leaves: dict[str, torch.Tensor]) -> Any:
@@ -56,9 +60,15 @@ def attach_leaves(obj: Any, path: str, wanted: set[str], leaves: dict[str, torch
     return obj
 
 
-def assert_same_gradients(got: torch.Tensor, expected: torch.Tensor, inputs: tuple[torch.Tensor, ...], **tolerance: float) -> None:
+def assert_same_gradients(
+    got: torch.Tensor, expected: torch.Tensor, inputs: tuple[torch.Tensor, ...], **tolerance: float
+) -> None:
     """The gradients of ``got.sum()`` and ``expected.sum()`` with respect to ``inputs`` agree."""
-    for a, b in zip(torch.autograd.grad(got.sum(), inputs), torch.autograd.grad(expected.sum(), inputs), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(got.sum(), inputs),
+        torch.autograd.grad(expected.sum(), inputs),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, **tolerance)
 
 
@@ -81,9 +91,13 @@ def run_golden(path: Path) -> tuple[dict, Any]:
     result = spec.fn(*args, **kwargs, **params)
     loss = value(result)
     tol = GOLDEN_TOL[case["precision"]]
-    assert str(loss.dtype).removeprefix("torch.") == str(case["expected_loss_dtype"]).removeprefix("torch.")
+    assert str(loss.dtype).removeprefix("torch.") == str(case["expected_loss_dtype"]).removeprefix(
+        "torch."
+    )
     torch.testing.assert_close(loss, case["expected_loss"], **tol)
     loss.backward()
     for grad_path in case["grad_paths"]:
-        torch.testing.assert_close(get_path(args, kwargs, grad_path).grad, case["expected_grads"][grad_path], **tol)
+        torch.testing.assert_close(
+            get_path(args, kwargs, grad_path).grad, case["expected_grads"][grad_path], **tol
+        )
     return case, result

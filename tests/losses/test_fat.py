@@ -32,11 +32,6 @@ FAT_LOSSES = (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-
-
-
-
-
 # --------------------------------------------------------------------------- golden values
 
 GOLDEN_CASES = golden_files("fat") + [GOLDEN / "netspresso" / "cross_entropy__plain.pt"]

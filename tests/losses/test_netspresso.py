@@ -469,7 +469,9 @@ def test_criteria_other_netspresso_criteria_golden(golden):
         pytest.skip(f"{case['name']} is not registered yet")
     entry = {"criterion": case["name"], "weight": 2.0, **case["ctor"]}
     result = criteria_list(*case["args"], losses=[entry])
-    torch.testing.assert_close(result.value, 2.0 * case["expected_loss"], **GOLDEN_TOL[case["precision"]])
+    torch.testing.assert_close(
+        result.value, 2.0 * case["expected_loss"], **GOLDEN_TOL[case["precision"]]
+    )
     torch.testing.assert_close(
         result.components[case["name"]], case["expected_loss"], **GOLDEN_TOL[case["precision"]]
     )

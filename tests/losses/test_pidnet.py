@@ -38,8 +38,12 @@ def _ref_wbce(logits: torch.Tensor, bd_gt: torch.Tensor) -> torch.Tensor:
     """Class-balanced BCE from the formula; ratios rounded to float32 like upstream."""
     x, t = logits.flatten(), bd_gt.flatten().to(logits.dtype)
     pos, neg = int((t == 1).sum()), int((t == 0).sum())
-    w_pos = float(torch.tensor(neg, dtype=torch.float32) / torch.tensor(pos + neg, dtype=torch.float32))
-    w_neg = float(torch.tensor(pos, dtype=torch.float32) / torch.tensor(pos + neg, dtype=torch.float32))
+    w_pos = float(
+        torch.tensor(neg, dtype=torch.float32) / torch.tensor(pos + neg, dtype=torch.float32)
+    )
+    w_neg = float(
+        torch.tensor(pos, dtype=torch.float32) / torch.tensor(pos + neg, dtype=torch.float32)
+    )
     w = torch.where(t == 1, w_pos, torch.where(t == 0, w_neg, 0.0)).to(x.dtype)
     elem = torch.clamp(x, min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
     return (w * elem).mean()
@@ -63,8 +67,16 @@ def _reference(out: dict, target: dict, ignore_index: int) -> torch.Tensor:
     )
 
 
-def _case(seed: int = 0, *, batch: int = 2, classes: int = 3, low: int = 4, size: int = 8,
-          dtype: torch.dtype = torch.float64, d_shift: float = 1.5) -> tuple[dict, dict]:
+def _case(
+    seed: int = 0,
+    *,
+    batch: int = 2,
+    classes: int = 3,
+    low: int = 4,
+    size: int = 8,
+    dtype: torch.dtype = torch.float64,
+    d_shift: float = 1.5,
+) -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(seed)
     out = {
         "pred": torch.randn(batch, classes, low, low, generator=gen, dtype=dtype),
@@ -97,7 +109,10 @@ def test_hand_computed_uniform_logits() -> None:
         "extra_p": torch.zeros(1, 2, 2, 2, dtype=torch.float64),
         "extra_d": torch.full((1, 1, 2, 2), 10.0, dtype=torch.float64),
     }
-    target = {"target": torch.tensor([[[0, 1], [1, 0]]]), "bd_gt": torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)}
+    target = {
+        "target": torch.tensor([[[0, 1], [1, 0]]]),
+        "bd_gt": torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64),
+    }
     r = pidnet_loss(out, target)
     bce = (0.75 * _softplus(-10.0) + 3 * 0.25 * _softplus(10.0)) / 4
     expected = 0.4 * math.log(2) + math.log(2) + 20 * bce + math.log(2)
@@ -114,14 +129,19 @@ def test_matches_reference_with_resize_and_ignore(ignore_index: int) -> None:
     out, target = _case(1)
     target["target"][0, :3, :] = ignore_index
     r = pidnet_loss(out, target, ignore_index=ignore_index)
-    torch.testing.assert_close(r.value, _reference(out, target, ignore_index), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        r.value, _reference(out, target, ignore_index), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_resize_is_bilinear_align_corners_true() -> None:
     out, target = _case(2)
     r = pidnet_loss(out, target)
     # The same maps resized with align_corners=False give a different number.
-    other = {k: F.interpolate(v, size=(8, 8), mode="bilinear", align_corners=False) for k, v in out.items()}
+    other = {
+        k: F.interpolate(v, size=(8, 8), mode="bilinear", align_corners=False)
+        for k, v in out.items()
+    }
     assert not torch.allclose(r.value, pidnet_loss(other, target).value)
     same = {k: _resize(v, (8, 8)) for k, v in out.items()}
     torch.testing.assert_close(r.value, pidnet_loss(same, target).value, rtol=1e-12, atol=1e-12)
@@ -170,10 +190,17 @@ def test_boundary_threshold_is_strict_08() -> None:
 def test_weighted_bce_uses_float32_ratios() -> None:
     # 1 positive out of 3 pixels: weights 2/3 and 1/3 rounded to float32 (upstream's int * 1.0).
     x = torch.tensor([[[[0.3, -1.2, 2.0]]]], dtype=torch.float64)
-    out = {"pred": torch.zeros(1, 2, 1, 3, dtype=torch.float64), "extra_p": torch.zeros(1, 2, 1, 3, dtype=torch.float64), "extra_d": x}
+    out = {
+        "pred": torch.zeros(1, 2, 1, 3, dtype=torch.float64),
+        "extra_p": torch.zeros(1, 2, 1, 3, dtype=torch.float64),
+        "extra_d": x,
+    }
     bd_gt = torch.tensor([[[1.0, 0.0, 0.0]]], dtype=torch.float64)
     r = pidnet_loss(out, {"target": torch.zeros(1, 1, 3, dtype=torch.int64), "bd_gt": bd_gt})
-    w32 = [float(torch.tensor(2.0, dtype=torch.float32) / 3), float(torch.tensor(1.0, dtype=torch.float32) / 3)]
+    w32 = [
+        float(torch.tensor(2.0, dtype=torch.float32) / 3),
+        float(torch.tensor(1.0, dtype=torch.float32) / 3),
+    ]
     exact = (w32[0] * _softplus(-0.3) + w32[1] * (_softplus(-1.2) + _softplus(2.0))) / 3
     assert r.components["boundary_bce"].item() == pytest.approx(exact, rel=1e-14)
     float64_ratios = (2 / 3 * _softplus(-0.3) + 1 / 3 * (_softplus(-1.2) + _softplus(2.0))) / 3
@@ -186,7 +213,9 @@ def test_bd_gt_all_zero_gives_zero_bce() -> None:
     r = pidnet_loss(out, target)
     assert r.components["boundary_bce"].item() == 0.0
     c = r.components
-    torch.testing.assert_close(r.value.detach(), 0.4 * c["extra_p_ce"] + c["pred_ce"] + c["boundary_ce"])
+    torch.testing.assert_close(
+        r.value.detach(), 0.4 * c["extra_p_ce"] + c["pred_ce"] + c["boundary_ce"]
+    )
 
 
 def test_bd_gt_values_other_than_0_1_get_zero_weight() -> None:
@@ -195,7 +224,12 @@ def test_bd_gt_values_other_than_0_1_get_zero_weight() -> None:
     bd[0, 0, :] = 0.5
     target2 = {"target": target["target"], "bd_gt": bd}
     r = pidnet_loss(out, target2)
-    torch.testing.assert_close(r.components["boundary_bce"], _ref_wbce(_resize(out["extra_d"], (8, 8)), bd), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        r.components["boundary_bce"],
+        _ref_wbce(_resize(out["extra_d"], (8, 8)), bd),
+        rtol=1e-12,
+        atol=1e-14,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +291,9 @@ def test_float32_matches_float64_reference() -> None:
     assert r.value.dtype == torch.float32
     out64 = {k: v.double() for k, v in out.items()}
     target64 = {"target": target["target"], "bd_gt": target["bd_gt"].double()}
-    torch.testing.assert_close(r.value.double(), _reference(out64, target64, -100), **GOLDEN_TOL["float32"])
+    torch.testing.assert_close(
+        r.value.double(), _reference(out64, target64, -100), **GOLDEN_TOL["float32"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,11 +45,6 @@ PAIR_LOSSES = (
 F64 = torch.float64
 
 
-
-
-
-
-
 def example(name: str, dtype=F64):
     args, kwargs, params = registry.get(name).make_example(dtype)
     return list(args), kwargs, params

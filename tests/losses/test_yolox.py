@@ -42,13 +42,17 @@ def _iou(a: tuple, b: tuple, eps: float = 0.0) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter + eps)
 
 
-def _levels(batch: int, sizes: tuple[int, ...], seed: int, logit_scale: float = 0.5) -> list[torch.Tensor]:
+def _levels(
+    batch: int, sizes: tuple[int, ...], seed: int, logit_scale: float = 0.5
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     levels = []
     for n in sizes:
         level = torch.zeros(batch, 5 + NUM_CLASSES, n, n, dtype=torch.float64)
         level[:, 2:4] = TINY
-        level[:, 4:] = logit_scale * torch.randn(batch, 1 + NUM_CLASSES, n, n, generator=gen, dtype=torch.float64)
+        level[:, 4:] = logit_scale * torch.randn(
+            batch, 1 + NUM_CLASSES, n, n, generator=gen, dtype=torch.float64
+        )
         levels.append(level)
     return levels
 
@@ -84,9 +88,19 @@ def _expected(levels, img_size, fg: list[tuple], use_l1: bool = True) -> dict[st
         soft = _iou(pred, gt)
         for c in range(NUM_CLASSES):
             cls += _softplus(raw[5 + c]) - raw[5 + c] * (soft if c == label else 0.0)
-        l1_target = (gt[0] / s - col, gt[1] / s - row, math.log(gt[2] / s + 1e-8), math.log(gt[3] / s + 1e-8))
+        l1_target = (
+            gt[0] / s - col,
+            gt[1] / s - row,
+            math.log(gt[2] / s + 1e-8),
+            math.log(gt[3] / s + 1e-8),
+        )
         l1 += sum(abs(r - t) for r, t in zip(raw[:4], l1_target, strict=True))
-    terms = {"iou": iou_sum / num_fg, "obj": obj / num_fg, "cls": cls / num_fg, "l1": l1 / num_fg if use_l1 else 0.0}
+    terms = {
+        "iou": iou_sum / num_fg,
+        "obj": obj / num_fg,
+        "cls": cls / num_fg,
+        "l1": l1 / num_fg if use_l1 else 0.0,
+    }
     terms["total"] = 5 * terms["iou"] + terms["obj"] + terms["cls"] + terms["l1"]
     return terms
 
@@ -105,9 +119,18 @@ def _three_images() -> tuple[list[torch.Tensor], dict, list[tuple]]:
     _designate(levels, img, 2, 0, 6, 1, (9.6, 50.4, 17.0, 19.0))  # IoU ~0.90 with C
     target = {
         "gt": [
-            {"boxes": torch.tensor([_xyxy(*GT_A)], dtype=torch.float64), "labels": torch.tensor([1])},
-            {"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)},
-            {"boxes": torch.tensor([_xyxy(*GT_B), _xyxy(*GT_C)], dtype=torch.float64), "labels": torch.tensor([0, 2])},
+            {
+                "boxes": torch.tensor([_xyxy(*GT_A)], dtype=torch.float64),
+                "labels": torch.tensor([1]),
+            },
+            {
+                "boxes": torch.zeros(0, 4, dtype=torch.float64),
+                "labels": torch.zeros(0, dtype=torch.int64),
+            },
+            {
+                "boxes": torch.tensor([_xyxy(*GT_B), _xyxy(*GT_C)], dtype=torch.float64),
+                "labels": torch.tensor([0, 2]),
+            },
         ],
         "img_size": img,
         "num_classes": NUM_CLASSES,
@@ -119,7 +142,9 @@ def _three_images() -> tuple[list[torch.Tensor], dict, list[tuple]]:
 def _assert_terms(result: LossOutput, expected: dict[str, float]) -> None:
     assert result.value.item() == pytest.approx(expected["total"], rel=1e-10)
     for name in ("iou", "obj", "cls", "l1"):
-        assert result.components[name].item() == pytest.approx(expected[name], rel=1e-10, abs=1e-12), name
+        assert result.components[name].item() == pytest.approx(
+            expected[name], rel=1e-10, abs=1e-12
+        ), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +182,9 @@ def test_components_add_up_to_total() -> None:
     levels, target, _ = _three_images()
     r = yolox_loss({"pred": levels}, target, l1_activate_epoch=0)
     c = r.components
-    torch.testing.assert_close(5 * c["iou"] + c["obj"] + c["cls"] + c["l1"], r.value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        5 * c["iou"] + c["obj"] + c["cls"] + c["l1"], r.value, rtol=1e-12, atol=1e-12
+    )
     assert set(c) == {"iou", "obj", "cls", "l1"} and not any(v.requires_grad for v in c.values())
 
 
@@ -169,8 +196,13 @@ def test_dynamic_k_takes_the_cheapest_candidates() -> None:
     gt = GT_A
     for col, ratio in ((0, 0.95), (1, 0.9), (2, 0.85)):
         _designate(levels, img, 0, 0, 1, col, (gt[0], gt[1], gt[2] * ratio, gt[3]))
-    target = {"gt": [{"boxes": torch.tensor([_xyxy(*gt)], dtype=torch.float64), "labels": torch.tensor([2])}],
-              "img_size": img, "num_classes": NUM_CLASSES}
+    target = {
+        "gt": [
+            {"boxes": torch.tensor([_xyxy(*gt)], dtype=torch.float64), "labels": torch.tensor([2])}
+        ],
+        "img_size": img,
+        "num_classes": NUM_CLASSES,
+    }
     result = yolox_loss({"pred": levels}, target, l1_activate_epoch=0)
     _assert_terms(result, _expected(levels, img, [(0, 0, 1, 0, gt, 2), (0, 0, 1, 1, gt, 2)]))
 
@@ -185,8 +217,15 @@ def test_anchor_claimed_twice_keeps_cheapest_gt() -> None:
     box = _xyxy(*GT_A)
 
     def run(labels: list[int]) -> LossOutput:
-        gt = {"boxes": torch.tensor([box] * len(labels), dtype=torch.float64), "labels": torch.tensor(labels)}
-        return yolox_loss({"pred": levels}, {"gt": [gt], "img_size": img, "num_classes": NUM_CLASSES}, l1_activate_epoch=0)
+        gt = {
+            "boxes": torch.tensor([box] * len(labels), dtype=torch.float64),
+            "labels": torch.tensor(labels),
+        }
+        return yolox_loss(
+            {"pred": levels},
+            {"gt": [gt], "img_size": img, "num_classes": NUM_CLASSES},
+            l1_activate_epoch=0,
+        )
 
     expected = _expected(levels, img, [(0, 0, 1, 1, GT_A, 0)])
     _assert_terms(run([1, 0]), expected)
@@ -197,7 +236,10 @@ def test_anchor_claimed_twice_keeps_cheapest_gt() -> None:
 def test_float32_close_to_float64() -> None:
     levels, target, fg = _three_images()
     levels32 = [lv.float() for lv in levels]
-    target32 = {**target, "gt": [{"boxes": g["boxes"].float(), "labels": g["labels"]} for g in target["gt"]]}
+    target32 = {
+        **target,
+        "gt": [{"boxes": g["boxes"].float(), "labels": g["labels"]} for g in target["gt"]],
+    }
     r = yolox_loss({"pred": levels32}, target32, l1_activate_epoch=0)
     assert r.value.dtype == torch.float32
     assert r.value.item() == pytest.approx(_expected(levels, 64, fg)["total"], rel=1e-5)
@@ -209,10 +251,18 @@ def test_float32_close_to_float64() -> None:
 
 def test_no_gt_in_batch_is_objectness_only() -> None:
     levels = [lv.requires_grad_(True) for lv in _levels(2, (4, 2), seed=7)]
-    empty = {"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)}
-    r = yolox_loss({"pred": levels}, {"gt": [empty, copy.deepcopy(empty)], "img_size": 32, "num_classes": NUM_CLASSES},
-                   l1_activate_epoch=0)
-    expected = sum(_softplus(x) for lv in levels for x in lv[:, 4].flatten().tolist())  # / max(0, 1)
+    empty = {
+        "boxes": torch.zeros(0, 4, dtype=torch.float64),
+        "labels": torch.zeros(0, dtype=torch.int64),
+    }
+    r = yolox_loss(
+        {"pred": levels},
+        {"gt": [empty, copy.deepcopy(empty)], "img_size": 32, "num_classes": NUM_CLASSES},
+        l1_activate_epoch=0,
+    )
+    expected = sum(
+        _softplus(x) for lv in levels for x in lv[:, 4].flatten().tolist()
+    )  # / max(0, 1)
     assert r.value.item() == pytest.approx(expected, rel=1e-12)
     assert all(r.components[k].item() == 0.0 for k in ("iou", "cls", "l1"))
     r.value.backward()
@@ -230,7 +280,10 @@ def test_gt_padding_rule_counts_rows_with_positive_sum() -> None:
 
     def with_rows(boxes, labels):
         t = copy.deepcopy(target)
-        t["gt"][0] = {"boxes": torch.tensor(boxes, dtype=torch.float64), "labels": torch.tensor(labels)}
+        t["gt"][0] = {
+            "boxes": torch.tensor(boxes, dtype=torch.float64),
+            "labels": torch.tensor(labels),
+        }
         return yolox_loss({"pred": levels}, t, l1_activate_epoch=0)
 
     real = with_rows([_xyxy(*GT_A)], [1])
@@ -258,7 +311,10 @@ def test_caller_target_is_not_modified_and_calls_repeat() -> None:
 
 def test_gt_without_any_candidate_raises() -> None:
     levels, target, _ = _three_images()
-    target["gt"][1] = {"boxes": torch.tensor([[200.0, 200.0, 220.0, 230.0]], dtype=torch.float64), "labels": torch.tensor([0])}
+    target["gt"][1] = {
+        "boxes": torch.tensor([[200.0, 200.0, 220.0, 230.0]], dtype=torch.float64),
+        "labels": torch.tensor([0]),
+    }
     with pytest.raises(InvalidArgument, match="candidate") as err:
         yolox_loss({"pred": levels}, target, l1_activate_epoch=0)
     assert err.value.field == "target.gt[1].boxes[0]"
@@ -305,9 +361,16 @@ def test_batch_mismatch() -> None:
         (lambda o, t: o["pred"].__setitem__(1, o["pred"][1][:2]), "out.pred[1]"),
         (lambda o, t: o.__setitem__("pred", o["pred"][0]), "out.pred"),
         (lambda o, t: o.__setitem__("pred", []), "out.pred"),
-        (lambda o, t: t["gt"][0].__setitem__("boxes", torch.tensor([[20.0, 6.0, 4.0, 18.0]], dtype=torch.float64)),
-         "target.gt[0].boxes[0]"),
-        (lambda o, t: t["gt"][0].__setitem__("boxes", torch.zeros(2, 4, dtype=torch.float64)), "target.gt[0].boxes"),
+        (
+            lambda o, t: t["gt"][0].__setitem__(
+                "boxes", torch.tensor([[20.0, 6.0, 4.0, 18.0]], dtype=torch.float64)
+            ),
+            "target.gt[0].boxes[0]",
+        ),
+        (
+            lambda o, t: t["gt"][0].__setitem__("boxes", torch.zeros(2, 4, dtype=torch.float64)),
+            "target.gt[0].boxes",
+        ),
         (lambda o, t: t["gt"][0].__setitem__("labels", torch.tensor([1.0])), "target.gt[0].labels"),
         (lambda o, t: t.pop("num_classes"), "target.num_classes"),
         (lambda o, t: t.__setitem__("img_size", 64.0), "target.img_size"),
@@ -338,21 +401,31 @@ def test_gradcheck(level: int) -> None:
     levels[0][0, 5 + 1, 1, 1] = 0.0
     target = {
         "gt": [
-            {"boxes": torch.tensor([_xyxy(*GT_A)], dtype=torch.float64), "labels": torch.tensor([1])},
-            {"boxes": torch.zeros(0, 4, dtype=torch.float64), "labels": torch.zeros(0, dtype=torch.int64)},
+            {
+                "boxes": torch.tensor([_xyxy(*GT_A)], dtype=torch.float64),
+                "labels": torch.tensor([1]),
+            },
+            {
+                "boxes": torch.zeros(0, 4, dtype=torch.float64),
+                "labels": torch.zeros(0, dtype=torch.int64),
+            },
         ],
         "img_size": img,
         "num_classes": NUM_CLASSES,
     }
     fg = [(0, 0, 1, 1, GT_A, 1)]
-    _assert_terms(yolox_loss({"pred": levels}, target, l1_activate_epoch=0), _expected(levels, img, fg))
+    _assert_terms(
+        yolox_loss({"pred": levels}, target, l1_activate_epoch=0), _expected(levels, img, fg)
+    )
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         pred = list(levels)
         pred[level] = x
         return yolox_loss({"pred": pred}, target, l1_activate_epoch=0).value
 
-    assert gradcheck(fn, (levels[level].clone().requires_grad_(True),), eps=1e-6, atol=1e-7, fast_mode=True)
+    assert gradcheck(
+        fn, (levels[level].clone().requires_grad_(True),), eps=1e-6, atol=1e-7, fast_mode=True
+    )
 
 
 def test_spec_registered_and_example_runs() -> None:

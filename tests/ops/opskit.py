@@ -26,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from lossd.server.app import RunningServer, create_server
 from lossd.server.config import ServerConfig
 
-x509 = pytest.importorskip("cryptography.x509", reason="the TLS tests need the cryptography package (dev extra)")
+x509 = pytest.importorskip(
+    "cryptography.x509", reason="the TLS tests need the cryptography package (dev extra)"
+)
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
@@ -40,7 +42,9 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, key, issuer_name: str, issuer_key, *, ca: bool = False, server: bool = False) -> x509.Certificate:
+def _cert(
+    subject: str, key, issuer_name: str, issuer_key, *, ca: bool = False, server: bool = False
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -54,15 +58,30 @@ def _cert(subject: str, key, issuer_name: str, issuer_key, *, ca: bool = False, 
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     elif server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     else:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -70,7 +89,13 @@ def _write(path: Path, cert: x509.Certificate | None = None, key=None) -> str:
     if cert is not None:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     else:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         path.chmod(0o600)
     return str(path)
 
@@ -97,19 +122,34 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca_key, rogue_ca_key = _key(), _key()
     ca = _cert("lossd test CA", ca_key, "lossd test CA", ca_key, ca=True)
     rogue_ca = _cert("rogue CA", rogue_ca_key, "rogue CA", rogue_ca_key, ca=True)
-    server_key, client_key, rogue_key, auditor_key, stranger_key = _key(), _key(), _key(), _key(), _key()
+    server_key, client_key, rogue_key, auditor_key, stranger_key = (
+        _key(),
+        _key(),
+        _key(),
+        _key(),
+        _key(),
+    )
     return Pki(
         ca=_write(d / "ca.pem", ca),
-        server_cert=_write(d / "server.pem", _cert("lossd-server", server_key, "lossd test CA", ca_key, server=True)),
+        server_cert=_write(
+            d / "server.pem",
+            _cert("lossd-server", server_key, "lossd test CA", ca_key, server=True),
+        ),
         server_key=_write(d / "server.key", key=server_key),
-        client_cert=_write(d / "client.pem", _cert("trainer-7", client_key, "lossd test CA", ca_key)),
+        client_cert=_write(
+            d / "client.pem", _cert("trainer-7", client_key, "lossd test CA", ca_key)
+        ),
         client_key=_write(d / "client.key", key=client_key),
         rogue_ca=_write(d / "rogue-ca.pem", rogue_ca),
         rogue_cert=_write(d / "rogue.pem", _cert("trainer-7", rogue_key, "rogue CA", rogue_ca_key)),
         rogue_key=_write(d / "rogue.key", key=rogue_key),
-        auditor_cert=_write(d / "auditor.pem", _cert("auditor-1", auditor_key, "lossd test CA", ca_key)),
+        auditor_cert=_write(
+            d / "auditor.pem", _cert("auditor-1", auditor_key, "lossd test CA", ca_key)
+        ),
         auditor_key=_write(d / "auditor.key", key=auditor_key),
-        stranger_cert=_write(d / "stranger.pem", _cert("stranger", stranger_key, "lossd test CA", ca_key)),
+        stranger_cert=_write(
+            d / "stranger.pem", _cert("stranger", stranger_key, "lossd test CA", ca_key)
+        ),
         stranger_key=_write(d / "stranger.key", key=stranger_key),
     )
 
@@ -126,12 +166,19 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     import hashlib
 
     path = tmp_path_factory.mktemp("auth") / "tokens.json"
-    path.write_text(json.dumps({
-        TOKENS["compute"]: {"principal": "trainer-a", "roles": ["compute"]},
-        # Stored as a digest, as a careful operator would.
-        "sha256:" + hashlib.sha256(TOKENS["audit"].encode()).hexdigest(): {"principal": "auditor", "roles": ["audit-read"]},
-        TOKENS["admin"]: {"principal": "ops", "roles": ["admin"]},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                TOKENS["compute"]: {"principal": "trainer-a", "roles": ["compute"]},
+                # Stored as a digest, as a careful operator would.
+                "sha256:" + hashlib.sha256(TOKENS["audit"].encode()).hexdigest(): {
+                    "principal": "auditor",
+                    "roles": ["audit-read"],
+                },
+                TOKENS["admin"]: {"principal": "ops", "roles": ["admin"]},
+            }
+        )
+    )
     path.chmod(0o600)
     return str(path)
 
@@ -142,7 +189,9 @@ def running(**settings) -> Iterator[RunningServer]:
     import tempfile
 
     data_dir = tempfile.mkdtemp(prefix="lossd-ops-")  # never the user's ~/.local/share/lossd
-    config = ServerConfig(**{"port": 0, "device": "cpu", "workers": 4, "data_dir": data_dir, **settings})
+    config = ServerConfig(
+        **{"port": 0, "device": "cpu", "workers": 4, "data_dir": data_dir, **settings}
+    )
     server = create_server(config)
     try:
         yield server
@@ -151,11 +200,19 @@ def running(**settings) -> Iterator[RunningServer]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def health_status(target: str, credentials: grpc.ChannelCredentials | None = None, **options) -> str:
+def health_status(
+    target: str, credentials: grpc.ChannelCredentials | None = None, **options
+) -> str:
     opts = list(options.items())
-    channel = grpc.secure_channel(target, credentials, options=opts) if credentials else grpc.insecure_channel(target)
+    channel = (
+        grpc.secure_channel(target, credentials, options=opts)
+        if credentials
+        else grpc.insecure_channel(target)
+    )
     with channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 

@@ -60,7 +60,9 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 def _exec_form(args: str, what: str) -> list[str]:
     value = json.loads(args)  # only the exec (JSON) form: no shell in between
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{what} must be a JSON array"
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), (
+        f"{what} must be a JSON array"
+    )
     return value
 
 
@@ -77,7 +79,11 @@ def parse_stages(path: Path) -> list[Stage]:
         if word == "ENV":
             known = stage.env
             for key, val in re.findall(r'(\w+)=("[^"]*"|\S*)', args):
-                stage.env[key] = re.sub(r"\$\{?(\w+)\}?", lambda m, k=known: k.get(m.group(1), os.environ.get(m.group(1), "")), val.strip('"'))
+                stage.env[key] = re.sub(
+                    r"\$\{?(\w+)\}?",
+                    lambda m, k=known: k.get(m.group(1), os.environ.get(m.group(1), "")),
+                    val.strip('"'),
+                )
         elif word == "COPY" and not args.startswith("--from"):
             stage.copies += args.split()[:-1]
         elif word == "ENTRYPOINT":
@@ -147,7 +153,9 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile"]
     # As the builder does: the pinned torch first, then the project with its postgres extra.
-    result = subprocess.run([*pip, "torch==2.13.0", f"{context}[postgres]"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*pip, "torch==2.13.0", f"{context}[postgres]"], capture_output=True, text=True, timeout=600
+    )
     if result.returncode != 0:
         pytest.fail("pip could not build the image's environment:\n" + result.stderr[-3000:])
     return venv
@@ -163,7 +171,9 @@ def _image_env(venv: Path, stage: Stage, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     env.update(stage.env)
     # The image's PATH starts with its venv (/opt/lossd/bin); here that is the test's venv.
-    env["PATH"] = str(venv / "bin") + os.pathsep + env["PATH"].replace("/opt/lossd/bin" + os.pathsep, "")
+    env["PATH"] = (
+        str(venv / "bin") + os.pathsep + env["PATH"].replace("/opt/lossd/bin" + os.pathsep, "")
+    )
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONPATH", None)
     env.update(overrides)
@@ -174,7 +184,9 @@ class Container:
     """The image's ENTRYPOINT + CMD as a process, its stderr collected."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         threading.Thread(target=lambda: self.stdout.extend(self.proc.stdout), daemon=True).start()
@@ -204,21 +216,33 @@ class Container:
 # Building the clean venv (pip install of torch and the project) took 65 s of the 99 s these
 # two tests needed on a loaded 2-core machine (36 s when idle): over the 60 s that makes a test slow.
 @pytest.mark.slow
-def test_the_entrypoint_serves_and_the_healthcheck_passes(image_venv: Path, tokens_file: str, tmp_path: Path):
+def test_the_entrypoint_serves_and_the_healthcheck_passes(
+    image_venv: Path, tokens_file: str, tmp_path: Path
+):
     stage = parse_stages(DOCKERFILES[0])[-1]
     port = _free_port()
     data = tmp_path / "var-lib-lossd"
     data.mkdir()
     # What `docker run -p ... -v data:/var/lib/lossd -v tokens:/run/secrets/lossd_tokens` changes:
-    env = _image_env(image_venv, stage, LOSSD_PORT=str(port), LOSSD_METRICS_PORT="0",
-                     LOSSD_DATA_DIR=str(data), LOSSD_AUTH_TOKENS=tokens_file)
+    env = _image_env(
+        image_venv,
+        stage,
+        LOSSD_PORT=str(port),
+        LOSSD_METRICS_PORT="0",
+        LOSSD_DATA_DIR=str(data),
+        LOSSD_AUTH_TOKENS=tokens_file,
+    )
     argv = stage.entrypoint + stage.cmd
     assert shutil.which(argv[0], path=env["PATH"]) == str(image_venv / "bin" / argv[0])
     container = Container(argv, env, cwd=data)
     try:
-        assert container.wait_listening(), "the entrypoint did not start:\n" + "".join(container.stderr[-40:])
+        assert container.wait_listening(), "the entrypoint did not start:\n" + "".join(
+            container.stderr[-40:]
+        )
         assert f"lossd listening on 0.0.0.0:{port}" in "".join(container.stdout)
-        health = subprocess.run(stage.healthcheck, env=env, cwd=data, capture_output=True, text=True, timeout=30)
+        health = subprocess.run(
+            stage.healthcheck, env=env, cwd=data, capture_output=True, text=True, timeout=30
+        )
         assert health.returncode == 0, health.stdout + health.stderr
         assert health.stdout.strip() == f"127.0.0.1:{port}: SERVING"
     finally:
@@ -229,15 +253,29 @@ def test_the_entrypoint_serves_and_the_healthcheck_passes(image_venv: Path, toke
     assert "WITHOUT TLS or authentication" not in log
     assert "auth_tokens = " in log and "host = '0.0.0.0'" in log  # settings printed at start-up
     # The healthcheck fails once the server is gone (so Docker would mark it unhealthy).
-    after = subprocess.run(stage.healthcheck, env={**env}, cwd=data, capture_output=True, text=True, timeout=30)
+    after = subprocess.run(
+        stage.healthcheck, env={**env}, cwd=data, capture_output=True, text=True, timeout=30
+    )
     assert after.returncode == 1
 
 
 @pytest.mark.slow
 def test_the_entrypoint_refuses_to_start_without_its_tokens_file(image_venv: Path, tmp_path: Path):
     stage = parse_stages(DOCKERFILES[0])[-1]
-    env = _image_env(image_venv, stage, LOSSD_PORT=str(_free_port()), LOSSD_DATA_DIR=str(tmp_path),
-                     LOSSD_AUTH_TOKENS=str(tmp_path / "not-mounted"))
-    result = subprocess.run(stage.entrypoint + stage.cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = _image_env(
+        image_venv,
+        stage,
+        LOSSD_PORT=str(_free_port()),
+        LOSSD_DATA_DIR=str(tmp_path),
+        LOSSD_AUTH_TOKENS=str(tmp_path / "not-mounted"),
+    )
+    result = subprocess.run(
+        stage.entrypoint + stage.cmd,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "not-mounted" in result.stderr  # the error names the missing file

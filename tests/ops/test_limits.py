@@ -66,7 +66,10 @@ def _stub(server) -> Iterator[pb_grpc.LossServiceStub]:
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once():
-    with running(max_concurrent_rpcs=2, workers=4, metrics_port=-1) as server, _stub(server) as stub:
+    with (
+        running(max_concurrent_rpcs=2, workers=4, metrics_port=-1) as server,
+        _stub(server) as stub,
+    ):
         gate = Gate(server.engine)
         slow = [stub.Compute.future(_mse(), timeout=60) for _ in range(2)]
         gate.wait_arrivals(2)  # both are computing: the server is at its limit
@@ -83,7 +86,12 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once():
         _inflight_drained(server)
         m = samples(server.metrics.exposition().decode())
         assert value(m, "lossd_rejected_requests_total", reason="concurrency_limit") == 1
-        assert value(m, "grpc_server_handled_total", grpc_method="Compute", grpc_code="ResourceExhausted") == 1
+        assert (
+            value(
+                m, "grpc_server_handled_total", grpc_method="Compute", grpc_code="ResourceExhausted"
+            )
+            == 1
+        )
         assert value(m, "grpc_server_handled_total", grpc_method="Compute", grpc_code="OK") == 2
         _still_serving(server)
 
@@ -104,14 +112,30 @@ def test_a_deadline_shorter_than_the_computation_discards_the_result():
         # behind it (metrics here, the audit recorder in production) never saw it.
         assert value(m, "lossd_phase_seconds_count", loss="mse") == 0
         assert value(m, "lossd_sent_bytes_total", loss="mse") == 0
-        assert value(m, "grpc_server_handled_total", grpc_method="Compute", grpc_code="DeadlineExceeded") == 1
+        assert (
+            value(
+                m, "grpc_server_handled_total", grpc_method="Compute", grpc_code="DeadlineExceeded"
+            )
+            == 1
+        )
         assert value(m, "lossd_rejected_requests_total", reason="deadline_exceeded") == 1
         _still_serving(server)
-        assert value(samples(server.metrics.exposition().decode()), "lossd_phase_seconds_count", loss="mse", phase="compute") == 1
+        assert (
+            value(
+                samples(server.metrics.exposition().decode()),
+                "lossd_phase_seconds_count",
+                loss="mse",
+                phase="compute",
+            )
+            == 1
+        )
 
 
 def test_a_call_whose_deadline_passed_in_the_queue_never_computes():
-    with running(workers=1, max_concurrent_rpcs=8, metrics_port=-1) as server, _stub(server) as stub:
+    with (
+        running(workers=1, max_concurrent_rpcs=8, metrics_port=-1) as server,
+        _stub(server) as stub,
+    ):
         gate = Gate(server.engine)
         first = stub.Compute.future(_mse(), timeout=60)
         gate.wait_arrivals(1)  # the only worker thread is busy
@@ -146,7 +170,9 @@ def test_an_oversized_message_is_resource_exhausted_and_names_the_setting():
         finally:
             small.close()
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_message_mb" in caught.value.details and "--max-message-mb" in caught.value.details
+        assert (
+            "max_message_mb" in caught.value.details and "--max-message-mb" in caught.value.details
+        )
         _still_serving(server)
 
 
@@ -170,7 +196,9 @@ def test_an_element_cap_is_resource_exhausted_and_names_the_flag():
 def test_every_limit_is_a_server_config_field():
     names = {f.name for f in fields(ServerConfig)}
     assert set(LIMITS) <= names
-    limits = ServerConfig(**{k: v for k, v in LIMITS.items() if k not in ("max_message_mb", "max_concurrent_rpcs")}).limits
+    limits = ServerConfig(
+        **{k: v for k, v in LIMITS.items() if k not in ("max_message_mb", "max_concurrent_rpcs")}
+    ).limits
     assert (limits.max_rank, limits.max_elements, limits.max_depth) == (4, 1234, 6)
 
 
@@ -181,7 +209,9 @@ def test_each_limit_is_settable_by_file_env_and_flag_in_that_priority(name, tmp_
     config_file.write_text(f"{name}: {LIMITS[name]}\n")
     env_key = f"LOSSD_{name.upper()}"
     from_file = ServerConfig.from_sources(env={"LOSSD_CONFIG": str(config_file)})
-    from_env = ServerConfig.from_sources(env={"LOSSD_CONFIG": str(config_file), env_key: str(LIMITS[name] + 1)})
+    from_env = ServerConfig.from_sources(
+        env={"LOSSD_CONFIG": str(config_file), env_key: str(LIMITS[name] + 1)}
+    )
     assert getattr(from_file, name) == LIMITS[name]
     assert getattr(from_env, name) == LIMITS[name] + 1
     from_flag = parse([flag, str(LIMITS[name] + 2), "--config", str(config_file)])
@@ -191,9 +221,20 @@ def test_each_limit_is_settable_by_file_env_and_flag_in_that_priority(name, tmp_
 def test_the_limits_in_force_are_printed_at_start_up(tmp_path: Path):
     config_file = tmp_path / "lossd.yaml"
     config_file.write_text("max_items: 777\nmax_depth: 7\n")
-    with ServerProcess("--max-concurrent-rpcs", "3", "--config", str(config_file),
-                       env={"LOSSD_MAX_ELEMENTS": "4242", "LOSSD_MAX_DEPTH": "9"}) as proc:
+    with ServerProcess(
+        "--max-concurrent-rpcs",
+        "3",
+        "--config",
+        str(config_file),
+        env={"LOSSD_MAX_ELEMENTS": "4242", "LOSSD_MAX_DEPTH": "9"},
+    ) as proc:
         assert health_status(proc.address) == "SERVING"
         log = "".join(proc.stderr_lines)
-    for line in ("max_concurrent_rpcs = 3", "max_items = 777", "max_elements = 4242", "max_depth = 9", "max_message_mb = 256"):
+    for line in (
+        "max_concurrent_rpcs = 3",
+        "max_items = 777",
+        "max_elements = 4242",
+        "max_depth = 9",
+        "max_message_mb = 256",
+    ):
         assert line in log, f"{line!r} not in the start-up log:\n{log}"

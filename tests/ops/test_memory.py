@@ -24,7 +24,9 @@ from lossd.server._malloc import MAX_THRESHOLD_KB, IdleTrimmer, set_mmap_thresho
 from lossd.server.config import SettingError  # noqa: E402
 
 glibc_only = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or ctypes.util.find_library("c") is None,
+    platform.system() != "Linux"
+    or platform.libc_ver()[0] != "glibc"
+    or ctypes.util.find_library("c") is None,
     reason="the settings act on glibc's allocator only",
 )
 
@@ -64,7 +66,9 @@ def test_trims_once_after_enough_bytes_and_a_quiet_spell():
         last_compute = time.monotonic()
         assert trim.calls == []
         time.sleep(2.5)
-        assert len(trim.calls) == 1 and trim.calls[0] - last_compute >= 1.0  # once, after the quiet spell
+        assert (
+            len(trim.calls) == 1 and trim.calls[0] - last_compute >= 1.0
+        )  # once, after the quiet spell
         time.sleep(1.5)
         assert len(trim.calls) == 1  # and not again until more traffic
     finally:
@@ -108,7 +112,9 @@ def test_an_idle_server_gives_back_what_large_calls_left_behind():
             time.sleep(2.0)
             held[idle_s] = (before, after, rss_mib(proc.proc.pid))
     before, after, idle = held["0"]
-    assert after - before > 300 and idle > after - 50, held  # without it the memory stays (the control)
+    assert after - before > 300 and idle > after - 50, (
+        held
+    )  # without it the memory stays (the control)
     before, after, idle = held["0.5"]
     assert after - before > 300 and idle - before < 0.4 * (after - before), held
 
@@ -146,7 +152,10 @@ running.stop(0)
 
 def mapped_bytes(threshold_kb: int) -> int:
     done = subprocess.run(
-        [sys.executable, "-c", MAPPED_AFTER_A_LARGE_REQUEST, str(threshold_kb)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", MAPPED_AFTER_A_LARGE_REQUEST, str(threshold_kb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split()[-1])
@@ -164,5 +173,8 @@ def test_zero_the_default_leaves_glibcs_dynamic_threshold_which_puts_them_in_an_
 
 @pytest.mark.parametrize("kib", [-1, MAX_THRESHOLD_KB + 1])
 def test_a_threshold_glibc_would_refuse_is_an_error_naming_the_flag(kib):
-    with pytest.raises(SettingError, match=rf"--malloc-mmap-threshold-kb: expected 0\.\.{MAX_THRESHOLD_KB} \(KiB\), got {kib}"):
+    with pytest.raises(
+        SettingError,
+        match=rf"--malloc-mmap-threshold-kb: expected 0\.\.{MAX_THRESHOLD_KB} \(KiB\), got {kib}",
+    ):
         set_mmap_threshold(kib)

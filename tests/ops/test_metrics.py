@@ -32,7 +32,9 @@ def test_metrics_count_good_and_bad_calls():
             refused = {}
             for name, request in {
                 "not_found": build_request("no_such_loss", {}, (torch.zeros(2),), {}),
-                "invalid_argument": build_request("mse", {}, (torch.zeros(2), torch.zeros(3, 3)), {}),
+                "invalid_argument": build_request(
+                    "mse", {}, (torch.zeros(2), torch.zeros(3, 3)), {}
+                ),
                 "resource_exhausted": _mse(2000),  # over --max-elements
             }.items():
                 with pytest.raises(LossdError) as caught:
@@ -49,7 +51,11 @@ def test_metrics_count_good_and_bad_calls():
         text = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
 
     m = samples(text)
-    compute = {"grpc_service": "lossd.v1.LossService", "grpc_method": "Compute", "grpc_type": "unary"}
+    compute = {
+        "grpc_service": "lossd.v1.LossService",
+        "grpc_method": "Compute",
+        "grpc_type": "unary",
+    }
     assert value(m, "grpc_server_started_total", **compute) == 7
     assert value(m, "grpc_server_handled_total", grpc_code="OK", **compute) == 4
     assert value(m, "grpc_server_handled_total", grpc_code="NotFound", **compute) == 1
@@ -75,8 +81,12 @@ def test_metrics_count_good_and_bad_calls():
 
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (apt-get install -y prometheus); the parse checks above passed")
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        pytest.skip(
+            "promtool not installed (apt-get install -y prometheus); the parse checks above passed"
+        )
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -88,7 +98,9 @@ def test_stream_messages_are_counted_per_loss():
             request_serializer=pb.ComputeStreamRequest.SerializeToString,
             response_deserializer=pb.ComputeStreamResponse.FromString,
         )
-        responses = list(stream(iter([pb.ComputeStreamRequest(request=_mse()) for _ in range(3)]), timeout=30))
+        responses = list(
+            stream(iter([pb.ComputeStreamRequest(request=_mse()) for _ in range(3)]), timeout=30)
+        )
         channel.close()
         m = samples(server.metrics.exposition().decode())
     assert len(responses) == 3
@@ -100,8 +112,18 @@ def test_stream_messages_are_counted_per_loss():
 
 
 def test_audit_and_device_memory_collectors_read_their_sources_at_scrape_time():
-    stats = {"queue_depth": 3, "queue_capacity": 4096, "records_written": 10, "write_seconds_sum": 0.5, "write_seconds_count": 5}
-    metrics = Metrics(device="cuda:0", audit_stats=lambda: stats, memory_probe=lambda: {"allocated": 1024, "reserved": 4096})
+    stats = {
+        "queue_depth": 3,
+        "queue_capacity": 4096,
+        "records_written": 10,
+        "write_seconds_sum": 0.5,
+        "write_seconds_count": 5,
+    }
+    metrics = Metrics(
+        device="cuda:0",
+        audit_stats=lambda: stats,
+        memory_probe=lambda: {"allocated": 1024, "reserved": 4096},
+    )
     m = samples(metrics.exposition().decode())
     assert value(m, "lossd_audit_queue_depth") == 3
     assert value(m, "lossd_audit_write_seconds_count") == 5
@@ -127,7 +149,11 @@ def test_phase_hook_uses_registered_names_only():
     metrics = Metrics()
     response = pb.ComputeResponse()
     response.timings.compute_ns = 2_000_000
-    event = SimpleNamespace(result=SimpleNamespace(spec=SimpleNamespace(name="mse"), non_finite=False), response=response, request_bytes=10)
+    event = SimpleNamespace(
+        result=SimpleNamespace(spec=SimpleNamespace(name="mse"), non_finite=False),
+        response=response,
+        request_bytes=10,
+    )
     metrics.after_compute(event)
     m = samples(metrics.exposition().decode())
     assert value(m, "lossd_phase_seconds_sum", loss="mse", phase="compute") == pytest.approx(0.002)
@@ -140,16 +166,31 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
     from lossd.server import registry
     from lossd.server.metrics import CODE_NAMES, CONCURRENCY_LIMIT, REFUSALS
 
-    good = [_mse(16), _mse(32), build_request("mse", {}, (torch.tensor([float("inf"), 1.0]), torch.zeros(2)), {})]
+    good = [
+        _mse(16),
+        _mse(32),
+        build_request("mse", {}, (torch.tensor([float("inf"), 1.0]), torch.zeros(2)), {}),
+    ]
     with running(metrics_port=0, auth_tokens=tokens_file) as server:
         target = f"127.0.0.1:{server.port}"
-        clients = {who: LossClient(target, timeout=30, token=token, retries=0) for who, token in
-                   {"compute": TOKENS["compute"], "audit": TOKENS["audit"], "none": "", "wrong": "tok-wrong-0123456789abcdef"}.items()}
+        clients = {
+            who: LossClient(target, timeout=30, token=token, retries=0)
+            for who, token in {
+                "compute": TOKENS["compute"],
+                "audit": TOKENS["audit"],
+                "none": "",
+                "wrong": "tok-wrong-0123456789abcdef",
+            }.items()
+        }
         try:
             responses = [clients["compute"].compute(r) for r in good]
             codes = []
-            for who, request in (("none", _mse()), ("wrong", _mse()), ("audit", _mse()),
-                                 ("compute", build_request("mse", {}, (torch.zeros(2), torch.zeros(5)), {}))):
+            for who, request in (
+                ("none", _mse()),
+                ("wrong", _mse()),
+                ("audit", _mse()),
+                ("compute", build_request("mse", {}, (torch.zeros(2), torch.zeros(5)), {})),
+            ):
                 with pytest.raises(LossdError) as caught:
                     clients[who].compute(request)
                 codes.append(caught.value.code)
@@ -157,11 +198,19 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
             for c in clients.values():
                 c.close()
         text = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
-    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
-                     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT]
+    assert codes == [
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ]
 
     m = samples(text)
-    compute = {"grpc_method": "Compute", "grpc_service": "lossd.v1.LossService", "grpc_type": "unary"}
+    compute = {
+        "grpc_method": "Compute",
+        "grpc_service": "lossd.v1.LossService",
+        "grpc_type": "unary",
+    }
     assert value(m, "grpc_server_started_total", **compute) == 7
     assert value(m, "grpc_server_handled_total", **compute) == 7
     assert value(m, "grpc_server_handled_total", grpc_code="OK", **compute) == 3
@@ -186,13 +235,28 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
         "reason": set(REFUSALS.values()) | {CONCURRENCY_LIMIT},
         "phase": {"decode", "compute", "encode"},
         "grpc_type": {"unary", "client_stream", "server_stream", "bidi_stream"},
-        "grpc_service": {"lossd.v1.LossService", "lossd.v1.AuditService", "grpc.health.v1.Health",
-                         "grpc.reflection.v1alpha.ServerReflection"},
-        "grpc_method": {"Compute", "ComputeStream", "ComputeChunked", "ListLosses", "DescribeLoss",
-                        "ListRuns", "GetRecords", "VerifyRun", "Check", "Watch", "ServerReflectionInfo"},
+        "grpc_service": {
+            "lossd.v1.LossService",
+            "lossd.v1.AuditService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        },
+        "grpc_method": {
+            "Compute",
+            "ComputeStream",
+            "ComputeChunked",
+            "ListLosses",
+            "DescribeLoss",
+            "ListRuns",
+            "GetRecords",
+            "VerifyRun",
+            "Check",
+            "Watch",
+            "ServerReflectionInfo",
+        },
     }
     free = {"le", "quantile", "version", "torch_version", "device"}  # fixed per process
-    for (_name, labels) in m:
+    for _name, labels in m:
         for key, val in labels:
             assert key in bounded or key in free, f"unexpected label {key}"
             if key in bounded:
@@ -212,6 +276,10 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
 
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (apt-get install -y prometheus); the parse checks above passed")
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        pytest.skip(
+            "promtool not installed (apt-get install -y prometheus); the parse checks above passed"
+        )
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -95,10 +95,20 @@ def test_unavailable_is_retried_with_the_same_request_id():
         return pb.ComputeResponse(request_id=request.request_id)
 
     server = grpc.server(ThreadPoolExecutor(2))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("lossd.v1.LossService", {
-        "Compute": grpc.unary_unary_rpc_method_handler(
-            compute, request_deserializer=pb.ComputeRequest.FromString, response_serializer=pb.ComputeResponse.SerializeToString),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "lossd.v1.LossService",
+                {
+                    "Compute": grpc.unary_unary_rpc_method_handler(
+                        compute,
+                        request_deserializer=pb.ComputeRequest.FromString,
+                        response_serializer=pb.ComputeResponse.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

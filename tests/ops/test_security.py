@@ -35,7 +35,11 @@ ADMIN_PROBE = "/lossd.v1.OpsTestAdmin/WhoAmI"
 
 def _whoami(_request: bytes, _context: grpc.ServicerContext) -> bytes:
     principal = current_principal()
-    return b"" if principal is None else f"{principal.name}:{','.join(sorted(principal.roles))}".encode()
+    return (
+        b""
+        if principal is None
+        else f"{principal.name}:{','.join(sorted(principal.roles))}".encode()
+    )
 
 
 def _add_probes(server) -> None:
@@ -43,7 +47,9 @@ def _add_probes(server) -> None:
     handler = grpc.unary_unary_rpc_method_handler(_whoami)  # raw bytes in and out
     for method in (AUDIT_PROBE, ADMIN_PROBE):
         service, name = method.strip("/").split("/")
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {name: handler}),))
+        server.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {name: handler}),)
+        )
 
 
 def _raw(channel: grpc.Channel, method: str, token: str | None) -> str:
@@ -82,7 +88,9 @@ def test_tls_serves_verified_clients_and_refuses_plaintext_and_unknown_roots(pki
         assert probe.check(target, tls_ca=pki.ca, tls_server_name="localhost") == "SERVING"
         for client in (
             LossClient(target, timeout=5, retries=0),  # plaintext to a TLS port
-            LossClient(target, timeout=5, tls_ca=pki.rogue_ca, retries=0),  # server not signed by these roots
+            LossClient(
+                target, timeout=5, tls_ca=pki.rogue_ca, retries=0
+            ),  # server not signed by these roots
         ):
             try:
                 assert _code(lambda c=client: c.compute(_mse())) == grpc.StatusCode.UNAVAILABLE
@@ -94,7 +102,14 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
     with running(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca) as server:
         _add_probes(server)
         target = f"127.0.0.1:{server.port}"
-        good = LossClient(target, timeout=20, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key, retries=0)
+        good = LossClient(
+            target,
+            timeout=20,
+            tls_ca=pki.ca,
+            tls_cert=pki.client_cert,
+            tls_key=pki.client_key,
+            retries=0,
+        )
         try:
             assert _loss(good.compute(_mse())) == pytest.approx(1.0)
             # Without tokens the principal is the client certificate's common name.
@@ -104,7 +119,12 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
         refused = {
             "no client certificate": LossClient(target, timeout=5, tls_ca=pki.ca, retries=0),
             "certificate from another CA": LossClient(
-                target, timeout=5, tls_ca=pki.ca, tls_cert=pki.rogue_cert, tls_key=pki.rogue_key, retries=0
+                target,
+                timeout=5,
+                tls_ca=pki.ca,
+                tls_cert=pki.rogue_cert,
+                tls_key=pki.rogue_key,
+                retries=0,
             ),
         }
         codes = {}
@@ -115,13 +135,24 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
                 client.close()
         assert codes == dict.fromkeys(refused, grpc.StatusCode.UNAVAILABLE)
         # Refused handshakes leave the server healthy for good clients.
-        assert probe.check(target, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key,
-                           tls_server_name="localhost") == "SERVING"
+        assert (
+            probe.check(
+                target,
+                tls_ca=pki.ca,
+                tls_cert=pki.client_cert,
+                tls_key=pki.client_key,
+                tls_server_name="localhost",
+            )
+            == "SERVING"
+        )
 
 
 def _mtls_client(target: str, pki, who: str) -> LossClient:
-    cert, key = {"trainer-7": (pki.client_cert, pki.client_key), "auditor-1": (pki.auditor_cert, pki.auditor_key),
-                 "stranger": (pki.stranger_cert, pki.stranger_key)}[who]
+    cert, key = {
+        "trainer-7": (pki.client_cert, pki.client_key),
+        "auditor-1": (pki.auditor_cert, pki.auditor_key),
+        "stranger": (pki.stranger_cert, pki.stranger_key),
+    }[who]
     return LossClient(target, timeout=20, tls_ca=pki.ca, tls_cert=cert, tls_key=key, retries=0)
 
 
@@ -139,7 +170,12 @@ def _stream_code(client: LossClient) -> grpc.StatusCode:
 def test_certificate_roles_give_each_client_certificate_exactly_its_roles(pki, tmp_path):
     roles = tmp_path / "client-roles.yaml"
     roles.write_text("trainer-7: [compute]\nauditor-1: audit-read\n")
-    with running(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca, tls_client_roles=str(roles)) as server:
+    with running(
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+        tls_client_roles=str(roles),
+    ) as server:
         _add_probes(server)
         target = f"127.0.0.1:{server.port}"
         seen = {}
@@ -164,30 +200,56 @@ def test_certificate_roles_give_each_client_certificate_exactly_its_roles(pki, t
             grpc.StatusCode.PERMISSION_DENIED,
             "principal 'auditor-1' lacks the 'compute' role that /lossd.v1.LossService/Compute needs",
         )
-        assert seen["auditor-1", "audit"] == "auditor-1:audit-read"  # the handler sees the certificate's principal
+        assert (
+            seen["auditor-1", "audit"] == "auditor-1:audit-read"
+        )  # the handler sees the certificate's principal
         assert seen["auditor-1", "stream"] == grpc.StatusCode.PERMISSION_DENIED
         assert seen["stranger", "compute"] == (
-            grpc.StatusCode.PERMISSION_DENIED, "client certificate 'stranger' is not listed in --tls-client-roles"
+            grpc.StatusCode.PERMISSION_DENIED,
+            "client certificate 'stranger' is not listed in --tls-client-roles",
         )
-        assert seen["stranger", "audit"] == seen["stranger", "stream"] == grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            seen["stranger", "audit"]
+            == seen["stranger", "stream"]
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
         # Probes stay open to any certificate the CA signed.
-        assert probe.check(target, tls_ca=pki.ca, tls_cert=pki.stranger_cert, tls_key=pki.stranger_key,
-                           tls_server_name="localhost") == "SERVING"
+        assert (
+            probe.check(
+                target,
+                tls_ca=pki.ca,
+                tls_cert=pki.stranger_cert,
+                tls_key=pki.stranger_key,
+                tls_server_name="localhost",
+            )
+            == "SERVING"
+        )
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"tls_client_ca": ""}, "--tls-client-roles needs --tls-client-ca"),
-        ({"auth_tokens": "TOKENS"}, "--auth-tokens and --tls-client-roles both grant roles: use one"),
+        (
+            {"auth_tokens": "TOKENS"},
+            "--auth-tokens and --tls-client-roles both grant roles: use one",
+        ),
     ],
     ids=["without-mtls", "with-tokens"],
 )
-def test_certificate_roles_need_mutual_tls_and_exclude_tokens(pki, tokens_file, tmp_path, settings, message):
+def test_certificate_roles_need_mutual_tls_and_exclude_tokens(
+    pki, tokens_file, tmp_path, settings, message
+):
     roles = tmp_path / "client-roles.yaml"
     roles.write_text("trainer-7: [compute]\n")
-    config = ServerConfig(port=0, device="cpu", tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
-                          tls_client_roles=str(roles))
+    config = ServerConfig(
+        port=0,
+        device="cpu",
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+        tls_client_roles=str(roles),
+    )
     config = config.replace(**{k: tokens_file if v == "TOKENS" else v for k, v in settings.items()})
     with pytest.raises(SettingError, match=re.escape(message)):
         create_server(config)
@@ -233,8 +295,18 @@ def _client(server, token: str | None) -> LossClient:
 @pytest.mark.parametrize(
     ("who", "compute", "audit", "admin"),
     [
-        ("compute", "trainer-a:compute", grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED),
-        ("audit", grpc.StatusCode.PERMISSION_DENIED, "auditor:audit-read", grpc.StatusCode.PERMISSION_DENIED),
+        (
+            "compute",
+            "trainer-a:compute",
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (
+            "audit",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "auditor:audit-read",
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
         ("admin", "ops:admin", "ops:admin", "ops:admin"),
     ],
 )
@@ -280,7 +352,10 @@ def test_the_real_audit_service_needs_audit_read(token_server, channel, who, exp
         runs = stub.ListRuns(pb.ListRunsRequest(), timeout=10, metadata=metadata).runs
         assert "ops-role-test" in {r.run_id for r in runs}
     else:
-        assert _code(lambda: stub.ListRuns(pb.ListRunsRequest(), timeout=10, metadata=metadata)) == expected
+        assert (
+            _code(lambda: stub.ListRuns(pb.ListRunsRequest(), timeout=10, metadata=metadata))
+            == expected
+        )
 
 
 def test_permission_denied_names_the_principal_and_the_missing_role(channel):
@@ -306,8 +381,10 @@ def test_missing_or_wrong_tokens_are_unauthenticated(channel, metadata):
         request_serializer=pb.ComputeRequest.SerializeToString,
         response_deserializer=pb.ComputeResponse.FromString,
     )
-    for call in (lambda: compute(_mse(), timeout=10, metadata=metadata),
-                 lambda: channel.unary_unary(AUDIT_PROBE)(b"", timeout=10, metadata=metadata)):
+    for call in (
+        lambda: compute(_mse(), timeout=10, metadata=metadata),
+        lambda: channel.unary_unary(AUDIT_PROBE)(b"", timeout=10, metadata=metadata),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -335,15 +412,23 @@ def test_health_and_reflection_stay_open_without_a_token(token_server, channel):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answers = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    answers = list(
+        stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+    )
     names = {s.name for s in answers[0].list_services_response.service}
     assert "lossd.v1.LossService" in names
 
 
 def test_tokens_and_tls_together(pki, tokens_file):
-    with running(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=tokens_file) as server:
+    with running(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=tokens_file
+    ) as server:
         target = f"127.0.0.1:{server.port}"
-        with_token = LossClient(target, timeout=20, tls_ca=pki.ca, token=TOKENS["compute"], retries=0)
+        with_token = LossClient(
+            target, timeout=20, tls_ca=pki.ca, token=TOKENS["compute"], retries=0
+        )
         without = LossClient(target, timeout=20, tls_ca=pki.ca, token="", retries=0)
         try:
             assert _loss(with_token.compute(_mse())) == pytest.approx(1.0)
@@ -362,10 +447,16 @@ def test_tokens_and_tls_together(pki, tokens_file):
     [
         ({"short": {"principal": "a", "roles": ["compute"]}}, "at least 16 characters"),
         ({"x" * 20: {"principal": "a", "roles": ["root"]}}, "unknown role(s) ['root']"),
-        ({"x" * 20: {"principal": "", "roles": ["compute"]}}, "'principal' must be a non-empty string"),
+        (
+            {"x" * 20: {"principal": "", "roles": ["compute"]}},
+            "'principal' must be a non-empty string",
+        ),
         ({"x" * 20: {"principal": "a", "roles": []}}, "'roles' must be a non-empty list"),
         ({"sha256:abcd": {"principal": "a", "roles": ["compute"]}}, "64 hex digits"),
-        ({"x" * 20: {"principal": "a", "roles": ["compute"], "role": "admin"}}, "unknown key(s) ['role']"),
+        (
+            {"x" * 20: {"principal": "a", "roles": ["compute"], "role": "admin"}},
+            "unknown key(s) ['role']",
+        ),
         ([], "expected a mapping"),
         ({}, "defines no token"),
     ],
@@ -397,7 +488,9 @@ def test_a_digest_entry_authenticates_the_token_it_hashes(tokens_file):
     ],
     ids=["open", "acknowledged", "tokens-without-tls"],
 )
-def test_a_network_facing_server_warns_unless_secured_or_acknowledged(tokens_file, flags, loud, note):
+def test_a_network_facing_server_warns_unless_secured_or_acknowledged(
+    tokens_file, flags, loud, note
+):
     from serverproc import ServerProcess
 
     flags = tuple(tokens_file if f == "TOKENS" else f for f in flags)
@@ -410,7 +503,9 @@ def test_a_network_facing_server_warns_unless_secured_or_acknowledged(tokens_fil
 
 
 def test_mutual_tls_without_certificate_roles_is_noted(pki):
-    config = ServerConfig(host="0.0.0.0", tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    config = ServerConfig(
+        host="0.0.0.0", tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
     assert exposure_notes(config) == [
         "mutual TLS without --tls-client-roles or --auth-tokens: every certificate the CA signed has every role"
     ]

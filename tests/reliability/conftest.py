@@ -31,7 +31,11 @@ from serverproc import ServerProcess  # noqa: E402
 
 _COMMON = dict(
     deadline=None,  # the time is the server's, not hypothesis's to judge
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
     database=None,  # no state left behind in the checkout
     print_blob=True,  # a failing case is reproducible with @reproduce_failure
 )
@@ -42,7 +46,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "long" if LONG else "
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "hostile: the generated hostile-input suite (tests/reliability/test_hostile.py)")
+    config.addinivalue_line(
+        "markers", "hostile: the generated hostile-input suite (tests/reliability/test_hostile.py)"
+    )
     config.addinivalue_line("markers", "faults: crash, restart, disconnect and disk-fault tests")
 
 
@@ -61,7 +67,9 @@ def examples(weight: float) -> int:
 def health_status(address: str, timeout: float = 10.0) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service="lossd.v1.LossService"), timeout=timeout).status
+        return stub.Check(
+            health_pb2.HealthCheckRequest(service="lossd.v1.LossService"), timeout=timeout
+        ).status
 
 
 def serving(address: str) -> bool:
@@ -72,9 +80,22 @@ def serving(address: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def lossd_process(device: torch.device, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def lossd_process(
+    device: torch.device, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A ``lossd serve`` subprocess on the device under test, auditing nothing (module-wide)."""
     data = tmp_path_factory.mktemp("lossd-data")
-    proc = ServerProcess("--device", str(device), "--workers", "4", "--data-dir", str(data), "--audit", "none", "--log-level", "WARNING")
+    proc = ServerProcess(
+        "--device",
+        str(device),
+        "--workers",
+        "4",
+        "--data-dir",
+        str(data),
+        "--audit",
+        "none",
+        "--log-level",
+        "WARNING",
+    )
     with proc:
         yield proc

@@ -31,11 +31,55 @@ from lossd.server import registry
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 VALID_ENUMS = tuple(range(1, 11))
 ITEMSIZE = {1: 2, 2: 2, 3: 4, 4: 8, 5: 1, 6: 1, 7: 2, 8: 4, 9: 8, 10: 1}
-INT_RANGE = {5: (-(1 << 7), (1 << 7) - 1), 6: (0, 255), 7: (-(1 << 15), (1 << 15) - 1), 8: (-(1 << 31), (1 << 31) - 1), 9: (-(1 << 63), (1 << 63) - 1), 10: (0, 1)}
+INT_RANGE = {
+    5: (-(1 << 7), (1 << 7) - 1),
+    6: (0, 255),
+    7: (-(1 << 15), (1 << 15) - 1),
+    8: (-(1 << 31), (1 << 31) - 1),
+    9: (-(1 << 63), (1 << 63) - 1),
+    10: (0, 1),
+}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-SPECIAL_FLOATS = (math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1.0, 1.0, 0.5, 1e38, -1e38, 65504.0, 1e300)
-SPECIAL_INTS = (-1, -2, -100, 0, 1, 2, 3, 4, 7, 15, 16, 79, 80, 81, 255, 256, 1000, 1 << 31, -(1 << 31), INT64_MAX, INT64_MIN, 1 << 40)
+SPECIAL_FLOATS = (
+    math.nan,
+    math.inf,
+    -math.inf,
+    0.0,
+    -0.0,
+    1e-45,
+    -1.0,
+    1.0,
+    0.5,
+    1e38,
+    -1e38,
+    65504.0,
+    1e300,
+)
+SPECIAL_INTS = (
+    -1,
+    -2,
+    -100,
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    15,
+    16,
+    79,
+    80,
+    81,
+    255,
+    256,
+    1000,
+    1 << 31,
+    -(1 << 31),
+    INT64_MAX,
+    INT64_MIN,
+    1 << 40,
+)
 SPECIAL_NUMBERS = (math.nan, math.inf, -math.inf, -1e308, 1e308, -1.0, 0.0, 1e-300, 2.0, 1e6)
 HUGE_DIMS = (1 << 20, 1 << 31, 1 << 32, 1 << 40, 1 << 62, INT64_MAX)
 
@@ -53,7 +97,11 @@ def seed_bytes(name: str, dtype: torch.dtype, with_grads: bool) -> bytes:
     """A valid request for ``name`` (serialized once, so every case starts from the same call)."""
     torch.manual_seed(0)
     args, kwargs, params = registry.get(name).make_example(dtype)
-    paths = [p for p, t in codec.call_tensors(args, kwargs) if t.is_floating_point()] if with_grads else []
+    paths = (
+        [p for p, t in codec.call_tensors(args, kwargs) if t.is_floating_point()]
+        if with_grads
+        else []
+    )
     request = build_request(name, params, args, kwargs, paths)
     request.request_id = ""
     return request.SerializeToString()
@@ -91,7 +139,11 @@ def value_slots(request: pb.ComputeRequest) -> list[tuple[str, pb.Value]]:
 
 
 def tensor_slots(request: pb.ComputeRequest) -> list[tuple[str, pb.Tensor]]:
-    out = [(path, v.tensor_value) for path, v in value_slots(request) if v.WhichOneof("kind") == "tensor_value"]
+    out = [
+        (path, v.tensor_value)
+        for path, v in value_slots(request)
+        if v.WhichOneof("kind") == "tensor_value"
+    ]
     if request.HasField("grad_output"):
         out.append(("grad_output", request.grad_output))
     return out
@@ -99,7 +151,11 @@ def tensor_slots(request: pb.ComputeRequest) -> list[tuple[str, pb.Tensor]]:
 
 def map_slots(request: pb.ComputeRequest) -> list[tuple[str, pb.ValueMap]]:
     out = [("params", request.params), ("kwargs", request.kwargs)]
-    out += [(path, v.dict_value) for path, v in value_slots(request) if v.WhichOneof("kind") == "dict_value"]
+    out += [
+        (path, v.dict_value)
+        for path, v in value_slots(request)
+        if v.WhichOneof("kind") == "dict_value"
+    ]
     return out
 
 
@@ -121,13 +177,17 @@ def raw_tensors() -> st.SearchStrategy[pb.Tensor]:
 
     @st.composite
     def build(draw: st.DrawFn) -> pb.Tensor:
-        dtype = draw(st.one_of(st.sampled_from(VALID_ENUMS), st.sampled_from((0, 11, 99, -1, 1 << 30))))
+        dtype = draw(
+            st.one_of(st.sampled_from(VALID_ENUMS), st.sampled_from((0, 11, 99, -1, 1 << 30)))
+        )
         shape = draw(st.lists(st.integers(0, 5), max_size=4))
         numel = math.prod(shape)
         size = numel * ITEMSIZE.get(dtype, 4)
         if draw(st.booleans()):
             size = draw(st.integers(0, size + 16))
-        return pb.Tensor(dtype=dtype, shape=shape, data=draw(st.binary(min_size=size, max_size=size)))
+        return pb.Tensor(
+            dtype=dtype, shape=shape, data=draw(st.binary(min_size=size, max_size=size))
+        )
 
     return build()
 
@@ -137,20 +197,45 @@ def raw_values(max_leaves: int = 6) -> st.SearchStrategy[pb.Value]:
     leaves = st.one_of(
         st.just(pb.Value(none_value=pb.NoneValue())),
         st.builds(lambda b: pb.Value(bool_value=b), st.booleans()),
-        st.builds(lambda i: pb.Value(int_value=i), st.one_of(st.sampled_from(SPECIAL_INTS), st.integers(INT64_MIN, INT64_MAX))),
-        st.builds(lambda f: pb.Value(float_value=f), st.one_of(st.sampled_from(SPECIAL_NUMBERS), st.floats())),
-        st.builds(lambda s: pb.Value(string_value=s), st.one_of(st.sampled_from(("", "mean", "sum", "none", "ciou", "x" * 5000)), st.text(max_size=20))),
+        st.builds(
+            lambda i: pb.Value(int_value=i),
+            st.one_of(st.sampled_from(SPECIAL_INTS), st.integers(INT64_MIN, INT64_MAX)),
+        ),
+        st.builds(
+            lambda f: pb.Value(float_value=f),
+            st.one_of(st.sampled_from(SPECIAL_NUMBERS), st.floats()),
+        ),
+        st.builds(
+            lambda s: pb.Value(string_value=s),
+            st.one_of(
+                st.sampled_from(("", "mean", "sum", "none", "ciou", "x" * 5000)),
+                st.text(max_size=20),
+            ),
+        ),
         st.builds(lambda t: pb.Value(tensor_value=t), raw_tensors()),
         st.just(pb.Value()),  # no kind set
     )
 
     def containers(children: st.SearchStrategy[pb.Value]) -> st.SearchStrategy[pb.Value]:
         return st.one_of(
-            st.builds(lambda xs: pb.Value(list_value=pb.ValueList(items=xs)), st.lists(children, max_size=3)),
-            st.builds(lambda xs: pb.Value(tuple_value=pb.ValueList(items=xs)), st.lists(children, max_size=3)),
             st.builds(
-                lambda kv: pb.Value(dict_value=pb.ValueMap(entries=[pb.ValueEntry(key=k, value=v) for k, v in kv])),
-                st.lists(st.tuples(st.sampled_from(("pred", "gt", "boxes", "labels", "x", "")), children), max_size=3),
+                lambda xs: pb.Value(list_value=pb.ValueList(items=xs)),
+                st.lists(children, max_size=3),
+            ),
+            st.builds(
+                lambda xs: pb.Value(tuple_value=pb.ValueList(items=xs)),
+                st.lists(children, max_size=3),
+            ),
+            st.builds(
+                lambda kv: pb.Value(
+                    dict_value=pb.ValueMap(entries=[pb.ValueEntry(key=k, value=v) for k, v in kv])
+                ),
+                st.lists(
+                    st.tuples(
+                        st.sampled_from(("pred", "gt", "boxes", "labels", "x", "")), children
+                    ),
+                    max_size=3,
+                ),
             ),
         )
 
@@ -178,7 +263,9 @@ def _fill(data: st.DataObject, tensor: torch.Tensor, values: tuple) -> torch.Ten
     for _ in range(count):
         value = data.draw(st.sampled_from(values), label="special value")
         if flat.is_floating_point():
-            value = torch.tensor(float(value), dtype=torch.float64).to(flat.dtype)  # overflow -> inf
+            value = torch.tensor(float(value), dtype=torch.float64).to(
+                flat.dtype
+            )  # overflow -> inf
         elif flat.dtype == torch.bool:
             value = bool(value)
         else:
@@ -209,7 +296,9 @@ def m_huge_shape(data: st.DataObject, req: pb.ComputeRequest) -> str:
     path, t = _pick(data, tensor_slots(req), "tensor") or (None, None)
     if t is None:
         return ""
-    t.shape[:] = data.draw(st.lists(st.sampled_from(HUGE_DIMS + (1, 4)), min_size=1, max_size=4), label="huge shape")
+    t.shape[:] = data.draw(
+        st.lists(st.sampled_from(HUGE_DIMS + (1, 4)), min_size=1, max_size=4), label="huge shape"
+    )
     return f"{path}: shape {list(t.shape)} with {len(t.data)} bytes"
 
 
@@ -220,7 +309,9 @@ def m_negative_dim(data: st.DataObject, req: pb.ComputeRequest) -> str:
     if not t.shape:
         t.shape.append(1)
     i = data.draw(st.integers(0, len(t.shape) - 1), label="dim")
-    t.shape[i] = data.draw(st.one_of(st.sampled_from((-1, INT64_MIN)), st.integers(INT64_MIN, -1)), label="negative")
+    t.shape[i] = data.draw(
+        st.one_of(st.sampled_from((-1, INT64_MIN)), st.integers(INT64_MIN, -1)), label="negative"
+    )
     return f"{path}: shape {list(t.shape)}"
 
 
@@ -238,7 +329,13 @@ def m_dtype_enum(data: st.DataObject, req: pb.ComputeRequest) -> str:
     path, t = _pick(data, tensor_slots(req), "tensor") or (None, None)
     if t is None:
         return ""
-    t.dtype = data.draw(st.one_of(st.sampled_from((0, 11, 12, 255)), st.integers(-(1 << 31), (1 << 31) - 1).filter(lambda v: v not in VALID_ENUMS)), label="dtype enum")
+    t.dtype = data.draw(
+        st.one_of(
+            st.sampled_from((0, 11, 12, 255)),
+            st.integers(-(1 << 31), (1 << 31) - 1).filter(lambda v: v not in VALID_ENUMS),
+        ),
+        label="dtype enum",
+    )
     return f"{path}: dtype enum {t.dtype}"
 
 
@@ -294,7 +391,9 @@ def m_reshape(data: st.DataObject, req: pb.ComputeRequest) -> str:
     numel = math.prod(t.shape)
     if numel >= 2**63 or any(d < 0 for d in t.shape):
         return ""  # an earlier mutation made the shape absurd; reshaping it says nothing new
-    choice = data.draw(st.sampled_from(("flat", "unsqueeze", "reverse", "split", "scalar")), label="reshape")
+    choice = data.draw(
+        st.sampled_from(("flat", "unsqueeze", "reverse", "split", "scalar")), label="reshape"
+    )
     if choice == "flat":
         t.shape[:] = [numel]
     elif choice == "unsqueeze":
@@ -329,7 +428,11 @@ def m_empty(data: st.DataObject, req: pb.ComputeRequest) -> str:
 
 def m_inverted_boxes(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """x2 < x1 (and/or y2 < y1) in a float tensor whose last dim is 4, or zero-area boxes."""
-    candidates = [(p, t) for p, t in tensor_slots(req) if t.shape and t.shape[-1] == 4 and t.dtype in (1, 2, 3, 4)]
+    candidates = [
+        (p, t)
+        for p, t in tensor_slots(req)
+        if t.shape and t.shape[-1] == 4 and t.dtype in (1, 2, 3, 4)
+    ]
     path, t = _pick(data, candidates, "box tensor") or (None, None)
     if t is None:
         return ""
@@ -337,7 +440,9 @@ def m_inverted_boxes(data: st.DataObject, req: pb.ComputeRequest) -> str:
     if boxes is None or boxes.numel() == 0:
         return ""
     boxes = boxes.clone()
-    mode = data.draw(st.sampled_from(("swap_x", "swap_y", "swap_both", "degenerate")), label="box mode")
+    mode = data.draw(
+        st.sampled_from(("swap_x", "swap_y", "swap_both", "degenerate")), label="box mode"
+    )
     if mode in ("swap_x", "swap_both"):
         boxes[..., [0, 2]] = boxes[..., [2, 0]] - 1
     if mode in ("swap_y", "swap_both"):
@@ -374,7 +479,9 @@ def m_deep_nesting(data: st.DataObject, req: pb.ComputeRequest) -> str:
     inner.CopyFrom(v)
     for _ in range(depth):
         outer = pb.Value()
-        getattr(outer, data.draw(st.sampled_from(("list_value", "tuple_value")), label="kind")).items.add().CopyFrom(inner)
+        getattr(
+            outer, data.draw(st.sampled_from(("list_value", "tuple_value")), label="kind")
+        ).items.add().CopyFrom(inner)
         inner = outer
     v.CopyFrom(inner)
     return f"{path}: wrapped {depth} deep"
@@ -384,7 +491,11 @@ def m_many_items(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """Thousands of positional args, list items or dict entries."""
     count = data.draw(st.sampled_from((1000, 3000, 5000)), label="count")
     item = data.draw(st.sampled_from(("int", "tensor", "none")), label="item")
-    value = {"int": pb.Value(int_value=1), "tensor": pb.Value(tensor_value=pb.Tensor(dtype=3, shape=[1], data=bytes(4))), "none": pb.Value(none_value=pb.NoneValue())}[item]
+    value = {
+        "int": pb.Value(int_value=1),
+        "tensor": pb.Value(tensor_value=pb.Tensor(dtype=3, shape=[1], data=bytes(4))),
+        "none": pb.Value(none_value=pb.NoneValue()),
+    }[item]
     where = data.draw(st.sampled_from(("sequence", "map")), label="where")
     if where == "sequence":
         path, seq = _pick(data, sequence_slots(req), "sequence")
@@ -400,14 +511,20 @@ def m_many_items(data: st.DataObject, req: pb.ComputeRequest) -> str:
 def m_drop(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """A missing argument, parameter, kwarg or dict key."""
     if data.draw(st.booleans(), label="from a map"):
-        path, m = _pick(data, [(p, m) for p, m in map_slots(req) if len(m.entries)], "map") or (None, None)
+        path, m = _pick(data, [(p, m) for p, m in map_slots(req) if len(m.entries)], "map") or (
+            None,
+            None,
+        )
         if m is None:
             return ""
         i = data.draw(st.integers(0, len(m.entries) - 1), label="entry")
         key = m.entries[i].key
         del m.entries[i]
         return f"{path}: dropped key {key!r}"
-    path, seq = _pick(data, [(p, s) for p, s in sequence_slots(req) if len(s)], "sequence") or (None, None)
+    path, seq = _pick(data, [(p, s) for p, s in sequence_slots(req) if len(s)], "sequence") or (
+        None,
+        None,
+    )
     if seq is None:
         return ""
     i = data.draw(st.integers(0, len(seq) - 1), label="item")
@@ -416,18 +533,33 @@ def m_drop(data: st.DataObject, req: pb.ComputeRequest) -> str:
 
 
 def m_duplicate_key(data: st.DataObject, req: pb.ComputeRequest) -> str:
-    path, m = _pick(data, [(p, m) for p, m in map_slots(req) if len(m.entries)], "map") or (None, None)
+    path, m = _pick(data, [(p, m) for p, m in map_slots(req) if len(m.entries)], "map") or (
+        None,
+        None,
+    )
     if m is None:
         return ""
     entry = m.entries[data.draw(st.integers(0, len(m.entries) - 1), label="entry")]
     copy = m.entries.add(key=entry.key)
-    copy.value.CopyFrom(entry.value if data.draw(st.booleans(), label="same value") else data.draw(raw_values(), label="value"))
+    copy.value.CopyFrom(
+        entry.value
+        if data.draw(st.booleans(), label="same value")
+        else data.draw(raw_values(), label="value")
+    )
     return f"{path}: duplicate key {entry.key!r}"
 
 
 def m_unknown_key(data: st.DataObject, req: pb.ComputeRequest) -> str:
     path, m = _pick(data, map_slots(req), "map")
-    key = data.draw(st.one_of(st.sampled_from(("weight", "reduction", "ignore_index", "avg_factor", "", "x" * 5000, "a.b")), st.text(max_size=12)), label="key")
+    key = data.draw(
+        st.one_of(
+            st.sampled_from(
+                ("weight", "reduction", "ignore_index", "avg_factor", "", "x" * 5000, "a.b")
+            ),
+            st.text(max_size=12),
+        ),
+        label="key",
+    )
     m.entries.add(key=key).value.CopyFrom(data.draw(raw_values(), label="value"))
     return f"{path}: extra key {key[:20]!r}"
 
@@ -471,7 +603,10 @@ def m_param(data: st.DataObject, req: pb.ComputeRequest) -> str:
             raw_values(),
             st.builds(lambda f: pb.Value(float_value=f), st.sampled_from(SPECIAL_NUMBERS)),
             st.builds(lambda i: pb.Value(int_value=i), st.sampled_from(SPECIAL_INTS)),
-            st.builds(lambda xs: codec.encode_value(xs), st.lists(st.sampled_from(SPECIAL_NUMBERS), max_size=5)),
+            st.builds(
+                lambda xs: codec.encode_value(xs),
+                st.lists(st.sampled_from(SPECIAL_NUMBERS), max_size=5),
+            ),
         ),
         label="param value",
     )
@@ -487,7 +622,14 @@ def m_param(data: st.DataObject, req: pb.ComputeRequest) -> str:
 def m_loss_name(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """Another loss's name on this call (valid tensors for the wrong loss), or no such loss."""
     names = [s.name for s in all_specs()]
-    req.loss = data.draw(st.one_of(st.sampled_from(names), st.sampled_from(("", "FOCALLOSS", "x" * 5000)), st.text(max_size=16)), label="loss")
+    req.loss = data.draw(
+        st.one_of(
+            st.sampled_from(names),
+            st.sampled_from(("", "FOCALLOSS", "x" * 5000)),
+            st.text(max_size=16),
+        ),
+        label="loss",
+    )
     return f"loss {req.loss[:30]!r}"
 
 
@@ -495,7 +637,15 @@ def m_grad_paths(data: st.DataObject, req: pb.ComputeRequest) -> str:
     paths = [p for p, _ in tensor_slots(req) if p.startswith(("args", "kwargs"))]
     choice = data.draw(st.sampled_from(("unknown", "duplicate", "all", "many")), label="grad mode")
     if choice == "unknown":
-        req.grad_paths.append(data.draw(st.one_of(st.sampled_from(("args[0]", "args[9]", "params.weight", "", "args[0][0]")), st.text(max_size=20)), label="path"))
+        req.grad_paths.append(
+            data.draw(
+                st.one_of(
+                    st.sampled_from(("args[0]", "args[9]", "params.weight", "", "args[0][0]")),
+                    st.text(max_size=20),
+                ),
+                label="path",
+            )
+        )
     elif choice == "duplicate" and req.grad_paths:
         req.grad_paths.append(req.grad_paths[0])
     elif choice == "all":
@@ -511,16 +661,23 @@ def m_grad_output(data: st.DataObject, req: pb.ComputeRequest) -> str:
     else:  # well-formed but of some shape: the right one only by chance
         shape = data.draw(st.lists(st.integers(0, 4), max_size=3), label="shape")
         value = data.draw(st.sampled_from((1.0, math.nan, math.inf, 0.0)), label="fill")
-        codec.encode_tensor(torch.full(shape, value, dtype=data.draw(st.sampled_from(FLOAT_DTYPES), label="dtype")), req.grad_output)
+        codec.encode_tensor(
+            torch.full(shape, value, dtype=data.draw(st.sampled_from(FLOAT_DTYPES), label="dtype")),
+            req.grad_output,
+        )
     return f"grad_output {list(req.grad_output.shape)}"
 
 
 def m_audit(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """Odd audit contexts and request ids: long, empty, non-ASCII, many tags."""
-    req.request_id = data.draw(st.one_of(st.just(""), st.text(max_size=40), st.just("r" * 10000)), label="request id")
+    req.request_id = data.draw(
+        st.one_of(st.just(""), st.text(max_size=40), st.just("r" * 10000)), label="request id"
+    )
     if data.draw(st.booleans(), label="tags"):
         for i in range(data.draw(st.sampled_from((1, 100, 1000)), label="tag count")):
-            req.audit.tags[f"t{i}"] = "v" * data.draw(st.sampled_from((0, 10, 5000)), label="tag size")
+            req.audit.tags[f"t{i}"] = "v" * data.draw(
+                st.sampled_from((0, 10, 5000)), label="tag size"
+            )
     req.audit.step = data.draw(st.sampled_from((0, -1, INT64_MIN, INT64_MAX)), label="step")
     req.audit.rank = data.draw(st.sampled_from((0, -1, -(1 << 31), (1 << 31) - 1)), label="rank")
     return f"audit ({len(req.audit.tags)} tags, request id of {len(req.request_id)})"
@@ -554,7 +711,16 @@ MUTATIONS: dict[str, Callable[[st.DataObject, pb.ComputeRequest], str]] = {
 
 # Mutations that keep the call well-formed but change its content are drawn more often: they
 # are the ones that reach the losses' own checks (decode-level ones stop at the codec).
-_WEIGHTED = [*MUTATIONS] + ["special_values", "retype", "reshape", "empty", "param", "swap_kind", "inverted_boxes", "random_bytes"] * 2
+_WEIGHTED = [*MUTATIONS] + [
+    "special_values",
+    "retype",
+    "reshape",
+    "empty",
+    "param",
+    "swap_kind",
+    "inverted_boxes",
+    "random_bytes",
+] * 2
 
 
 def _spec(req: pb.ComputeRequest) -> registry.LossSpec | None:
@@ -564,7 +730,9 @@ def _spec(req: pb.ComputeRequest) -> registry.LossSpec | None:
         return None
 
 
-def draw_request(data: st.DataObject, *, max_mutations: int = 3, shallow: bool = False) -> tuple[pb.ComputeRequest, list[str]]:
+def draw_request(
+    data: st.DataObject, *, max_mutations: int = 3, shallow: bool = False
+) -> tuple[pb.ComputeRequest, list[str]]:
     """A valid call of a random loss, then 0..max_mutations mutations; returns it and what was done.
     ``shallow``: nesting stays within what protobuf can copy into another message."""
     specs = all_specs()
@@ -607,13 +775,19 @@ def draw_raw_bytes(data: st.DataObject) -> tuple[bytes, str]:
     if choice == "flipped":
         raw = bytearray(valid)
         for _ in range(data.draw(st.integers(1, 8), label="flips")):
-            raw[data.draw(st.integers(0, len(raw) - 1), label="at")] = data.draw(st.integers(0, 255), label="byte")
+            raw[data.draw(st.integers(0, len(raw) - 1), label="at")] = data.draw(
+                st.integers(0, 255), label="byte"
+            )
         return bytes(raw), f"{spec.name} with flipped bytes"
     if choice == "appended":
-        return valid + data.draw(st.binary(min_size=1, max_size=64), label="tail"), f"{spec.name} with a tail"
+        return valid + data.draw(
+            st.binary(min_size=1, max_size=64), label="tail"
+        ), f"{spec.name} with a tail"
     # A length prefix claiming far more than follows, on a random field number.
     field = data.draw(st.integers(1, 20), label="field")
-    return bytes([(field << 3) | 2]) + _varint(data.draw(st.sampled_from((1 << 20, 1 << 31, (1 << 63) - 1)), label="len")) + b"\x00" * 4, "huge length prefix"
+    return bytes([(field << 3) | 2]) + _varint(
+        data.draw(st.sampled_from((1 << 20, 1 << 31, (1 << 63) - 1)), label="len")
+    ) + b"\x00" * 4, "huge length prefix"
 
 
 def _varint(n: int) -> bytes:
@@ -715,21 +889,51 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
         if len(pieces) < 2:
             pieces = [stream[: len(stream) // 2], stream[len(stream) // 2 :]]
         chunks = pieces[::-1]
-    elif fault in ("size_mismatch", "negative_size", "huge_size", "big_claim", "unknown_path", "duplicate_path", "inline_and_chunked") and refs:
+    elif (
+        fault
+        in (
+            "size_mismatch",
+            "negative_size",
+            "huge_size",
+            "big_claim",
+            "unknown_path",
+            "duplicate_path",
+            "inline_and_chunked",
+        )
+        and refs
+    ):
         i = data.draw(st.integers(0, len(refs) - 1), label="ref")
         ref = refs[i]
-        if fault == "size_mismatch":  # the header disagrees with the shape; the bytes agree with the header
-            delta = data.draw(st.integers(-ref.size_bytes, 64).filter(lambda d: d != 0), label="delta")
+        if (
+            fault == "size_mismatch"
+        ):  # the header disagrees with the shape; the bytes agree with the header
+            delta = data.draw(
+                st.integers(-ref.size_bytes, 64).filter(lambda d: d != 0), label="delta"
+            )
             ref.size_bytes += delta
-            chunks = [b"".join(blobs[:i]) + blobs[i][: len(blobs[i]) + delta] + bytes(max(delta, 0)) + b"".join(blobs[i + 1 :])]
+            chunks = [
+                b"".join(blobs[:i])
+                + blobs[i][: len(blobs[i]) + delta]
+                + bytes(max(delta, 0))
+                + b"".join(blobs[i + 1 :])
+            ]
         elif fault == "negative_size":
-            ref.size_bytes = data.draw(st.sampled_from((-1, -(1 << 20), INT64_MIN)), label="negative size")
+            ref.size_bytes = data.draw(
+                st.sampled_from((-1, -(1 << 20), INT64_MIN)), label="negative size"
+            )
         elif fault == "huge_size":
-            ref.size_bytes = data.draw(st.sampled_from((max_bytes + 1, 1 << 40, INT64_MAX)), label="huge size")
+            ref.size_bytes = data.draw(
+                st.sampled_from((max_bytes + 1, 1 << 40, INT64_MAX)), label="huge size"
+            )
         elif fault == "big_claim":  # just under the limit, with a few bytes behind it
             ref.size_bytes = max_bytes - sum(r.size_bytes for j, r in enumerate(refs) if j != i)
         elif fault == "unknown_path":
-            ref.path = data.draw(st.sampled_from(("args[9]", "params.nothing", "grad_output", "", "loss", "args[0][0]")), label="path")
+            ref.path = data.draw(
+                st.sampled_from(
+                    ("args[9]", "params.nothing", "grad_output", "", "loss", "args[0][0]")
+                ),
+                label="path",
+            )
         elif fault == "duplicate_path":
             refs.add().CopyFrom(ref)
             chunks.append(blobs[i])
@@ -745,7 +949,9 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
         first, chunks = [], []
     elif fault == "garbage_frame":
         at = data.draw(st.integers(0, len(chunks)), label="at")
-        garbage = data.draw(st.one_of(st.binary(max_size=64), st.just(b"\x12\xff\xff\xff\xff\x0f")), label="garbage")
+        garbage = data.draw(
+            st.one_of(st.binary(max_size=64), st.just(b"\x12\xff\xff\xff\xff\x0f")), label="garbage"
+        )
         APPLIED[f"chunked:{fault}"] += 1
         return first + [wire.frame_data(memoryview(c)) for c in chunks[:at]] + [garbage] + [
             wire.frame_data(memoryview(c)) for c in chunks[at:]
@@ -753,14 +959,19 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
     else:
         fault = "valid" if fault != "valid" else fault  # nothing to act on: a valid framing
     APPLIED[f"chunked:{fault}"] += 1
-    return first + [wire.frame_data(memoryview(c)) for c in chunks], [*done, f"chunked {fault}, {len(chunks)} chunks of {[len(c) for c in chunks]}"]
+    return first + [wire.frame_data(memoryview(c)) for c in chunks], [
+        *done,
+        f"chunked {fault}, {len(chunks)} chunks of {[len(c) for c in chunks]}",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
 # Checking results
 
 
-def same_result(got: pb.ComputeResponse, want: pb.ComputeResponse, *, rtol: float, atol: float) -> str:
+def same_result(
+    got: pb.ComputeResponse, want: pb.ComputeResponse, *, rtol: float, atol: float
+) -> str:
     """'' when two responses carry the same value, gradients and flags; else what differs."""
     if got.non_finite != want.non_finite:
         return f"non_finite {got.non_finite} != {want.non_finite}"
@@ -784,7 +995,9 @@ def _same(got: object, want: object, path: str, rtol: float, atol: float) -> str
         if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
             return f"{path}: {_describe(got)} != {_describe(want)}"
         if want.is_floating_point():
-            if not torch.allclose(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True):
+            if not torch.allclose(
+                got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True
+            ):
                 return f"{path}: values differ (max abs diff {float((got.double() - want.double()).abs().nan_to_num(0).max()) if got.numel() else 0})"
         elif not torch.equal(got, want):
             return f"{path}: values differ"
@@ -792,11 +1005,23 @@ def _same(got: object, want: object, path: str, rtol: float, atol: float) -> str
     if isinstance(want, (list, tuple)):
         if type(got) is not type(want) or len(got) != len(want):
             return f"{path}: {_describe(got)} != {_describe(want)}"
-        return next((w for w in (_same(g, x, f"{path}[{i}]", rtol, atol) for i, (g, x) in enumerate(zip(got, want))) if w), "")
+        return next(
+            (
+                w
+                for w in (
+                    _same(g, x, f"{path}[{i}]", rtol, atol)
+                    for i, (g, x) in enumerate(zip(got, want))
+                )
+                if w
+            ),
+            "",
+        )
     if isinstance(want, dict):
         if not isinstance(got, dict) or list(got) != list(want):
             return f"{path}: {_describe(got)} != {_describe(want)}"
-        return next((w for w in (_same(got[k], want[k], f"{path}.{k}", rtol, atol) for k in want) if w), "")
+        return next(
+            (w for w in (_same(got[k], want[k], f"{path}.{k}", rtol, atol) for k in want) if w), ""
+        )
     if isinstance(want, float) and isinstance(got, float) and math.isnan(want) and math.isnan(got):
         return ""
     return "" if got == want else f"{path}: {got!r} != {want!r}"
@@ -806,4 +1031,3 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor({str(value.dtype).removeprefix('torch.')}, {list(value.shape)})"
     return type(value).__name__
-

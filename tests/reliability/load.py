@@ -70,7 +70,9 @@ class Case:
     audit: bool = False  # may carry an audit run id
 
 
-def _expected(reference: LossServicer, payload: bytes) -> tuple[pb.ComputeResponse | None, grpc.StatusCode | None]:
+def _expected(
+    reference: LossServicer, payload: bytes
+) -> tuple[pb.ComputeResponse | None, grpc.StatusCode | None]:
     try:
         parsed = safe_parser(pb.ComputeRequest)(payload)
         if isinstance(parsed, Malformed):
@@ -93,7 +95,11 @@ def build_cases() -> tuple[list[Case], list[Case], list[Case]]:
         return Case(name, payload, want, code, **kw)
 
     valid = [
-        case(f"{spec.name}/{str(dtype)[6:]}", hostile.seed_request(spec.name, dtype, True), audit=True)
+        case(
+            f"{spec.name}/{str(dtype)[6:]}",
+            hostile.seed_request(spec.name, dtype, True),
+            audit=True,
+        )
         for spec in hostile.all_specs()
         for dtype in (torch.float32, torch.float64)
     ]
@@ -101,9 +107,22 @@ def build_cases() -> tuple[list[Case], list[Case], list[Case]]:
     large = []
     for n in (256, 4096, 32768):
         logits, target = torch.randn(n, 100), torch.randint(0, 100, (n,))
-        large.append(case(f"cross_entropy/{n}x100", build_request("cross_entropy", {}, [logits, target], {}, ["args[0]"]), audit=True))
+        large.append(
+            case(
+                f"cross_entropy/{n}x100",
+                build_request("cross_entropy", {}, [logits, target], {}, ["args[0]"]),
+                audit=True,
+            )
+        )
     a, b = torch.randn(1 << 20), torch.randn(1 << 20)
-    large.append(case("mse/2**20", build_request("mse", {}, [a, b], {}, ["args[0]"]), chunked_ok=True, audit=True))
+    large.append(
+        case(
+            "mse/2**20",
+            build_request("mse", {}, [a, b], {}, ["args[0]"]),
+            chunked_ok=True,
+            audit=True,
+        )
+    )
 
     def tensor_request(loss: str, *tensors: pb.Tensor) -> pb.ComputeRequest:
         request = pb.ComputeRequest(loss=loss)
@@ -111,17 +130,41 @@ def build_cases() -> tuple[list[Case], list[Case], list[Case]]:
             request.args.add().tensor_value.CopyFrom(t)
         return request
 
-    f32 = lambda shape, data=None: pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=shape, data=bytes(4 * int(torch.tensor(shape).prod())) if data is None else data)  # noqa: E731
+    def f32(shape, data=None):
+        return pb.Tensor(
+            dtype=pb.DATA_TYPE_FLOAT32,
+            shape=shape,
+            data=bytes(4 * int(torch.tensor(shape).prod())) if data is None else data,
+        )
+
     logits = codec.encode_tensor(torch.randn(4, 3))
     bad = [
         case("unknown loss", pb.ComputeRequest(loss="no_such_loss")),
         case("garbage bytes", b"\xff\xff\xff\x07garbage"),
         case("byte count", tensor_request("mse", f32([4, 4]), f32([4, 4], b"\0" * 12))),
-        case("class out of range", tensor_request("cross_entropy", logits, codec.encode_tensor(torch.tensor([0, 1, 7, 2])))),
-        case("negative class", tensor_request("cross_entropy", logits, codec.encode_tensor(torch.tensor([0, -5, 1, 2])))),
-        case("terabyte claim", tensor_request("mse", f32([1 << 20, 1 << 20], b"\0" * 16), f32([1], b"\0" * 4))),
+        case(
+            "class out of range",
+            tensor_request(
+                "cross_entropy", logits, codec.encode_tensor(torch.tensor([0, 1, 7, 2]))
+            ),
+        ),
+        case(
+            "negative class",
+            tensor_request(
+                "cross_entropy", logits, codec.encode_tensor(torch.tensor([0, -5, 1, 2]))
+            ),
+        ),
+        case(
+            "terabyte claim",
+            tensor_request("mse", f32([1 << 20, 1 << 20], b"\0" * 16), f32([1], b"\0" * 4)),
+        ),
         case("rank 9", tensor_request("mse", f32([1] * 9), f32([1] * 9))),
-        case("NaN param", build_request("smooth_l1", {"beta": float("nan")}, [torch.randn(3), torch.randn(3)], {}, [])),
+        case(
+            "NaN param",
+            build_request(
+                "smooth_l1", {"beta": float("nan")}, [torch.randn(3), torch.randn(3)], {}, []
+            ),
+        ),
     ]
     for c in bad:
         assert c.want_code is not None, f"bad case {c.name!r} is accepted locally"
@@ -132,15 +175,24 @@ def build_cases() -> tuple[list[Case], list[Case], list[Case]]:
 # One client process
 
 
-def client_main(index: int, address: str, start: Any, deadline: Any, budget: int, seed: int, out: Any) -> None:
+def client_main(
+    index: int, address: str, start: Any, deadline: Any, budget: int, seed: int, out: Any
+) -> None:
     """Build the cases, wait at ``start`` (a barrier: the load begins when every client is ready),
     then send requests until ``deadline.value`` or ``budget``; put a summary dict on ``out``."""
     rng = random.Random(seed)
     valid, large, bad = build_cases()
     start.wait()
-    options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ]
     channel = grpc.insecure_channel(address, options=options)
-    unary = channel.unary_unary("/lossd.v1.LossService/Compute", request_serializer=lambda b: b, response_deserializer=pb.ComputeResponse.FromString)
+    unary = channel.unary_unary(
+        "/lossd.v1.LossService/Compute",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.ComputeResponse.FromString,
+    )
     session = wire.StreamSession(channel, timeout=120)
     chunked = wire.chunked_method(channel)
     latencies: list[int] = []
@@ -163,12 +215,20 @@ def client_main(index: int, address: str, start: Any, deadline: Any, budget: int
                 step += 1
                 request.audit.run_id = f"{RUN_PREFIX}{index}"
                 request.audit.step = step
-        transport = "chunked" if c.chunked_ok and rng.random() < 0.7 else rng.choice(("unary", "unary", "stream")) if request is not None else "unary"
+        transport = (
+            "chunked"
+            if c.chunked_ok and rng.random() < 0.7
+            else rng.choice(("unary", "unary", "stream"))
+            if request is not None
+            else "unary"
+        )
         t0 = time.perf_counter_ns()
         response = error = None
         try:
             if transport == "unary":
-                response = unary(request.SerializeToString() if request is not None else c.payload, timeout=120)
+                response = unary(
+                    request.SerializeToString() if request is not None else c.payload, timeout=120
+                )
             elif transport == "stream":
                 response = session.compute(request)
             else:
@@ -177,9 +237,13 @@ def client_main(index: int, address: str, start: Any, deadline: Any, budget: int
                 header.CopyFrom(request)
                 for path, t in hostile.tensor_slots(header):
                     if len(t.data) >= outboard.min_bytes:
-                        outboard.tensors.append((path, torch.frombuffer(bytearray(t.data), dtype=torch.uint8)))
+                        outboard.tensors.append(
+                            (path, torch.frombuffer(bytearray(t.data), dtype=torch.uint8))
+                        )
                         t.data = b""
-                response, external = wire.chunked_compute(chunked, header, outboard, timeout=120, max_bytes=MAX_MESSAGE)
+                response, external = wire.chunked_compute(
+                    chunked, header, outboard, timeout=120, max_bytes=MAX_MESSAGE
+                )
                 for path, flat in external.items():
                     response.grads[int(path[6:-1])].grad.data = flat.numpy().tobytes()
         except grpc.RpcError as exc:
@@ -197,15 +261,30 @@ def client_main(index: int, address: str, start: Any, deadline: Any, budget: int
                 audited.append(request.request_id)
     session.close()
     channel.close()
-    out.put({"index": index, "sent": sent, "counts": counts, "latencies": latencies, "unexpected": unexpected, "audited": audited})
+    out.put(
+        {
+            "index": index,
+            "sent": sent,
+            "counts": counts,
+            "latencies": latencies,
+            "unexpected": unexpected,
+            "audited": audited,
+        }
+    )
 
 
-def _judge(c: Case, response: pb.ComputeResponse | None, error: grpc.RpcError | None, audit: bool) -> str:
+def _judge(
+    c: Case, response: pb.ComputeResponse | None, error: grpc.RpcError | None, audit: bool
+) -> str:
     """'' when the answer is the expected one; else what is wrong."""
     if c.want_code is not None:
         if error is None:
             return f"expected {c.want_code.name}, got a result"
-        return "" if error.code() == c.want_code else f"expected {c.want_code.name}, got {error.code().name}: {error.details()}"
+        return (
+            ""
+            if error.code() == c.want_code
+            else f"expected {c.want_code.name}, got {error.code().name}: {error.details()}"
+        )
     if error is not None:
         return f"expected a result, got {error.code().name}: {error.details()}"
     diff = hostile.same_result(response, c.want, rtol=1e-5, atol=1e-6)
@@ -230,11 +309,22 @@ def percentile(values: list[int], q: float) -> float:
 IDLE_WAIT_S = 4.0  # past the server's default --trim-memory-idle-s of 2 s
 
 
-def run(duration: float, clients: int, max_requests: int, data_dir: str | None = None, workers: int = 4) -> dict[str, Any]:
+def run(
+    duration: float, clients: int, max_requests: int, data_dir: str | None = None, workers: int = 4
+) -> dict[str, Any]:
     """Start a server, load it, check the audit trail, stop it; return the report."""
     data = Path(data_dir or tempfile.mkdtemp(prefix="lossd-load-"))
     db = data / "audit.sqlite3"
-    server = ServerProcess("--audit", "runs", "--data-dir", str(data), "--workers", str(workers), "--log-level", "WARNING")
+    server = ServerProcess(
+        "--audit",
+        "runs",
+        "--data-dir",
+        str(data),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+    )
     report: dict[str, Any] = {"duration_s": duration, "clients": clients}
     with server:
         pid = server.proc.pid
@@ -256,7 +346,13 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
         barrier = ctx.Barrier(clients + 1)
         deadline = ctx.Value("d", 0.0)
         share = max(1, max_requests // clients)
-        procs = [ctx.Process(target=client_main, args=(i, server.address, barrier, deadline, share, 1000 + i, out)) for i in range(clients)]
+        procs = [
+            ctx.Process(
+                target=client_main,
+                args=(i, server.address, barrier, deadline, share, 1000 + i, out),
+            )
+            for i in range(clients)
+        ]
         for p in procs:
             p.start()
         deadline.value = time.time() + 600 + duration  # replaced below, once every client is ready
@@ -270,12 +366,19 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
         stop.set()
         sampler.join()
         rss, peak = rss_kib(pid)
-        time.sleep(IDLE_WAIT_S)  # the server gives freed memory back once idle (--trim-memory-idle-s)
+        time.sleep(
+            IDLE_WAIT_S
+        )  # the server gives freed memory back once idle (--trim-memory-idle-s)
         rss_idle = rss_kib(pid)[0]
         alive = server.proc.poll() is None
         acked = [rid for r in results for rid in r["audited"]]
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            stored = [row[0] for row in conn.execute("SELECT request_id FROM audit_records WHERE run_id LIKE ?", (RUN_PREFIX + "%",))]
+            stored = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT request_id FROM audit_records WHERE run_id LIKE ?", (RUN_PREFIX + "%",)
+                )
+            ]
         exit_code = server.stop()
     latencies = [v for r in results for v in r["latencies"]]
     counts: dict[str, int] = {}
@@ -309,15 +412,27 @@ def run(duration: float, clients: int, max_requests: int, data_dir: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=180.0, help="seconds of load (default 180)")
+    parser.add_argument(
+        "--duration", type=float, default=180.0, help="seconds of load (default 180)"
+    )
     parser.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
-    parser.add_argument("--max-requests", type=int, default=1_000_000, help="cap on requests, all clients together")
+    parser.add_argument(
+        "--max-requests", type=int, default=1_000_000, help="cap on requests, all clients together"
+    )
     parser.add_argument("--workers", type=int, default=4, help="server handler threads")
-    parser.add_argument("--data-dir", default=None, help="server data dir (the audit DB); default a temp dir")
+    parser.add_argument(
+        "--data-dir", default=None, help="server data dir (the audit DB); default a temp dir"
+    )
     args = parser.parse_args(argv)
     report = run(args.duration, args.clients, args.max_requests, args.data_dir, args.workers)
     print(json.dumps(report, indent=2))
-    ok = report["requests"] > 0 and report["unexpected_errors"] == 0 and report["audit_exact"] and report["server_alive"] and report["server_exit_code"] == 0
+    ok = (
+        report["requests"] > 0
+        and report["unexpected_errors"] == 0
+        and report["audit_exact"]
+        and report["server_alive"]
+        and report["server_exit_code"] == 0
+    )
     return 0 if ok else 1
 
 

@@ -73,7 +73,9 @@ def stored(db: Path, run_id: str | None = None) -> list[tuple[str, int]]:
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         where, args = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
-        return conn.execute(f"SELECT request_id, step FROM audit_records {where} ORDER BY id", args).fetchall()
+        return conn.execute(
+            f"SELECT request_id, step FROM audit_records {where} ORDER BY id", args
+        ).fetchall()
 
 
 def metric(server, name: str, **labels: str) -> float:
@@ -145,7 +147,9 @@ def test_server_killed_and_restarted_during_a_training_loop(tmp_path, mode):
         assert [s for _, s, _ in done] == list(range(1, steps + 1))
         assert all(a for _, _, a in done), "a step came back without audited=true"
         records = stored(tmp_path / "audit.sqlite3", "train")
-        assert sorted(s for _, s in records) == list(range(1, steps + 1)), "a step is missing or recorded twice"
+        assert sorted(s for _, s in records) == list(range(1, steps + 1)), (
+            "a step is missing or recorded twice"
+        )
         assert sorted(r for r, _ in records) == sorted(r for r, _, _ in done)
     finally:
         transport.close()
@@ -217,7 +221,13 @@ def test_a_deadline_shorter_than_the_computation(tmp_path):
 
 def _big_audited(run_id: str, step: int) -> pb.ComputeRequest:
     """A call that keeps one worker busy for a while (decode, softmax, gradient, input digest)."""
-    request = build_request("cross_entropy", {}, (torch.randn(32768, 100), torch.randint(0, 100, (32768,))), {}, ["args[0]"])
+    request = build_request(
+        "cross_entropy",
+        {},
+        (torch.randn(32768, 100), torch.randint(0, 100, (32768,))),
+        {},
+        ["args[0]"],
+    )
     request.request_id = uuid.uuid4().hex
     request.audit.run_id = run_id
     request.audit.step = step
@@ -235,11 +245,16 @@ def test_sigterm_with_calls_in_flight_finishes_them_and_flushes_the_audit_queue(
     when the drain begins are refused UNAVAILABLE (which clients retry elsewhere, with the same
     request id), never CANCELLED, never computed, never recorded."""
     calls = 6
-    proc = serve(tmp_path, "--workers", "1", "--metrics-port", "0", "--grace-seconds", "120").start()
+    proc = serve(
+        tmp_path, "--workers", "1", "--metrics-port", "0", "--grace-seconds", "120"
+    ).start()
     outcomes: list[tuple[str, grpc.StatusCode, bool]] = []
     try:
         url = proc.metrics_url()
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        options = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
         with grpc.insecure_channel(proc.address, options=options) as channel:
             stub = pb_grpc.LossServiceStub(channel)
             requests = [_big_audited("sigterm", i) for i in range(calls)]
@@ -255,7 +270,9 @@ def test_sigterm_with_calls_in_flight_finishes_them_and_flushes_the_audit_queue(
             assert pending >= 2, "the calls were answered before SIGTERM: nothing was tested"
             for request, future in zip(requests, futures):
                 try:
-                    outcomes.append((request.request_id, grpc.StatusCode.OK, future.result().audited))
+                    outcomes.append(
+                        (request.request_id, grpc.StatusCode.OK, future.result().audited)
+                    )
                 except grpc.RpcError as error:
                     outcomes.append((request.request_id, error.code(), False))
         try:
@@ -263,12 +280,16 @@ def test_sigterm_with_calls_in_flight_finishes_them_and_flushes_the_audit_queue(
         except subprocess.TimeoutExpired:
             proc.proc.send_signal(signal.SIGUSR1)  # the server dumps its threads' stacks
             time.sleep(2)
-            raise AssertionError("no exit after the drain:\n" + "".join(proc.stderr_lines[-200:])) from None
+            raise AssertionError(
+                "no exit after the drain:\n" + "".join(proc.stderr_lines[-200:])
+            ) from None
         assert code == 0, "".join(proc.stderr_lines[-20:])
     finally:
         proc.stop()
     answered = [rid for rid, code, _ in outcomes if code == grpc.StatusCode.OK]
-    assert {code for _, code, _ in outcomes} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, outcomes
+    assert {code for _, code, _ in outcomes} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, (
+        outcomes
+    )
     assert len(answered) >= 2, f"the calls in flight at SIGTERM did not all finish: {outcomes}"
     assert all(audited for _, code, audited in outcomes if code == grpc.StatusCode.OK)
     assert sorted(r for r, _ in stored(tmp_path / "audit.sqlite3", "sigterm")) == sorted(answered)
@@ -296,7 +317,11 @@ def test_sigterm_delivered_to_another_thread_still_drains_and_exits(tmp_path):
     proc.start()
     try:
         with grpc.insecure_channel(proc.address) as channel:
-            assert pb_grpc.LossServiceStub(channel).Compute(audited("other-thread", 0), timeout=30).audited
+            assert (
+                pb_grpc.LossServiceStub(channel)
+                .Compute(audited("other-thread", 0), timeout=30)
+                .audited
+            )
         proc.proc.send_signal(signal.SIGTERM)
         try:
             code = proc.proc.wait(30)
@@ -305,7 +330,9 @@ def test_sigterm_delivered_to_another_thread_still_drains_and_exits(tmp_path):
     finally:
         proc.stop()
     assert code == 0, "".join(proc.stderr_lines[-20:])
-    assert any("SIGTERM received: draining" in line for line in proc.stderr_lines), proc.stderr_lines[-20:]
+    assert any("SIGTERM received: draining" in line for line in proc.stderr_lines), (
+        proc.stderr_lines[-20:]
+    )
     assert len(stored(tmp_path / "audit.sqlite3", "other-thread")) == 1
 
 
@@ -367,7 +394,11 @@ def test_full_audit_disk_fails_calls_unavailable_and_recovers(tmp_path):
         with closing(LossClient(proc.address, timeout=30, retries=0)) as client:
             assert client.compute(audited("full", 0)).audited  # the WAL exists and is in use
             sizes = [p.stat().st_size for p in tmp_path.glob("audit.sqlite3*")]
-            resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (max(sizes) + (64 << 10), resource.RLIM_INFINITY))
+            resource.prlimit(
+                proc.proc.pid,
+                resource.RLIMIT_FSIZE,
+                (max(sizes) + (64 << 10), resource.RLIM_INFINITY),
+            )
             acked, refused, failure = [], [], None
             for step in range(1, 5000):
                 request = audited("full", step, n=256)
@@ -382,8 +413,14 @@ def test_full_audit_disk_fails_calls_unavailable_and_recovers(tmp_path):
             assert failure is not None, "the audit store never filled up"
             assert failure.code == grpc.StatusCode.UNAVAILABLE, failure
             assert "audit store" in failure.details and str(db) in failure.details, failure.details
-            assert client.compute(build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})).loss  # unaudited calls still served
-            resource.prlimit(proc.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            assert client.compute(
+                build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})
+            ).loss  # unaudited calls still served
+            resource.prlimit(
+                proc.proc.pid,
+                resource.RLIMIT_FSIZE,
+                (resource.RLIM_INFINITY, resource.RLIM_INFINITY),
+            )
             again = audited("full", 10_000)
             assert client.compute(again).audited, "no recovery once the disk had room"
             acked.append(again.request_id)
@@ -406,7 +443,9 @@ def _make_read_only(path: Path) -> None:
     bind = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
     if bind.returncode != 0:
         pytest.skip(f"cannot bind-mount here: {bind.stderr.strip()}")
-    remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True)
+    remount = subprocess.run(
+        ["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True
+    )
     if remount.returncode != 0:
         subprocess.run(["umount", str(path)], check=False)
         pytest.skip(f"cannot remount read-only: {remount.stderr.strip()}")
@@ -436,7 +475,9 @@ def test_read_only_audit_database_refuses_to_start_and_names_it(tmp_path):
         with pytest.raises(RuntimeError) as caught:
             proc.start()
         assert proc.proc.returncode not in (None, 0)
-        assert "audit store" in str(caught.value) and str(data / "audit.sqlite3") in str(caught.value), str(caught.value)
+        assert "audit store" in str(caught.value) and str(data / "audit.sqlite3") in str(
+            caught.value
+        ), str(caught.value)
     finally:
         _undo_read_only(data)
     assert [r for r, _ in stored(data / "audit.sqlite3", "ro")] == [kept.request_id]
@@ -456,11 +497,19 @@ def test_idle_stream_sessions_do_not_starve_other_calls():
         sessions = [wire.StreamSession(c, timeout=30) for c in channels]
         try:
             for session in sessions:  # each opens its stream with one call, then sits idle
-                assert session.compute(build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})).request_id
+                assert session.compute(
+                    build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})
+                ).request_id
             with closing(LossClient(f"127.0.0.1:{server.port}", timeout=20, retries=0)) as client:
-                response = client.compute(build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {}))
+                response = client.compute(
+                    build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})
+                )
             assert response.request_id  # a starved call would fail DEADLINE_EXCEEDED
-            assert sessions[0].compute(build_request("l1", {}, (torch.ones(3), torch.zeros(3)), {})).request_id
+            assert (
+                sessions[0]
+                .compute(build_request("l1", {}, (torch.ones(3), torch.zeros(3)), {}))
+                .request_id
+            )
         finally:
             for session, channel in zip(sessions, channels):
                 session.close()

@@ -75,7 +75,13 @@ def address(lossd_process) -> str:
 @pytest.fixture(scope="module")
 def channel(address):
     limit = 512 << 20
-    ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+    ch = grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ],
+    )
     yield ch
     ch.close()
 
@@ -94,7 +100,9 @@ def compute_raw(channel):
 def stream_raw(channel):
     """ComputeStream with each message as raw bytes."""
     return channel.stream_stream(
-        wire.METHOD_STREAM, request_serializer=lambda b: b, response_deserializer=pb.ComputeStreamResponse.FromString
+        wire.METHOD_STREAM,
+        request_serializer=lambda b: b,
+        response_deserializer=pb.ComputeStreamResponse.FromString,
     )
 
 
@@ -111,7 +119,10 @@ def reference(device) -> LossServicer:
 
 
 def tolerances(device: torch.device, request: pb.ComputeRequest) -> tuple[float, float]:
-    half = any(t.dtype in (pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16) for _, t in hostile.tensor_slots(request))
+    half = any(
+        t.dtype in (pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16)
+        for _, t in hostile.tensor_slots(request)
+    )
     if device.type == "cuda":
         return (5e-2, 5e-3) if half else (1e-3, 1e-5)
     return (1e-2, 1e-3) if half else (1e-5, 1e-7)
@@ -147,17 +158,25 @@ def expect(reference, payload: bytes) -> tuple[pb.ComputeResponse | None, Except
         return None, to_service_error(exc)
 
 
-def compare(device, request: pb.ComputeRequest | None, response, error, expected, local_error, what: str) -> None:
+def compare(
+    device, request: pb.ComputeRequest | None, response, error, expected, local_error, what: str
+) -> None:
     """A server answer (response or error) against the local one."""
     if response is not None:
-        assert local_error is None, f"{what}\n-> server OK, but here {local_error.code.name}: {local_error}"
+        assert local_error is None, (
+            f"{what}\n-> server OK, but here {local_error.code.name}: {local_error}"
+        )
         rtol, atol = tolerances(device, request) if request is not None else (1e-2, 1e-3)
         assert not hostile.same_result(response, expected, rtol=rtol, atol=atol), (
             f"{what}\n-> {hostile.same_result(response, expected, rtol=rtol, atol=atol)}"
         )
     elif device.type == "cpu":  # on CUDA an error may legitimately differ (out of memory)
-        assert local_error is not None, f"{what}\n-> server {error.code().name}: {error.details()}, but here OK"
-        assert local_error.code == error.code(), f"{what}\n-> server {error.code().name}, here {local_error.code.name}"
+        assert local_error is not None, (
+            f"{what}\n-> server {error.code().name}: {error.details()}, but here OK"
+        )
+        assert local_error.code == error.code(), (
+            f"{what}\n-> server {error.code().name}, here {local_error.code.name}"
+        )
 
 
 def check_case(compute_raw, reference, device, request: pb.ComputeRequest, what: str) -> None:
@@ -176,7 +195,13 @@ def test_warm_baseline(lossd_process, compute_raw, reference, device):
         for dtype in hostile.FLOAT_DTYPES:
             for grads in (False, True):
                 request = hostile.seed_request(spec.name, dtype, grads)
-                check_case(compute_raw, reference, device, request, f"valid {spec.name} {dtype} grads={grads}")
+                check_case(
+                    compute_raw,
+                    reference,
+                    device,
+                    request,
+                    f"valid {spec.name} {dtype} grads={grads}",
+                )
     STATE["rss_kib"], STATE["peak_kib"] = rss_kib(lossd_process.proc.pid)
 
 
@@ -200,11 +225,20 @@ def test_raw_bytes(compute_raw, data):
 
 
 @hsettings(max_examples=examples(2))
-@given(loss=st.sampled_from([s.name for s in hostile.all_specs()]), args=st.lists(hostile.raw_values(), max_size=4))
+@given(
+    loss=st.sampled_from([s.name for s in hostile.all_specs()]),
+    args=st.lists(hostile.raw_values(), max_size=4),
+)
 def test_arbitrary_arguments(compute_raw, reference, device, loss, args):
     """A loss's name with arguments of any kind and shape, none of them built to fit."""
     request = pb.ComputeRequest(loss=loss, args=args)
-    check_case(compute_raw, reference, device, request, f"{loss} with arbitrary args {[a.WhichOneof('kind') for a in args]}")
+    check_case(
+        compute_raw,
+        reference,
+        device,
+        request,
+        f"{loss} with arbitrary args {[a.WhichOneof('kind') for a in args]}",
+    )
 
 
 @hsettings(max_examples=examples(2))
@@ -225,11 +259,25 @@ def test_stream_frames(stream_raw, reference, device, data):
     for i, frame in enumerate(frames):
         parsed = PARSE_STREAM(frame)
         inner = b"" if isinstance(parsed, Malformed) else parsed.request.SerializeToString()
-        expected, local_error = (None, InvalidArgument(f"not a ComputeStreamRequest: {parsed.reason}")) if isinstance(parsed, Malformed) else expect(reference, inner)
+        expected, local_error = (
+            (None, InvalidArgument(f"not a ComputeStreamRequest: {parsed.reason}"))
+            if isinstance(parsed, Malformed)
+            else expect(reference, inner)
+        )
         if i < len(answers):
-            compare(device, pb.ComputeRequest.FromString(inner), answers[i].response, None, expected, local_error, f"message {i} of\n  {what}")
+            compare(
+                device,
+                pb.ComputeRequest.FromString(inner),
+                answers[i].response,
+                None,
+                expected,
+                local_error,
+                f"message {i} of\n  {what}",
+            )
             continue
-        assert error is not None, f"{what}\n-> {len(answers)} answers to {len(frames)} messages and no error"
+        assert error is not None, (
+            f"{what}\n-> {len(answers)} answers to {len(frames)} messages and no error"
+        )
         check_error(error, what)
         compare(device, None, None, error, expected, local_error, f"message {i} of\n  {what}")
         break
@@ -257,11 +305,17 @@ def test_chunked_frames(chunked_raw, reference, device, data):
     try:
         answers = chunked_raw(iter(frames), timeout=120)
         first = next(answers)
-        assert isinstance(first, pb.ComputeChunkedResponse) and first.WhichOneof("part") == "header", what
-        assembler = wire.Assembler(first.header.tensors, reference.max_chunked_bytes, "response.tensors")
+        assert (
+            isinstance(first, pb.ComputeChunkedResponse) and first.WhichOneof("part") == "header"
+        ), what
+        assembler = wire.Assembler(
+            first.header.tensors, reference.max_chunked_bytes, "response.tensors"
+        )
         while not assembler.complete:
             chunk = next(answers)
-            assert isinstance(chunk, memoryview), f"{what}\n-> response ended after {assembler.received} of {assembler.total} bytes"
+            assert isinstance(chunk, memoryview), (
+                f"{what}\n-> response ended after {assembler.received} of {assembler.total} bytes"
+            )
             assembler.feed(chunk)
         response = inline(first.header.response, assembler.tensors())
         answers.cancel()
@@ -271,7 +325,9 @@ def test_chunked_frames(chunked_raw, reference, device, data):
     if error is not None:
         check_error(error, what)
     try:  # the same messages through the same code, here
-        request, external = chunked.receive(iter([PARSE_CHUNKED(f) for f in frames]), reference.max_chunked_bytes)
+        request, external = chunked.receive(
+            iter([PARSE_CHUNKED(f) for f in frames]), reference.max_chunked_bytes
+        )
         outboard = codec.Outboard(64 << 10)
         expected = reference.compute(request, None, external=external, outboard=outboard)
         expected, local_error = inline(expected, {p: t for p, t in outboard.tensors}), None
@@ -286,7 +342,9 @@ def test_every_hostile_kind_was_sent():
     if hsettings.default.max_examples < 100:
         pytest.skip("a reduced budget need not reach every kind")
     wanted = set(hostile.MUTATIONS) | {f"raw:{k}" for k in hostile.RAW_KINDS}
-    wanted |= {f"stream:{k}" for k in hostile.STREAM_KINDS} | {f"chunked:{k}" for k in hostile.CHUNK_FAULTS}
+    wanted |= {f"stream:{k}" for k in hostile.STREAM_KINDS} | {
+        f"chunked:{k}" for k in hostile.CHUNK_FAULTS
+    }
     if not hostile.APPLIED:
         pytest.skip("the generating tests did not run (selected out)")
     missing = sorted(wanted - set(hostile.APPLIED))
@@ -296,7 +354,9 @@ def test_every_hostile_kind_was_sent():
 
 def test_server_survived(lossd_process, address, compute_raw, device):
     """After thousands of cases: SERVING, memory bounded, and a valid call still exact."""
-    assert lossd_process.proc.poll() is None, "the server process died:\n" + "".join(lossd_process.stderr_lines[-30:])
+    assert lossd_process.proc.poll() is None, "the server process died:\n" + "".join(
+        lossd_process.stderr_lines[-30:]
+    )
     assert serving(address)
     torch.manual_seed(1)
     logits, target = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 5, (8,))
@@ -308,18 +368,28 @@ def test_server_survived(lossd_process, address, compute_raw, device):
     leaf = logits.clone().requires_grad_()
     want = F.cross_entropy(leaf, target)
     want.backward()
-    assert torch.equal(codec.decode_value(response.loss), want.detach().to(torch.float64)) or torch.allclose(
-        codec.decode_value(response.loss), want.detach(), rtol=1e-12, atol=0
+    assert torch.equal(
+        codec.decode_value(response.loss), want.detach().to(torch.float64)
+    ) or torch.allclose(codec.decode_value(response.loss), want.detach(), rtol=1e-12, atol=0)
+    assert torch.allclose(
+        codec.decode_tensor(response.grads[0].grad), leaf.grad, rtol=1e-12, atol=1e-15
     )
-    assert torch.allclose(codec.decode_tensor(response.grads[0].grad), leaf.grad, rtol=1e-12, atol=1e-15)
 
     rss, peak = rss_kib(lossd_process.proc.pid)
     total = sum(SENT.values())
-    print(f"\nhostile: {total} requests {dict(SENT)}; server RSS {STATE.get('rss_kib', 0) // 1024} -> {rss // 1024} MiB, peak {peak // 1024} MiB")
+    print(
+        f"\nhostile: {total} requests {dict(SENT)}; server RSS {STATE.get('rss_kib', 0) // 1024} -> {rss // 1024} MiB, peak {peak // 1024} MiB"
+    )
     if "rss_kib" in STATE:
-        assert rss - STATE["rss_kib"] < RSS_GROWTH_LIMIT_MIB * 1024, f"RSS grew {(rss - STATE['rss_kib']) // 1024} MiB"
-        assert peak - STATE["rss_kib"] < PEAK_GROWTH_LIMIT_MIB * 1024, f"peak RSS {(peak - STATE['rss_kib']) // 1024} MiB over baseline"
+        assert rss - STATE["rss_kib"] < RSS_GROWTH_LIMIT_MIB * 1024, (
+            f"RSS grew {(rss - STATE['rss_kib']) // 1024} MiB"
+        )
+        assert peak - STATE["rss_kib"] < PEAK_GROWTH_LIMIT_MIB * 1024, (
+            f"peak RSS {(peak - STATE['rss_kib']) // 1024} MiB over baseline"
+        )
     if hsettings.default.max_examples >= 100 and "rss_kib" in STATE:
-        assert total >= (MIN_LONG_REQUESTS if LONG else MIN_CI_REQUESTS), f"only {total} requests were generated"
+        assert total >= (MIN_LONG_REQUESTS if LONG else MIN_CI_REQUESTS), (
+            f"only {total} requests were generated"
+        )
     if device.type == "cuda":  # the context is alive: a fresh CUDA computation works on the server
         assert response.device.startswith("cuda")

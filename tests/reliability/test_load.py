@@ -26,7 +26,9 @@ def test_short_load(tmp_path, device):
     assert report["requests"] >= 100, report
     assert report["unexpected_errors"] == 0, report["unexpected_first"]
     # Bad requests were part of the mix and all got their expected status.
-    assert sum(v for k, v in report["outcomes"].items() if not k.endswith(":OK")) > 0, report["outcomes"]
+    assert sum(v for k, v in report["outcomes"].items() if not k.endswith(":OK")) > 0, report[
+        "outcomes"
+    ]
     assert report["server_alive"] and report["server_exit_code"] == 0
     assert report["audited_acknowledged"] > 0
     assert report["audit_records"] == report["audit_distinct"] == report["audited_acknowledged"]
