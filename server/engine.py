@@ -7,7 +7,6 @@ returns the value, the gradients for the requested paths, the components and a n
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -23,8 +22,6 @@ from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry
 from .errors import InvalidArgument, ResourceExhausted
 from .registry import LossOutput, LossSpec
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,16 +94,9 @@ class Engine:
             raise ResourceExhausted(
                 f"out of device memory evaluating {loss} on {self.device}: {exc}".split("\n")[0]
             ) from None
-        except (RuntimeError, IndexError) as exc:
-            if self.device.type == "cuda" and "CUDA error" in str(exc):
-                raise  # a poisoned context is the server's problem, not the caller's (INTERNAL)
-            # The loss functions follow upstream step by step, so an input that makes torch refuse
-            # here (BCE on NaN scores, an index out of range) is one upstream crashes on too.
-            log.info("%s refused its inputs: %r", loss, exc)
-            reason = str(exc).strip().split("\n")[0]
-            raise InvalidArgument(
-                f"{loss} cannot be evaluated on these inputs (upstream raises the same): {type(exc).__name__}: {reason}"
-            ) from None
+        # Anything else (a RuntimeError or IndexError included) is a bug in lossd: the servicer
+        # logs it with its traceback and request id and answers INTERNAL. Inputs upstream itself
+        # crashes on are refused where upstream crashes, inside ``errors.upstream_raises``.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_ns = time.perf_counter_ns() - start

@@ -10,6 +10,9 @@ raise what Python users expect.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 
 
@@ -25,6 +28,14 @@ class ServiceError(Exception):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class Internal(ServiceError):
+    """A bug in lossd (an exception nobody meant to raise); already logged with its traceback.
+
+    The caller's message names only the request id, which finds the traceback in the log."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class InvalidArgument(ServiceError, ValueError):
@@ -77,3 +88,21 @@ class Cancelled(ServiceError):
     """The caller cancelled the call (or went away) before its result was ready."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+@contextmanager
+def upstream_raises(site: str, field: str | None = None) -> Iterator[None]:
+    """Marks a call where upstream itself raises on some inputs (``site`` names it): torch's
+    RuntimeError or IndexError there is the caller's input refused, INVALID_ARGUMENT. Anywhere
+    else the same exception is a bug in lossd and is answered INTERNAL."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as exc:
+        if "CUDA error" in str(exc):
+            raise  # a poisoned device context is the server's problem, not the caller's
+        reason = str(exc).strip().split("\n")[0]
+        raise InvalidArgument(
+            f"{site} cannot be evaluated on these inputs (upstream raises the same): "
+            f"{type(exc).__name__}: {reason}",
+            field=field,
+        ) from None

@@ -22,7 +22,7 @@ from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 
 from . import chunked, registry
 from .engine import Engine, Evaluation
-from .errors import InvalidArgument, ResourceExhausted, ServiceError
+from .errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
 from .messages import ComputeCall, decode_compute, encode_compute, loss_info
 from .version import __version__
 
@@ -99,7 +99,7 @@ def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if _is_abort(exc):
         raise exc
     error = to_service_error(exc)
-    if type(error) is ServiceError:
+    if type(error) is ServiceError:  # (an Internal error was logged where it was raised)
         log.error("internal error in %s", method, exc_info=exc)
     else:
         log.info("%s refused: %s %s", method, error.code.name, error)
@@ -191,9 +191,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         call = decode_compute(request, self.limits, external)
         t1 = time.perf_counter_ns()
         if self._slots is None:
-            result = self.engine.evaluate(
-                call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output
-            )
+            result = self._evaluate(call)
         else:
             with self._slots:
                 from .limits import caller_gone  # limits imports this module
@@ -203,14 +201,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 )  # waited past its deadline
                 if gone is not None:
                     raise gone
-                result = self.engine.evaluate(
-                    call.loss,
-                    call.params,
-                    call.args,
-                    call.kwargs,
-                    call.grad_paths,
-                    call.grad_output,
-                )
+                result = self._evaluate(call)
         t2 = time.perf_counter_ns()
         response = encode_compute(result, call.request_id, __version__, outboard)
         t3 = time.perf_counter_ns()
@@ -225,6 +216,26 @@ class LossServicer(pb_grpc.LossServiceServicer):
             for hook in self.after_compute:
                 hook(event)
         return response
+
+    def _evaluate(self, call: ComputeCall) -> Evaluation:
+        """The engine's evaluation; an exception that is no deliberate refusal is lossd's bug."""
+        try:
+            return self.engine.evaluate(
+                call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output
+            )
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: logged here, answered INTERNAL
+            log.error(
+                "internal error evaluating %s (request id %s)",
+                call.loss,
+                call.request_id,
+                exc_info=exc,
+            )
+            raise Internal(
+                f"internal error in lossd evaluating {call.loss} (request id {call.request_id}); "
+                "the server log has the traceback under that request id"
+            ) from None
 
     @handles_errors
     def Compute(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._reduction import reduce_loss
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, upstream_raises
 from ..registry import Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices, require_key, require_tensor
 
@@ -146,11 +146,13 @@ def simota_assign(
     onehot = F.one_hot(gt_classes.to(torch.int64), num_classes).float()
     # Upstream scores the classification cost in float32 with autocast disabled.
     scores = (cls_logits.float().sigmoid() * obj_logits.float().sigmoid()).sqrt()
-    cls_cost = F.binary_cross_entropy(
-        scores.unsqueeze(0).expand(num_gt, num_cand, num_classes),
-        onehot.unsqueeze(1).expand(num_gt, num_cand, num_classes),
-        reduction="none",
-    ).sum(-1)
+    # Upstream's BCE refuses scores outside [0, 1] (NaN logits give NaN scores): so does this one.
+    with upstream_raises("yolox_loss (SimOTA's classification cost, F.binary_cross_entropy)"):
+        cls_cost = F.binary_cross_entropy(
+            scores.unsqueeze(0).expand(num_gt, num_cand, num_classes),
+            onehot.unsqueeze(1).expand(num_gt, num_cand, num_classes),
+            reduction="none",
+        ).sum(-1)
     cost = cls_cost + IOU_COST_WEIGHT * iou_cost + OUTSIDE_COST * (~in_centre)
 
     matching = torch.zeros_like(cost, dtype=torch.uint8)
