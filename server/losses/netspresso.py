@@ -1,4 +1,5 @@
-"""NetsPresso Trainer 1.4.1 losses: ``focal_loss`` and the ``model.losses`` criteria list.
+"""NetsPresso Trainer 1.4.1 losses: ``focal_loss``, ``seg_cross_entropy`` and the ``model.losses``
+criteria list.
 
 NetsPresso losses are called as ``loss(out, target)`` with the model's output dict and the
 batch's target dict; each criterion reads the keys it needs (``out['pred']``,
@@ -21,6 +22,7 @@ from .._reduction import check_reduction, reduce_loss
 from ..errors import InvalidArgument, LossNotFound, ServiceError
 from ..registry import REQUIRED, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
+from .fat import cross_entropy
 
 _UPSTREAM = "netspresso-trainer==1.4.1"
 
@@ -98,10 +100,106 @@ def _make_focal_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# seg_cross_entropy (SegCrossEntropyLoss)
+
+
+def _seg_inputs(out: Mapping[str, Any], target: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    pred = require_tensor(require_key(out, "pred", "out"), "out.pred", floating=True, dim=4)
+    labels = require_tensor(require_key(target, "target", "target"), "target.target")
+    batch, channels = pred.shape[:2]
+    if pred.shape[2] == 0 or pred.shape[3] == 0:
+        # F.interpolate refuses an empty input map.
+        raise InvalidArgument.expected(
+            "out.pred", "non-empty spatial size (h, w >= 1)", f"shape {list(pred.shape)}"
+        )
+    if labels.is_floating_point():
+        expected = f"soft targets of shape [{batch}, {channels}, H, W]"
+        ok = labels.dim() == 4 and tuple(labels.shape[:2]) == (batch, channels)
+    else:
+        expected = f"int64 labels of shape [{batch}, H, W] (or float soft targets [B, C, H, W])"
+        ok = labels.dim() == 3 and labels.shape[0] == batch
+    if not ok:
+        raise InvalidArgument.expected("target.target", expected, f"shape {list(labels.shape)}")
+    if labels.shape[-1] == 0 or labels.shape[-2] == 0:
+        raise InvalidArgument.expected(
+            "target.target", "non-empty spatial size (H, W >= 1)", f"shape {list(labels.shape)}"
+        )
+    return pred, labels
+
+
+def seg_cross_entropy(
+    out: Mapping[str, Any],
+    target: Mapping[str, Any],
+    *,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor | LossOutput:
+    """Segmentation cross-entropy: logits resized to the label size, then torch cross-entropy.
+
+    ``out['pred']`` is resized with ``F.interpolate(mode='bilinear', align_corners=False)`` to the
+    last two dims ``(H, W)`` of ``target['target']`` (a new tensor; the caller's is untouched),
+    then scored exactly as NetsPresso's ``cross_entropy``: torch ``CrossEntropyLoss`` with
+    ``reduction='mean'`` unless the legacy ``size_average``/``reduce`` pair overrides it (torch's
+    rule: ``reduce=False`` gives per-pixel losses, ``size_average=False`` a sum).
+
+    Args:
+        out (dict): ``{'pred': Tensor[B, C, h, w]}`` float logits (any h, w >= 1).
+        target (dict): ``{'target': Tensor[B, H, W]}`` int64 labels in ``[0, C)`` or
+            ``ignore_index``; or float soft targets ``Tensor[B, C, H, W]`` (class probabilities,
+            which get a gradient; ``ignore_index`` does not apply to them, as in torch).
+        weight (Tensor[C], optional): per-class weight; the mean divides by the summed weight of
+            the counted pixels (a NetsPresso YAML ``weight`` is the criterion's multiplier
+            instead, so this is set only through RemoteLoss). Default: ``None``.
+        size_average (bool, optional): deprecated torch argument (see above). Default: ``None``.
+        ignore_index (int): label excluded from loss and count. Default: ``-100``.
+        reduce (bool, optional): deprecated torch argument (see above). Default: ``None``.
+        label_smoothing (float): in [0, 1]. Default: ``0.0``.
+
+    Returns:
+        Tensor: a scalar (``[B, H, W]`` when ``reduce=False``). NaN with the mean when no pixel is
+        counted (every label ignored), as upstream; a note says so. Gradients flow to
+        ``out['pred']`` (through the interpolation) and to soft targets.
+
+    Reference:
+        ``netspresso_trainer.losses.segmentation.SegCrossEntropyLoss`` (netspresso-trainer 1.4.1).
+    """
+    pred, labels = _seg_inputs(out, target)
+    resized = F.interpolate(pred, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return cross_entropy(
+        {"pred": resized},
+        {"target": labels},
+        weight=weight,
+        size_average=size_average,
+        ignore_index=ignore_index,
+        reduce=reduce,
+        label_smoothing=label_smoothing,
+    )
+
+
+def _make_seg_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    gen = torch.Generator().manual_seed(1505)
+    pred = torch.randn(2, 3, 4, 5, generator=gen).to(dtype)
+    labels = torch.randint(0, 3, (2, 7, 9), generator=gen)
+    labels[1] = 255  # the second image has no labelled pixel
+    labels[0, :2] = 255
+    return ({"pred": pred}, {"target": labels}), {}, {"ignore_index": 255, "label_smoothing": 0.1}
+
+
+# --------------------------------------------------------------------------------------------
 # The criteria list (NetsPresso's `model.losses`)
 
 #: Criteria a ``model.losses`` entry may name: the NetsPresso Trainer criteria lossd serves.
-NETSPRESSO_CRITERIA = ("cross_entropy", "focal_loss", "yolox_loss", "retinanet_loss", "pidnet_loss")
+NETSPRESSO_CRITERIA = (
+    "cross_entropy",
+    "seg_cross_entropy",
+    "focal_loss",
+    "yolox_loss",
+    "retinanet_loss",
+    "pidnet_loss",
+)
 
 # The trainer passes its epoch counter to every criterion, and all of them swallow it through
 # **kwargs; only yolox_loss reads it. It is therefore never reported as an ignored key.
@@ -286,6 +384,57 @@ SPECS = (
         "Lin et al., Focal Loss for Dense Object Detection, ICCV 2017",
         example='RemoteLoss("focal_loss", alpha=0.25, gamma=2.0)({"pred": logits}, {"target": onehot})',
         make_example=_make_focal_example,
+    ),
+    LossSpec(
+        name="seg_cross_entropy",
+        fn=seg_cross_entropy,
+        families=("netspresso",),
+        summary="Segmentation cross-entropy: logits resized bilinearly (align_corners=False) to the "
+        "label size, then torch CrossEntropyLoss (NetsPresso SegCrossEntropyLoss).",
+        inputs=(
+            Input(
+                "out",
+                kind="structure",
+                differentiable=True,
+                doc="{'pred': Tensor[B, C, h, w] float logits}",
+            ),
+            Input(
+                "target",
+                kind="structure",
+                differentiable=True,
+                doc="{'target': Tensor[B, H, W] int64 labels in [0, C) or ignore_index, "
+                "or Tensor[B, C, H, W] float soft targets (these get a gradient)}",
+            ),
+        ),
+        params=(
+            Param("weight", "tensor", None, nullable=True, doc="per-class weight, shape [C]"),
+            Param(
+                "size_average",
+                "bool",
+                None,
+                nullable=True,
+                doc="deprecated torch argument; with reduce, overrides the mean when set",
+            ),
+            Param("ignore_index", "int", -100, doc="label that is neither counted nor penalised"),
+            Param(
+                "reduce",
+                "bool",
+                None,
+                nullable=True,
+                doc="deprecated torch argument; False gives per-pixel losses",
+            ),
+            Param(
+                "label_smoothing",
+                "float",
+                0.0,
+                minimum=0.0,
+                maximum=1.0,
+                doc="mix with the uniform distribution",
+            ),
+        ),
+        reference=f"netspresso_trainer.losses.segmentation.SegCrossEntropyLoss ({_UPSTREAM})",
+        example='RemoteLoss("seg_cross_entropy", ignore_index=255)({"pred": logits}, {"target": labels})',
+        make_example=_make_seg_example,
     ),
     LossSpec(
         name="losses",

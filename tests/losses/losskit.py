@@ -101,3 +101,24 @@ def run_golden(path: Path) -> tuple[dict, Any]:
             get_path(args, kwargs, grad_path).grad, case["expected_grads"][grad_path], **tol
         )
     return case, result
+
+
+def assert_refused_then_served(
+    endpoint: str, name: str, params: dict, bad: tuple, good: tuple, field: str
+) -> None:
+    """Through the RPC: ``bad`` args get INVALID_ARGUMENT naming ``field``, and the same server
+    then computes ``good`` args."""
+    import grpc
+    import pytest
+
+    from lossd.client import LossdError, RemoteLoss
+
+    with RemoteLoss(name, endpoint=endpoint, **params) as crit:
+        with pytest.raises(LossdError) as info:
+            crit(*bad)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert info.value.field == field, (
+            info.value.field,
+            info.value.details,
+        )
+        assert torch.isfinite(crit(*good)).all()
