@@ -36,6 +36,7 @@ from ._channel import (
     warn_cleartext_token,
 )
 from ._proto import lossd_pb2 as pb
+from .amp import caller_autocast
 from .errors import LossdError, from_rpc_error
 from .transport import Transport
 
@@ -229,8 +230,10 @@ def build_request(
     grad_paths: Sequence[str] = (),
     audit: pb.AuditContext | None = None,
     outboard: codec.Outboard | None = None,
+    autocast: pb.Autocast | None = None,
 ) -> pb.ComputeRequest:
-    """``outboard``: collect large tensors there instead of inlining them (chunked transport)."""
+    """``outboard``: collect large tensors there instead of inlining them (chunked transport);
+    ``autocast``: the caller's autocast region, evaluated under the same policy."""
     request = pb.ComputeRequest(loss=name, grad_paths=list(grad_paths), request_id=uuid.uuid4().hex)
     codec.encode_map(params, request.params, outboard=outboard, path="params")
     for i, arg in enumerate(args):
@@ -238,6 +241,8 @@ def build_request(
     codec.encode_map(kwargs, request.kwargs, outboard=outboard, path="kwargs")
     if audit is not None:
         request.audit.CopyFrom(audit)
+    if autocast is not None:
+        request.autocast.CopyFrom(autocast)
     return request
 
 
@@ -383,7 +388,9 @@ def remote_loss(
     track = torch.is_grad_enabled()
     diff = [(p, t) for p, t in tensors if track and t.requires_grad]
     outboard = transport.outboard(tensors) if transport is not None else None
-    request = build_request(name, params, args, kwargs, [p for p, _ in diff], audit, outboard)
+    request = build_request(
+        name, params, args, kwargs, [p for p, _ in diff], audit, outboard, caller_autocast(device)
+    )
     if not diff:
         response, external = _send(None, client, request, transport, outboard)
         result = _result(response)

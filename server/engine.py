@@ -7,6 +7,7 @@ returns the value, the gradients for the requested paths, the components and a n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ from lossd.client.codec import call_tensors, iter_tensors, map_tensors
 
 from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .registry import LossOutput, LossSpec
 
 
@@ -37,6 +38,17 @@ class Evaluation:
     non_finite: bool = False
     device: str = "cpu"
     compute_ns: int = 0
+
+
+@dataclass(frozen=True)
+class AutocastPolicy:
+    """The caller's ``torch.autocast`` region: its device type and lower-precision dtype."""
+
+    device_type: str
+    dtype: torch.dtype
+
+    def region(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,13 +75,21 @@ class Engine:
         kwargs: Mapping[str, Any] | None = None,
         grad_paths: Sequence[str] = (),
         grad_output: Tensor | None = None,
+        *,
+        autocast: AutocastPolicy | None = None,
     ) -> Evaluation:
+        """``autocast``: evaluate the forward and the gradients inside that autocast region, as
+        upstream runs inside the caller's (its op policy is the device type's, so a CPU region is
+        evaluated on CPU whatever the engine's device)."""
         spec = registry.get(loss)
+        device = self._device_for(autocast)
         canonical = spec.canonical_params(params or {})
         kwargs = dict(kwargs or {})
         bound = bind_inputs(spec, list(args), kwargs)
 
-        to_device = self._to_device
+        def to_device(tensor: Tensor) -> Tensor:
+            return _to(tensor, device)
+
         bound = {name: map_tensors(value, to_device) for name, value in bound.items()}
         call_params = {name: map_tensors(value, to_device) for name, value in canonical.items()}
         n_positional = len(args)
@@ -81,24 +101,25 @@ class Engine:
 
         wanted = _mark_requires_grad(call_args, call_kwargs, grad_paths)
 
+        region = autocast.region() if autocast is not None else contextlib.nullcontext()
         start = time.perf_counter_ns()
         try:
-            with torch.set_grad_enabled(bool(wanted)):
+            with torch.set_grad_enabled(bool(wanted)), region:
                 out = spec.fn(*call_args, **call_kwargs, **call_params)
-            result = out if isinstance(out, LossOutput) else LossOutput(out)
-            grads = self._gradients(result.value, wanted, grad_output)
+                result = out if isinstance(out, LossOutput) else LossOutput(out)
+                grads = _gradients(result.value, wanted, grad_output, device)
         except InvalidArgument as exc:
             exc.field = _wire_field(exc.field, spec, n_positional, call_kwargs)
             raise
         except torch.OutOfMemoryError as exc:
             raise ResourceExhausted(
-                f"out of device memory evaluating {loss} on {self.device}: {exc}".split("\n")[0]
+                f"out of device memory evaluating {loss} on {device}: {exc}".split("\n")[0]
             ) from None
         # Anything else (a RuntimeError or IndexError included) is a bug in lossd: the servicer
         # logs it with its traceback and request id and answers INTERNAL. Inputs upstream itself
         # crashes on are refused where upstream crashes, inside ``errors.upstream_raises``.
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         compute_ns = time.perf_counter_ns() - start
 
         value = map_tensors(result.value, lambda t: t.detach())
@@ -114,51 +135,61 @@ class Engine:
             components=components,
             notes=list(result.notes),
             non_finite=non_finite,
-            device=str(self.device),
+            device=str(device),
             compute_ns=compute_ns,
         )
 
-    def _to_device(self, tensor: Tensor) -> Tensor:
-        # detach(): a fresh leaf, so marking it requires_grad never touches the caller's tensor.
-        return (
-            tensor.detach()
-            if tensor.device == self.device
-            else tensor.to(self.device, non_blocking=True)
+    def _device_for(self, autocast: AutocastPolicy | None) -> torch.device:
+        if autocast is None or autocast.device_type == self.device.type:
+            return self.device
+        if autocast.device_type == "cpu":
+            return torch.device("cpu")  # CPU autocast's policy, reproduced exactly on the CPU
+        raise FailedPrecondition(
+            f"the caller runs inside torch.autocast({autocast.device_type!r}), whose op policy only "
+            f"a {autocast.device_type} device reproduces; this server computes on {self.device.type}. "
+            f"Use a lossd server with a {autocast.device_type} device, or call the loss outside autocast",
+            field="autocast",
         )
 
-    def _gradients(
-        self, value: Any, wanted: dict[str, Tensor], grad_output: Tensor | None
-    ) -> dict[str, Tensor]:
-        if not wanted:
-            return {}
-        if not isinstance(value, Tensor):
-            raise InvalidArgument(
-                f"gradients need a tensor loss value, the loss returned {type(value).__name__}",
-                field="grad_paths",
-            )
-        if grad_output is None:
-            if value.numel() != 1:
-                # Non-scalar loss: the caller asks again with grad_output (its backward pass).
-                return {}
-        else:
-            if tuple(grad_output.shape) != tuple(value.shape):
-                raise InvalidArgument.expected(
-                    "grad_output",
-                    f"shape {list(value.shape)} (the loss output's)",
-                    f"shape {list(grad_output.shape)}",
-                )
-            if not grad_output.is_floating_point():
-                raise InvalidArgument.expected(
-                    "grad_output", "a floating-point tensor", str(grad_output.dtype)
-                )
-            grad_output = self._to_device(grad_output).to(value.dtype)
-        if not value.requires_grad:
-            return {}  # the value does not depend on any requested input
-        paths = list(wanted)
-        found = torch.autograd.grad(
-            value, [wanted[p] for p in paths], grad_outputs=grad_output, allow_unused=True
+
+def _to(tensor: Tensor, device: torch.device) -> Tensor:
+    # detach(): a fresh leaf, so marking it requires_grad never touches the caller's tensor.
+    return tensor.detach() if tensor.device == device else tensor.to(device, non_blocking=True)
+
+
+def _gradients(
+    value: Any, wanted: dict[str, Tensor], grad_output: Tensor | None, device: torch.device
+) -> dict[str, Tensor]:
+    if not wanted:
+        return {}
+    if not isinstance(value, Tensor):
+        raise InvalidArgument(
+            f"gradients need a tensor loss value, the loss returned {type(value).__name__}",
+            field="grad_paths",
         )
-        return {p: g.detach() for p, g in zip(paths, found) if g is not None}
+    if grad_output is None:
+        if value.numel() != 1:
+            # Non-scalar loss: the caller asks again with grad_output (its backward pass).
+            return {}
+    else:
+        if tuple(grad_output.shape) != tuple(value.shape):
+            raise InvalidArgument.expected(
+                "grad_output",
+                f"shape {list(value.shape)} (the loss output's)",
+                f"shape {list(grad_output.shape)}",
+            )
+        if not grad_output.is_floating_point():
+            raise InvalidArgument.expected(
+                "grad_output", "a floating-point tensor", str(grad_output.dtype)
+            )
+        grad_output = _to(grad_output, device).to(value.dtype)
+    if not value.requires_grad:
+        return {}  # the value does not depend on any requested input
+    paths = list(wanted)
+    found = torch.autograd.grad(
+        value, [wanted[p] for p in paths], grad_outputs=grad_output, allow_unused=True
+    )
+    return {p: g.detach() for p, g in zip(paths, found) if g is not None}
 
 
 def bind_inputs(spec: LossSpec, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:

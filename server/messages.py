@@ -12,7 +12,7 @@ from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.audit import check_audit_fields
 
-from .engine import Evaluation
+from .engine import AutocastPolicy, Evaluation
 from .errors import InvalidArgument
 from .registry import REQUIRED, Input, LossSpec, Param
 
@@ -30,6 +30,7 @@ class ComputeCall:
     request_id: str
     audit: pb.AuditContext
     input_tensors: list[tuple[str, Tensor]] = field(default_factory=list)
+    autocast: AutocastPolicy | None = None
 
 
 def decode_compute(
@@ -71,7 +72,29 @@ def decode_compute(
         request_id=request.request_id or uuid.uuid4().hex,
         audit=request.audit,
         input_tensors=list(codec.call_tensors(args, kwargs)),
+        autocast=decode_autocast(request.autocast) if request.HasField("autocast") else None,
     )
+
+
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+AUTOCAST_DTYPES = (pb.DATA_TYPE_BFLOAT16, pb.DATA_TYPE_FLOAT16)
+
+
+def decode_autocast(message: pb.Autocast) -> AutocastPolicy | None:
+    """The caller's autocast region, or None when it is not enabled."""
+    if not message.enabled:
+        return None
+    if message.device_type not in AUTOCAST_DEVICE_TYPES:
+        raise InvalidArgument.expected(
+            "autocast.device_type", "'cpu' or 'cuda'", repr(message.device_type)
+        )
+    if message.dtype not in AUTOCAST_DTYPES:
+        raise InvalidArgument.expected(
+            "autocast.dtype",
+            "DATA_TYPE_BFLOAT16 or DATA_TYPE_FLOAT16",
+            codec.dtype_name(message.dtype),
+        )
+    return AutocastPolicy(message.device_type, codec.torch_dtype(message.dtype))
 
 
 def check_audit_context(audit: pb.AuditContext) -> None:

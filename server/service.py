@@ -221,7 +221,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """The engine's evaluation; an exception that is no deliberate refusal is lossd's bug."""
         try:
             return self.engine.evaluate(
-                call.loss, call.params, call.args, call.kwargs, call.grad_paths, call.grad_output
+                call.loss,
+                call.params,
+                call.args,
+                call.kwargs,
+                call.grad_paths,
+                call.grad_output,
+                autocast=call.autocast,
             )
         except (ServiceError, MemoryError):
             raise

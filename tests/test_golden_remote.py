@@ -15,7 +15,7 @@ import torch
 from lossd.client import RemoteLoss, from_config
 from lossd.client.codec import join_key
 from lossd.server import registry
-from tests.golden_cases import GOLDEN, load_golden
+from tests.golden_cases import GOLDEN, GOLDEN_TOL, golden_region, load_golden
 from tests.losses.losskit import attach_leaves
 
 CASES = sorted(GOLDEN.glob("*/*.pt"))
@@ -40,10 +40,10 @@ def test_golden_case_through_rpc(path, endpoint):
         if "config" in case
         else RemoteLoss(name, endpoint=endpoint, **case["ctor"])
     )
-    with crit:
+    with crit, golden_region(case):  # the AMP cases: inside the autocast region upstream ran in
         loss = crit(*args, **kwargs)
     expected = case["expected_loss"]
-    rtol, atol = (1e-7, 1e-10) if case["precision"] == "float64" else (1e-4, 1e-6)
+    rtol, atol = GOLDEN_TOL[case["precision"]].values()
     assert loss.dtype == expected.dtype
     if case["expect_nan"]:
         assert math.isnan(float(loss))

@@ -126,8 +126,18 @@ class AuditContext(_message.Message):
     tags: _containers.ScalarMap[str, str]
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class Autocast(_message.Message):
+    __slots__ = ("enabled", "device_type", "dtype")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    device_type: str
+    dtype: DataType
+    def __init__(self, enabled: _Optional[bool] = ..., device_type: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
+
 class ComputeRequest(_message.Message):
-    __slots__ = ("loss", "params", "args", "kwargs", "grad_paths", "grad_output", "request_id", "audit")
+    __slots__ = ("loss", "params", "args", "kwargs", "grad_paths", "grad_output", "request_id", "audit", "autocast")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +146,7 @@ class ComputeRequest(_message.Message):
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
+    AUTOCAST_FIELD_NUMBER: _ClassVar[int]
     loss: str
     params: ValueMap
     args: _containers.RepeatedCompositeFieldContainer[Value]
@@ -144,7 +155,8 @@ class ComputeRequest(_message.Message):
     grad_output: Tensor
     request_id: str
     audit: AuditContext
-    def __init__(self, loss: _Optional[str] = ..., params: _Optional[_Union[ValueMap, _Mapping]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Union[ValueMap, _Mapping]] = ..., grad_paths: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., audit: _Optional[_Union[AuditContext, _Mapping]] = ...) -> None: ...
+    autocast: Autocast
+    def __init__(self, loss: _Optional[str] = ..., params: _Optional[_Union[ValueMap, _Mapping]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Union[ValueMap, _Mapping]] = ..., grad_paths: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., audit: _Optional[_Union[AuditContext, _Mapping]] = ..., autocast: _Optional[_Union[Autocast, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ns", "compute_ns", "encode_ns")

@@ -12,7 +12,7 @@ import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.client.codec import call_tensors, join_key
 from lossd.server import registry
 from lossd.server.registry import LossOutput, LossSpec
-from tests.golden_cases import get_path, load_golden
+from tests.golden_cases import GOLDEN_TOL, get_path, golden_region, load_golden
 
 
 def value(out):
@@ -72,10 +72,6 @@ def assert_same_gradients(
         torch.testing.assert_close(a, b, **tolerance)
 
 
-# Tolerances against values recorded from upstream, by the precision the case was recorded in.
-GOLDEN_TOL = {"float64": {"rtol": 1e-7, "atol": 1e-10}, "float32": {"rtol": 1e-4, "atol": 1e-6}}
-
-
 def run_golden(path: Path) -> tuple[dict, Any]:
     """Call a golden case's loss through the registry (a config case: the criterion list) and
     check the loss, its dtype and every gradient against upstream's; (case, result)."""
@@ -88,14 +84,16 @@ def run_golden(path: Path) -> tuple[dict, Any]:
     else:
         spec = registry.get(case["name"])
         params = spec.canonical_params(case["ctor"])
-    result = spec.fn(*args, **kwargs, **params)
-    loss = value(result)
+    with golden_region(case):
+        result = spec.fn(*args, **kwargs, **params)
+        loss = value(result)
     tol = GOLDEN_TOL[case["precision"]]
     assert str(loss.dtype).removeprefix("torch.") == str(case["expected_loss_dtype"]).removeprefix(
         "torch."
     )
     torch.testing.assert_close(loss, case["expected_loss"], **tol)
-    loss.backward()
+    with golden_region(case):
+        loss.backward()
     for grad_path in case["grad_paths"]:
         torch.testing.assert_close(
             get_path(args, kwargs, grad_path).grad, case["expected_grads"][grad_path], **tol

@@ -15,7 +15,14 @@ import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import fat
-from tests.golden_cases import GOLDEN, get_path, golden_files, load_golden
+from tests.golden_cases import (
+    GOLDEN,
+    GOLDEN_TOL,
+    get_path,
+    golden_files,
+    golden_region,
+    load_golden,
+)
 from tests.losses.losskit import assert_same_gradients, call, gen, notes, value
 
 FAT_LOSSES = (
@@ -48,18 +55,16 @@ def test_golden(path):
     args, kwargs = case["args"], case["kwargs"]
     leaves = [get_path(args, kwargs, p).requires_grad_(True) for p in case["grad_paths"]]
 
-    out = call(name, *args, **kwargs, **params)
-    loss = value(out)
-    tol = (
-        dict(rtol=1e-7, atol=1e-10)
-        if case["precision"] == "float64"
-        else dict(rtol=1e-4, atol=1e-6)
-    )
+    with golden_region(case):
+        out = call(name, *args, **kwargs, **params)
+        loss = value(out)
+    tol = GOLDEN_TOL[case["precision"]]
     assert str(loss.dtype).removeprefix("torch.") == case["expected_loss_dtype"]
     assert torch.isnan(loss).all() == bool(case["expect_nan"])
     assert_close(loss, case["expected_loss"], **tol, equal_nan=True)
 
-    grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+    with golden_region(case):
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
     for path_, grad in zip(case["grad_paths"], grads, strict=True):
         expected = case["expected_grads"][path_]
         if expected is None:

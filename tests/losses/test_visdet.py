@@ -13,11 +13,18 @@ from torch.testing import assert_close
 import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.server import registry
 from lossd.server._reduction import AVG_FACTOR_EPS
-from lossd.server.engine import Engine
+from lossd.server.engine import AutocastPolicy, Engine
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import visdet
 from lossd.server.registry import LossOutput
-from tests.golden_cases import get_path, golden_files, load_golden
+from tests.golden_cases import (
+    GOLDEN_TOL,
+    get_path,
+    golden_autocast,
+    golden_files,
+    golden_region,
+    load_golden,
+)
 from tests.losses.losskit import call, gen, notes, value
 
 VISDET_LOSSES = (
@@ -116,18 +123,16 @@ def test_golden(path):
         name = case["config"]["type"]
     else:
         params, name = case["ctor"], case["name"]
-    out = value(call(name, *args, **kwargs, **params))
-    tol = (
-        dict(rtol=1e-7, atol=1e-10)
-        if case["precision"] == "float64"
-        else dict(rtol=1e-4, atol=1e-6)
-    )
+    with golden_region(case):
+        out = value(call(name, *args, **kwargs, **params))
+    tol = GOLDEN_TOL[case["precision"]]
     assert out.dtype == case["expected_loss"].dtype
     if case["expect_nan"]:
         assert torch.isnan(out).all()
         return
     assert_close(out, case["expected_loss"], **tol)
-    grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+    with golden_region(case):
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
     for p, g in zip(case["grad_paths"], grads, strict=True):
         expected = case["expected_grads"][p]
         if expected is None:
@@ -142,13 +147,16 @@ def test_golden(path):
 def test_golden_through_engine(path):
     """The declarations (dtypes, symbolic shapes, kinds) accept upstream's calls; grads by path."""
     case = load_golden(path)
+    region = golden_autocast(case)
     result = Engine("cpu").evaluate(
         case["name"],
         case["ctor"],
         list(case["args"]),
         dict(case["kwargs"]),
         grad_paths=case["grad_paths"],
+        autocast=None if region is None else AutocastPolicy(*region),
     )
+    assert result.value.dtype == case["expected_loss"].dtype
     assert_close(result.value, case["expected_loss"], rtol=1e-7, atol=1e-10)
     for p in case["grad_paths"]:
         assert_close(result.grads[p], case["expected_grads"][p], rtol=1e-7, atol=1e-10)
