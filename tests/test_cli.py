@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lossd.client import RemoteLoss
 from lossd.server import registry
 from lossd.server.losses import FAMILY_MODULES  # noqa: F401  (registers the losses)
-from tests.serverproc import ServerProcess
+from tests.support.serverproc import ServerProcess
 
 
 @pytest.fixture(scope="module")

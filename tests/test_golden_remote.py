@@ -15,8 +15,8 @@ import torch
 from lossd.client import RemoteLoss, from_config
 from lossd.client.codec import join_key
 from lossd.server import registry
-from tests.golden_cases import GOLDEN, GOLDEN_TOL, golden_region, load_golden
-from tests.losses.losskit import attach_leaves
+from tests.support.golden import GOLDEN, GOLDEN_TOL, golden_region, load_golden
+from tests.support.losskit import attach_leaves
 
 CASES = sorted(GOLDEN.glob("*/*.pt"))
 

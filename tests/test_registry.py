@@ -16,7 +16,7 @@ from lossd.server import registry
 from lossd.server.engine import Engine
 from lossd.server.losses import FAMILY_MODULES  # noqa: F401  (registers the losses)
 from lossd.server.registry import REQUIRED
-from tests.losses.losskit import attach_leaves, differentiable_paths
+from tests.support.losskit import attach_leaves, differentiable_paths
 
 SEED_LOSSES = {
     "netspresso": {"cross_entropy", "focal_loss", "yolox_loss", "retinanet_loss", "pidnet_loss"},

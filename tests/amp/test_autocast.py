@@ -15,7 +15,7 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server import registry
 from lossd.server.registry import LossOutput
-from tests.losses.losskit import attach_leaves, differentiable_paths
+from tests.support.losskit import attach_leaves, differentiable_paths
 
 SPECS = registry.all_specs()
 BF16 = torch.bfloat16

@@ -1,23 +1,19 @@
 """Fixtures of the audit tests: the two storage backends, and SQL access to tamper with them.
 
 ``audit_db`` is parametrised over ``sqlite`` (a file in a temp dir) and ``postgres`` (a fresh
-database on a real PostgreSQL server the session starts, see pgserver.py). The PostgreSQL cases
+database on a real PostgreSQL server the session starts, see tests/support/pgserver.py). The PostgreSQL cases
 skip, saying why, only where no server can be started.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc
-
-from auditkit import BACKENDS, make_db  # noqa: E402
-from pgserver import PostgresServer, PostgresUnavailable  # noqa: E402
+from tests.support.auditkit import BACKENDS, make_db
+from tests.support.pgserver import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture(scope="session")

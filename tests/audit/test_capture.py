@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 
 import torch
-from auditkit import sql
 
 from lossd.client import AuditClient, LossClient
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
+from tests.support.auditkit import sql
 
 
 def call(client: LossClient, logits: torch.Tensor, target: torch.Tensor, step: int) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from serverproc import ServerProcess
 
 from lossd.client import AuditClient, LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
+from tests.support.serverproc import ServerProcess
 
 
 def audited_request(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from auditkit import sql
-
 from lossd.server.audit.store import migrations, open_store, redact
 from lossd.server.config import ServerConfig
+from tests.support.auditkit import sql
 
 
 def test_migrations_are_applied_once_and_recorded(audit_db: str) -> None:

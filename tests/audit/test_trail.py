@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from auditkit import BACKENDS, independent_digest, make_db, sql
 from torch import nn
 
 from lossd.client import RemoteLoss, audit_run
 from lossd.server.app import create_server
 from lossd.server.audit import cli
 from lossd.server.config import ServerConfig
+from tests.support.auditkit import BACKENDS, independent_digest, make_db, sql
 
 STEPS = 50
 

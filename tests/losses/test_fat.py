@@ -15,7 +15,7 @@ import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import fat
-from tests.golden_cases import (
+from tests.support.golden import (
     GOLDEN,
     GOLDEN_TOL,
     get_path,
@@ -23,7 +23,7 @@ from tests.golden_cases import (
     golden_region,
     load_golden,
 )
-from tests.losses.losskit import assert_same_gradients, call, gen, notes, value
+from tests.support.losskit import assert_same_gradients, call, gen, notes, value
 
 FAT_LOSSES = (
     "cross_entropy",

@@ -14,8 +14,8 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument, LossNotFound
 from lossd.server.losses.netspresso import criteria_list, focal_loss
 from lossd.server.registry import Input, LossOutput, LossSpec
-from tests.golden_cases import GOLDEN, load_golden
-from tests.losses.losskit import GOLDEN_TOL, run_golden
+from tests.support.golden import GOLDEN, load_golden
+from tests.support.losskit import GOLDEN_TOL, run_golden
 
 
 def _run_golden(name: str):

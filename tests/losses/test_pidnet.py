@@ -16,8 +16,8 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.pidnet import pidnet_loss
 from lossd.server.registry import LossOutput
-from tests.golden_cases import GOLDEN
-from tests.losses.losskit import GOLDEN_TOL, run_golden
+from tests.support.golden import GOLDEN
+from tests.support.losskit import GOLDEN_TOL, run_golden
 
 LOGIT_08 = math.log(4.0)  # sigmoid(log 4) == 0.8
 

@@ -16,8 +16,8 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.retinanet import match_anchors, retinanet_loss
 from lossd.server.registry import LossOutput
-from tests.golden_cases import GOLDEN
-from tests.losses.losskit import run_golden
+from tests.support.golden import GOLDEN
+from tests.support.losskit import run_golden
 
 # ---------------------------------------------------------------------------------------------
 # An independent re-derivation: python-float IoU, loop matching, focal from log-sigmoids.

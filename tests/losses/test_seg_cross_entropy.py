@@ -13,8 +13,8 @@ from torch.autograd import gradcheck
 
 from lossd.client import from_config
 from lossd.server.errors import InvalidArgument
-from tests.golden_cases import GOLDEN
-from tests.losses.losskit import (
+from tests.support.golden import GOLDEN
+from tests.support.losskit import (
     assert_refused_then_served,
     call,
     gen,

@@ -17,7 +17,7 @@ from lossd.server.engine import AutocastPolicy, Engine
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import visdet
 from lossd.server.registry import LossOutput
-from tests.golden_cases import (
+from tests.support.golden import (
     GOLDEN_TOL,
     get_path,
     golden_autocast,
@@ -25,7 +25,7 @@ from tests.golden_cases import (
     golden_region,
     load_golden,
 )
-from tests.losses.losskit import call, gen, notes, value
+from tests.support.losskit import call, gen, notes, value
 
 VISDET_LOSSES = (
     "CrossEntropyLoss",

@@ -17,8 +17,8 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.yolox import yolox_loss
 from lossd.server.registry import LossOutput
-from tests.golden_cases import GOLDEN
-from tests.losses.losskit import run_golden
+from tests.support.golden import GOLDEN
+from tests.support.losskit import run_golden
 
 NUM_CLASSES = 3
 TINY = -5.0  # tw = th = -5: boxes of width stride * e^-5, IoU ~1e-5 with any GT

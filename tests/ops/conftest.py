@@ -1,3 +1,3 @@
-"""Fixtures of the operations tests live in opskit.py (importable by the tests as well)."""
+"""The operations tests' fixtures live in tests/support/opskit.py (the tests import its helpers too)."""
 
-from opskit import pki, tokens_file  # noqa: F401
+from tests.support.opskit import pki, tokens_file  # noqa: F401

@@ -15,14 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from opskit import Gate, health_status, running, samples, value
-from serverproc import ServerProcess
 
 from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.functional import build_request
 from lossd.server.config import ServerConfig, parse
+from tests.support.opskit import Gate, health_status, running, samples, value
+from tests.support.serverproc import ServerProcess
 
 # Every limit lossd enforces, with a non-default value to set it to.
 LIMITS = {

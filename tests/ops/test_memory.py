@@ -9,19 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
-
-from serverproc import ServerProcess, rss_kib  # noqa: E402
-
-from lossd.client import RemoteLoss  # noqa: E402
-from lossd.server._malloc import MAX_THRESHOLD_KB, IdleTrimmer, set_mmap_threshold  # noqa: E402
-from lossd.server.config import SettingError  # noqa: E402
+from lossd.client import RemoteLoss
+from lossd.server._malloc import MAX_THRESHOLD_KB, IdleTrimmer, set_mmap_threshold
+from lossd.server.config import SettingError
+from tests.support.serverproc import ServerProcess, rss_kib
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux"

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import torch
-from opskit import running, samples, scrape, value
 
 from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server.metrics import Metrics
+from tests.support.opskit import running, samples, scrape, value
 
 
 def _mse(n: int = 8) -> pb.ComputeRequest:
@@ -161,10 +161,9 @@ def test_phase_hook_uses_registered_names_only():
 
 
 def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_file):
-    from opskit import TOKENS
-
     from lossd.server import registry
     from lossd.server.metrics import CODE_NAMES, CONCURRENCY_LIMIT, REFUSALS
+    from tests.support.opskit import TOKENS
 
     good = [
         _mse(16),

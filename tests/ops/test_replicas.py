@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from opskit import samples, scrape, value
-from serverproc import ServerProcess
 
 from lossd.client import LossClient, LossdError, codec
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from tests.support.opskit import samples, scrape, value
+from tests.support.serverproc import ServerProcess
 
 CALLS = 300
 THREADS = 3

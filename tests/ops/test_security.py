@@ -12,7 +12,6 @@ import re
 import grpc
 import pytest
 import torch
-from opskit import TOKENS, health_status, running
 
 from lossd.client import LossClient, LossdError, codec
 from lossd.client._proto import lossd_pb2 as pb
@@ -28,6 +27,7 @@ from lossd.server.security import (
     current_principal,
     exposure_notes,
 )
+from tests.support.opskit import TOKENS, health_status, running
 
 AUDIT_PROBE = "/lossd.v1.AuditService/OpsTestWhoAmI"
 ADMIN_PROBE = "/lossd.v1.OpsTestAdmin/WhoAmI"
@@ -491,7 +491,7 @@ def test_a_digest_entry_authenticates_the_token_it_hashes(tokens_file):
 def test_a_network_facing_server_warns_unless_secured_or_acknowledged(
     tokens_file, flags, loud, note
 ):
-    from serverproc import ServerProcess
+    from tests.support.serverproc import ServerProcess
 
     flags = tuple(tokens_file if f == "TOKENS" else f for f in flags)
     with ServerProcess("--host", "0.0.0.0", "--audit", "none", *flags) as proc:

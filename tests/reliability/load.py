@@ -40,19 +40,15 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # hostile.py, conftest helpers
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
-
-import hostile  # noqa: E402
-from serverproc import ServerProcess, rss_kib  # noqa: E402
-
-from lossd.client import codec  # noqa: E402
-from lossd.client import transport as wire  # noqa: E402
-from lossd.client._proto import lossd_pb2 as pb  # noqa: E402
-from lossd.client.functional import build_request  # noqa: E402
-from lossd.server.config import ServerConfig  # noqa: E402
-from lossd.server.engine import Engine  # noqa: E402
-from lossd.server.service import LossServicer, Malformed, safe_parser, to_service_error  # noqa: E402
+from lossd.client import codec
+from lossd.client import transport as wire
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.functional import build_request
+from lossd.server.config import ServerConfig
+from lossd.server.engine import Engine
+from lossd.server.service import LossServicer, Malformed, safe_parser, to_service_error
+from tests.reliability import hostile
+from tests.support.serverproc import ServerProcess, rss_kib
 
 RUN_PREFIX = "load-"
 MAX_MESSAGE = 512 << 20

@@ -28,17 +28,13 @@ import grpc
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # opskit.py
-
-from opskit import Gate, running, samples, value  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402
-
-from lossd.client import LossClient, LossdError  # noqa: E402
-from lossd.client._proto import lossd_pb2 as pb  # noqa: E402
-from lossd.client._proto import lossd_pb2_grpc as pb_grpc  # noqa: E402
-from lossd.client.functional import build_request  # noqa: E402
-from lossd.client.transport import Transport  # noqa: E402
+from lossd.client import LossClient, LossdError
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client._proto import lossd_pb2_grpc as pb_grpc
+from lossd.client.functional import build_request
+from lossd.client.transport import Transport
+from tests.support.opskit import Gate, running, samples, value
+from tests.support.serverproc import ServerProcess
 
 pytestmark = pytest.mark.faults
 

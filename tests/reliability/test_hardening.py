@@ -4,22 +4,16 @@ against a running server on loopback and states what the server must do instead 
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serverproc.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # opskit.py
-
-from opskit import running  # noqa: E402
-
-from lossd.client import LossClient, LossdError  # noqa: E402
-from lossd.client.functional import build_request  # noqa: E402
-from lossd.server import registry  # noqa: E402
-from lossd.server.registry import Input, LossSpec  # noqa: E402
+from lossd.client import LossClient, LossdError
+from lossd.client.functional import build_request
+from lossd.server import registry
+from lossd.server.registry import Input, LossSpec
+from tests.support.opskit import running
 
 # --------------------------------------------------------------------------------------------
 # lossd's own bugs are INTERNAL, not "upstream raises the same"

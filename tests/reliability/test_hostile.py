@@ -16,9 +16,7 @@ suite against a CUDA server, so a device-side assert would show up as a dead con
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
@@ -37,12 +35,9 @@ from lossd.server.config import ServerConfig
 from lossd.server.engine import Engine
 from lossd.server.errors import InvalidArgument
 from lossd.server.service import LossServicer, Malformed, safe_parser, to_service_error
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import hostile  # noqa: E402
-from conftest import LONG, examples, serving  # noqa: E402
-from serverproc import rss_kib  # noqa: E402  (tests/ is on the path: conftest.py)
+from tests.reliability import hostile
+from tests.support.budget import LONG, examples
+from tests.support.serverproc import rss_kib, serving
 
 pytestmark = pytest.mark.hostile
 

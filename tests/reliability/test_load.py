@@ -5,14 +5,9 @@ The full run is ``python -m tests.reliability.load`` (a few minutes; figures in 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import load  # noqa: E402
+from tests.reliability import load
 
 PEAK_RSS_LIMIT_MIB = 2048  # the mix's largest request is ~13 MB; the server idles at ~250 MiB
 

@@ -10,6 +10,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 
 class ServerProcess:
     """A ``lossd serve`` child process. Use as a context manager; ``address`` once started."""
@@ -95,6 +98,18 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serving(address: str, timeout: float = 10.0) -> bool:
+    """Whether the server at ``address`` answers its LossService health check SERVING."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="lossd.v1.LossService"), timeout=timeout
+            )
+    except grpc.RpcError:
+        return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.client.codec import call_tensors, join_key
 from lossd.server import registry
 from lossd.server.registry import LossOutput, LossSpec
-from tests.golden_cases import GOLDEN_TOL, get_path, golden_region, load_golden
+from tests.support.golden import GOLDEN_TOL, get_path, golden_region, load_golden
 
 
 def value(out):

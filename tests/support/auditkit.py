@@ -1,4 +1,4 @@
-"""Helpers of the audit tests (importable under a name no other test directory uses)."""
+"""Helpers of the audit tests: the storage backends, SQL access to tamper with them, an independent digest."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def golden_files(family: str) -> list[Path]:
