@@ -1,4 +1,5 @@
-"""visdet (BinItAI's MMDetection fork) losses: classification, regression and box-IoU losses.
+"""visdet (BinItAI's MMDetection fork) losses: classification, regression, box-IoU and dense
+(heat-map, mask) losses.
 
 Every loss follows the MMDetection calling convention: an element-wise loss, then
 ``weight -> reduce -> avg_factor (+ float32 eps) -> * loss_weight`` (one shared path,
@@ -15,7 +16,7 @@ lossd returns the same NaN, with a note.
 
 from __future__ import annotations
 
-from . import box_iou, classification, regression
+from . import box_iou, classification, dense, regression
 from .box_iou import giou_loss, iou_loss
 from .classification import (
     cross_entropy_loss,
@@ -23,16 +24,19 @@ from .classification import (
     focal_loss,
     quality_focal_loss,
 )
+from .dense import dice_loss, gaussian_focal_loss
 from .regression import balanced_l1_loss, l1_loss, mse_loss, smooth_l1_loss
 
-SPECS = (*classification.SPECS, *regression.SPECS, *box_iou.SPECS)
+SPECS = (*classification.SPECS, *regression.SPECS, *box_iou.SPECS, *dense.SPECS)
 
 __all__ = [
     "SPECS",
     "balanced_l1_loss",
     "cross_entropy_loss",
+    "dice_loss",
     "distribution_focal_loss",
     "focal_loss",
+    "gaussian_focal_loss",
     "giou_loss",
     "iou_loss",
     "l1_loss",
