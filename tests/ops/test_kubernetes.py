@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from serverproc import ServerProcess
-from test_docker_entrypoint import parse_stages
 
 from lossd.client import RemoteLoss
+from tests.support.dockerfile import parse_stages
+from tests.support.serverproc import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "kubernetes"
