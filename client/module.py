@@ -12,7 +12,7 @@ from ._channel import DEFAULT_MAX_MESSAGE_MB
 from ._proto import lossd_pb2 as pb
 from .audit import StepCounter, check_audit_fields, current_run, make_context
 from .functional import LossClient, RemoteResult, remote_loss
-from .schema import check_params
+from .schema import check_call, check_params
 from .transport import DEFAULT_CHUNK_THRESHOLD, Transport
 
 
@@ -106,10 +106,13 @@ class RemoteLoss(nn.Module):
         self.transport = Transport(self.client, transport, chunk_threshold=chunk_threshold)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # One DescribeLoss per client: a misspelled parameter or a target of the wrong dtype or
+        # shape fails before any tensor travels (the server checks everything again).
+        info = self.client.describe(self.name)
         if not self._params_checked:
-            # One DescribeLoss per module: a misspelled parameter fails before any tensor travels.
-            check_params(self.client.describe(self.name), self.params)
+            check_params(info, self.params)
             self._params_checked = True
+        check_call(info, self.params, args, kwargs)
         value, self.last_result = remote_loss(
             self.client,
             self.name,

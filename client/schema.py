@@ -1,22 +1,483 @@
-"""Client-side checks derived from the server's declaration of a loss (``DescribeLoss``).
+"""Declared input layouts, and the one checker both sides of the wire run against them.
 
-The server validates every request; these checks only move the most common mistakes (a
-misspelled or missing constructor parameter, a value of the wrong kind) to before the first
-tensor is sent, with the same wording as the server's errors.
+A loss declares each forward argument as one or more :class:`Form` s (alternatives: an index
+or a one-hot target, QFL's ``(labels, scores)`` pair or a dense tensor). A form says the kind of
+value, the dtypes, the symbolic shape and the relations to the values checked before it in the
+same call:
+
+- ``shape=("N", "C")``: names bind to the same length in every input of one call, integers
+  must match exactly, ``"*"`` matches any number of dimensions and ``"*d"`` does too, but binds
+  them, so that ``("N", "C", "*d")`` and ``("N", "*d")`` share their trailing dimensions;
+- ``same_shape``, ``broadcast_to`` (broadcasts to that shape without growing it),
+  ``broadcasts_with`` and ``same_dtype`` name an earlier value by its declared path (``"pred"``,
+  ``"out.pred"``); ``shapes`` asks an earlier value for a shape (the index form of a focal
+  target needs ``pred`` of shape ``(N, C)``);
+- ``index_of="C"``: the values are class indices into the dimension bound to ``C`` (optionally
+  ``== C`` as background, or equal to an ignore index read from a parameter); ``values``: every
+  element lies in a closed range. These read the data and run on the server only;
+- containers: ``items`` (one schema per position), ``each`` (every element) and ``keys``
+  (required keys) for NetsPresso's nested dicts and lists, so that an error names the path of
+  the bad element (``args[0].pred[1]``);
+- ``when``: the form applies only while the given parameters have the given values.
+
+The server checks every call once, before the loss body runs (``server/engine.py``); the client
+runs the structural part of the same checks from the declaration ``DescribeLoss`` returns, and
+checks constructor parameters against their declaration, before any tensor travels.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import torch
+from torch import Tensor
 
+from . import codec
 from ._proto import lossd_pb2 as pb
 from .errors import LossdError
 
-_KINDS: dict[str, tuple[type, ...]] = {
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+INDEX_DTYPES = ("int64",)
+INT_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
+ANY_DTYPES = (*FLOAT_DTYPES, *INT_DTYPES, "bool")
+FORM_KINDS = ("tensor", "tuple", "list", "dict", "none", "any")
+
+Dim = str | int
+Shape = tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class Form:
+    """One accepted layout of a value; see the module docstring."""
+
+    kind: str = "tensor"
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    shape: Shape = ("*",)
+    same_shape: str | None = None
+    broadcast_to: str | None = None
+    broadcasts_with: str | None = None
+    same_dtype: str | None = None
+    shapes: tuple[tuple[str, Shape], ...] = ()
+    index_of: str | None = None
+    index_background: bool = False
+    # Parameter (or input) names whose first non-None value is the ignored index; an int is a
+    # literal fallback (visdet's ``ignore_index=None`` means -100).
+    index_ignore: tuple[str | int, ...] = ()
+    values: tuple[float, float] | None = None
+    items: tuple[Schema, ...] = ()
+    each: Schema = ()
+    keys: tuple[tuple[str, Schema], ...] = ()
+    min_items: int = 0
+    when: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in FORM_KINDS:
+            raise ValueError(f"Form kind {self.kind!r} not in {FORM_KINDS}")
+        object.__setattr__(self, "each", schema_of(self.each))
+        object.__setattr__(self, "items", tuple(schema_of(s) for s in self.items))
+        object.__setattr__(self, "keys", tuple((k, schema_of(s)) for k, s in self.keys))
+
+    def describe(self) -> str:
+        """What this form is, in one phrase (errors, docs)."""
+        if self.label:
+            return self.label
+        if self.kind == "tensor":
+            return f"{'/'.join(self.dtypes)} tensor of shape {shape_text(self.shape)}"
+        if self.kind == "dict":
+            return "a dict with keys " + ", ".join(repr(k) for k, _ in self.keys)
+        return {"tuple": "a tuple", "list": "a list", "none": "None"}.get(self.kind, "any value")
+
+
+Schema = tuple[Form, ...]
+
+
+def schema_of(value: Form | Sequence[Form]) -> Schema:
+    return (value,) if isinstance(value, Form) else tuple(value)
+
+
+def shape_text(shape: Sequence[Dim]) -> str:
+    single = len(shape) == 1 and not str(shape[0]).startswith("*")
+    return "(" + ", ".join(map(str, shape)) + ("," if single else "") + ")"
+
+
+class SchemaError(ValueError):
+    """A value does not fit its declaration. ``field`` names it by the caller's path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    @classmethod
+    def expected(cls, field: str, expected: str, got: object) -> SchemaError:
+        return cls(field, f"expected {expected}, got {got}")
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def value_text(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{_dtype(value)} of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+@dataclass
+class Checker:
+    """The state of one call's checks: bound symbols, values seen by declared path, parameters.
+
+    ``values=False`` skips the checks that read tensor data (the client's).
+    """
+
+    params: Mapping[str, Any] = field(default_factory=dict)
+    values: bool = True
+    symbols: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    seen: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    pending: list[Callable[[], None]] = field(default_factory=list)
+
+    def check(self, schema: Schema, value: Any, path: str, where: str) -> None:
+        """Check ``value`` (declared at ``path``, sent at ``where``) against ``schema``."""
+        self._schema(schema, value, path, where)
+        pending, self.pending = self.pending, []
+        if self.values:
+            for run in pending:
+                run()
+
+    def _fork(self) -> Checker:
+        return Checker(self.params, self.values, dict(self.symbols), dict(self.seen), [])
+
+    def _schema(self, schema: Schema, value: Any, path: str, where: str) -> None:
+        forms = [f for f in schema if all(self.params.get(k) == v for k, v in f.when)]
+        if not forms:
+            return
+        if len(forms) == 1:
+            self._form(forms[0], value, path, where)
+            return
+        failures: list[tuple[Form, SchemaError]] = []
+        for form in forms:
+            trial = self._fork()
+            try:
+                trial._form(form, value, path, where)
+            except SchemaError as exc:
+                failures.append((form, exc))
+                continue
+            self.symbols, self.seen = trial.symbols, trial.seen
+            self.pending += trial.pending
+            return
+        # The form of the value's own kind and dtype says best what is wrong with it.
+        close = [exc for form, exc in failures if _fits_kind(form, value)]
+        if len(close) == 1:
+            raise close[0]
+        alternatives = "; or ".join(f.describe() for f in forms)
+        raise SchemaError.expected(where, f"one of: {alternatives}", value_text(value))
+
+    def _form(self, form: Form, value: Any, path: str, where: str) -> None:
+        kind = form.kind
+        if kind == "any":
+            return
+        if kind == "none":
+            if value is not None:
+                raise SchemaError.expected(where, "None", value_text(value))
+            return
+        if kind == "tensor":
+            self._tensor(form, value, path, where)
+        elif kind == "dict":
+            if not isinstance(value, Mapping):
+                raise SchemaError.expected(where, form.describe(), value_text(value))
+            for key, sub in form.keys:
+                if key not in value:
+                    given = ", ".join(repr(k) for k in value) or "none"
+                    raise SchemaError(
+                        f"{where}.{key}", f"missing key {key!r} (keys given: {given})"
+                    )
+                self._schema(sub, value[key], f"{path}.{key}", f"{where}.{key}")
+        else:  # tuple, list
+            if not isinstance(value, (list, tuple)):
+                raise SchemaError.expected(where, form.describe(), value_text(value))
+            if form.items and len(value) != len(form.items):
+                raise SchemaError.expected(
+                    where, f"{form.describe()} of {len(form.items)} items", f"{len(value)} items"
+                )
+            if len(value) < form.min_items:
+                raise SchemaError.expected(
+                    where, f"{form.describe()} (at least {form.min_items})", "an empty list"
+                )
+            for i, item in enumerate(value):
+                sub = form.items[i] if form.items else form.each
+                self._schema(sub, item, f"{path}[{i}]", f"{where}[{i}]")
+
+    def _tensor(self, form: Form, value: Any, path: str, where: str) -> None:
+        what = f" ({form.label})" if form.label else ""
+        if not isinstance(value, Tensor):
+            raise SchemaError.expected(where, f"a tensor{what}", value_text(value))
+        if _dtype(value) not in form.dtypes:
+            raise SchemaError.expected(
+                where, f"dtype in {{{', '.join(form.dtypes)}}}{what}", _dtype(value)
+            )
+        for other, shape in form.shapes:
+            seen, seen_where = self._seen(other, form, where)
+            if not self._bind(shape, tuple(seen.shape), seen_where):
+                raise SchemaError.expected(
+                    where,
+                    f"{other} of shape {shape_text(shape)}{what}",
+                    f"{other} of shape {list(seen.shape)}",
+                )
+        self._bind_own(form, value, where, what)
+        for other, test, words in (
+            (form.same_shape, lambda a, b: a.shape == b.shape, "shape {} ({}'s)"),
+            (form.broadcast_to, _broadcasts_to, "a shape that broadcasts to {} ({}'s)"),
+            (form.broadcasts_with, _broadcasts_with, "a shape that broadcasts with {} ({}'s)"),
+        ):
+            if other is None:
+                continue
+            seen, _ = self._seen(other, form, where)
+            if not test(value, seen):
+                raise SchemaError.expected(
+                    where,
+                    words.format(list(seen.shape), other) + what,
+                    f"shape {list(value.shape)}",
+                )
+        if form.same_dtype is not None:
+            seen, _ = self._seen(form.same_dtype, form, where)
+            if seen.dtype != value.dtype:
+                raise SchemaError.expected(
+                    where, f"dtype {_dtype(seen)} ({form.same_dtype}'s){what}", _dtype(value)
+                )
+        self.seen[path] = (value, where)
+        if form.index_of is not None:
+            size = self.symbols[form.index_of][0]
+            ignore = self._ignore_index(form.index_ignore)
+            self.pending.append(
+                lambda: check_indices(value, size, where, ignore, form.index_background)
+            )
+        if form.values is not None:
+            lo, hi = form.values
+            self.pending.append(lambda: _check_values(value, lo, hi, where, what))
+
+    def _seen(self, other: str, form: Form, where: str) -> tuple[Any, str]:
+        if other not in self.seen or not isinstance(self.seen[other][0], Tensor):
+            raise SchemaError.expected(where, f"{form.describe()} (with a tensor {other})", "none")
+        return self.seen[other]
+
+    def _ignore_index(self, names: Sequence[str | int]) -> int | None:
+        for name in names:
+            if isinstance(name, int):
+                return name
+            found = self.params.get(name)
+            if found is not None:
+                return found
+        return None
+
+    def _bind_own(self, form: Form, value: Tensor, where: str, what: str) -> None:
+        shape = tuple(value.shape)
+        if self._bind(form.shape, shape, where):
+            return
+        alone = match_shape(form.shape, shape, {})
+        if alone is not None:  # the rank fits: a symbol bound by an earlier value does not
+            sym = next(s for s in alone if s in self.symbols and self.symbols[s][0] != alone[s])
+            size, bound_at = self.symbols[sym]
+            raise SchemaError.expected(
+                where,
+                f"{sym}={_size_text(size)} (as in {bound_at}){what}",
+                f"{sym}={_size_text(alone[sym])} in shape {list(shape)}",
+            )
+        expected = f"shape {shape_text(form.shape)}"
+        loose = tuple(f"_{i}" if isinstance(s, int) else s for i, s in enumerate(form.shape))
+        fits = match_shape(loose, shape, {})
+        if fits is not None:  # the rank fits: a fixed size does not
+            pos, size = next(
+                (i, s)
+                for i, s in enumerate(form.shape)
+                if isinstance(s, int) and fits[f"_{i}"] != s
+            )
+            star = next((i for i, s in enumerate(form.shape) if str(s)[0] == "*"), len(shape))
+            dim = pos if pos < star else pos - len(form.shape)
+            expected += f" with {size} there (dim {dim})"
+        raise SchemaError.expected(where, expected + what, f"shape {list(shape)}")
+
+    def _bind(self, pattern: Sequence[Dim], shape: tuple[int, ...], where: str) -> bool:
+        new = match_shape(pattern, shape, self.symbols)
+        if new is None:
+            return False
+        self.symbols.update((sym, (size, where)) for sym, size in new.items())
+        return True
+
+
+def _size_text(size: Any) -> str:
+    return shape_text(size) if isinstance(size, tuple) else str(size)
+
+
+def match_shape(
+    pattern: Sequence[Dim], shape: tuple[int, ...], known: Mapping[str, tuple[Any, str]]
+) -> dict[str, Any] | None:
+    """The new symbol bindings that make ``shape`` fit ``pattern``, or None when it cannot."""
+    star = next((i for i, s in enumerate(pattern) if isinstance(s, str) and s[0] == "*"), None)
+    if star is None:
+        if len(pattern) != len(shape):
+            return None
+        pairs: list[tuple[Dim, Any]] = list(zip(pattern, shape))
+    else:
+        head, tail = pattern[:star], pattern[star + 1 :]
+        if len(shape) < len(head) + len(tail):
+            return None
+        pairs = list(zip(head, shape[: len(head)]))
+        pairs += list(zip(tail, shape[len(shape) - len(tail) :]))
+        if pattern[star] != "*":
+            pairs.append((pattern[star], tuple(shape[len(head) : len(shape) - len(tail)])))
+    new: dict[str, Any] = {}
+    for sym, size in pairs:
+        if isinstance(sym, int):
+            if size != sym:
+                return None
+            continue
+        if sym in known:
+            if known[sym][0] != size:
+                return None
+        elif new.setdefault(sym, size) != size:
+            return None
+    return new
+
+
+def _fits_kind(form: Form, value: Any) -> bool:
+    if form.kind == "tensor":
+        return isinstance(value, Tensor) and _dtype(value) in form.dtypes
+    if form.kind == "dict":
+        return isinstance(value, Mapping)
+    if form.kind in ("tuple", "list"):
+        return isinstance(value, (list, tuple))
+    return form.kind == "none" and value is None
+
+
+def _broadcasts_to(value: Tensor, other: Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(value.shape, other.shape) == other.shape
+    except RuntimeError:
+        return False
+
+
+def _broadcasts_with(value: Tensor, other: Tensor) -> bool:
+    try:
+        torch.broadcast_shapes(value.shape, other.shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_indices(
+    target: Tensor,
+    num_classes: int,
+    field: str,
+    ignore_index: int | None = None,
+    allow_background: bool = False,
+) -> None:
+    """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index.
+
+    Checked before any kernel sees the data: an out-of-range class index must never reach a
+    CUDA kernel, where it becomes a device-side assert that poisons the whole context.
+    """
+    if target.numel() == 0:
+        return
+    top = num_classes if allow_background else num_classes - 1
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo >= 0 and hi <= top:
+        return  # the common case, one kernel: no masking needed
+    valid = target if ignore_index is None else target[target != ignore_index]
+    if valid.numel() == 0:
+        return
+    lo, hi = int(valid.min()), int(valid.max())
+    if lo < 0 or hi > top:
+        bad = lo if lo < 0 else hi
+        ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise SchemaError.expected(field, f"class indices in [0, {top}]{ignore}", f"index {bad}")
+
+
+def _check_values(value: Tensor, lo: float, hi: float, where: str, what: str) -> None:
+    # NaN is outside every range (torch's BCE kernels refuse it too).
+    outside = ~((value >= lo) & (value <= hi))
+    if value.numel() and bool(outside.any()):
+        raise SchemaError.expected(
+            where, f"every value in [{lo:g}, {hi:g}]{what}", f"value {value[outside][0].item()}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# The declaration on the wire (DescribeLoss / ListLosses)
+# ------------------------------------------------------------------------------------------
+
+
+def form_message(form: Form) -> pb.InputForm:
+    """The wire form of a declaration (the server's DescribeLoss answer)."""
+    msg = pb.InputForm(
+        kind=form.kind,
+        dtypes=[codec.wire_dtype(getattr(torch, d)) for d in form.dtypes]
+        if form.kind == "tensor"
+        else [],
+        shape=[str(s) for s in form.shape] if form.kind == "tensor" else [],
+        same_shape=form.same_shape or "",
+        broadcast_to=form.broadcast_to or "",
+        broadcasts_with=form.broadcasts_with or "",
+        same_dtype=form.same_dtype or "",
+        shapes=[pb.ShapeOf(path=p, shape=[str(s) for s in shape]) for p, shape in form.shapes],
+        index_of=form.index_of or "",
+        index_background=form.index_background,
+        index_ignore=[str(i) for i in form.index_ignore],
+        items=[pb.InputSchema(forms=[form_message(f) for f in s]) for s in form.items],
+        each=[form_message(f) for f in form.each],
+        keys=[pb.InputKey(name=k, forms=[form_message(f) for f in s]) for k, s in form.keys],
+        min_items=form.min_items,
+        label=form.label,
+    )
+    if form.values is not None:
+        msg.values_min, msg.values_max = form.values
+    for name, value in form.when:
+        codec.encode_value(value, msg.when.add(param=name).value)
+    return msg
+
+
+def _dim(text: str) -> Dim:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def form_from_message(msg: pb.InputForm) -> Form:
+    """The declaration a DescribeLoss answer carries, as the checker takes it."""
+    return Form(
+        kind=msg.kind,
+        dtypes=tuple(codec.dtype_name(d) for d in msg.dtypes),
+        shape=tuple(_dim(s) for s in msg.shape),
+        same_shape=msg.same_shape or None,
+        broadcast_to=msg.broadcast_to or None,
+        broadcasts_with=msg.broadcasts_with or None,
+        same_dtype=msg.same_dtype or None,
+        shapes=tuple((s.path, tuple(_dim(d) for d in s.shape)) for s in msg.shapes),
+        index_of=msg.index_of or None,
+        index_background=msg.index_background,
+        index_ignore=tuple(_dim(i) for i in msg.index_ignore),
+        values=(msg.values_min, msg.values_max) if msg.HasField("values_min") else None,
+        items=tuple(tuple(form_from_message(f) for f in s.forms) for s in msg.items),
+        each=tuple(form_from_message(f) for f in msg.each),
+        keys=tuple((k.name, tuple(form_from_message(f) for f in k.forms)) for k in msg.keys),
+        min_items=msg.min_items,
+        when=tuple((w.param, codec.decode_value(w.value)) for w in msg.when),
+        label=msg.label,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The client's checks
+# ------------------------------------------------------------------------------------------
+
+
+def _refuse(field: str, message: str) -> LossdError:
+    return LossdError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field=field)
+
+
+_PARAM_KINDS: dict[str, tuple[type, ...]] = {
     "bool": (bool,),
     "int": (int,),
     "float": (int, float),
@@ -25,10 +486,6 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "list": (list, tuple),
     "mapping": (Mapping,),
 }
-
-
-def _refuse(field: str, message: str) -> LossdError:
-    return LossdError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field=field)
 
 
 def check_params(info: pb.LossInfo, params: Mapping[str, Any]) -> None:
@@ -49,15 +506,46 @@ def check_params(info: pb.LossInfo, params: Mapping[str, Any]) -> None:
             if not param.nullable:
                 raise _refuse(field, f"expected {param.type} (None is not allowed), got None")
             continue
-        kinds = _KINDS.get(param.type)
+        kinds = _PARAM_KINDS.get(param.type)
         if kinds and (
             not isinstance(value, kinds)
             or (isinstance(value, bool) and param.type in ("int", "float"))
         ):
             raise _refuse(field, f"expected {param.type}, got {type(value).__name__}")
+        choices = [codec.decode_value(c) for c in param.choices]
+        if choices and value not in choices:
+            raise _refuse(field, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
     for param in info.params:
         if param.required and param.name not in params:
             raise _refuse(
                 f"params.{param.name}",
                 f"loss {info.name!r} requires parameter {param.name!r} ({param.type}: {param.doc})",
             )
+
+
+def check_call(
+    info: pb.LossInfo, params: Mapping[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> None:
+    """The structural checks of the loss's declared inputs, on the client, before sending.
+
+    Only what needs no tensor data (kinds, dtypes, shapes, relations, forms): the server checks
+    the rest, and everything again.
+    """
+    effective = {p.name: codec.decode_value(p.default_value) for p in info.params if not p.required}
+    effective.update(params)
+    checker = Checker(effective, values=False)
+    for index, declared in enumerate(info.inputs):
+        key = declared.keyword or declared.name
+        if key in kwargs:
+            value, where = kwargs[key], f"kwargs.{key}"
+        elif index < len(args):
+            value, where = args[index], f"args[{index}]"
+        else:
+            continue
+        if value is None or not declared.forms:
+            continue
+        schema = tuple(form_from_message(f) for f in declared.forms)
+        try:
+            checker.check(schema, value, declared.name, where)
+        except SchemaError as exc:
+            raise _refuse(exc.field, exc.message) from None

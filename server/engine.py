@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lossd.client.codec import call_tensors, iter_tensors, map_tensors
+from lossd.client.schema import Checker
 
 from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry
@@ -85,7 +86,7 @@ class Engine:
         device = self._device_for(autocast)
         canonical = spec.canonical_params(params or {})
         kwargs = dict(kwargs or {})
-        bound = bind_inputs(spec, list(args), kwargs)
+        bound = bind_inputs(spec, list(args), kwargs, canonical)
 
         def to_device(tensor: Tensor) -> Tensor:
             return _to(tensor, device)
@@ -192,8 +193,15 @@ def _gradients(
     return {p: g.detach() for p, g in zip(paths, found) if g is not None}
 
 
-def bind_inputs(spec: LossSpec, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Match a call's positional and keyword arguments to the declared inputs and check them."""
+def bind_inputs(
+    spec: LossSpec,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Match a call's positional and keyword arguments to the declared inputs and check them
+    against their declaration, once, before the loss runs (``params``: the canonical
+    constructor parameters, which forms may depend on)."""
     names = [i.name for i in spec.inputs]
     by_keyword = {i.call_name: i.name for i in spec.inputs}
     if len(args) > len(names):
@@ -216,17 +224,31 @@ def bind_inputs(spec: LossSpec, args: list[Any], kwargs: dict[str, Any]) -> dict
                 f"argument {key!r} given both positionally and by keyword", field=f"kwargs.{key}"
             )
         bound[name] = value
-    symbols: dict[str, int] = {}
-    for index, declared in enumerate(spec.inputs):
-        where = f"kwargs.{declared.call_name}" if declared.call_name in kwargs else f"args[{index}]"
-        if declared.name not in bound:
-            if not declared.optional:
-                raise InvalidArgument(
-                    f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})",
-                    field=where,
-                )
-            continue
-        bound[declared.name] = registry.check_input(declared, bound[declared.name], where, symbols)
+    wheres = {
+        declared.name: (
+            f"kwargs.{declared.call_name}" if declared.call_name in kwargs else f"args[{index}]"
+        )
+        for index, declared in enumerate(spec.inputs)
+    }
+    for declared in spec.inputs:
+        if declared.name not in bound and not declared.optional:
+            raise InvalidArgument(
+                f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})",
+                field=wheres[declared.name],
+            )
+    # Scalars first: a form may read one (visdet's call-time ignore_index), as it reads params.
+    scalars = [i for i in spec.inputs if i.kind in registry.SCALAR_KINDS and i.name in bound]
+    for declared in scalars:
+        bound[declared.name] = registry.check_input(
+            declared, bound[declared.name], wheres[declared.name], None
+        )
+    context = {**(params or {}), **{i.name: bound[i.name] for i in scalars}}
+    checker = Checker(context)
+    for declared in spec.inputs:
+        if declared.name in bound and declared.kind not in registry.SCALAR_KINDS:
+            bound[declared.name] = registry.check_input(
+                declared, bound[declared.name], wheres[declared.name], checker
+            )
     return bound
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lossd.client import codec
+from lossd.client import codec, schema
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.audit import check_audit_fields
 
@@ -193,6 +193,8 @@ def _input_info(declared: Input) -> pb.InputInfo:
         differentiable=declared.differentiable,
         optional=declared.optional,
         doc=declared.doc,
+        forms=[schema.form_message(f) for f in declared.schema],
+        keyword=declared.keyword or "",
     )
 
 

@@ -20,12 +20,19 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lossd.client.schema import ANY_DTYPES as ANY_DTYPES  # the dtype sets losses declare with
+from lossd.client.schema import FLOAT_DTYPES as FLOAT_DTYPES
+from lossd.client.schema import INDEX_DTYPES as INDEX_DTYPES
+from lossd.client.schema import INT_DTYPES as INT_DTYPES
+from lossd.client.schema import Checker, Schema, SchemaError
+from lossd.client.schema import Form as Form
 
 from .errors import InvalidArgument, LossNotFound
 
@@ -36,11 +43,6 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
-
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-INDEX_DTYPES = ("int64",)
-INT_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
-ANY_DTYPES = (*FLOAT_DTYPES, *INT_DTYPES, "bool")
 
 PARAM_TYPES = ("bool", "int", "float", "str", "float_list", "tensor", "mapping", "list", "any")
 INPUT_KINDS = ("tensor", "structure", "number", "int", "str", "bool", "any")
@@ -149,8 +151,13 @@ def _check_range(spec: Param | Input, value: Any, where: str) -> None:
 class Input:
     """A forward argument.
 
-    ``shape`` is symbolic: names such as ``"N"`` bind to the same length in every input of one
-    call, integers must match exactly, and ``"*"`` matches any number of dimensions.
+    A tensor argument declares its dtypes, its symbolic shape and its relations to earlier
+    arguments directly (``Input("target", shape=("N",), index_of="C")``); alternatives (an index
+    or a probability target, a ``(labels, scores)`` pair, NetsPresso's nested dicts) are
+    declared as ``forms``, which replace ``dtypes``/``shape`` and the relations. See
+    :mod:`lossd.client.schema` for the vocabulary: the engine checks every call against it once,
+    before the loss runs, and the client checks the structural part before sending.
+    ``kind="structure"`` or ``"any"`` without forms leaves the layout to the loss.
     """
 
     name: str
@@ -169,6 +176,16 @@ class Input:
     # The keyword callers use, when the function cannot use it: upstream forwards may reuse a
     # constructor parameter's name (mmdet CrossEntropyLoss's call-time ``ignore_index``).
     keyword: str | None = None
+    # Relations and value rules of a single tensor form (see Form).
+    same_shape: str | None = None
+    broadcast_to: str | None = None
+    broadcasts_with: str | None = None
+    same_dtype: str | None = None
+    index_of: str | None = None
+    index_background: bool = False
+    index_ignore: tuple[str | int, ...] = ()
+    values: tuple[float, float] | None = None
+    forms: tuple[Form, ...] = ()
 
     @property
     def call_name(self) -> str:
@@ -177,6 +194,28 @@ class Input:
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"Input {self.name}: kind {self.kind!r} not in {INPUT_KINDS}")
+
+    @property
+    def schema(self) -> Schema:
+        """The accepted layouts (empty: checked as a scalar kind, or by the loss itself)."""
+        if self.forms:
+            return self.forms
+        if self.kind != "tensor":
+            return ()
+        return (
+            Form(
+                dtypes=self.dtypes,
+                shape=self.shape,
+                same_shape=self.same_shape,
+                broadcast_to=self.broadcast_to,
+                broadcasts_with=self.broadcasts_with,
+                same_dtype=self.same_dtype,
+                index_of=self.index_of,
+                index_background=self.index_background,
+                index_ignore=self.index_ignore,
+                values=self.values,
+            ),
+        )
 
 
 @dataclass
@@ -297,20 +336,15 @@ def all_specs(family: str | None = None) -> list[LossSpec]:
     return [s for s in specs if family is None or family in s.families]
 
 
-def check_input(spec: Input, value: Any, where: str, symbols: dict[str, int]) -> Any:
+SCALAR_KINDS = ("number", "int", "str", "bool")
+
+
+def check_input(spec: Input, value: Any, where: str, checker: Checker | None) -> Any:
     """Check one forward argument against its declaration; returns it in canonical form."""
     if value is None:
         if spec.optional:
             return None
         raise InvalidArgument.expected(where, f"{spec.kind} (argument is required)", "None")
-    if spec.kind == "tensor":
-        if not isinstance(value, Tensor):
-            raise InvalidArgument.expected(where, "a tensor", _type_name(value))
-        dtype = str(value.dtype).removeprefix("torch.")
-        if dtype not in spec.dtypes:
-            raise InvalidArgument.expected(where, f"dtype in {{{', '.join(spec.dtypes)}}}", dtype)
-        _bind_shape(spec.shape, tuple(value.shape), where, symbols)
-        return value
     if spec.kind == "number":
         if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
             value = value.item()
@@ -325,39 +359,8 @@ def check_input(spec: Input, value: Any, where: str, symbols: dict[str, int]) ->
             raise InvalidArgument.expected(where, f"one of {allowed}", repr(value))
         _check_range(spec, value, where)
         return value
-    return value  # "structure" and "any": the loss validates its own layout
-
-
-def _bind_shape(
-    pattern: Sequence[str | int], shape: tuple[int, ...], where: str, symbols: dict[str, int]
-) -> None:
-    if "*" not in pattern:
-        if len(pattern) != len(shape):
-            raise InvalidArgument.expected(
-                where, f"shape ({', '.join(map(str, pattern))})", list(shape)
-            )
-        pairs = zip(pattern, shape)
-    else:
-        star = list(pattern).index("*")
-        head, tail = pattern[:star], pattern[star + 1 :]
-        if len(shape) < len(head) + len(tail):
-            raise InvalidArgument.expected(
-                where, f"shape ({', '.join(map(str, pattern))})", list(shape)
-            )
-        pairs = list(zip(head, shape[: len(head)])) + list(
-            zip(tail, shape[len(shape) - len(tail) :])
-        )
-    for sym, size in pairs:
-        if isinstance(sym, int):
-            if size != sym:
-                raise InvalidArgument.expected(
-                    where, f"shape ({', '.join(map(str, pattern))}) with {sym} there", list(shape)
-                )
-        elif sym in symbols and symbols[sym] != size:
-            raise InvalidArgument.expected(
-                where,
-                f"{sym}={symbols[sym]} (as in an earlier input)",
-                f"{sym}={size} in shape {list(shape)}",
-            )
-        else:
-            symbols[sym] = size
+    try:
+        checker.check(spec.schema, value, spec.name, where)
+    except SchemaError as exc:
+        raise InvalidArgument(exc.message, field=exc.field) from None
+    return value

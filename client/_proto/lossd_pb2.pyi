@@ -239,7 +239,7 @@ class ParamInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., default_value: _Optional[_Union[Value, _Mapping]] = ..., nullable: _Optional[bool] = ..., choices: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., minimum: _Optional[float] = ..., minimum_exclusive: _Optional[bool] = ..., maximum: _Optional[float] = ..., maximum_exclusive: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
 
 class InputInfo(_message.Message):
-    __slots__ = ("name", "kind", "dtypes", "shape", "differentiable", "optional", "doc")
+    __slots__ = ("name", "kind", "dtypes", "shape", "differentiable", "optional", "doc", "forms", "keyword")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,8 @@ class InputInfo(_message.Message):
     DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
     OPTIONAL_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
+    FORMS_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     dtypes: _containers.RepeatedScalarFieldContainer[DataType]
@@ -254,7 +256,81 @@ class InputInfo(_message.Message):
     differentiable: bool
     optional: bool
     doc: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., shape: _Optional[_Iterable[str]] = ..., differentiable: _Optional[bool] = ..., optional: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
+    forms: _containers.RepeatedCompositeFieldContainer[InputForm]
+    keyword: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., shape: _Optional[_Iterable[str]] = ..., differentiable: _Optional[bool] = ..., optional: _Optional[bool] = ..., doc: _Optional[str] = ..., forms: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ..., keyword: _Optional[str] = ...) -> None: ...
+
+class InputForm(_message.Message):
+    __slots__ = ("kind", "dtypes", "shape", "same_shape", "broadcast_to", "broadcasts_with", "same_dtype", "shapes", "index_of", "index_background", "index_ignore", "values_min", "values_max", "items", "each", "keys", "min_items", "when", "label")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SAME_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_TO_FIELD_NUMBER: _ClassVar[int]
+    BROADCASTS_WITH_FIELD_NUMBER: _ClassVar[int]
+    SAME_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_OF_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_IGNORE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_MIN_FIELD_NUMBER: _ClassVar[int]
+    VALUES_MAX_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EACH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    dtypes: _containers.RepeatedScalarFieldContainer[DataType]
+    shape: _containers.RepeatedScalarFieldContainer[str]
+    same_shape: str
+    broadcast_to: str
+    broadcasts_with: str
+    same_dtype: str
+    shapes: _containers.RepeatedCompositeFieldContainer[ShapeOf]
+    index_of: str
+    index_background: bool
+    index_ignore: _containers.RepeatedScalarFieldContainer[str]
+    values_min: float
+    values_max: float
+    items: _containers.RepeatedCompositeFieldContainer[InputSchema]
+    each: _containers.RepeatedCompositeFieldContainer[InputForm]
+    keys: _containers.RepeatedCompositeFieldContainer[InputKey]
+    min_items: int
+    when: _containers.RepeatedCompositeFieldContainer[FormCondition]
+    label: str
+    def __init__(self, kind: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., shape: _Optional[_Iterable[str]] = ..., same_shape: _Optional[str] = ..., broadcast_to: _Optional[str] = ..., broadcasts_with: _Optional[str] = ..., same_dtype: _Optional[str] = ..., shapes: _Optional[_Iterable[_Union[ShapeOf, _Mapping]]] = ..., index_of: _Optional[str] = ..., index_background: _Optional[bool] = ..., index_ignore: _Optional[_Iterable[str]] = ..., values_min: _Optional[float] = ..., values_max: _Optional[float] = ..., items: _Optional[_Iterable[_Union[InputSchema, _Mapping]]] = ..., each: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ..., keys: _Optional[_Iterable[_Union[InputKey, _Mapping]]] = ..., min_items: _Optional[int] = ..., when: _Optional[_Iterable[_Union[FormCondition, _Mapping]]] = ..., label: _Optional[str] = ...) -> None: ...
+
+class InputSchema(_message.Message):
+    __slots__ = ("forms",)
+    FORMS_FIELD_NUMBER: _ClassVar[int]
+    forms: _containers.RepeatedCompositeFieldContainer[InputForm]
+    def __init__(self, forms: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ...) -> None: ...
+
+class InputKey(_message.Message):
+    __slots__ = ("name", "forms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    forms: _containers.RepeatedCompositeFieldContainer[InputForm]
+    def __init__(self, name: _Optional[str] = ..., forms: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ...) -> None: ...
+
+class ShapeOf(_message.Message):
+    __slots__ = ("path", "shape")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    shape: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, path: _Optional[str] = ..., shape: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FormCondition(_message.Message):
+    __slots__ = ("param", "value")
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    param: str
+    value: Value
+    def __init__(self, param: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class LossInfo(_message.Message):
     __slots__ = ("name", "families", "summary", "params", "inputs", "reference", "example")
