@@ -199,6 +199,7 @@ NETSPRESSO_CRITERIA = (
     "yolox_loss",
     "retinanet_loss",
     "pidnet_loss",
+    "detr_loss",
 )
 
 # The trainer passes its epoch counter to every criterion, and all of them swallow it through
