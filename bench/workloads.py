@@ -126,14 +126,14 @@ def build(loss: str, size: int, seed: int = 0) -> Workload:
 
 def to_device(args: list[Any], device: torch.device) -> list[Any]:
     """The same inputs on ``device`` (the engine marks what needs a gradient itself)."""
-    from lossd.client import codec
+    from lossd.client.wire import codec
 
     return codec.map_tensors(args, lambda t: t.detach().to(device))
 
 
 def grad_paths(args: list[Any], original: list[Any] | None = None) -> list[str]:
     """Wire paths (``args[0].pred[0]``) of the inputs that require a gradient in ``original``."""
-    from lossd.client import codec
+    from lossd.client.wire import codec
 
     return [
         p

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import codec
 from ._proto import lossd_pb2 as pb
+from .wire import codec
 
 
 def caller_autocast(device: torch.device) -> pb.Autocast | None:

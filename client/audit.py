@@ -12,15 +12,15 @@ Reading (needs the audit-read role once the server has authentication)::
     for record in audit.records("exp-42"):
         print(record["step"], record["value"])
 
-Digests: ``tensor_digest`` is the exact SHA-256 the server records for each input, so a caller
-can prove which tensors it sent without storing them.
+Digests: ``tensor_digest`` (from ``lossd.client.wire.audit``, shared with the server) is the
+exact SHA-256 the server records for each input, so a caller can prove which tensors it sent
+without storing them.
 """
 
 from __future__ import annotations
 
 import contextvars
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -32,77 +32,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
-import torch
-from torch import Tensor
 
-from ._channel import DEFAULT_MAX_MESSAGE_MB
 from ._proto import lossd_pb2 as pb
 from ._proto import lossd_pb2_grpc as pb_grpc
+from .connection import LossClient
 from .errors import LossdError, from_rpc_error
-
-# Bounds the server enforces too; checked here so a bad tag fails at construction, not at step 1.
-MAX_RUN_ID_CHARS = 256
-MAX_TAGS = 64
-MAX_TAG_KEY_CHARS = 128
-MAX_TAG_VALUE_CHARS = 1024
-
-_DIGEST_PREFIX = b"lossd-tensor-v1\0"
-# Same-width integer views for dtypes numpy cannot hold (the wire's reinterpretation).
-_VIEW_AS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
-
-
-def tensor_digest(tensor: Tensor) -> str:
-    """Hex SHA-256 of ``lossd-tensor-v1\\0 dtype \\0 shape \\0 bytes`` (little-endian, C order).
-
-    ``dtype`` is torch's name without ``torch.`` (``float32``), ``shape`` the sizes joined by
-    commas (empty for a 0-d tensor). The bytes are exactly what travels on the wire.
-    """
-    host = tensor.detach()
-    if host.device.type != "cpu":
-        host = host.cpu()
-    host = host.contiguous().resolve_conj().resolve_neg()
-    return digest_bytes(
-        str(host.dtype).removeprefix("torch."), tuple(host.shape), tensor_bytes(host)
-    )
-
-
-def tensor_bytes(tensor: Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor, without copying."""
-    view = tensor.view(_VIEW_AS[tensor.dtype]) if tensor.dtype in _VIEW_AS else tensor
-    return memoryview(view.numpy()).cast("B") if tensor.numel() else memoryview(b"")
-
-
-def digest_bytes(dtype: str, shape: tuple[int, ...] | list[int], data: bytes | memoryview) -> str:
-    h = hashlib.sha256(_DIGEST_PREFIX)
-    h.update(dtype.encode() + b"\0" + ",".join(str(int(s)) for s in shape).encode() + b"\0")
-    h.update(data)
-    return h.hexdigest()
-
-
-def check_audit_fields(run_id: str | None, tags: Mapping[str, str] | None) -> None:
-    """Raise ValueError for a run id or tags the server would refuse."""
-    if run_id is not None and not isinstance(run_id, str):
-        raise ValueError(f"run_id must be a string, got {type(run_id).__name__}")
-    if run_id is not None and len(run_id) > MAX_RUN_ID_CHARS:
-        raise ValueError(
-            f"run_id must have at most {MAX_RUN_ID_CHARS} characters, got {len(run_id)}"
-        )
-    if run_id and "\0" in run_id:
-        raise ValueError("run_id must not contain NUL characters")
-    tags = tags or {}
-    if len(tags) > MAX_TAGS:
-        raise ValueError(f"at most {MAX_TAGS} tags, got {len(tags)}")
-    for key, value in tags.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"tags must map strings to strings, got {key!r}: {value!r}")
-        if not key or len(key) > MAX_TAG_KEY_CHARS or len(value) > MAX_TAG_VALUE_CHARS:
-            raise ValueError(
-                f"tag {key[:40]!r}: keys need 1..{MAX_TAG_KEY_CHARS} characters and values at most "
-                f"{MAX_TAG_VALUE_CHARS}, got a key of {len(key)} and a value of {len(value)}"
-            )
-        if "\0" in key or "\0" in value:
-            raise ValueError(f"tag {key[:40]!r}: keys and values must not contain NUL characters")
-
+from .wire.audit import check_audit_fields, tensor_digest
+from .wire.codec import dtype_name
 
 # --------------------------------------------------------------------------------------------
 # Recording context
@@ -249,7 +185,7 @@ def record_to_dict(record: pb.AuditRecord) -> dict[str, Any]:
         "inputs": [
             {
                 "path": i.path,
-                "dtype": _dtype_name(i.dtype),
+                "dtype": dtype_name(i.dtype),
                 "shape": list(i.shape),
                 "sha256": i.sha256,
                 "captured": i.captured,
@@ -268,12 +204,6 @@ def record_to_dict(record: pb.AuditRecord) -> dict[str, Any]:
         },
         "record_sha256": record.record_sha256,
     }
-
-
-def _dtype_name(wire: int) -> str:
-    from .codec import dtype_name
-
-    return dtype_name(wire)
 
 
 def _finite_or_str(x: float) -> float | str:
@@ -325,39 +255,14 @@ def parse_steps(steps: str | tuple[int | None, int | None] | None) -> tuple[int 
 class AuditClient:
     """Reads and verifies the audit trail over gRPC (``lossd.v1.AuditService``).
 
-    Takes the connection arguments of ``LossClient`` (endpoint, token, TLS files; the same
-    ``$LOSSD_*`` defaults). With ``--auth-tokens`` the token needs the ``audit-read`` role.
+    Takes the connection options of ``LossClient`` (``ConnectionOptions``: endpoint, token, TLS
+    files; the same ``$LOSSD_*`` defaults). With ``--auth-tokens`` the token needs the ``audit-read`` role.
     """
 
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        timeout: float | None = None,
-        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
-        token: str | None = None,
-        tls: bool | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-    ) -> None:
-        from .functional import LossClient  # one place that turns these arguments into a channel
-
-        self._conn = LossClient(
-            endpoint,
-            timeout=timeout,
-            max_message_mb=max_message_mb,
-            token=token,
-            tls=tls,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_server_name=tls_server_name,
-            retries=0,
-        )
+    def __init__(self, endpoint: str | None = None, **options: Any) -> None:
+        self._conn = LossClient(endpoint, **options)
         self.target = self._conn.target
-        self.timeout = timeout
+        self.timeout = self._conn.timeout
         self._metadata = self._conn.metadata
         self._stub = pb_grpc.AuditServiceStub(self._conn.channel)
 

@@ -18,7 +18,6 @@ Python config files are never executed: use YAML.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any
 import yaml
 from torch import nn
 
-from .functional import LossClient
+from .connection import ConnectionOptions, LossClient
 from .module import RemoteLoss
 
 # What LossClient takes besides the endpoint: a loss set's one shared connection gets these.
-_CONNECTION_OPTIONS = frozenset(inspect.signature(LossClient).parameters) - {"endpoint"}
+_CONNECTION_OPTIONS = ConnectionOptions.names() - {"endpoint"}
 
 # What fat's LossFactory forwards to each loss class (giovannipollo/fat@9abd3cf utils/loss.py).
 FAT_FORWARDED: dict[str, tuple[str, ...]] = {

@@ -1,6 +1,6 @@
 """Remote evaluation with exact autograd.
 
-``LossClient`` makes the RPCs; ``remote_loss`` runs one loss call through it and attaches the
+``remote_loss`` runs one loss call through a ``LossClient`` (``connection.py``) and attaches the
 returned gradients to the autograd graph:
 
 - scalar loss: the gradients come back with the value in the same RPC; ``backward`` scales them
@@ -13,12 +13,9 @@ returned gradients to the autograd graph:
 
 from __future__ import annotations
 
-import os
-import random
-import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,19 +23,12 @@ import grpc
 import torch
 from torch import Tensor
 
-from . import codec
-from ._channel import (
-    DEFAULT_MAX_MESSAGE_MB,
-    channel_credentials,
-    make_channel,
-    make_stub,
-    resolve_endpoint,
-    warn_cleartext_token,
-)
 from ._proto import lossd_pb2 as pb
 from .amp import caller_autocast
-from .errors import LossdError, from_rpc_error
+from .connection import LossClient
+from .errors import LossdError
 from .transport import Transport
+from .wire import codec
 
 
 @dataclass
@@ -53,173 +43,6 @@ class RemoteResult:
     timings_ns: dict[str, int] = field(default_factory=dict)
     lossd_version: str = ""
     audited: bool = False
-
-
-class LossClient:
-    """A connection to a lossd server (or several replicas). Thread-safe; reuse it.
-
-    Args:
-        endpoint: ``host:port``, several (list or comma-separated; balanced round-robin), or a
-            gRPC target such as ``dns:///lossd:50051``. Default ``$LOSSD_ENDPOINT``, else
-            ``127.0.0.1:50051``.
-        timeout: deadline of each call in seconds, retries included (None: none).
-        max_message_mb: largest request or response this client sends or accepts.
-        token: bearer token sent with every call (default ``$LOSSD_TOKEN``).
-        tls: use TLS (implied by any of the files below; default ``$LOSSD_TLS``).
-        tls_ca: PEM roots that signed the server (default ``$LOSSD_TLS_CA``; None: system roots).
-        tls_cert, tls_key: the client's certificate chain and key, for mutual TLS
-            (default ``$LOSSD_TLS_CERT`` / ``$LOSSD_TLS_KEY``).
-        tls_server_name: name to check the server's certificate against, when it differs from
-            the endpoint's host (an IP address, a test certificate).
-        retries: how many times a call that failed with UNAVAILABLE (a replica down or
-            restarting) is tried again, with jittered exponential backoff, within ``timeout``.
-            Retries keep the request id, so the audit trail records the evaluation once.
-    """
-
-    def __init__(
-        self,
-        endpoint: str | Sequence[str] | None = None,
-        *,
-        timeout: float | None = None,
-        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
-        token: str | None = None,
-        tls: bool | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-        retries: int = 4,
-    ) -> None:
-        env = os.environ
-        self.target = resolve_endpoint(endpoint)
-        self.timeout = timeout
-        self.max_message_mb = max_message_mb
-        self.token = token if token is not None else env.get("LOSSD_TOKEN") or None
-        self.tls = (
-            tls if tls is not None else env.get("LOSSD_TLS", "").lower() in ("1", "true", "yes")
-        )
-        self.tls_ca = tls_ca or env.get("LOSSD_TLS_CA") or None
-        self.tls_cert = tls_cert or env.get("LOSSD_TLS_CERT") or None
-        self.tls_key = tls_key or env.get("LOSSD_TLS_KEY") or None
-        self.tls_server_name = tls_server_name
-        self.retries = retries
-        self._credentials = channel_credentials(self.tls, self.tls_ca, self.tls_cert, self.tls_key)
-        if self.token and self._credentials is None:
-            warn_cleartext_token(self.target)
-        self._metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
-        self._channel: grpc.Channel | None = None
-        self._stub = None
-        self._described: dict[str, pb.LossInfo] = {}
-
-    def options(self) -> dict[str, Any]:
-        """Everything needed to open an equivalent client (for copies of a module)."""
-        return {
-            "endpoint": self.target,
-            "timeout": self.timeout,
-            "max_message_mb": self.max_message_mb,
-            "token": self.token,
-            "tls": self.tls,
-            "tls_ca": self.tls_ca,
-            "tls_cert": self.tls_cert,
-            "tls_key": self.tls_key,
-            "tls_server_name": self.tls_server_name,
-            "retries": self.retries,
-        }
-
-    @property
-    def channel(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = make_channel(
-                self.target, self.max_message_mb, self._credentials, self.tls_server_name
-            )
-        return self._channel
-
-    @property
-    def stub(self):
-        if self._stub is None:
-            self._stub = make_stub(self.channel)
-        return self._stub
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = self._stub = None
-
-    def __enter__(self) -> LossClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """Metadata every call carries (the bearer token); the stream transports use it too."""
-        return self._metadata
-
-    def check_size(self, request: Any, request_id: str | None = None) -> None:
-        """Refuse, before sending, a message over this client's limit, naming the knobs."""
-        size = request.ByteSize()
-        if size > self.max_message_mb << 20:
-            raise LossdError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request of {size} bytes exceeds the client's limit of {self.max_message_mb} MiB "
-                "(send it in chunks with RemoteLoss(transport='auto'), or raise RemoteLoss(max_message_mb=...) "
-                "and `lossd serve --max-message-mb`)",
-                request_id=request_id,
-            )
-
-    def call(self, method: str, request: Any, *, request_id: str | None = None) -> Any:
-        """Invoke one unary RPC, retrying UNAVAILABLE within the deadline; failures become LossdError."""
-        self.check_size(request, request_id)
-        rpc = getattr(self.stub, method)
-        try:
-            return self.retrying(
-                lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata)
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, request_id) from None
-
-    def retrying(self, attempt: Callable[[float | None], Any]) -> Any:
-        """``attempt(seconds left)`` until it does not fail UNAVAILABLE, within ``timeout``.
-
-        The one retry policy of every transport: up to ``retries`` more tries, jittered
-        exponential backoff, never past the caller's deadline. The caller keeps the request id
-        across tries, so the audit trail records the evaluation once.
-        """
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        backoff = 0.05
-        for tries_left in range(self.retries, -1, -1):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            try:
-                return attempt(remaining)
-            except grpc.RpcError as error:
-                pause = backoff * (0.5 + random.random())  # jitter: replicas restarting together
-                if (
-                    error.code() != grpc.StatusCode.UNAVAILABLE
-                    or not tries_left
-                    or (deadline is not None and time.monotonic() + pause >= deadline)
-                ):
-                    raise
-                time.sleep(pause)
-                backoff = min(backoff * 2, 2.0)
-        raise AssertionError("unreachable")  # the loop always returns or raises
-
-    def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        return self.call("Compute", request, request_id=request.request_id)
-
-    def list_losses(self, family: str = "") -> list[pb.LossInfo]:
-        return list(self.call("ListLosses", pb.ListLossesRequest(family=family)).losses)
-
-    def describe(self, name: str) -> pb.LossInfo:
-        """The server's declaration of a loss; cached, since a server's registry is fixed."""
-        info = self._described.get(name)
-        if info is None:
-            info = self._described[name] = self.call(
-                "DescribeLoss", pb.DescribeLossRequest(name=name)
-            ).loss
-        return info
 
 
 def build_request(

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from . import codec
-from ._channel import DEFAULT_MAX_MESSAGE_MB
 from ._proto import lossd_pb2 as pb
-from .audit import StepCounter, check_audit_fields, current_run, make_context
-from .functional import LossClient, RemoteResult, remote_loss
+from .audit import StepCounter, current_run, make_context
+from .connection import ConnectionOptions, LossClient
+from .functional import RemoteResult, remote_loss
 from .schema import check_call, check_params
 from .transport import DEFAULT_CHUNK_THRESHOLD, Transport
+from .wire import codec
+from .wire.audit import check_audit_fields
 
 
 class RemoteLoss(nn.Module):
@@ -22,15 +22,12 @@ class RemoteLoss(nn.Module):
     Args:
         name: registry name, e.g. ``"cross_entropy"``, ``"FocalLoss"``, ``"yolox_loss"``
             (``lossd losses`` lists them).
-        endpoint: ``host:port``, several of them (a list or a comma-separated string, balanced
-            round-robin), or a gRPC target such as ``dns:///lossd:50051``. Defaults to
-            ``$LOSSD_ENDPOINT``, else ``127.0.0.1:50051``.
-        timeout: deadline of each RPC in seconds (None: no deadline).
-        max_message_mb: largest request or response this client sends or accepts.
-        client: share an existing ``LossClient`` (and its channel) instead of opening one.
-        token, tls, tls_ca, tls_cert, tls_key, tls_server_name, retries: connection security
-            and UNAVAILABLE retries, as ``LossClient`` takes them (``$LOSSD_TOKEN``,
-            ``$LOSSD_TLS_CA``, ... by default).
+        endpoint, timeout, max_message_mb, token, tls, tls_ca, tls_cert, tls_key,
+            tls_server_name, retries: how to connect, the fields of ``ConnectionOptions``
+            (``endpoint`` defaults to ``$LOSSD_ENDPOINT``, else ``127.0.0.1:50051``; ``timeout``
+            is each call's deadline in seconds, None: none).
+        client: share an existing ``LossClient`` (and its channel) instead of opening one; the
+            connection keywords are then ignored.
         transport: how calls travel. ``"auto"`` (default): calls whose tensors add up to
             ``chunk_threshold`` bytes or more go in chunks (``ComputeChunked``: no message limit,
             about twice as fast for large tensors), smaller ones over one long-lived stream
@@ -58,17 +55,7 @@ class RemoteLoss(nn.Module):
         self,
         name: str,
         *,
-        endpoint: str | Sequence[str] | None = None,
-        timeout: float | None = None,
-        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         client: LossClient | None = None,
-        token: str | None = None,
-        tls: bool | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_server_name: str | None = None,
-        retries: int = 4,
         transport: str = "auto",
         chunk_threshold: int = DEFAULT_CHUNK_THRESHOLD,
         run_id: str | None = None,
@@ -79,6 +66,7 @@ class RemoteLoss(nn.Module):
         **params: Any,
     ) -> None:
         super().__init__()
+        connection = {key: params.pop(key) for key in ConnectionOptions.names() & params.keys()}
         codec.encode_map(params)  # fail now, not at the first step, on a value that cannot travel
         check_audit_fields(run_id, tags)
         self.run_id = run_id or None
@@ -89,18 +77,7 @@ class RemoteLoss(nn.Module):
         self.name = name
         self.params = dict(params)
         self._owns_client = client is None
-        self.client = client or LossClient(
-            endpoint,
-            timeout=timeout,
-            max_message_mb=max_message_mb,
-            token=token,
-            tls=tls,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_server_name=tls_server_name,
-            retries=retries,
-        )
+        self.client = client or LossClient(**connection)
         self.last_result: RemoteResult | None = None
         self._params_checked = False
         self.transport = Transport(self.client, transport, chunk_threshold=chunk_threshold)
@@ -176,7 +153,7 @@ class RemoteLoss(nn.Module):
         # Channels cannot be copied or pickled; a copy opens its own on first use.
         # The state holds plain values only (a Transport holds locks): __setstate__ rebuilds them.
         state = self.__dict__.copy()
-        state["client"] = self.client.options()
+        state["client"] = self.client.options
         state["_owns_client"] = True
         transport = self.transport
         state["transport"] = {
@@ -188,7 +165,7 @@ class RemoteLoss(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        client = LossClient(**state["client"])
+        client = LossClient(options=state["client"])
         options = state["transport"]
         state["client"] = client
         state["transport"] = Transport(

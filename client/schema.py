@@ -36,9 +36,9 @@ import grpc
 import torch
 from torch import Tensor
 
-from . import codec
 from ._proto import lossd_pb2 as pb
 from .errors import LossdError
+from .wire import codec
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INDEX_DTYPES = ("int64",)

@@ -4,8 +4,7 @@ Chunked (``ComputeChunked``): the request goes as a header (the ``ComputeRequest
 tensors' ``data`` left empty, plus their paths and byte counts) followed by ``data`` messages of
 ``chunk_bytes``; the answer comes back the same way. Each side assembles the bytes into ONE
 preallocated buffer and decodes tensors as zero-copy views of it; 16-bit dtypes stay 16-bit.
-Data messages are framed and parsed by hand (still valid protobuf: field 2, length-delimited):
-upb would otherwise copy every chunk into and out of a message object.
+The framing and the ``Assembler`` are shared with the server (``lossd.client.wire``).
 
 Stream session (``ComputeStream``): one long-lived bidi stream per ``RemoteLoss``; requests go
 one at a time, in order, each answered before the next is sent. A failed call ends the stream
@@ -16,151 +15,28 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
-import torch
 from torch import Tensor
 
-from . import codec
 from ._proto import lossd_pb2 as pb
-
-METHOD_CHUNKED = "/lossd.v1.LossService/ComputeChunked"
-METHOD_STREAM = "/lossd.v1.LossService/ComputeStream"
-DEFAULT_CHUNK_BYTES = 1 << 20  # measured best on loopback (bench/RESULTS.md)
-ALIGN = 64  # tensors inside the assembled buffer start on cache-line boundaries
-_DATA_TAG = b"\x12"  # field 2 (`data`), wire type 2 (length-delimited), in both chunk messages
-
-
-# --------------------------------------------------------------------------------------------
-# Framing
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
-    result = shift = 0
-    while pos < len(data) and shift < 64:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-    return None
-
-
-def frame_data(chunk: memoryview) -> bytes:
-    """A serialized chunk message holding only ``data`` (one copy, no message object)."""
-    return b"".join((_DATA_TAG, _varint(len(chunk)), chunk))
-
-
-def chunk_parser(full: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """Deserializer: a data-only chunk becomes a zero-copy memoryview, anything else ``full(data)``."""
-
-    def parse(data: bytes) -> Any:
-        if data[:1] == _DATA_TAG:
-            parsed = _read_varint(data, 1)
-            if parsed is not None and parsed[0] + parsed[1] == len(data):
-                return memoryview(data)[parsed[1] :]
-        return full(data)
-
-    return parse
-
-
-def iter_frames(tensors: Sequence[tuple[str, Tensor]], chunk_bytes: int) -> Iterator[bytes]:
-    """The data messages for ``tensors`` (flat CPU uint8), concatenated, ``chunk_bytes`` each."""
-    for _, flat in tensors:
-        view = memoryview(flat.numpy())
-        for start in range(0, len(view), chunk_bytes):
-            yield frame_data(view[start : start + chunk_bytes])
-
-
-def refs(tensors: Sequence[tuple[str, Tensor]]) -> list[pb.ChunkedTensor]:
-    return [pb.ChunkedTensor(path=path, size_bytes=flat.numel()) for path, flat in tensors]
-
-
-class Assembler:
-    """Receives the bytes of the listed tensors into one preallocated buffer.
-
-    Sizes are checked against ``max_bytes`` before anything is allocated; the bytes received
-    must add up exactly. ``tensors()`` gives each tensor's bytes as a flat uint8 view (64-byte
-    aligned, so any dtype can be viewed in place).
-    """
-
-    def __init__(
-        self, listed: Sequence[pb.ChunkedTensor], max_bytes: int, field: str = "header.tensors"
-    ) -> None:
-        self.paths: list[str] = []
-        self.sizes: list[int] = []
-        self.offsets: list[int] = []
-        end = 0
-        total = 0
-        seen: set[str] = set()
-        for i, ref in enumerate(listed):
-            if ref.size_bytes < 0:
-                raise codec.DecodeError(
-                    f"{field}[{i}].size_bytes", f"expected a size >= 0, got {ref.size_bytes}"
-                )
-            if ref.path in seen:
-                raise codec.DecodeError(f"{field}[{i}].path", f"duplicate path {ref.path!r}")
-            seen.add(ref.path)
-            total += ref.size_bytes
-            if total > max_bytes:
-                raise codec.LimitError(
-                    field,
-                    f"chunked tensors of more than {total} bytes exceed the limit of {max_bytes} bytes",
-                    "--max-message-mb",
-                )
-            self.paths.append(ref.path)
-            self.sizes.append(ref.size_bytes)
-            self.offsets.append(end)
-            end += -(-ref.size_bytes // ALIGN) * ALIGN
-        self.total = total
-        self.received = 0
-        self.buffer = torch.empty(end, dtype=torch.uint8)
-        self._array = self.buffer.numpy()
-        self._index = 0  # tensor being filled
-        self._filled = 0  # bytes of it received
-
-    @property
-    def complete(self) -> bool:
-        return self.received == self.total
-
-    def feed(self, chunk: memoryview | bytes) -> None:
-        data = np.frombuffer(chunk, dtype=np.uint8)
-        if self.received + len(data) > self.total:
-            raise codec.DecodeError("data", f"expected {self.total} bytes of tensor data, got more")
-        pos = 0
-        while pos < len(data):
-            while self._filled == self.sizes[self._index]:
-                self._index += 1
-                self._filled = 0
-            take = min(len(data) - pos, self.sizes[self._index] - self._filled)
-            start = self.offsets[self._index] + self._filled
-            self._array[start : start + take] = data[pos : pos + take]
-            self._filled += take
-            pos += take
-        self.received += len(data)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {
-            path: self.buffer[off : off + size]
-            for path, off, size in zip(self.paths, self.offsets, self.sizes)
-        }
-
+from .errors import LossdError, from_rpc_error
+from .wire import codec
+from .wire.assembler import Assembler
+from .wire.framing import (
+    DEFAULT_CHUNK_BYTES,
+    METHOD_CHUNKED,
+    METHOD_STREAM,
+    STREAM_REQUEST_TAG,
+    chunk_parser,
+    frame,
+    iter_frames,
+    refs,
+)
 
 # --------------------------------------------------------------------------------------------
 # Client side
@@ -250,9 +126,8 @@ class StreamSession:
         self, request: pb.ComputeRequest, timeout: float | None = None
     ) -> pb.ComputeResponse:
         """``timeout``: this call's seconds, when less than the session's (a retry's remainder)."""
-        # ComputeStreamRequest{request = 1}: frame the serialized request by hand (no message copy).
-        payload = request.SerializeToString()
-        framed = b"".join((b"\x0a", _varint(len(payload)), payload))
+        # ComputeStreamRequest{request}: frame the serialized request by hand (no message copy).
+        framed = frame(STREAM_REQUEST_TAG, request.SerializeToString())
         seconds = self.timeout if timeout is None else timeout
         with self._lock:
             if self._answers is None:
@@ -291,8 +166,6 @@ class StreamSession:
     # One watchdog thread per session enforces per-call deadlines (a stream has no per-message
     # deadline in gRPC); it sleeps on a condition, so an armed call costs two notifications.
     def _arm(self, seconds: float) -> None:
-        import time
-
         with self._timer_lock:
             self._expired = False
             self._deadline = time.monotonic() + seconds
@@ -308,8 +181,6 @@ class StreamSession:
             self._deadline = None
 
     def _watch(self) -> None:
-        import time
-
         with self._timer_lock:
             while not self._closed:
                 if self._deadline is None:
@@ -399,12 +270,8 @@ class Transport:
         self, request: pb.ComputeRequest, outboard: codec.Outboard | None
     ) -> tuple[pb.ComputeResponse, dict[str, Tensor] | None]:
         """Run one evaluation; failures are raised as ``LossdError`` exactly as unary raises them."""
-        from .errors import LossdError, from_rpc_error
-
         client = self.client
         if not request.request_id:
-            import uuid
-
             request.request_id = uuid.uuid4().hex
         if outboard is None and self.mode in ("unary", "chunked"):
             return client.compute(request), None

@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from lossd.client import codec
-from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.wire import codec, framing
+from lossd.client.wire.assembler import Assembler
 
 from .errors import InvalidArgument
 
@@ -37,7 +37,7 @@ def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest,
             "expected the header as the first message of ComputeChunked", field="header"
         )
     header = first.header
-    assembler = wire.Assembler(header.tensors, max_bytes)
+    assembler = Assembler(header.tensors, max_bytes)
     while not assembler.complete:
         message = next(requests, None)
         if message is None:
@@ -71,10 +71,10 @@ def answer(
 ) -> Iterator[bytes]:
     """The serialized response stream: the header, then the outboard tensors' bytes in chunks."""
     header = pb.ComputeChunkedResponse(
-        header=pb.ChunkedResponseHeader(response=response, tensors=wire.refs(outboard.tensors))
+        header=pb.ChunkedResponseHeader(response=response, tensors=framing.refs(outboard.tensors))
     )
     yield header.SerializeToString()
-    yield from wire.iter_frames(outboard.tensors, chunk_bytes)
+    yield from framing.iter_frames(outboard.tensors, chunk_bytes)
 
 
 def method_handler(servicer: Any, parse_header: Any) -> grpc.RpcMethodHandler:
@@ -82,6 +82,6 @@ def method_handler(servicer: Any, parse_header: Any) -> grpc.RpcMethodHandler:
     # unusual) goes through the ordinary never-failing protobuf parser.
     return grpc.stream_stream_rpc_method_handler(
         servicer.ComputeChunked,
-        request_deserializer=wire.chunk_parser(parse_header),
+        request_deserializer=framing.chunk_parser(parse_header),
         response_serializer=None,  # the handler yields serialized bytes
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lossd.client.codec import DecodeLimits
+from lossd.client.wire.limits import DecodeLimits
 
 _MB = 1 << 20
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lossd.client.codec import call_tensors, iter_tensors, map_tensors
 from lossd.client.schema import Checker
+from lossd.client.wire.codec import call_tensors, iter_tensors, map_tensors
 
 from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry

@@ -1,8 +1,8 @@
 """The one error hierarchy of the server, each class carrying its gRPC status code.
 
-Loss functions, validation and the engine raise these; the servicer maps them to a status in
-exactly one place (``service.py``). Anything else that escapes becomes INTERNAL, with the
-traceback logged on the server only.
+Loss functions, validation and the engine raise these; ``to_service_error`` maps anything raised
+while serving to one of them, and ``abort`` ends an RPC with its status, in exactly one place.
+Anything else that escapes becomes INTERNAL, with the traceback logged on the server only.
 
 ``InvalidArgument`` is also a ``ValueError`` so that loss functions called directly from Python
 raise what Python users expect.
@@ -14,6 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from lossd.client.wire.limits import DecodeError, EncodeError, LimitError
 
 
 class ServiceError(Exception):
@@ -106,3 +111,40 @@ def upstream_raises(site: str, field: str | None = None) -> Iterator[None]:
             f"{type(exc).__name__}: {reason}",
             field=field,
         ) from None
+
+
+def to_service_error(exc: BaseException) -> ServiceError:
+    """The one mapping from anything raised while serving to a status-carrying error."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, LimitError):
+        return ResourceExhausted(exc.message, field=exc.field)
+    if isinstance(exc, (DecodeError, EncodeError)):
+        return InvalidArgument(getattr(exc, "message", str(exc)), field=getattr(exc, "field", None))
+    if isinstance(exc, MemoryError):
+        return ResourceExhausted("the server ran out of memory for this request")
+    return ServiceError("internal error; the server log has the details")
+
+
+# Messages echo client data (a loss name, a path); the status travels in trailers, which gRPC
+# caps at 8 KiB by default, so an unclipped echo would turn the error into RESOURCE_EXHAUSTED.
+MAX_ERROR_CHARS = 1024
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
+
+
+def abort(context: grpc.ServicerContext, error: ServiceError) -> None:
+    """Abort the RPC with ``error``'s code, message and, when it names a field, a BadRequest detail."""
+    status = status_pb2.Status(code=error.code.value[0], message=clip(str(error)))
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=clip(error.field, 256), description=clip(error.message)
+        )
+        detail = AnyMessage()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status.details.append(detail)
+    context.abort_with_status(rpc_status.to_status(status))

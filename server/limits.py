@@ -21,13 +21,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ._handlers import rewrap
-from .errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from .service import ComputeEvent, abort
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    abort,
+)
+
+if TYPE_CHECKING:  # annotations only: the servicer imports this module
+    from .service import ComputeEvent
 
 # Probes never count against --max-concurrent-rpcs; gRPC's own limit is raised by this many
 # slots (and threads) so that they always find one.

@@ -8,9 +8,10 @@ from typing import Any
 
 from torch import Tensor
 
-from lossd.client import codec, schema
+from lossd.client import schema
 from lossd.client._proto import lossd_pb2 as pb
-from lossd.client.audit import check_audit_fields
+from lossd.client.wire import codec
+from lossd.client.wire.audit import check_audit_fields
 
 from .engine import AutocastPolicy, Evaluation
 from .errors import InvalidArgument

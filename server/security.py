@@ -34,7 +34,7 @@ import yaml
 
 from ._handlers import rewrap
 from .config import SettingError
-from .errors import PermissionDenied, ServiceError, Unauthenticated
+from .errors import PermissionDenied, ServiceError, Unauthenticated, abort
 
 log = logging.getLogger("lossd.security")
 
@@ -395,8 +395,6 @@ def _call_as(
 
 
 def _refuse(context: grpc.ServicerContext, error: ServiceError, method: str) -> NoReturn:
-    from .service import abort  # the one mapping of errors to statuses
-
     log.warning("%s refused for %s: %s %s", method, context.peer(), error.code.name, error)
     abort(context, error)
     raise AssertionError("abort returned")  # context.abort always raises

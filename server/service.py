@@ -11,18 +11,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
+from lossd.client.wire import codec
 
 from . import chunked, registry
 from .engine import Engine, Evaluation
-from .errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+from .errors import (
+    Internal,
+    InvalidArgument,
+    ServiceError,
+    abort,
+    to_service_error,
+)
+from .limits import caller_gone
 from .messages import ComputeCall, decode_compute, encode_compute, loss_info
 from .version import __version__
 
@@ -50,43 +54,6 @@ def safe_parser(message_type: type) -> Callable[[bytes], Any]:
             return Malformed(name, str(exc) or type(exc).__name__)
 
     return parse
-
-
-def to_service_error(exc: BaseException) -> ServiceError:
-    """The one mapping from anything raised while serving to a status-carrying error."""
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, codec.LimitError):
-        return ResourceExhausted(exc.message, field=exc.field)
-    if isinstance(exc, (codec.DecodeError, codec.EncodeError)):
-        return InvalidArgument(getattr(exc, "message", str(exc)), field=getattr(exc, "field", None))
-    if isinstance(exc, MemoryError):
-        return ResourceExhausted("the server ran out of memory for this request")
-    return ServiceError("internal error; the server log has the details")
-
-
-# Messages echo client data (a loss name, a path); the status travels in trailers, which gRPC
-# caps at 8 KiB by default, so an unclipped echo would turn the error into RESOURCE_EXHAUSTED.
-MAX_ERROR_CHARS = 1024
-
-
-def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit - 40]}... ({len(text) - limit + 40} more characters)"
-
-
-def abort(context: grpc.ServicerContext, error: ServiceError) -> None:
-    """Abort the RPC with ``error``'s code, message and, when it names a field, a BadRequest detail."""
-    status = status_pb2.Status(code=error.code.value[0], message=clip(str(error)))
-    if error.field:
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=clip(error.field, 256), description=clip(error.message)
-        )
-        detail = AnyMessage()
-        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        status.details.append(detail)
-    context.abort_with_status(rpc_status.to_status(status))
 
 
 def _check_parsed(request: Any) -> None:
@@ -194,8 +161,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
             result = self._evaluate(call)
         else:
             with self._slots:
-                from .limits import caller_gone  # limits imports this module
-
                 gone = caller_gone(
                     context, "a worker was free to compute it"
                 )  # waited past its deadline

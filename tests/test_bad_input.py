@@ -10,10 +10,11 @@ import grpc
 import pytest
 import torch
 
-from lossd.client import LossdError, RemoteLoss, codec
+from lossd.client import LossdError, RemoteLoss
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.errors import from_rpc_error
+from lossd.client.wire import codec
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
 

@@ -7,8 +7,8 @@ import tracemalloc
 import pytest
 import torch
 
-from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.wire import codec
 
 ALL_DTYPES = [
     torch.float16,

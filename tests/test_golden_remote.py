@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lossd.client import RemoteLoss, from_config
-from lossd.client.codec import join_key
+from lossd.client.wire.codec import join_key
 from lossd.server import registry
 from tests.support.golden import GOLDEN, GOLDEN_TOL, golden_region, load_golden
 from tests.support.losskit import attach_leaves

@@ -14,10 +14,12 @@ import grpc
 import pytest
 import torch
 
-from lossd.client import LossClient, LossdError, RemoteLoss, codec
+from lossd.client import LossClient, LossdError, RemoteLoss
 from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from lossd.client.wire import codec, framing
+from lossd.client.wire.assembler import Assembler
 from lossd.server.app import channel_options
 from lossd.server.engine import Engine
 from lossd.server.service import LossServicer, method_handlers
@@ -254,9 +256,9 @@ def test_broken_chunked_streams_are_invalid_argument(endpoint: str) -> None:
     outboard = codec.Outboard(0)
     request = build_request("mse", {}, [x, x], {}, [], outboard=outboard)
     header = pb.ComputeChunkedRequest(
-        header=pb.ChunkedRequestHeader(request=request, tensors=wire.refs(outboard.tensors))
+        header=pb.ChunkedRequestHeader(request=request, tensors=framing.refs(outboard.tensors))
     )
-    data = list(wire.iter_frames(outboard.tensors, 300))
+    data = list(framing.iter_frames(outboard.tensors, 300))
     ok_channel = grpc.insecure_channel(endpoint)
     try:
         answers = list(
@@ -307,9 +309,9 @@ def test_chunked_assembler_decodes_zero_copy_views_of_one_buffer() -> None:
         ("c", torch.zeros(0)),
     ]
     flat = [(path, t.reshape(-1).view(torch.uint8)) for path, t in tensors]
-    assembler = wire.Assembler(wire.refs(flat), max_bytes=1 << 20)
-    for frame in wire.iter_frames(flat, 5):
-        parsed = wire.chunk_parser(pb.ComputeChunkedRequest.FromString)(frame)
+    assembler = Assembler(framing.refs(flat), max_bytes=1 << 20)
+    for frame in framing.iter_frames(flat, 5):
+        parsed = framing.chunk_parser(pb.ComputeChunkedRequest.FromString)(frame)
         assert isinstance(parsed, memoryview)
         assembler.feed(parsed)
     assert assembler.complete
@@ -320,7 +322,7 @@ def test_chunked_assembler_decodes_zero_copy_views_of_one_buffer() -> None:
         assert view.numel() == t.numel() * t.element_size()
         if view.numel():
             assert view.untyped_storage().data_ptr() == base  # one buffer, no per-tensor copies
-            assert (view.data_ptr() - base) % wire.ALIGN == 0
+            assert (view.data_ptr() - base) % framing.ALIGN == 0
             assert torch.equal(view.view(t.dtype), t)
     with pytest.raises(codec.LimitError):
-        wire.Assembler(wire.refs(flat), max_bytes=50)
+        Assembler(framing.refs(flat), max_bytes=50)

@@ -16,8 +16,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from lossd.client.audit import digest_bytes, tensor_bytes
-from lossd.client.codec import torch_dtype
+from lossd.client.wire.audit import digest_bytes
+from lossd.client.wire.codec import tensor_bytes, torch_dtype
 
 from .records import Blob
 

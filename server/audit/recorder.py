@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Unavailable
+from ..security import current_principal
 from .capture import Capture
 from .records import Pending, build
 from .store import Store
@@ -112,8 +113,6 @@ class AuditRecorder:
             return
         if self._closed:
             raise Unavailable("the server is shutting down; the audit trail takes no more records")
-        from ..security import current_principal
-
         principal = current_principal()
         result = event.result
         pending = build(

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lossd.client.audit import tensor_bytes, tensor_digest
-from lossd.client.codec import iter_tensors, join_key
+from lossd.client.wire.audit import tensor_digest
+from lossd.client.wire.codec import iter_tensors, join_key, tensor_bytes
 
 from ..version import __version__
 

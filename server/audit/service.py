@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 import torch
 
-from lossd.client import codec
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
+from lossd.client.wire import codec
 
 from ..errors import InvalidArgument
 from ..service import handles_errors, handles_stream_errors, safe_parser

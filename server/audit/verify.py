@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lossd.client.codec import iter_tensors, map_tensors
+from lossd.client.wire.codec import iter_tensors, map_tensors
 
 from ..engine import Engine
 from .capture import restore

@@ -11,9 +11,10 @@ import grpc
 import pytest
 import torch
 
-from lossd.client import LossClient, LossdError, codec
+from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from lossd.client.wire import codec
 from tests.support.opskit import samples, scrape, value
 from tests.support.serverproc import ServerProcess
 

@@ -13,10 +13,11 @@ import grpc
 import pytest
 import torch
 
-from lossd.client import LossClient, LossdError, codec
+from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.functional import build_request
+from lossd.client.wire import codec
 from lossd.server import probe
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig, SettingError

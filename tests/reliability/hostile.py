@@ -22,10 +22,9 @@ from functools import cache
 import torch
 from hypothesis import strategies as st
 
-from lossd.client import codec
-from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from lossd.client.wire import codec, framing
 from lossd.server import registry
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -953,13 +952,13 @@ def draw_chunked(data: st.DataObject, max_bytes: int) -> tuple[list[bytes], list
             st.one_of(st.binary(max_size=64), st.just(b"\x12\xff\xff\xff\xff\x0f")), label="garbage"
         )
         APPLIED[f"chunked:{fault}"] += 1
-        return first + [wire.frame_data(memoryview(c)) for c in chunks[:at]] + [garbage] + [
-            wire.frame_data(memoryview(c)) for c in chunks[at:]
+        return first + [framing.frame_data(memoryview(c)) for c in chunks[:at]] + [garbage] + [
+            framing.frame_data(memoryview(c)) for c in chunks[at:]
         ], [*done, f"chunked {fault} at {at}"]
     else:
         fault = "valid" if fault != "valid" else fault  # nothing to act on: a valid framing
     APPLIED[f"chunked:{fault}"] += 1
-    return first + [wire.frame_data(memoryview(c)) for c in chunks], [
+    return first + [framing.frame_data(memoryview(c)) for c in chunks], [
         *done,
         f"chunked {fault}, {len(chunks)} chunks of {[len(c) for c in chunks]}",
     ]

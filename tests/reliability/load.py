@@ -40,13 +40,14 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from lossd.client import codec
 from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from lossd.client.wire import codec
 from lossd.server.config import ServerConfig
 from lossd.server.engine import Engine
-from lossd.server.service import LossServicer, Malformed, safe_parser, to_service_error
+from lossd.server.errors import to_service_error
+from lossd.server.service import LossServicer, Malformed, safe_parser
 from tests.reliability import hostile
 from tests.support.serverproc import ServerProcess, rss_kib
 

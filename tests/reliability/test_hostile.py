@@ -27,14 +27,15 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from lossd.client import codec
 from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.wire import codec, framing
+from lossd.client.wire.assembler import Assembler
 from lossd.server import chunked
 from lossd.server.config import ServerConfig
 from lossd.server.engine import Engine
-from lossd.server.errors import InvalidArgument
-from lossd.server.service import LossServicer, Malformed, safe_parser, to_service_error
+from lossd.server.errors import InvalidArgument, to_service_error
+from lossd.server.service import LossServicer, Malformed, safe_parser
 from tests.reliability import hostile
 from tests.support.budget import LONG, examples
 from tests.support.serverproc import rss_kib, serving
@@ -57,7 +58,7 @@ PEAK_GROWTH_LIMIT_MIB = 1024  # the high-water mark: nothing may be sized by a c
 
 PARSE_COMPUTE = safe_parser(pb.ComputeRequest)
 PARSE_STREAM = safe_parser(pb.ComputeStreamRequest)
-PARSE_CHUNKED = wire.chunk_parser(safe_parser(pb.ComputeChunkedRequest))  # as the server parses
+PARSE_CHUNKED = framing.chunk_parser(safe_parser(pb.ComputeChunkedRequest))  # as the server parses
 SENT: Counter[str] = Counter()  # outcomes, by code name (the module's request count)
 STATE: dict[str, int] = {}
 
@@ -95,7 +96,7 @@ def compute_raw(channel):
 def stream_raw(channel):
     """ComputeStream with each message as raw bytes."""
     return channel.stream_stream(
-        wire.METHOD_STREAM,
+        framing.METHOD_STREAM,
         request_serializer=lambda b: b,
         response_deserializer=pb.ComputeStreamResponse.FromString,
     )
@@ -303,9 +304,7 @@ def test_chunked_frames(chunked_raw, reference, device, data):
         assert (
             isinstance(first, pb.ComputeChunkedResponse) and first.WhichOneof("part") == "header"
         ), what
-        assembler = wire.Assembler(
-            first.header.tensors, reference.max_chunked_bytes, "response.tensors"
-        )
+        assembler = Assembler(first.header.tensors, reference.max_chunked_bytes, "response.tensors")
         while not assembler.complete:
             chunk = next(answers)
             assert isinstance(chunk, memoryview), (

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 import lossd.server.losses  # noqa: F401  (registers every spec)
-from lossd.client.codec import call_tensors, join_key
+from lossd.client.wire.codec import call_tensors, join_key
 from lossd.server import registry
 from lossd.server.registry import LossOutput, LossSpec
 from tests.support.golden import GOLDEN_TOL, get_path, golden_region, load_golden

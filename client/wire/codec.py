@@ -18,14 +18,14 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._proto import lossd_pb2 as pb
+from .._proto import lossd_pb2 as pb
+from .limits import DEFAULT_LIMITS, DecodeError, DecodeLimits, EncodeError, LimitError
 
 if sys.byteorder != "little":  # the wire is little-endian and we reinterpret memory directly
     raise ImportError("lossd's tensor codec needs a little-endian host")
@@ -64,42 +64,6 @@ def dtype_names() -> str:
 
 def dtype_name(wire: int) -> str:
     return str(_FROM_WIRE[wire]).removeprefix("torch.") if wire in _FROM_WIRE else f"<enum {wire}>"
-
-
-class EncodeError(TypeError):
-    """A Python value has no wire form (e.g. a complex tensor, a set, a non-string dict key)."""
-
-
-class DecodeError(ValueError):
-    """A message does not describe a valid value. ``field`` names where, by path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class LimitError(DecodeError):
-    """A message is valid but larger than a configured limit. ``setting`` names the knob."""
-
-    def __init__(self, field: str, message: str, setting: str) -> None:
-        super().__init__(field, f"{message} (raise it with {setting})")
-        self.setting = setting
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds checked while decoding, before any allocation sized by the request."""
-
-    max_rank: int = 8
-    max_elements: int = 1 << 31  # per tensor
-    max_total_elements: int = 1 << 32  # per request
-    max_depth: int = 16  # nesting of lists/tuples/dicts
-    max_items: int = 100_000  # values in one request (tensors, numbers, containers)
-    max_string_bytes: int = 4096
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 class Outboard:
@@ -224,6 +188,14 @@ def decode_tensor(
     if dtype is torch.bool and bool((flat > 1).any()):
         raise DecodeError(f"{field}.data", "expected bool bytes of 0 or 1, got other values")
     return tensor.reshape(shape)
+
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor as they travel, without copying."""
+    if not tensor.numel():
+        return memoryview(b"")
+    view_as = _DTYPES.get(tensor.dtype, (None, tensor.dtype))[1]
+    return memoryview(tensor.view(view_as).numpy()).cast("B")
 
 
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPES}

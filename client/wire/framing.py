@@ -1,0 +1,94 @@
+"""Hand framing of the stream transports' messages (torch-free).
+
+Data chunks of ``ComputeChunked`` are framed and parsed by hand, as valid protobuf (the
+``data`` field, length-delimited): upb would otherwise copy every chunk into and out of a
+message object. The field tags come from the proto descriptors, so a renumbered field cannot
+silently desynchronise the two sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .._proto import lossd_pb2 as pb
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["LossService"]
+METHOD_CHUNKED = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['ComputeChunked'].name}"
+METHOD_STREAM = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['ComputeStream'].name}"
+DEFAULT_CHUNK_BYTES = 1 << 20  # measured best on loopback (bench/RESULTS.md)
+ALIGN = 64  # tensors inside the assembled buffer start on cache-line boundaries
+_LENGTH_DELIMITED = 2  # protobuf wire type of bytes and message fields
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
+    result = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    return None
+
+
+def field_tag(message: Any, name: str) -> bytes:
+    """The tag of a length-delimited field of ``message``, read from its descriptor."""
+    return varint(message.DESCRIPTOR.fields_by_name[name].number << 3 | _LENGTH_DELIMITED)
+
+
+DATA_TAG = field_tag(pb.ComputeChunkedRequest, "data")
+if field_tag(pb.ComputeChunkedResponse, "data") != DATA_TAG:  # one parser serves both directions
+    raise ImportError(
+        "ComputeChunkedRequest.data and ComputeChunkedResponse.data must share a number"
+    )
+STREAM_REQUEST_TAG = field_tag(pb.ComputeStreamRequest, "request")
+
+
+def frame(tag: bytes, payload: bytes | memoryview) -> bytes:
+    """A serialized message holding only the field of ``tag`` (one copy, no message object)."""
+    return b"".join((tag, varint(len(payload)), payload))
+
+
+def frame_data(chunk: memoryview) -> bytes:
+    """A serialized chunk message holding only ``data``."""
+    return frame(DATA_TAG, chunk)
+
+
+def chunk_parser(full: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """Deserializer: a data-only chunk becomes a zero-copy memoryview, anything else ``full(data)``."""
+    size = len(DATA_TAG)
+
+    def parse(data: bytes) -> Any:
+        if data[:size] == DATA_TAG:
+            parsed = _read_varint(data, size)
+            if parsed is not None and parsed[0] + parsed[1] == len(data):
+                return memoryview(data)[parsed[1] :]
+        return full(data)
+
+    return parse
+
+
+def iter_frames(tensors: Sequence[tuple[str, Any]], chunk_bytes: int) -> Iterator[bytes]:
+    """The data messages for ``tensors`` (flat CPU uint8), concatenated, ``chunk_bytes`` each."""
+    for _, flat in tensors:
+        view = memoryview(flat.numpy())
+        for start in range(0, len(view), chunk_bytes):
+            yield frame_data(view[start : start + chunk_bytes])
+
+
+def refs(tensors: Sequence[tuple[str, Any]]) -> list[pb.ChunkedTensor]:
+    return [pb.ChunkedTensor(path=path, size_bytes=flat.numel()) for path, flat in tensors]
