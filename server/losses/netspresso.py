@@ -200,6 +200,7 @@ NETSPRESSO_CRITERIA = (
     "retinanet_loss",
     "pidnet_loss",
     "detr_loss",
+    "rtmcc_loss",
 )
 
 # The trainer passes its epoch counter to every criterion, and all of them swallow it through
