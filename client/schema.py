@@ -6,8 +6,9 @@ value, the dtypes, the symbolic shape and the relations to the values checked be
 same call:
 
 - ``shape=("N", "C")``: names bind to the same length in every input of one call, integers
-  must match exactly, ``"*"`` matches any number of dimensions and ``"*d"`` does too, but binds
-  them, so that ``("N", "C", "*d")`` and ``("N", "*d")`` share their trailing dimensions;
+  must match exactly, ``"?"`` is any one dimension, ``"*"`` matches any number of dimensions
+  and ``"*d"`` does too, but binds them, so that ``("N", "C", "*d")`` and ``("N", "*d")`` share
+  their trailing dimensions;
 - ``same_shape``, ``broadcast_to`` (broadcasts to that shape without growing it),
   ``broadcasts_with`` and ``same_dtype`` name an earlier value by its declared path (``"pred"``,
   ``"out.pred"``); ``shapes`` asks an earlier value for a shape (the index form of a focal
@@ -336,6 +337,8 @@ def match_shape(
             if size != sym:
                 return None
             continue
+        if sym == "?":
+            continue
         if sym in known:
             if known[sym][0] != size:
                 return None
@@ -446,10 +449,17 @@ def _dim(text: str) -> Dim:
 
 def form_from_message(msg: pb.InputForm) -> Form:
     """The declaration a DescribeLoss answer carries, as the checker takes it."""
+    tensor = (
+        {
+            "dtypes": tuple(codec.dtype_name(d) for d in msg.dtypes),
+            "shape": tuple(map(_dim, msg.shape)),
+        }
+        if msg.kind == "tensor"
+        else {}
+    )
     return Form(
         kind=msg.kind,
-        dtypes=tuple(codec.dtype_name(d) for d in msg.dtypes),
-        shape=tuple(_dim(s) for s in msg.shape),
+        **tensor,
         same_shape=msg.same_shape or None,
         broadcast_to=msg.broadcast_to or None,
         broadcasts_with=msg.broadcasts_with or None,

@@ -40,7 +40,7 @@ def _param_text(p: Param) -> str:
 def form_text(form: Form) -> str:
     """A form in one short phrase: its symbolic shape, or the layout of a container."""
     if form.kind == "tensor":
-        return shape_text(form.shape)
+        return f"{form.same_shape}'s shape" if form.same_shape else shape_text(form.shape)
     if form.kind == "dict":
         return "{" + ", ".join(f"{k}: {schema_text(s)}" for k, s in form.keys) + "}"
     if form.kind in ("list", "tuple"):
@@ -51,7 +51,7 @@ def form_text(form: Form) -> str:
 
 
 def schema_text(schema: Schema) -> str:
-    return " | ".join(form_text(f) for f in schema) if schema else "any"
+    return " | ".join(dict.fromkeys(form_text(f) for f in schema)) if schema else "any"
 
 
 def _input_text(i: Input) -> str:

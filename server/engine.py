@@ -198,10 +198,13 @@ def bind_inputs(
     args: list[Any],
     kwargs: dict[str, Any],
     params: Mapping[str, Any] | None = None,
+    *,
+    by_name: bool = False,
 ) -> dict[str, Any]:
     """Match a call's positional and keyword arguments to the declared inputs and check them
     against their declaration, once, before the loss runs (``params``: the canonical
-    constructor parameters, which forms may depend on)."""
+    constructor parameters, which forms may depend on). Errors name the field as the caller
+    sent it (``args[1]``), or by the argument's name with ``by_name`` (a direct Python call)."""
     names = [i.name for i in spec.inputs]
     by_keyword = {i.call_name: i.name for i in spec.inputs}
     if len(args) > len(names):
@@ -226,7 +229,11 @@ def bind_inputs(
         bound[name] = value
     wheres = {
         declared.name: (
-            f"kwargs.{declared.call_name}" if declared.call_name in kwargs else f"args[{index}]"
+            declared.name
+            if by_name
+            else f"kwargs.{declared.call_name}"
+            if declared.call_name in kwargs
+            else f"args[{index}]"
         )
         for index, declared in enumerate(spec.inputs)
     }

@@ -251,9 +251,9 @@ def test_avg_factor_and_loss_weight(name):
 def test_avg_factor_must_be_a_number():
     args, _, _ = example("L1Loss")
     with pytest.raises(InvalidArgument, match="avg_factor"):
-        visdet.l1_loss(*args, None, "7")
+        call("L1Loss", *args, None, "7")  # avg_factor is a declared number: checked by the engine
     with pytest.raises(InvalidArgument, match="avg_factor"):
-        visdet.l1_loss(*args, None, torch.ones(2))
+        call("L1Loss", *args, None, torch.ones(2))
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_smooth_l1_beta_must_be_positive():
     with pytest.raises(InvalidArgument, match="beta"):
         registry.get("SmoothL1Loss").canonical_params({"beta": 0.0})
     with pytest.raises(InvalidArgument, match="beta"):
-        visdet.smooth_l1_loss(PRED, TARGET, beta=-1.0)
+        call("SmoothL1Loss", PRED, TARGET, beta=-1.0)  # a declared range: checked once
 
 
 def test_mse_known_values():
@@ -343,7 +343,7 @@ def test_balanced_l1_degenerate_params():
     with pytest.raises(InvalidArgument, match="gamma"):
         visdet.balanced_l1_loss(PRED, TARGET, gamma=0.0)
     with pytest.raises(InvalidArgument, match="beta"):
-        visdet.balanced_l1_loss(PRED, TARGET, beta=0.0)
+        call("BalancedL1Loss", PRED, TARGET, beta=0.0)  # a declared range: checked once
 
 
 @pytest.mark.parametrize("name", ["L1Loss", "SmoothL1Loss", "MSELoss", "BalancedL1Loss"])
@@ -528,7 +528,7 @@ def test_iou_disjoint_is_clamped_to_eps(eps, expected):
 
 def test_iou_bad_mode():
     with pytest.raises(InvalidArgument, match="mode"):
-        visdet.iou_loss(boxes(UNIT), boxes(UNIT), mode="cubic")
+        call("IoULoss", boxes(UNIT), boxes(UNIT), mode="cubic")  # a declared choice
 
 
 @pytest.mark.parametrize("name", ["IoULoss", "GIoULoss"])
@@ -904,7 +904,7 @@ def test_focal_index_out_of_range(bad):
 
 def test_focal_rejects_use_sigmoid_false_and_bad_targets():
     with pytest.raises(InvalidArgument, match="use_sigmoid"):
-        visdet.focal_loss(LOGITS, FOCAL_LABELS, use_sigmoid=False)
+        call("FocalLoss", LOGITS, FOCAL_LABELS, use_sigmoid=False)  # a declared choice
     with pytest.raises(InvalidArgument):
         registry.get("FocalLoss").canonical_params({"use_sigmoid": False})
     with pytest.raises(InvalidArgument, match="target"):
@@ -991,7 +991,7 @@ def test_qfl_bad_targets():
     with pytest.raises(InvalidArgument, match="target"):
         call("QualityFocalLoss", LOGITS, torch.zeros(4, 2, dtype=F64))
     with pytest.raises(InvalidArgument, match="use_sigmoid"):
-        visdet.quality_focal_loss(LOGITS, (QFL_LABELS, QFL_SCORES), use_sigmoid=False)
+        call("QualityFocalLoss", LOGITS, (QFL_LABELS, QFL_SCORES), use_sigmoid=False)
 
 
 # ------------------------------------------------------------------------------------------

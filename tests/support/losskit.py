@@ -11,6 +11,7 @@ import torch
 import lossd.server.losses  # noqa: F401  (registers every spec)
 from lossd.client.wire.codec import call_tensors, join_key
 from lossd.server import registry
+from lossd.server.engine import bind_inputs
 from lossd.server.registry import LossOutput, LossSpec
 from tests.support.golden import GOLDEN_TOL, get_path, golden_region, load_golden
 
@@ -28,9 +29,12 @@ def gen(seed: int) -> torch.Generator:
 
 
 def call(name: str, *args, **params):
-    """Call through the registry, with its parameter canonicalisation (as the server does)."""
+    """Call through the registry as the engine does: parameters canonicalised, the arguments
+    checked against their declaration (errors name them as the loss does: ``target``)."""
     spec = registry.get(name)
-    return spec.fn(*args, **spec.canonical_params(params))
+    canonical = spec.canonical_params(params)
+    bound = bind_inputs(spec, list(args), {}, canonical, by_name=True)
+    return spec.fn(*(bound.get(i.name) for i in spec.inputs[: len(args)]), **canonical)
 
 
 def differentiable_paths(spec: LossSpec, args: Any, kwargs: dict) -> list[str]:

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._reduction import REDUCTIONS, check_reduction, weight_reduce_loss
+from ..._reduction import REDUCTIONS, weight_reduce_loss
 from ...errors import InvalidArgument
 from ...registry import FLOAT_DTYPES, Input, LossOutput, Param
-from .._checks import require_tensor
 
 _UPSTREAM = "visdet@f72e8d1 (BinItAI/visdet HEAD; same as mmdet 3.3.0)"
 _EMPTY_NOTE = "upstream returns NaN: reduction 'mean' of an empty loss tensor (mean of nothing)"
@@ -37,15 +36,9 @@ def _dtype_name(t: Tensor) -> str:
 
 
 def _call_reduction(reduction: str, reduction_override: str | None) -> str:
-    """The reduction of this call: a given ``reduction_override`` replaces the constructor's."""
-    check_reduction(reduction, "params.reduction")
-    if reduction_override is None:
-        return reduction
-    if reduction_override not in REDUCTIONS:
-        raise InvalidArgument.expected(
-            "reduction_override", "None or one of 'none', 'mean', 'sum'", repr(reduction_override)
-        )
-    return reduction_override
+    """The reduction of this call: a given ``reduction_override`` replaces the constructor's
+    (both are declared choices, checked before the loss runs)."""
+    return reduction if reduction_override is None else reduction_override
 
 
 def _check_broadcast(
@@ -60,15 +53,6 @@ def _check_broadcast(
             f"a shape that broadcasts against {against} of shape {list(shape)}",
             f"shape {list(other.shape)}",
         ) from None
-
-
-def _optional_weight(weight: Any, field: str = "weight") -> Tensor | None:
-    if weight is None:
-        return None
-    weight = require_tensor(weight, field)
-    if weight.dtype.is_complex or weight.dtype == torch.bool:
-        raise InvalidArgument.expected(field, "a real-valued tensor", _dtype_name(weight))
-    return weight
 
 
 def _optional_avg_factor(avg_factor: Any) -> float | Tensor | None:
@@ -131,12 +115,6 @@ def _probabilities(t: Tensor, field: str) -> None:
         raise InvalidArgument.expected(
             field, "probabilities in [0, 1] (activated=True)", "values outside [0, 1]"
         )
-
-
-def _regression_inputs(pred: Any, target: Any, weight: Any, avg_factor: Any):
-    pred = require_tensor(pred, "pred", floating=True)
-    target = require_tensor(target, "target", floating=True)
-    return pred, target, _optional_weight(weight), _optional_avg_factor(avg_factor)
 
 
 _REDUCTION = Param(

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ...errors import InvalidArgument
 from ...registry import Input, LossOutput, LossSpec, Param
 from ._mmdet import (
     _LOSS_WEIGHT,
@@ -15,7 +12,6 @@ from ._mmdet import (
     _UPSTREAM,
     _call_reduction,
     _gen,
-    _regression_inputs,
     _same_shape,
     _tail_inputs,
     _weighted_reduce,
@@ -51,16 +47,6 @@ def _aligned_overlaps(boxes1: Tensor, boxes2: Tensor, mode: str, eps: float) -> 
     ).clamp(min=0)
     enclose_area = torch.max(enclose_wh[..., 0] * enclose_wh[..., 1], eps_t)
     return ious - (enclose_area - union) / enclose_area
-
-
-def _box_inputs(pred: Any, target: Any, weight: Any, avg_factor: Any):
-    pred, target, weight, avg_factor = _regression_inputs(pred, target, weight, avg_factor)
-    if pred.dim() < 2 or pred.size(-1) != 4:
-        raise InvalidArgument.expected(
-            "pred", "x1y1x2y2 boxes of shape (N, 4)", f"shape {list(pred.shape)}"
-        )
-    _same_shape(pred, target)
-    return pred, target, weight, avg_factor
 
 
 def _box_weight(weight: Tensor | None, pred: Tensor) -> Tensor | None:
@@ -130,10 +116,6 @@ def iou_loss(
         ``visdet.models.losses.IoULoss`` (visdet f72e8d1 = mmdet 3.3.0); Yu et al., "UnitBox",
         ACM MM 2016.
     """
-    if mode not in _IOU_MODES:
-        raise InvalidArgument.expected(
-            "params.mode", "one of 'linear', 'square', 'log'", repr(mode)
-        )
     notes = []
     if linear:
         mode = "linear"
@@ -141,7 +123,6 @@ def iou_loss(
             "upstream DeprecationWarning: linear=True is deprecated, use mode='linear' (mode is now 'linear')"
         )
     reduction = _call_reduction(reduction, reduction_override)
-    pred, target, weight, avg_factor = _box_inputs(pred, target, weight, avg_factor)
     if reduction != "none":
         shortcut = _zero_weight_shortcut(pred, weight)
         if shortcut is not None:
@@ -188,7 +169,6 @@ def giou_loss(
         "Generalized Intersection over Union", CVPR 2019.
     """
     reduction = _call_reduction(reduction, reduction_override)
-    pred, target, weight, avg_factor = _box_inputs(pred, target, weight, avg_factor)
     shortcut = _zero_weight_shortcut(pred, weight)
     if shortcut is not None:
         return shortcut
@@ -208,6 +188,10 @@ def _example_boxes(dtype):
     return (_boxes(6, gen, dtype), _boxes(6, gen, dtype)), {}, {}
 
 
+_BOX_INPUTS = (
+    Input("pred", shape=("N", "*", 4), differentiable=True, doc="(N, 4) boxes, x1y1x2y2 absolute"),
+    Input("target", same_shape="pred", differentiable=True, doc="(N, 4) boxes aligned with pred"),
+)
 _BOX_WEIGHT_DOC = "(N,) per-box weight, or (N, 4) averaged over the last dim"
 
 SPECS = (
@@ -217,12 +201,7 @@ SPECS = (
         families=("visdet",),
         summary="IoU loss of aligned x1y1x2y2 boxes: 1 - IoU, 1 - IoU^2 or -ln IoU.",
         inputs=(
-            Input(
-                "pred", shape=("*", 4), differentiable=True, doc="(N, 4) boxes, x1y1x2y2 absolute"
-            ),
-            Input(
-                "target", shape=("*", 4), differentiable=True, doc="(N, 4) boxes aligned with pred"
-            ),
+            *_BOX_INPUTS,
             *_tail_inputs(_BOX_WEIGHT_DOC),
         ),
         params=(
@@ -242,12 +221,7 @@ SPECS = (
         families=("visdet",),
         summary="Generalized IoU loss 1 - GIoU of aligned x1y1x2y2 boxes.",
         inputs=(
-            Input(
-                "pred", shape=("*", 4), differentiable=True, doc="(N, 4) boxes, x1y1x2y2 absolute"
-            ),
-            Input(
-                "target", shape=("*", 4), differentiable=True, doc="(N, 4) boxes aligned with pred"
-            ),
+            *_BOX_INPUTS,
             *_tail_inputs(_BOX_WEIGHT_DOC),
         ),
         params=(

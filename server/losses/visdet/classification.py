@@ -10,8 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import InvalidArgument
-from ...registry import FLOAT_DTYPES, INDEX_DTYPES, Input, LossOutput, LossSpec, Param
-from .._checks import check_class_indices, require_tensor
+from ...registry import (
+    ANY_DTYPES,
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    INT_DTYPES,
+    Form,
+    Input,
+    LossOutput,
+    LossSpec,
+    Param,
+)
 from ._mmdet import (
     _LOSS_WEIGHT,
     _REDUCTION,
@@ -20,10 +29,7 @@ from ._mmdet import (
     _check_broadcast,
     _dtype_name,
     _gen,
-    _optional_avg_factor,
-    _optional_weight,
     _probabilities,
-    _same_shape,
     _tail_inputs,
     _weighted_reduce,
 )
@@ -34,31 +40,9 @@ from ._mmdet import (
 def _softmax_ce(
     pred, label, weight, reduction, avg_factor, class_weight, ignore_index, avg_non_ignore
 ):
-    if pred.dim() < 2:
-        raise InvalidArgument.expected(
-            "cls_score", "logits of shape (N, C, *)", f"shape {list(pred.shape)}"
-        )
+    # Shapes, dtypes and class indices are declared (_CE_LABEL); probability labels follow torch
+    # (ignore_index does not apply to them).
     num_classes = pred.size(1)
-    if label.is_floating_point():
-        # Class probabilities: torch semantics, ignore_index does not apply.
-        _same_shape(pred, label, "label", "cls_score's, for probability labels")
-        if label.dtype != pred.dtype:
-            raise InvalidArgument.expected(
-                "label",
-                f"dtype {_dtype_name(pred)} (cls_score's) for probability labels",
-                _dtype_name(label),
-            )
-    else:
-        if label.dtype != torch.int64:
-            raise InvalidArgument.expected(
-                "label", "int64 class indices (or float class probabilities)", _dtype_name(label)
-            )
-        expected = [pred.size(0), *pred.shape[2:]]
-        if list(label.shape) != expected:
-            raise InvalidArgument.expected(
-                "label", f"class indices of shape {expected}", f"shape {list(label.shape)}"
-            )
-        check_class_indices(label, num_classes, "label", ignore_index=ignore_index)
     if class_weight is not None and class_weight.numel() != num_classes:
         raise InvalidArgument.expected(
             "params.class_weight",
@@ -81,18 +65,6 @@ def _sigmoid_ce(
     if pred.dim() != label.dim():
         # Index labels -> one-hot over the C channels: index >= C is background (an all-zero
         # row); negative or ignore_index labels get weight 0.
-        if pred.dim() != 2 or label.dim() != 1 or label.size(0) != pred.size(0):
-            raise InvalidArgument.expected(
-                "label",
-                f"index labels of shape [{pred.size(0) if pred.dim() else 'N'}] with cls_score (N, C), or a label of cls_score's shape",
-                f"shape {list(label.shape)} with cls_score of shape {list(pred.shape)}",
-            )
-        if label.is_floating_point():
-            raise InvalidArgument.expected(
-                "label",
-                "int64 class indices (or a 0/1 label of cls_score's shape)",
-                _dtype_name(label),
-            )
         num, channels = pred.shape
         valid = (label >= 0) & (label != ignore_index)
         onehot_index = torch.where(
@@ -112,7 +84,6 @@ def _sigmoid_ce(
             weight = weight.reshape(-1, 1).repeat(1, channels) * valid_mask
         label = bin_labels
     else:
-        _same_shape(pred, label, "label", "cls_score's")
         valid_mask = ((label >= 0) & (label != ignore_index)).float()
         if weight is None:
             weight = valid_mask
@@ -146,10 +117,6 @@ def _mask_ce(pred, target, label, reduction, avg_factor, class_weight, ignore_in
         raise InvalidArgument.expected(
             "avg_factor", "None (mask cross-entropy does not support it)", avg_factor
         )
-    if pred.dim() < 2:
-        raise InvalidArgument.expected(
-            "cls_score", "mask logits of shape (R, C, *)", f"shape {list(pred.shape)}"
-        )
     if label is None:
         raise InvalidArgument.expected(
             "weight",
@@ -172,10 +139,6 @@ def _mask_ce(pred, target, label, reduction, avg_factor, class_weight, ignore_in
                 f"ROI class labels in [-{num_classes}, {num_classes - 1}]",
                 f"index {hi if hi >= num_classes else lo}",
             )
-    if not target.is_floating_point():
-        raise InvalidArgument.expected(
-            "label", "float mask targets (R, *) (use_mask=True)", _dtype_name(target)
-        )
     rois = torch.arange(pred.size(0), dtype=torch.long, device=pred.device)
     pred_slice = pred[rois, label].squeeze(1)
     if target.shape != pred_slice.shape:
@@ -259,14 +222,10 @@ def cross_entropy_loss(
     reduction = _call_reduction(reduction, reduction_override)
     if ignore_index_override is not None:
         ignore_index = ignore_index_override
-    pred = require_tensor(cls_score, "cls_score", floating=True)
-    label = require_tensor(label, "label")
-    avg_factor = _optional_avg_factor(avg_factor)
+    pred = cls_score
     cw = pred.new_tensor(class_weight) if class_weight is not None else None
     if use_mask:
-        weight = require_tensor(weight, "weight") if weight is not None else None
         return loss_weight * _mask_ce(pred, label, weight, reduction, avg_factor, cw, ignore_index)
-    weight = _optional_weight(weight)
     index = -100 if ignore_index is None else ignore_index
     criterion = _sigmoid_ce if use_sigmoid else _softmax_ce
     loss, weight, avg_factor = criterion(
@@ -353,40 +312,14 @@ def focal_loss(
         mmdet 3.3.0 and accepts all three forms (index targets give the same numbers in both).
         Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
     """
-    if use_sigmoid is not True:
-        raise InvalidArgument.expected(
-            "params.use_sigmoid", "True (only the sigmoid focal loss exists upstream)", use_sigmoid
-        )
+    # The target's forms (index into C with C = background, or pred's shape), probabilities
+    # with activated=True, and use_sigmoid=True are declared.
     reduction = _call_reduction(reduction, reduction_override)
-    pred = require_tensor(pred, "pred", floating=True)
-    target = require_tensor(target, "target")
-    weight, avg_factor = _optional_weight(weight), _optional_avg_factor(avg_factor)
-    if pred.dim() == 0:
-        raise InvalidArgument.expected("pred", "logits of shape (N, C)", "a 0-d tensor")
-    if pred.dim() == target.dim():
-        _same_shape(pred, target)  # one-hot or soft target
-    else:
-        if (
-            pred.dim() != 2
-            or target.dim() != 1
-            or target.size(0) != pred.size(0)
-            or target.dtype != torch.int64
-        ):
-            raise InvalidArgument.expected(
-                "target",
-                f"int64 class indices of shape [{pred.size(0)}] for pred (N, C), or a float target of pred's shape",
-                f"{_dtype_name(target)} of shape {list(target.shape)} with pred of shape {list(pred.shape)}",
-            )
+    if pred.dim() != target.dim():
         num_classes = pred.size(1)
-        check_class_indices(target, num_classes, "target", allow_background=True)
         target = F.one_hot(target, num_classes + 1)[:, :num_classes]
     target = target.type_as(pred)
-    if activated:
-        _probabilities(pred, "pred")
-        _probabilities(target, "target")
-        prob = pred
-    else:
-        prob = pred.sigmoid()
+    prob = pred if activated else pred.sigmoid()
     # `pt` is 1 - p_t of the paper: the probability given to the wrong outcome.
     pt = (1 - prob) * target + prob * (1 - target)
     focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
@@ -400,32 +333,8 @@ def focal_loss(
 
 
 def _qfl_pair(pred: Tensor, target: Sequence[Any], beta: float, activated: bool) -> Tensor:
-    if len(target) != 2:
-        raise InvalidArgument.expected(
-            "target",
-            "a (labels, scores) pair or a dense tensor",
-            f"a sequence of {len(target)} items",
-        )
-    label = require_tensor(target[0], "target[0]")
-    score = require_tensor(target[1], "target[1]", floating=True)
-    if pred.dim() != 2:
-        raise InvalidArgument.expected(
-            "pred",
-            "logits of shape (N, C) for a (labels, scores) target",
-            f"shape {list(pred.shape)}",
-        )
-    if label.dtype == torch.bool or label.dtype.is_complex:
-        raise InvalidArgument.expected("target[0]", "integer class labels", _dtype_name(label))
-    if list(label.shape) != [pred.size(0)]:
-        raise InvalidArgument.expected(
-            "target[0]", f"labels of shape [{pred.size(0)}]", f"shape {list(label.shape)}"
-        )
-    if list(score.shape) != [pred.size(0)]:
-        raise InvalidArgument.expected(
-            "target[1]", f"quality scores of shape [{pred.size(0)}]", f"shape {list(score.shape)}"
-        )
+    label, score = target  # declared: (N,) integer labels, (N,) float scores, pred (N, C)
     if activated:
-        _probabilities(pred, "pred")
         prob, bce = pred, F.binary_cross_entropy
     else:
         prob, bce = pred.sigmoid(), F.binary_cross_entropy_with_logits
@@ -436,13 +345,8 @@ def _qfl_pair(pred: Tensor, target: Sequence[Any], beta: float, activated: bool)
     pos_label = label[pos].long()
     pos_score = score[pos]
     if activated:
+        # Only the positives' scores reach BCE, which refuses values outside [0, 1].
         _probabilities(pos_score, "target[1]")
-        if pos_score.dtype != pred.dtype:
-            raise InvalidArgument.expected(
-                "target[1]",
-                f"dtype {_dtype_name(pred)} (pred's, activated=True)",
-                _dtype_name(pos_score),
-            )
     scale = pos_score - prob[pos, pos_label]
     pos_loss = bce(pred[pos, pos_label], pos_score, reduction="none") * scale.abs().pow(beta)
     if pos_loss.dtype != loss.dtype:
@@ -456,19 +360,11 @@ def _qfl_pair(pred: Tensor, target: Sequence[Any], beta: float, activated: bool)
 
 
 def _qfl_dense(pred: Tensor, target: Tensor, beta: float, activated: bool) -> Tensor:
-    if pred.dim() < 2:
-        raise InvalidArgument.expected(
-            "pred", "logits of shape (N, C, *)", f"shape {list(pred.shape)}"
-        )
-    _same_shape(pred, target)
     if activated:
-        _probabilities(pred, "pred")
         prob, bce = pred, F.binary_cross_entropy
     else:
         prob, bce = pred.sigmoid(), F.binary_cross_entropy_with_logits
     target = target.type(pred.dtype)
-    if activated:
-        _probabilities(target, "target")
     loss = bce(pred, prob.new_zeros(pred.shape), reduction="none") * prob.pow(beta)
     pos = target != 0
     scale = target[pos] - prob[pos]
@@ -516,21 +412,9 @@ def quality_focal_loss(
         pair target and rejects ``activated``; lossd follows mmdet 3.3.0 (same numbers for the
         pair target). Li et al., "Generalized Focal Loss", NeurIPS 2020.
     """
-    if use_sigmoid is not True:
-        raise InvalidArgument.expected(
-            "params.use_sigmoid", "True (only the sigmoid QFL exists upstream)", use_sigmoid
-        )
     reduction = _call_reduction(reduction, reduction_override)
-    pred = require_tensor(pred, "pred", floating=True)
-    weight, avg_factor = _optional_weight(weight), _optional_avg_factor(avg_factor)
-    if isinstance(target, Tensor):
-        loss = _qfl_dense(pred, target, beta, activated)
-    elif isinstance(target, (tuple, list)):
-        loss = _qfl_pair(pred, target, beta, activated)
-    else:
-        raise InvalidArgument.expected(
-            "target", "a (labels, scores) pair or a dense tensor", type(target).__name__
-        )
+    qfl = _qfl_dense if isinstance(target, Tensor) else _qfl_pair  # the two declared forms
+    loss = qfl(pred, target, beta, activated)
     return _weighted_reduce(loss, weight, reduction, avg_factor, loss_weight)
 
 
@@ -567,18 +451,6 @@ def distribution_focal_loss(
         Li et al., "Generalized Focal Loss", NeurIPS 2020.
     """
     reduction = _call_reduction(reduction, reduction_override)
-    pred = require_tensor(pred, "pred", floating=True)
-    target = require_tensor(target, "target")
-    weight, avg_factor = _optional_weight(weight), _optional_avg_factor(avg_factor)
-    if pred.dim() < 2:
-        raise InvalidArgument.expected(
-            "pred", "logits of shape (N, n + 1)", f"shape {list(pred.shape)}"
-        )
-    expected = [pred.size(0), *pred.shape[2:]]
-    if list(target.shape) != expected:
-        raise InvalidArgument.expected("target", f"shape {expected}", f"shape {list(target.shape)}")
-    if target.dtype == torch.bool or target.dtype.is_complex:
-        raise InvalidArgument.expected("target", "real distances", _dtype_name(target))
     top = pred.size(1) - 1
     if target.numel() and not bool(((target >= 0) & (target < top)).all()):
         bad = target[~((target >= 0) & (target < top))][0].item()
@@ -625,6 +497,119 @@ def _example_dfl(dtype):
     return (torch.randn(6, 8, generator=gen).to(dtype), target), {}, {}
 
 
+# --------------------------------------------------------------------------------------------
+# Declared inputs
+# --------------------------------------------------------------------------------------------
+
+_SOFTMAX = (("use_sigmoid", False), ("use_mask", False))
+_SIGMOID = (("use_sigmoid", True), ("use_mask", False))
+_MASK = (("use_sigmoid", False), ("use_mask", True))
+_CE_SCORE = (
+    Form(shape=("N", "C", "*d"), when=_SOFTMAX, label="logits (N, C, *)"),
+    Form(
+        shape=("N", "*"), when=_SIGMOID, label="logits (N, C) or any shape with a same-shape label"
+    ),
+    Form(shape=("R", "C", "*"), when=_MASK, label="mask logits (R, C, *)"),
+)
+_CE_LABEL = (
+    Form(
+        dtypes=INDEX_DTYPES,
+        shape=("N", "*d"),
+        index_of="C",
+        index_ignore=("ignore_index_override", "ignore_index", -100),
+        when=_SOFTMAX,
+        label="int64 class indices (N, *) of cls_score (N, C, *)",
+    ),
+    Form(
+        same_shape="cls_score",
+        same_dtype="cls_score",
+        when=_SOFTMAX,
+        label="float class probabilities of cls_score's shape and dtype",
+    ),
+    Form(
+        dtypes=INT_DTYPES,
+        shape=("N",),
+        shapes=(("cls_score", ("N", "C")),),
+        when=_SIGMOID,
+        label="integer labels (N,) for cls_score (N, C), C or more = background",
+    ),
+    Form(
+        dtypes=ANY_DTYPES,
+        same_shape="cls_score",
+        when=_SIGMOID,
+        label="a 0/1 label of cls_score's shape",
+    ),
+    Form(when=_MASK, label="float mask targets (R, *) (use_mask=True)"),
+)
+_ACTIVATED = (("activated", True),)
+_LOGITS = (("activated", False),)
+_FOCAL_PRED = (
+    Form(shape=("N", "*"), when=_LOGITS, label="logits (N, C)"),
+    Form(
+        shape=("N", "*"), values=(0.0, 1.0), when=_ACTIVATED, label="probabilities (activated=True)"
+    ),
+)
+_FOCAL_TARGET = (
+    Form(
+        dtypes=INDEX_DTYPES,
+        shape=("N",),
+        shapes=(("pred", ("N", "C")),),
+        index_of="C",
+        index_background=True,
+        label="int64 class indices (N,) in [0, C] for pred (N, C)",
+    ),
+    Form(
+        dtypes=(*INDEX_DTYPES, *FLOAT_DTYPES),
+        same_shape="pred",
+        when=_LOGITS,
+        label="a one-hot/soft target of pred's shape",
+    ),
+    Form(
+        dtypes=(*INDEX_DTYPES, *FLOAT_DTYPES),
+        same_shape="pred",
+        values=(0.0, 1.0),
+        when=_ACTIVATED,
+        label="a one-hot/soft target of pred's shape, in [0, 1] (activated=True)",
+    ),
+)
+_QFL_SCORES = (
+    Form(shape=("N",), when=_LOGITS, label="quality scores (N,)"),
+    Form(
+        shape=("N",),
+        same_dtype="pred",
+        when=_ACTIVATED,
+        label="quality scores (N,) of pred's dtype (activated=True)",
+    ),
+)
+_QFL_TARGET = (
+    Form(
+        kind="tuple",
+        items=(
+            Form(
+                dtypes=INT_DTYPES,
+                shape=("N",),
+                shapes=(("pred", ("N", "C")),),
+                label="labels (N,) for pred (N, C)",
+            ),
+            _QFL_SCORES,
+        ),
+        label="a (labels, scores) pair",
+    ),
+    Form(
+        shapes=(("pred", ("N", "C", "*")),),
+        same_shape="pred",
+        when=_LOGITS,
+        label="a dense target of pred's shape",
+    ),
+    Form(
+        shapes=(("pred", ("N", "C", "*")),),
+        same_shape="pred",
+        values=(0.0, 1.0),
+        when=_ACTIVATED,
+        label="a dense target of pred's shape, in [0, 1] (activated=True)",
+    ),
+)
+
 SPECS = (
     LossSpec(
         name="CrossEntropyLoss",
@@ -634,14 +619,13 @@ SPECS = (
         inputs=(
             Input(
                 "cls_score",
-                shape=("N", "*"),
+                forms=_CE_SCORE,
                 differentiable=True,
                 doc="logits (N, C[, *]); mask mode (R, C, *)",
             ),
             Input(
                 "label",
-                dtypes=(*INDEX_DTYPES, *FLOAT_DTYPES),
-                shape=("N", "*"),
+                forms=_CE_LABEL,
                 differentiable=True,
                 doc="softmax: (N,) int64 indices in [0, C) or ignore_index; sigmoid: (N,) int64 with C = background, "
                 "or a 0/1 label of cls_score's shape; mask: (R, *) float mask targets",
@@ -684,14 +668,13 @@ SPECS = (
         inputs=(
             Input(
                 "pred",
-                shape=("N", "*"),
+                forms=_FOCAL_PRED,
                 differentiable=True,
                 doc="(N, C) logits (probabilities if activated)",
             ),
             Input(
                 "target",
-                dtypes=(*INDEX_DTYPES, *FLOAT_DTYPES),
-                shape=("N", "*"),
+                forms=_FOCAL_TARGET,
                 differentiable=True,
                 doc="(N,) int64 class indices in [0, C] (C = background) or a one-hot/soft float target of pred's shape",
             ),
@@ -724,13 +707,14 @@ SPECS = (
         inputs=(
             Input(
                 "pred",
-                shape=("N", "*"),
+                forms=_FOCAL_PRED,
                 differentiable=True,
                 doc="(N, C) logits (probabilities if activated)",
             ),
             Input(
                 "target",
                 kind="structure",
+                forms=_QFL_TARGET,
                 differentiable=True,
                 doc="(labels (N,) int64 with C = background, scores (N,) float) pair, or a dense (N, C) float target; "
                 "scores get a gradient",
@@ -757,14 +741,14 @@ SPECS = (
         inputs=(
             Input(
                 "pred",
-                shape=("N", "*"),
+                shape=("N", "B", "*d"),
                 differentiable=True,
                 doc="(N, n + 1) logits over bins 0..n",
             ),
             Input(
                 "target",
                 dtypes=(*FLOAT_DTYPES, *INDEX_DTYPES),
-                shape=("N", "*"),
+                shape=("N", "*d"),
                 differentiable=True,
                 doc="(N,) distances in bin units, 0 <= y < n",
             ),

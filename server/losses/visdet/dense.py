@@ -17,17 +17,13 @@ from torch import Tensor
 from ..._reduction import REDUCTIONS
 from ...errors import InvalidArgument
 from ...registry import ANY_DTYPES, Input, LossOutput, LossSpec, Param
-from .._checks import require_tensor
 from ._mmdet import (
     _LOSS_WEIGHT,
     _REDUCTION,
     _UPSTREAM,
     _call_reduction,
-    _check_broadcast,
-    _dtype_name,
     _gen,
     _optional_avg_factor,
-    _optional_weight,
     _weighted_reduce,
 )
 
@@ -102,10 +98,7 @@ def gaussian_focal_loss(
         ECCV 2018; Zhou et al., "Objects as Points", arXiv:1904.07850.
     """
     reduction = _call_reduction(reduction, reduction_override)
-    pred = require_tensor(pred, "pred", floating=True)
-    target = require_tensor(target, "target", floating=True)
-    weight, avg_factor = _optional_weight(weight), _optional_avg_factor(avg_factor)
-    _check_broadcast(pred.shape, target, "target", "pred")
+    avg_factor = _optional_avg_factor(avg_factor)
     positive = target.eq(1)
     negative_weight = (1 - target).pow(gamma)
     pos_loss = -(pred + GAUSSIAN_FOCAL_EPS).log() * (1 - pred).pow(alpha) * positive
@@ -123,15 +116,8 @@ def gaussian_focal_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def _dice_inputs(pred: Any, target: Any) -> tuple[Tensor, Tensor]:
-    pred = require_tensor(pred, "pred", floating=True)
-    target = require_tensor(target, "target")
-    if target.dtype.is_complex:
-        raise InvalidArgument.expected("target", "a real-valued mask", _dtype_name(target))
-    for t, field in ((pred, "pred"), (target, "target")):
-        if t.dim() < 2:
-            # upstream flattens from dim 1: a 0-d or 1-d tensor has none.
-            raise InvalidArgument.expected(field, "masks of shape (n, *)", f"shape {list(t.shape)}")
+def _dice_inputs(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    # Declared: both have a dim 1 to flatten from (upstream flattens from it).
     flat_pred, flat_target = pred.flatten(1).shape, target.flatten(1).shape
     try:
         torch.broadcast_shapes(flat_pred, flat_target)
@@ -191,10 +177,6 @@ def dice_loss(
     Reference:
         ``visdet.models.losses.DiceLoss`` (visdet f72e8d1). Milletari et al., "V-Net", 3DV 2016.
     """
-    if reduction_override is not None and reduction_override not in REDUCTIONS:
-        raise InvalidArgument.expected(
-            "reduction_override", "None or one of 'none', 'mean', 'sum'", repr(reduction_override)
-        )
     reduction = _call_reduction(reduction, reduction_override)
     if activate and not use_sigmoid:
         raise InvalidArgument.expected(
@@ -203,7 +185,7 @@ def dice_loss(
             use_sigmoid,
         )
     pred, target = _dice_inputs(pred, target)
-    weight, avg_factor = _optional_weight(weight), _optional_avg_factor(avg_factor)
+    avg_factor = _optional_avg_factor(avg_factor)
     if activate:
         pred = pred.sigmoid()
     flat = pred.flatten(1)
@@ -213,18 +195,7 @@ def dice_loss(
         dice = (2 * a + eps) / (torch.sum(flat, 1) + torch.sum(mask, 1) + eps)
     else:
         dice = (2 * a) / ((torch.sum(flat * flat, 1) + eps) + (torch.sum(mask * mask, 1) + eps))
-    loss = 1 - dice
-    if weight is not None:
-        if weight.dim() != loss.dim():
-            raise InvalidArgument.expected(
-                "weight",
-                f"a 1-d per-mask weight (the loss is {list(loss.shape)})",
-                list(weight.shape),
-            )
-        if len(weight) != len(pred):
-            raise InvalidArgument.expected(
-                "weight", f"{len(pred)} values (one per mask of pred)", list(weight.shape)
-            )
+    loss = 1 - dice  # (n,), as the declared (n,) weight
     return _weighted_reduce(loss, weight, reduction, avg_factor, loss_weight)
 
 
@@ -270,6 +241,7 @@ SPECS = (
             Input("pred", differentiable=True, doc="(B, C, H, W) probabilities (sigmoid heat-map)"),
             Input(
                 "target",
+                broadcasts_with="pred",
                 differentiable=True,
                 doc="(B, C, H, W) gaussian heat-map, exactly 1 at object centres",
             ),
@@ -296,10 +268,11 @@ SPECS = (
         summary="Dice loss per mask (V-Net squared or naive denominators), sigmoid-activated; "
         "forward (pred, target, weight, reduction_override, avg_factor).",
         inputs=(
-            Input("pred", shape=("n", "*"), differentiable=True, doc="(n, *) mask logits"),
+            Input("pred", shape=("n", "?", "*"), differentiable=True, doc="(n, *) mask logits"),
             Input(
                 "target",
                 dtypes=ANY_DTYPES,
+                shape=("?", "?", "*"),
                 differentiable=True,
                 doc="(n, *) masks, cast to float32 (float targets get a gradient)",
             ),

@@ -15,9 +15,7 @@ from ._mmdet import (
     _REDUCTION,
     _UPSTREAM,
     _call_reduction,
-    _check_broadcast,
     _gen,
-    _regression_inputs,
     _same_shape,
     _tail_inputs,
     _weighted_reduce,
@@ -65,7 +63,6 @@ def l1_loss(
         ``visdet.models.losses.L1Loss`` (visdet f72e8d1 = mmdet 3.3.0).
     """
     reduction = _call_reduction(reduction, reduction_override)
-    pred, target, weight, avg_factor = _regression_inputs(pred, target, weight, avg_factor)
     shortcut = _zero_weight_shortcut(pred, weight)
     if shortcut is not None:
         return shortcut
@@ -103,10 +100,7 @@ def smooth_l1_loss(
         ``visdet.models.losses.SmoothL1Loss`` (visdet f72e8d1 = mmdet 3.3.0); Girshick,
         "Fast R-CNN", ICCV 2015.
     """
-    if not beta > 0:
-        raise InvalidArgument.expected("params.beta", "a value > 0", beta)
     reduction = _call_reduction(reduction, reduction_override)
-    pred, target, weight, avg_factor = _regression_inputs(pred, target, weight, avg_factor)
     shortcut = _zero_weight_shortcut(pred, weight)
     if shortcut is not None:
         return shortcut
@@ -148,8 +142,6 @@ def mse_loss(
         ``visdet.models.losses.MSELoss`` (visdet f72e8d1 = mmdet 3.3.0).
     """
     reduction = _call_reduction(reduction, reduction_override)
-    pred, target, weight, avg_factor = _regression_inputs(pred, target, weight, avg_factor)
-    _check_broadcast(pred.shape, target, "target", "pred")
     if pred.shape != target.shape:
         # F.mse_loss broadcasts (with a warning); broadcasting first gives the same numbers quietly.
         pred, target = torch.broadcast_tensors(pred, target)
@@ -195,8 +187,6 @@ def balanced_l1_loss(
         ``visdet.models.losses.BalancedL1Loss`` (visdet f72e8d1 = mmdet 3.3.0); Pang et al.,
         "Libra R-CNN", CVPR 2019.
     """
-    if not beta > 0:
-        raise InvalidArgument.expected("params.beta", "a value > 0", beta)
     if alpha == 0:
         raise InvalidArgument.expected(
             "params.alpha", "a non-zero value (b = e^(gamma/alpha) - 1)", alpha
@@ -212,7 +202,6 @@ def balanced_l1_loss(
             "params.gamma", "a non-zero value (b = e^(gamma/alpha) - 1 must not be 0)", gamma
         )
     reduction = _call_reduction(reduction, reduction_override)
-    pred, target, weight, avg_factor = _regression_inputs(pred, target, weight, avg_factor)
 
     def elementwise(p: Tensor, t: Tensor) -> Tensor:
         diff = torch.abs(p - t)
@@ -279,7 +268,12 @@ SPECS = (
         summary="Squared error (pred - target)^2 with MMDetection weighting and reduction.",
         inputs=(
             Input("pred", differentiable=True, doc="float predictions"),
-            Input("target", differentiable=True, doc="float targets broadcastable to pred"),
+            Input(
+                "target",
+                broadcasts_with="pred",
+                differentiable=True,
+                doc="float targets broadcastable with pred",
+            ),
             *_tail_inputs("weight broadcast against the element-wise loss"),
         ),
         params=(_REDUCTION, _LOSS_WEIGHT),
