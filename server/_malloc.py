@@ -24,12 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import SettingError
+from .config import MAX_THRESHOLD_KB, SettingError
 
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
-MAX_THRESHOLD_KB = 32 << 10  # glibc refuses more than HEAP_MAX_SIZE / 2 on 64-bit
 
 
 def _libc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:

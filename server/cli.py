@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Health probes run every few seconds: answer them without importing torch (which
-    # ServerConfig pulls in through the codec).
+    # Health probes run every few seconds: answer them with their own parser, before this one
+    # is built, and without importing torch (they read the settings alone).
     if argv[:1] == ["health"]:
         from .probe import main as health_main
 
@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .probe import token_main
 
         return token_main(argv[1:])
-    from .config import ServerConfig, SettingError
+    from .config import ServerConfig
 
     parser = argparse.ArgumentParser(
         prog="lossd", description="lossd: upstream-exact training losses over gRPC"
@@ -58,15 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from .app import serve
-        from .audit import AuditStoreError
-
-        try:
-            serve(ServerConfig.from_sources(args))
-        except (AuditStoreError, SettingError) as exc:
-            print(f"lossd serve: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        return _serve(args)
     if args.command == "losses":
         from .docs import describe_loss, loss_table
 
@@ -76,6 +68,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lossd: {exc}", file=sys.stderr)
             return 2
         return 0
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``lossd serve``: exit 2 with one line naming a setting the server cannot use."""
+    from .config import ServerConfig, SettingError
+
+    try:
+        config = ServerConfig.from_sources(args)
+    except SettingError as exc:
+        return _refused(exc)
+    from .app import serve  # torch: only once the settings are known to be good
+    from .audit import AuditStoreError
+
+    try:
+        serve(config)
+    except (AuditStoreError, SettingError) as exc:
+        return _refused(exc)
+    return 0
+
+
+def _refused(exc: Exception) -> int:
+    print(f"lossd serve: {exc}", file=sys.stderr)
     return 2
 
 

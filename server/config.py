@@ -1,13 +1,21 @@
-"""Server settings: one frozen object, read once at start-up and passed down.
+"""Server settings: one frozen, validated object, read once at start-up and passed down.
 
-Each setting comes, in increasing priority, from its default, a YAML config file
-(``--config``), an environment variable ``LOSSD_<NAME>`` and a command-line flag ``--<name>``.
+Each setting comes, in increasing priority, from its default, a YAML config file (``--config``
+or ``LOSSD_CONFIG``), an environment variable ``LOSSD_<NAME>`` and a command-line flag
+``--<name>``. Every value, whatever its source, goes through one check: its type, bounds and
+choices, declared beside it below. A value that fails is a ``SettingError`` naming the setting
+and where it came from, which ``lossd serve`` and ``lossd health`` print as one line before
+exiting 2.
+
+This module imports neither torch nor gRPC, so ``lossd health`` reads the same settings in a
+fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,159 +28,163 @@ import yaml
 from lossd.client.wire.limits import DecodeLimits
 
 _MB = 1 << 20
+AUDIT_MODES = ("none", "runs", "all")
+AUDIT_CAPTURE_MODES = ("none", "inputs")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_THRESHOLD_KB = 32 << 10  # glibc refuses more than HEAP_MAX_SIZE / 2 on 64-bit
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class SettingError(ValueError):
     """A setting has a value the server cannot use; ``lossd serve`` prints it and exits 2."""
 
 
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    note: str = "",
+    choices: Sequence[str] = (),
+    pattern: str = "",
+    expected: str = "",
+) -> Any:
+    """A field with its help and its rules: ``min``/``max`` bounds (``note`` says what they
+    mean), ``choices``, or a regular expression ``pattern`` the whole value matches (``expected``
+    says it in words)."""
+    rules = dict(min=min, max=max, note=note, choices=tuple(choices), pattern=pattern)
+    return field(default=default, metadata={"help": help, "expected": expected, **rules})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = field(
-        default="127.0.0.1",
-        metadata={"help": "address to bind; 127.0.0.1 unless you mean to serve a network"},
+    host: str = _setting(
+        "127.0.0.1", "address to bind; 127.0.0.1 unless you mean to serve a network"
     )
-    port: int = field(
-        default=50051, metadata={"help": "port to bind; 0 picks a free one and prints it"}
+    port: int = _setting(50051, "port to bind; 0 picks a free one and prints it", min=0, max=65535)
+    device: str = _setting(
+        "auto",
+        "auto (CUDA when torch sees it), cpu, cuda or cuda:N",
+        pattern=r"auto|cpu|cuda(:\d+)?",
+        expected="auto, cpu, cuda or cuda:N",
     )
-    device: str = field(
-        default="auto", metadata={"help": "auto (CUDA when torch sees it), cpu, cuda or cuda:N"}
+    workers: int = _setting(
+        4,
+        "loss evaluations that run at once (torch releases the GIL in kernels); other admitted calls wait for a slot within their deadline",
+        min=1,
     )
-    workers: int = field(
-        default=4,
-        metadata={
-            "help": "loss evaluations that run at once (torch releases the GIL in kernels); other admitted calls wait for a slot within their deadline"
-        },
+    torch_threads: int = _setting(
+        1,
+        "torch intra-op threads per evaluation (up to --workers run at once); 0 keeps torch's default (one per core), worth it only for one large call at a time on a many-core CPU (bench/RESULTS.md)",
+        min=0,
+        note="(0 keeps torch's default)",
     )
-    torch_threads: int = field(
-        default=1,
-        metadata={
-            "help": "torch intra-op threads per evaluation (up to --workers run at once); 0 keeps torch's default (one per core), worth it only for one large call at a time on a many-core CPU (bench/RESULTS.md)"
-        },
+    trim_memory_idle_s: float = _setting(
+        2.0,
+        "after 64 MiB or more of requests, once no evaluation has finished for this many seconds, return freed memory to the OS (glibc malloc_trim); 0 never (server/_malloc.py)",
+        min=0,
+        note="(0 never trims)",
     )
-    trim_memory_idle_s: float = field(
-        default=2.0,
-        metadata={
-            "help": "after 64 MiB or more of requests, once no evaluation has finished for this many seconds, return freed memory to the OS (glibc malloc_trim); 0 never (server/_malloc.py)"
-        },
+    malloc_mmap_threshold_kb: int = _setting(
+        0,
+        "fix glibc's mmap threshold at this many KiB (1..32768) so large buffers are unmapped when freed: lower peak RSS under mixed sizes, slower large calls (bench/RESULTS.md); 0 keeps glibc's dynamic threshold",
+        min=0,
+        max=MAX_THRESHOLD_KB,
+        note="(KiB)",
     )
-    malloc_mmap_threshold_kb: int = field(
-        default=0,
-        metadata={
-            "help": "fix glibc's mmap threshold at this many KiB (1..32768) so large buffers are unmapped when freed: lower peak RSS under mixed sizes, slower large calls (bench/RESULTS.md); 0 keeps glibc's dynamic threshold"
-        },
+    max_message_mb: int = _setting(
+        256,
+        "largest request or response, in MiB (both directions)",
+        min=1,
+        max=2047,
+        note="(MiB; gRPC's limit is 2 GiB)",
     )
-    max_message_mb: int = field(
-        default=256, metadata={"help": "largest request or response, in MiB (both directions)"}
+    max_concurrent_rpcs: int = _setting(
+        64, "RPCs in flight before new ones get RESOURCE_EXHAUSTED", min=1
     )
-    max_concurrent_rpcs: int = field(
-        default=64, metadata={"help": "RPCs in flight before new ones get RESOURCE_EXHAUSTED"}
+    max_rank: int = _setting(8, "largest tensor rank accepted", min=0)
+    max_elements: int = _setting(1 << 28, "largest tensor accepted, in elements", min=0)
+    max_total_elements: int = _setting(1 << 29, "most tensor elements in one request", min=0)
+    max_depth: int = _setting(16, "deepest nesting of lists/tuples/dicts in a request", min=0)
+    max_items: int = _setting(
+        100_000, "most values (tensors, numbers, containers) in one request", min=0
     )
-    max_rank: int = field(default=8, metadata={"help": "largest tensor rank accepted"})
-    max_elements: int = field(
-        default=1 << 28, metadata={"help": "largest tensor accepted, in elements"}
+    max_string_bytes: int = _setting(4096, "longest string or dict key in a request", min=0)
+    reflection: bool = _setting(True, "serve gRPC server reflection")
+    grace_seconds: float = _setting(10.0, "how long in-flight calls may finish on SIGTERM", min=0)
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
+    metrics_port: int = _setting(
+        -1,
+        "port for Prometheus /metrics over HTTP; -1 disables it, 0 picks a free one and prints it",
+        min=-1,
+        max=65535,
+        note="(-1 disables it)",
     )
-    max_total_elements: int = field(
-        default=1 << 29, metadata={"help": "most tensor elements in one request"}
+    metrics_host: str = _setting("", "address for /metrics; empty: the same as --host")
+    tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, serves TLS")
+    tls_key: str = _setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; clients must present a certificate it signed (mutual TLS)"
     )
-    max_depth: int = field(
-        default=16, metadata={"help": "deepest nesting of lists/tuples/dicts in a request"}
+    tls_client_roles: str = _setting(
+        "",
+        "YAML/JSON file mapping client-certificate common names to roles (with --tls-client-ca); a certificate not listed gets PERMISSION_DENIED. Without it (and without --auth-tokens) every certificate the CA signed gets every role",
     )
-    max_items: int = field(
-        default=100_000,
-        metadata={"help": "most values (tensors, numbers, containers) in one request"},
+    auth_tokens: str = _setting(
+        "",
+        "YAML/JSON file mapping bearer tokens to {principal, roles}; every call but health and reflection then needs one",
     )
-    max_string_bytes: int = field(
-        default=4096, metadata={"help": "longest string or dict key in a request"}
+    allow_insecure: bool = _setting(
+        False,
+        "acknowledge serving a non-loopback address without TLS or tokens (e.g. behind an mTLS mesh); silences the start-up warning",
     )
-    reflection: bool = field(default=True, metadata={"help": "serve gRPC server reflection"})
-    grace_seconds: float = field(
-        default=10.0, metadata={"help": "how long in-flight calls may finish on SIGTERM"}
+    data_dir: str = _setting(
+        "",
+        "directory for server state (the SQLite audit trail); empty: $XDG_DATA_HOME/lossd or ~/.local/share/lossd",
     )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
-    metrics_port: int = field(
-        default=-1,
-        metadata={
-            "help": "port for Prometheus /metrics over HTTP; -1 disables it, 0 picks a free one and prints it"
-        },
+    audit: str = _setting(
+        "runs",
+        "which calls are audited: none, runs (calls with a run id) or all",
+        choices=AUDIT_MODES,
     )
-    metrics_host: str = field(
-        default="", metadata={"help": "address for /metrics; empty: the same as --host"}
+    audit_db: str = _setting(
+        "",
+        "audit store: a SQLite file path or a postgresql:// URL; empty: <data-dir>/audit.sqlite3",
     )
-    tls_cert: str = field(
-        default="",
-        metadata={"help": "PEM certificate chain of the server; with --tls-key, serves TLS"},
+    audit_capture: str = _setting(
+        "none",
+        "store the input tensors of audited calls (for verify): none or inputs",
+        choices=AUDIT_CAPTURE_MODES,
     )
-    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
-    tls_client_ca: str = field(
-        default="",
-        metadata={
-            "help": "PEM CA bundle; clients must present a certificate it signed (mutual TLS)"
-        },
+    audit_capture_max_mb: int = _setting(
+        1024,
+        "cap on captured inputs (compressed MiB); past it inputs are recorded by digest only",
+        min=0,
     )
-    tls_client_roles: str = field(
-        default="",
-        metadata={
-            "help": "YAML/JSON file mapping client-certificate common names to roles (with --tls-client-ca); a certificate not listed gets PERMISSION_DENIED. Without it (and without --auth-tokens) every certificate the CA signed gets every role"
-        },
+    audit_retention_days: float = _setting(
+        0.0,
+        "delete captured inputs unused for this many days; 0 keeps them (records are never deleted)",
+        min=0,
+        note="(0 keeps them)",
     )
-    auth_tokens: str = field(
-        default="",
-        metadata={
-            "help": "YAML/JSON file mapping bearer tokens to {principal, roles}; every call but health and reflection then needs one"
-        },
+    audit_queue_size: int = _setting(
+        4096, "audit records waiting for the writer before calls block", min=1
     )
-    allow_insecure: bool = field(
-        default=False,
-        metadata={
-            "help": "acknowledge serving a non-loopback address without TLS or tokens (e.g. behind an mTLS mesh); silences the start-up warning"
-        },
+    audit_queue_timeout_s: float = _setting(
+        5.0, "how long an audited call waits for queue space, then fails UNAVAILABLE", min=0
     )
-    data_dir: str = field(
-        default="",
-        metadata={
-            "help": "directory for server state (the SQLite audit trail); empty: $XDG_DATA_HOME/lossd or ~/.local/share/lossd"
-        },
+    audit_write_timeout_s: float = _setting(
+        30.0,
+        "how long an audited call waits for its record to be committed, then fails UNAVAILABLE",
+        min=0,
     )
-    audit: str = field(
-        default="runs",
-        metadata={"help": "which calls are audited: none, runs (calls with a run id) or all"},
-    )
-    audit_db: str = field(
-        default="",
-        metadata={
-            "help": "audit store: a SQLite file path or a postgresql:// URL; empty: <data-dir>/audit.sqlite3"
-        },
-    )
-    audit_capture: str = field(
-        default="none",
-        metadata={"help": "store the input tensors of audited calls (for verify): none or inputs"},
-    )
-    audit_capture_max_mb: int = field(
-        default=1024,
-        metadata={
-            "help": "cap on captured inputs (compressed MiB); past it inputs are recorded by digest only"
-        },
-    )
-    audit_retention_days: float = field(
-        default=0.0,
-        metadata={
-            "help": "delete captured inputs unused for this many days; 0 keeps them (records are never deleted)"
-        },
-    )
-    audit_queue_size: int = field(
-        default=4096, metadata={"help": "audit records waiting for the writer before calls block"}
-    )
-    audit_queue_timeout_s: float = field(
-        default=5.0,
-        metadata={"help": "how long an audited call waits for queue space, then fails UNAVAILABLE"},
-    )
-    audit_write_timeout_s: float = field(
-        default=30.0,
-        metadata={
-            "help": "how long an audited call waits for its record to be committed, then fails UNAVAILABLE"
-        },
-    )
+
+    def __post_init__(self) -> None:
+        # The one validation pass; from_sources has already checked each value under the name
+        # of its source, so this names the flag (a ServerConfig built in code has no other).
+        for f in fields(self):
+            object.__setattr__(self, f.name, check(f, getattr(self, f.name), _flag(f)))
 
     @property
     def max_message_bytes(self) -> int:
@@ -212,20 +224,16 @@ class ServerConfig:
             "--config", type=Path, help="YAML file of settings (keys as the flags, with _)"
         )
         for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
+            if f.type == "bool":
                 parser.add_argument(
-                    flag,
+                    _flag(f),
                     action=argparse.BooleanOptionalAction,
                     default=None,
-                    help=f.metadata.get("help"),
+                    help=f.metadata["help"],
                 )
-            else:
+            else:  # taken as text: check() converts it and names the flag when it cannot
                 parser.add_argument(
-                    flag,
-                    type=_caster(f),
-                    default=None,
-                    help=f"{f.metadata.get('help')} (default {f.default})",
+                    _flag(f), default=None, help=f"{f.metadata['help']} (default {f.default})"
                 )
 
     @classmethod
@@ -235,39 +243,110 @@ class ServerConfig:
         env: Mapping[str, str] | None = None,
         file: Path | None = None,
     ) -> ServerConfig:
+        """The settings from a config file, the environment and parsed flags (in increasing
+        priority); every value given is checked, so a bad one is an error even where a
+        higher-priority source overrides it."""
         env = os.environ if env is None else env
+        by_name = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
-        file = (
-            file
-            or (getattr(args, "config", None) if args is not None else None)
-            or (Path(env["LOSSD_CONFIG"]) if env.get("LOSSD_CONFIG") else None)
-        )
-        if file is not None:
-            loaded = yaml.safe_load(Path(file).read_text()) or {}
-            if not isinstance(loaded, Mapping):
-                raise ValueError(f"{file}: expected a mapping of settings")
-            names = {f.name for f in fields(cls)}
-            for key, value in loaded.items():
-                key = str(key).replace("-", "_")
-                if key not in names:
-                    raise ValueError(f"{file}: unknown setting {key!r}")
-                values[key] = value
-        for f in fields(cls):
+        for name, value in _file_settings(args, env, file, by_name).items():
+            values[name] = value
+        for f in by_name.values():
             raw = env.get(f"LOSSD_{f.name.upper()}")
             if raw is not None:
-                values[f.name] = _caster(f)(raw)
-            if args is not None and getattr(args, f.name, None) is not None:
-                values[f.name] = getattr(args, f.name)
+                values[f.name] = check(f, raw, f"LOSSD_{f.name.upper()}")
+            flagged = getattr(args, f.name, None) if args is not None else None
+            if flagged is not None:
+                values[f.name] = check(f, flagged, _flag(f))
         return cls(**values)
 
 
-def _caster(f: dataclasses.Field) -> Any:
+def check(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """``value`` as setting ``f`` holds it (text converted to its type), or a SettingError
+    naming ``where`` it came from and what was expected."""
+    rules = f.metadata
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    text = value.strip() if isinstance(value, str) else None
     if kind == "bool":
-        return lambda raw: (
-            raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-        )
-    return {"int": int, "float": float}.get(kind, str)
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise SettingError(f"{where}: expected true or false, got {value!r}")
+    if kind in ("int", "float"):
+        number = _number(kind, value if text is None else text)
+        if number is None:
+            article = "an integer" if kind == "int" else "a number"
+            raise SettingError(f"{where}: expected {article}, got {value!r}")
+        lo, hi = rules.get("min"), rules.get("max")
+        if (lo is not None and not number >= lo) or (hi is not None and not number <= hi):
+            span = f"{lo}..{hi}" if lo is not None and hi is not None else f">= {lo}"
+            note = f" {rules['note']}" if rules.get("note") else ""
+            raise SettingError(f"{where}: expected {span}{note}, got {number}")
+        return number
+    if not isinstance(value, str):
+        raise SettingError(f"{where}: expected a string, got {value!r}")
+    if rules.get("choices") and value not in rules["choices"]:
+        raise SettingError(f"{where}: expected one of {', '.join(rules['choices'])}, got {value!r}")
+    if rules.get("pattern") and not re.fullmatch(rules["pattern"], value):
+        raise SettingError(f"{where}: expected {rules['expected']}, got {value!r}")
+    return value
+
+
+def _number(kind: str, value: Any) -> int | float | None:
+    if isinstance(value, bool):  # YAML's true is not a port number
+        return None
+    if isinstance(value, int if kind == "int" else (int, float)):
+        return value if kind == "int" else float(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        return int(value) if kind == "int" else float(value)
+    except ValueError:
+        return None
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def _file_settings(
+    args: argparse.Namespace | None,
+    env: Mapping[str, str],
+    file: Path | None,
+    by_name: Mapping[str, dataclasses.Field],
+) -> dict[str, Any]:
+    """The checked settings of the YAML config file, if one is given (``file``, ``--config`` or
+    ``LOSSD_CONFIG``): a missing file, bad YAML or an unknown key is a SettingError."""
+    given = getattr(args, "config", None) if args is not None else None
+    if file is not None:
+        where, path = "config file", file
+    elif given is not None:
+        where, path = "--config", given
+    elif env.get("LOSSD_CONFIG"):
+        where, path = "LOSSD_CONFIG", Path(env["LOSSD_CONFIG"])
+    else:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise SettingError(f"{where} {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SettingError(f"{path}: not valid YAML: {problem}{at}") from None
+    if not isinstance(loaded, Mapping):
+        raise SettingError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+    values = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingError(f"{path}: unknown setting {key!r}{hint}")
+        values[name] = check(by_name[name], value, f"{path}: {key}")
+    return values
 
 
 def parse(argv: Sequence[str] | None = None) -> ServerConfig:

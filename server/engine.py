@@ -22,6 +22,7 @@ from lossd.client.wire.codec import call_tensors, iter_tensors, map_tensors
 
 from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry
+from .config import SettingError
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .registry import LossOutput, LossSpec
 
@@ -53,12 +54,19 @@ class AutocastPolicy:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when torch sees a GPU, else CPU."""
+    """``auto`` is CUDA when torch sees a GPU, else CPU; a CUDA device torch cannot see is a
+    SettingError naming ``--device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SettingError(
+                f"--device {name}: torch {torch.__version__} sees no CUDA device; use cpu or auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise SettingError(f"--device {name}: torch sees {count} CUDA device(s)")
     return device
 
 

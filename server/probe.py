@@ -5,8 +5,9 @@ Exits 0 when the server answers SERVING, 1 otherwise. It asks the standard
 so it costs a fraction of a second however often it runs.
 
 By default it probes ``127.0.0.1`` on the server's own port and with the server's own TLS
-setting, read from the same places ``lossd serve`` reads them (``LOSSD_PORT``, ``LOSSD_TLS_CERT``,
-the ``LOSSD_CONFIG`` file), so a container's probe follows its server's configuration.
+setting, read by the same settings object ``lossd serve`` uses (``LOSSD_PORT``,
+``LOSSD_TLS_CERT``, the ``LOSSD_CONFIG`` file), so a container's probe follows its server's
+configuration; settings the server would refuse make the probe exit 2, naming the setting.
 """
 
 from __future__ import annotations
@@ -16,31 +17,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-
-def _server_setting(name: str, default: Any, env: Mapping[str, str]) -> Any:
-    """A ``lossd serve`` setting from its environment variable or the LOSSD_CONFIG file."""
-    raw = env.get(f"LOSSD_{name.upper()}")
-    if raw is not None:
-        return raw
-    path = env.get("LOSSD_CONFIG")
-    if path and Path(path).is_file():
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if isinstance(loaded, Mapping):
-            for key in (name, name.replace("_", "-")):
-                if key in loaded:
-                    return loaded[key]
-    return default
+from .config import ServerConfig, SettingError
 
 
 def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    port = _server_setting("port", 50051, env)
-    server_cert = _server_setting("tls_cert", "", env)
+    """The probe's flags, defaulting to the server's own port and TLS setting (a SettingError
+    when those settings are bad, as ``lossd serve`` would refuse them)."""
+    server = ServerConfig.from_sources(env=env)
+    port, server_cert = server.port, server.tls_cert
     p = argparse.ArgumentParser(
         prog="lossd health", description="Exit 0 when the lossd server reports SERVING."
     )
@@ -101,7 +89,11 @@ def check(
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
-    args = parser(env).parse_args(argv)
+    try:
+        args = parser(env).parse_args(argv)
+    except SettingError as exc:
+        print(f"lossd health: {exc}", file=sys.stderr)
+        return 2
     try:
         status = check(
             args.endpoint,

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import AUDIT_CAPTURE_MODES as CAPTURE_MODES
+from ..config import AUDIT_MODES as MODES
 from ..errors import Unavailable
 from ..security import current_principal
 from .capture import Capture
@@ -36,8 +38,6 @@ from .store import Store
 
 log = logging.getLogger("lossd.audit")
 
-MODES = ("none", "runs", "all")
-CAPTURE_MODES = ("none", "inputs")
 MAX_BATCH = 512
 RETENTION_EVERY_S = 3600.0
 
