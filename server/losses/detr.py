@@ -242,7 +242,11 @@ def hungarian_match(
         cost_class = pos - neg
     else:
         cost_class = -prob
-    cost_bbox = torch.cdist(out_bbox, xyxy_to_cxcywh(tgt_bbox), p=1)
+    tgt_cxcywh = xyxy_to_cxcywh(tgt_bbox)
+    if out_bbox.dtype in (torch.float16, torch.bfloat16):
+        # CPU cdist has no half kernel; autocast runs it in float32, and so does lossd always.
+        out_bbox, tgt_cxcywh = out_bbox.float(), tgt_cxcywh.float()
+    cost_bbox = torch.cdist(out_bbox, tgt_cxcywh, p=1)
     out_xyxy = cxcywh_to_xyxy(boxes)
     check_xyxy(out_xyxy, field, _PRED_BOX_WHY)
     cost_giou = -_giou(out_xyxy.flatten(0, 1), tgt_bbox, pairwise=True)
@@ -442,8 +446,6 @@ def detr_loss(
         )
     if batch == 0:
         raise InvalidArgument.expected("out.pred", "at least one image", "batch size 0")
-    if pred.dtype not in (torch.float32, torch.float64):
-        raise InvalidArgument.expected("out.pred", "float32 or float64", str(pred.dtype))
     _check_channels(terms, channels - 4, num_classes)
     main = {"pred_logits": pred[..., 4:], "pred_boxes": pred[..., :4]}
     aux = _layers(out, "aux_pred", batch, channels - 4, pred)
