@@ -199,6 +199,7 @@ NETSPRESSO_CRITERIA = (
     "yolox_loss",
     "retinanet_loss",
     "pidnet_loss",
+    "yolov9_loss",
     "detr_loss",
     "rtmcc_loss",
 )
