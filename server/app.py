@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from ._malloc import IdleTrimmer, set_mmap_threshold
 from .audit import AuditRecorder, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
+from .budget import MemoryBudget
 from .config import ServerConfig
 from .engine import Engine
 from .limits import PROBE_RESERVE, AdmissionInterceptor, DeadlineInterceptor, deadline_guard
@@ -125,6 +126,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         after_compute=hooks,
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
         max_evaluations=config.workers,  # --workers bounds concurrent evaluations...
+        budget=MemoryBudget(config.memory_budget_bytes),  # ...and --memory-budget-mb their memory
     )
     admission = AdmissionInterceptor(config.max_concurrent_rpcs)
     server = grpc.server(

@@ -8,7 +8,7 @@ call, so validation, errors, audit and metrics hooks are the same as for unary `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -20,8 +20,13 @@ from lossd.client.wire.assembler import Assembler
 from .errors import InvalidArgument
 
 
-def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest, dict[str, Any]]:
-    """Read the header and every data chunk; return the request and its tensors' bytes by path."""
+def receive(
+    requests: Iterator[Any],
+    max_bytes: int,
+    reserve: Callable[[pb.ChunkedRequestHeader, int], None] | None = None,
+) -> tuple[pb.ComputeRequest, dict[str, Any]]:
+    """Read the header and every data chunk; return the request and its tensors' bytes by path.
+    ``reserve(header, listed bytes)`` runs after the header, before any data is allocated or read."""
     first = next(requests, None)
     if first is None:
         raise InvalidArgument(
@@ -37,6 +42,11 @@ def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest,
             "expected the header as the first message of ComputeChunked", field="header"
         )
     header = first.header
+    if reserve is not None:
+        listed = sum(max(ref.size_bytes, 0) for ref in header.tensors)
+        if listed > max_bytes:
+            Assembler(header.tensors, max_bytes)  # refuses it, naming --max-message-mb
+        reserve(header, listed)
     assembler = Assembler(header.tensors, max_bytes)
     while not assembler.complete:
         message = next(requests, None)
@@ -61,6 +71,8 @@ def receive(requests: Iterator[Any], max_bytes: int) -> tuple[pb.ComputeRequest,
 
 
 def _check_parsed(message: Any) -> None:
+    if getattr(message, "error", None) is not None:  # refused by the pre-scan
+        raise message.error
     reason = getattr(message, "reason", None)
     if reason is not None:  # service.Malformed
         raise InvalidArgument(f"request is not a valid {message.type_name}: {reason}")

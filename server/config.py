@@ -103,6 +103,12 @@ class ServerConfig:
     max_concurrent_rpcs: int = _setting(
         64, "RPCs in flight before new ones get RESOURCE_EXHAUSTED", min=1
     )
+    memory_budget_mb: int = _setting(
+        0,
+        "memory all requests together may use (decoded inputs and each evaluation's estimated working set), reserved before they allocate; a call that cannot fit is refused RESOURCE_EXHAUSTED, one that could fit later waits within its deadline; 0: half the machine's (or cgroup's) memory",
+        min=0,
+        note="(MiB; 0: half the machine's memory)",
+    )
     max_rank: int = _setting(8, "largest tensor rank accepted", min=0)
     max_elements: int = _setting(1 << 28, "largest tensor accepted, in elements", min=0)
     max_total_elements: int = _setting(1 << 29, "most tensor elements in one request", min=0)
@@ -189,6 +195,12 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * _MB
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        from lossd.server.budget import default_budget_mb
+
+        return (self.memory_budget_mb or default_budget_mb()) * _MB
 
     @property
     def limits(self) -> DecodeLimits:

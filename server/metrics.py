@@ -296,6 +296,8 @@ def _loss_of(message: Any) -> str | None:
     """The loss a LossService message asks for (Compute, stream and chunked-header messages)."""
     if isinstance(message, pb.ComputeRequest):
         return message.loss
+    if type(message).__name__ == "RawRequest":  # budget.RawRequest: Compute parses it later
+        return message.loss
     inner = getattr(message, "request", None)  # ComputeStreamRequest
     if isinstance(inner, pb.ComputeRequest):
         return inner.loss

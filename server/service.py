@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -18,6 +19,7 @@ from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
 from . import chunked, registry
+from .budget import MemoryBudget, RawRequest, Reservation, decoded_estimate, prescan, working_set
 from .engine import Engine, Evaluation
 from .errors import (
     Internal,
@@ -36,20 +38,32 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
 class Malformed:
-    """Stands in for a request whose bytes are not a valid protobuf message."""
+    """Stands in for a request whose bytes are not a valid protobuf message (``error``: or one
+    the pre-scan refused before parsing it)."""
 
-    def __init__(self, type_name: str, reason: str) -> None:
+    def __init__(self, type_name: str, reason: str, error: ServiceError | None = None) -> None:
         self.type_name = type_name
         self.reason = reason
+        self.error = error
 
 
-def safe_parser(message_type: type) -> Callable[[bytes], Any]:
-    """A request deserializer that turns malformed bytes into INVALID_ARGUMENT, not INTERNAL."""
+def safe_parser(
+    message_type: type, limits: codec.DecodeLimits | None = None
+) -> Callable[[bytes], Any]:
+    """A request deserializer that turns malformed bytes into INVALID_ARGUMENT, not INTERNAL.
+    With ``limits``, a message holding more values or deeper nesting than they allow is refused
+    by a pre-scan of its wire format, before the parse (budget.prescan)."""
     name = message_type.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Any:
         try:
+            if limits is not None:
+                prescan(data, message_type.DESCRIPTOR, limits)
             return message_type.FromString(data)
+        except codec.LimitError as exc:  # the pre-scan's refusal: too many values
+            return Malformed(name, exc.message, to_service_error(exc))
+        except InvalidArgument as exc:  # the pre-scan found broken wire format
+            return Malformed(name, exc.message)
         except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
             return Malformed(name, str(exc) or type(exc).__name__)
 
@@ -58,6 +72,8 @@ def safe_parser(message_type: type) -> Callable[[bytes], Any]:
 
 def _check_parsed(request: Any) -> None:
     if isinstance(request, Malformed):
+        if request.error is not None:
+            raise request.error
         raise InvalidArgument(f"request is not a valid {request.type_name}: {request.reason}")
 
 
@@ -77,10 +93,10 @@ def handles_errors(method: Callable) -> Callable:
     """Unary-response methods: malformed requests and raised errors become statuses."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext, *rest: Any) -> Any:
         try:
             _check_parsed(request)
-            return method(self, request, context)
+            return method(self, request, context, *rest)
         except Exception as exc:  # noqa: BLE001 - mapped to a status by _fail
             _fail(context, exc, method.__name__)
 
@@ -134,8 +150,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         chunk_bytes: int = 1 << 20,
         chunk_outboard_bytes: int = 64 << 10,
         max_evaluations: int = 0,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.engine = engine
+        self.budget = budget  # --memory-budget-mb: every request reserves before it allocates
         self.limits = limits
         self.after_compute = list(after_compute)
         self.max_chunked_bytes = max_chunked_bytes  # all tensor bytes of one ComputeChunked request
@@ -151,12 +169,37 @@ class LossServicer(pb_grpc.LossServiceServicer):
         *,
         external: dict[str, Any] | None = None,
         outboard: codec.Outboard | None = None,
+        held: Reservation | None = None,
     ) -> pb.ComputeResponse:
         """Every transport ends here. ``external``/``outboard``: the chunked transport's tensors
-        that travel outside the request/response message (see server/chunked.py)."""
+        that travel outside the request/response message (see server/chunked.py). ``held``: the
+        memory reserved for decoding this request, when the transport reserved it already."""
+        if self.budget is None:
+            return self._compute(request, context, external, outboard, None)
+        if held is not None:
+            return self._compute(request, context, external, outboard, held)
+        with self.budget.held(
+            decoded_estimate(request.ByteSize()), context, "decoding the request"
+        ) as reservation:
+            return self._compute(request, context, external, outboard, reservation)
+
+    def _compute(
+        self,
+        request: pb.ComputeRequest,
+        context: grpc.ServicerContext | None,
+        external: dict[str, Any] | None,
+        outboard: codec.Outboard | None,
+        reservation: Reservation | None,
+    ) -> pb.ComputeResponse:
         t0 = time.perf_counter_ns()
         call = decode_compute(request, self.limits, external)
         t1 = time.perf_counter_ns()
+        if self.budget is not None and reservation is not None:
+            # The evaluation's working set, estimated from the decoded shapes, before it runs.
+            need = working_set(call.loss, call.args, call.kwargs, call.params)
+            what = f"evaluating {call.loss}"
+            if not self.budget.try_grow(reservation, need, what):
+                self.budget.regrow(reservation, reservation.nbytes + need, context, what)
         if self._slots is None:
             result = self._evaluate(call)
         else:
@@ -210,9 +253,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     @handles_errors
     def Compute(
-        self, request: pb.ComputeRequest, context: grpc.ServicerContext
+        self, request: pb.ComputeRequest | RawRequest, context: grpc.ServicerContext
     ) -> pb.ComputeResponse:
-        return self.compute(request, context)
+        if not isinstance(request, RawRequest):
+            return self.compute(request, context)
+        # Parsed only once its decoded bytes are reserved: nothing decodes before its reservation.
+        if self.budget is None:
+            return self.compute(self._parse_compute(request.data), context)
+        with self.budget.held(
+            decoded_estimate(len(request.data)), context, "decoding the request"
+        ) as reservation:
+            return self.compute(self._parse_compute(request.data), context, held=reservation)
+
+    def _parse_compute(self, data: bytes) -> pb.ComputeRequest:
+        parsed = safe_parser(pb.ComputeRequest, self.limits)(data)
+        _check_parsed(parsed)
+        return parsed
 
     def ComputeStream(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -227,16 +283,33 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def ComputeChunked(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        response, outboard = self._chunked_one(request_iterator, context)
-        yield from chunked.answer(response, outboard, self.chunk_bytes)
+        with contextlib.ExitStack() as hold:  # the memory reserved, until the answer is sent
+            response, outboard = self._chunked_one(request_iterator, context, hold)
+            yield from chunked.answer(response, outboard, self.chunk_bytes)
 
     @handles_errors
     def _chunked_one(
-        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[Any],
+        context: grpc.ServicerContext,
+        hold: contextlib.ExitStack,
     ) -> tuple[pb.ComputeResponse, codec.Outboard]:
-        request, external = chunked.receive(request_iterator, self.max_chunked_bytes)
+        reservation: list[Reservation] = []
+
+        def reserve(header: pb.ChunkedRequestHeader, listed: int) -> None:
+            # Before the buffer that assembles the data is allocated (and before any data is read).
+            if self.budget is not None:
+                size = decoded_estimate(header.ByteSize()) + listed
+                reservation.append(
+                    hold.enter_context(self.budget.held(size, context, "receiving the request"))
+                )
+
+        request, external = chunked.receive(request_iterator, self.max_chunked_bytes, reserve)
         outboard = codec.Outboard(self.chunk_outboard_bytes)  # large gradients go back in chunks
-        return self.compute(request, context, external=external, outboard=outboard), outboard
+        held = reservation[0] if reservation else None
+        return self.compute(
+            request, context, external=external, outboard=outboard, held=held
+        ), outboard
 
     @handles_errors
     def ListLosses(
@@ -261,16 +334,17 @@ def method_handlers(servicer: LossServicer) -> grpc.GenericRpcHandler:
         {
             "Compute": grpc.unary_unary_rpc_method_handler(
                 servicer.Compute,
-                request_deserializer=safe_parser(pb.ComputeRequest),
+                # The bytes as received: Compute parses them once their memory is reserved.
+                request_deserializer=RawRequest,
                 response_serializer=pb.ComputeResponse.SerializeToString,
             ),
             "ComputeStream": grpc.stream_stream_rpc_method_handler(
                 servicer.ComputeStream,
-                request_deserializer=safe_parser(pb.ComputeStreamRequest),
+                request_deserializer=safe_parser(pb.ComputeStreamRequest, servicer.limits),
                 response_serializer=pb.ComputeStreamResponse.SerializeToString,
             ),
             "ComputeChunked": chunked.method_handler(
-                servicer, safe_parser(pb.ComputeChunkedRequest)
+                servicer, safe_parser(pb.ComputeChunkedRequest, servicer.limits)
             ),
             "ListLosses": grpc.unary_unary_rpc_method_handler(
                 servicer.ListLosses,

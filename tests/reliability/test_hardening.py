@@ -4,16 +4,19 @@ against a running server on loopback and states what the server must do instead 
 from __future__ import annotations
 
 import logging
+import threading
 
 import grpc
 import pytest
 import torch
 
 from lossd.client import LossClient, LossdError
+from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
 from lossd.server import registry
 from lossd.server.registry import Input, LossSpec
 from tests.support.opskit import running
+from tests.support.serverproc import ServerProcess, rss_kib
 
 # --------------------------------------------------------------------------------------------
 # lossd's own bugs are INTERNAL, not "upstream raises the same"
@@ -84,3 +87,145 @@ def test_a_bug_in_a_loss_is_internal_naming_the_request_id_and_logged_with_its_t
             ).request_id
         finally:
             client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The memory budget: amplifying requests, near-limit concurrent load, the protobuf bomb
+
+BUDGET_MB = 384
+
+
+def _yolox_bomb() -> pb.ComputeRequest:
+    """A 2 MB yolox_loss call: 80,000 GT boxes on one 100x100 grid (SimOTA's cost: G x A x C)."""
+    g, classes = 80_000, 2
+    pred = [torch.zeros(1, 5 + classes, 100, 100)]
+    xy = torch.rand(g, 2) * 700
+    boxes = torch.cat([xy, xy + 16], dim=1)
+    target = {
+        "gt": [{"boxes": boxes, "labels": torch.zeros(g, dtype=torch.int64)}],
+        "img_size": 800,
+        "num_classes": classes,
+    }
+    return build_request(
+        "yolox_loss", {"l1_activate_epoch": 0}, ({"pred": pred}, target), {}, ["args[0].pred[0]"]
+    )
+
+
+def _retinanet_bomb() -> pb.ComputeRequest:
+    """A 1.6 MB retinanet_loss call: 40,000 GT boxes against 40,000 anchors (the IoU: G x A)."""
+    n = 40_000
+    xy = torch.rand(n, 2) * 500
+    anchors = torch.cat([xy, xy + 32], dim=1)
+    out = {
+        "anchors": anchors,
+        "cls_logits": [torch.zeros(1, n, 1)],
+        "bbox_regression": [torch.zeros(1, n, 4)],
+    }
+    gt = [{"boxes": anchors[:1000].repeat(40, 1), "labels": torch.zeros(n, dtype=torch.int64)}]
+    return build_request("retinanet_loss", {}, (out, {"gt": gt}), {}, ["args[0].cls_logits[0]"])
+
+
+def _pidnet_bomb() -> pb.ComputeRequest:
+    """A 2.6 MB pidnet_loss call: 1,000-class 4x4 logits resized to 400x500 labels."""
+    c = 1000
+    out = {
+        "pred": torch.zeros(1, c, 4, 4),
+        "extra_p": torch.zeros(1, c, 4, 4),
+        "extra_d": torch.zeros(1, 1, 4, 4),
+    }
+    target = {
+        "target": torch.zeros(1, 400, 500, dtype=torch.int64),
+        "bd_gt": torch.zeros(1, 400, 500),
+    }
+    return build_request("pidnet_loss", {}, (out, target), {}, ["args[0].pred"])
+
+
+def _raw_compute(address: str, payload: bytes, timeout: float = 120) -> grpc.RpcError | bytes:
+    with grpc.insecure_channel(
+        address,
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    ) as ch:
+        call = ch.unary_unary(
+            "/lossd.v1.LossService/Compute",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        try:
+            return call(payload, timeout=timeout)
+        except grpc.RpcError as error:
+            return error
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("budget")
+    # A fixed mmap threshold, so that freed buffers leave RSS at once (with glibc's dynamic one they
+    # stay in per-thread arenas until the idle trim) and RSS measures what the budget bounds.
+    flags = ("--memory-budget-mb", str(BUDGET_MB), "--max-items", "10000", "--audit", "none",
+             "--malloc-mmap-threshold-kb", "1024", "--workers", "8")  # fmt: skip
+    with ServerProcess("--data-dir", str(data), "--log-level", "WARNING", *flags) as proc:
+        # Warm up (torch's lazy initialisations), then take the idle footprint as the baseline.
+        client = LossClient(proc.address, timeout=60, retries=0)
+        client.compute(build_request("mse", {}, (torch.ones(8), torch.zeros(8)), {}))
+        client.close()
+        proc.baseline_kib = rss_kib(proc.proc.pid)[0]
+        yield proc
+
+
+def _growth_mib(proc) -> float:
+    return (rss_kib(proc.proc.pid)[1] - proc.baseline_kib) / 1024
+
+
+@pytest.mark.parametrize("build", [_yolox_bomb, _retinanet_bomb, _pidnet_bomb])
+def test_an_amplifying_request_is_refused_within_the_budget(budget_server, build):
+    request = build()
+    assert request.ByteSize() < 3 << 20  # small on the wire...
+    error = _raw_compute(budget_server.address, request.SerializeToString())
+    assert isinstance(error, grpc.RpcError), "the amplifying call was computed"
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert "--memory-budget-mb" in error.details() and "estimated" in error.details()
+    assert f"{BUDGET_MB:,.1f} MiB" in error.details()
+    # ...and the server neither died nor grew past its budget.
+    assert budget_server.proc.poll() is None
+    assert _growth_mib(budget_server) < BUDGET_MB
+
+
+def test_a_protobuf_bomb_is_refused_before_it_is_parsed(budget_server):
+    # 3 million empty values (6 MB): parsed in full they would take ~200 MB of message objects.
+    value = b"\x1a\x02\x0a\x00"  # args { none_value {} }
+    payload = b"\x0a\x03mse" + value * 3_000_000
+    before = rss_kib(budget_server.proc.pid)[0]
+    error = _raw_compute(budget_server.address, payload)
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert "--max-items" in error.details() and "before parsing" in error.details()
+    assert (rss_kib(budget_server.proc.pid)[0] - before) / 1024 < 60
+    assert budget_server.proc.poll() is None
+
+
+def test_near_limit_concurrent_calls_wait_for_the_budget_and_all_succeed(budget_server):
+    # 10 concurrent 12 MB calls: each reserves ~9x its size (decode + working set), so only a
+    # few fit in the budget at once; the rest wait for memory within their deadline.
+    n = 1_500_000
+    request = build_request("mse", {}, (torch.randn(n), torch.randn(n)), {}, ["args[0]"])
+    payload = request.SerializeToString()
+    results: list = [None] * 10
+
+    def one(i: int) -> None:
+        results[i] = _raw_compute(budget_server.address, payload, timeout=120)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    errors = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert not errors, [(e.code(), e.details()) for e in errors]
+    # Received-but-waiting messages are held by gRPC outside the budget: at most one per call.
+    assert _growth_mib(budget_server) < BUDGET_MB + len(results) * len(payload) / (1 << 20)
+    # A single call that could never fit is refused at once, naming the budget and its estimate.
+    n = 6_000_000
+    big = build_request("mse", {}, (torch.randn(n), torch.randn(n)), {}, ["args[0]"])
+    error = _raw_compute(budget_server.address, big.SerializeToString())
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--memory-budget-mb" in error.details()
