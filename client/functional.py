@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 import torch
 from torch import Tensor
+from torch._C import _functorch
+from torch.autograd import forward_ad
 
 from ._proto import lossd_pb2 as pb
 from .amp import caller_autocast
@@ -124,10 +126,14 @@ def _like(value: Any, device: torch.device) -> Any:
 
 
 class _RemoteLossFunction(torch.autograd.Function):
-    """Autograd node whose forward is the RPC; ``call`` carries everything but the tensors."""
+    """Autograd node whose forward is the RPC; ``call`` carries everything but the tensors.
+
+    Its backward is ``_RemoteGrad`` (itself differentiable: double backward), its ``jvp`` gives
+    forward-mode AD, and nothing in either branches on tensor data (``vmap`` runs them).
+    """
 
     @staticmethod
-    def forward(ctx, call: _Call, *diff_tensors: Tensor) -> Tensor:  # noqa: ARG004 - tensors reach autograd through apply
+    def forward(call: _Call, *diff_tensors: Tensor) -> Tensor:  # noqa: ARG004 - tensors reach autograd through apply
         response, external = _send(call, call.client, call.request, call.transport, call.outboard)
         call.result = _result(response)
         value = codec.decode_value(response.loss, "loss", external=external)
@@ -136,45 +142,176 @@ class _RemoteLossFunction(torch.autograd.Function):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{call.request.loss} returned a {type(value).__name__}, not a tensor; gradients need a tensor",
             )
-        grads = _grads(response, external)
-        ctx.call = call
         # The server returns gradients with the value whenever the loss is a scalar.
-        ctx.scalar = value.numel() == 1
-        ctx.grads = grads
+        call.grads = _grads(response, external)
+        call.scalar = value.numel() == 1
+        call.value_shape, call.value_dtype = value.shape, value.dtype
         return value.to(call.device)
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ARG004
+        ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
     def backward(ctx, grad_output: Tensor):
+        return (None, *_RemoteGrad.apply(ctx.call, grad_output, *ctx.saved_tensors))
+
+    @staticmethod
+    def jvp(ctx, _call_tangent: None, *tangents: Tensor | None) -> Tensor:
+        """Forward-mode AD: the loss's Jacobian times the inputs' tangents. A scalar loss has its
+        gradient here already (J t = sum_i <g_i, t_i>); otherwise the server computes J t."""
         call: _Call = ctx.call
-        if ctx.scalar:
-            grads = ctx.grads
-            one = bool((grad_output == 1).all())
-            scale = None if one else grad_output.reshape(())
+        dtype = call.value_dtype
+        pairs = [(p, t) for p, t in zip(call.paths, tangents) if t is not None]
+        if call.scalar:
+            total = torch.zeros(call.value_shape, dtype=dtype, device=call.device)
+            for path, tangent in pairs:
+                g = call.grads.get(path)
+                if g is not None:
+                    total = total + (g.to(tangent.device, dtype) * tangent.to(dtype)).sum()
+            return total
+        found = _followup(
+            call,
+            torch.ones(call.value_shape, dtype=dtype),
+            grad_grads={p: t for p, t in pairs},
+        )
+        jvp = found.get(GRAD_OUTPUT)
+        if jvp is None:
+            return torch.zeros(call.value_shape, dtype=dtype, device=call.device)
+        return jvp.to(call.device, dtype).reshape(call.value_shape)
+
+    @staticmethod
+    def vmap(info, in_dims, call: _Call, *diff_tensors: Tensor):  # noqa: ARG004
+        raise NotImplementedError(
+            f"lossd: {call.request.loss} cannot run under vmap over its inputs (each evaluation "
+            "is one RPC); call RemoteLoss once per sample, or vmap only its backward"
+        )
+
+
+class _RemoteGrad(torch.autograd.Function):
+    """The gradients of a remote loss with respect to its inputs, given ``grad_output``.
+
+    A scalar loss's gradients came back with the value: they are scaled by ``grad_output``
+    (exact for ``loss.backward()`` and for GradScaler's power-of-two scales). A non-scalar loss
+    asks the server for the exact vector-Jacobian products. Differentiating these gradients
+    (``create_graph=True``, then backward again) asks the server for second derivatives.
+    """
+
+    @staticmethod
+    def forward(call: _Call, grad_output: Tensor, *tensors: Tensor):
+        if call.scalar:
+            scale = grad_output.reshape(())
+            grads = {p: g.to(scale.device) * scale for p, g in call.grads.items()}
+        elif _functorch.is_legacy_batchedtensor(grad_output):
+            # gradcheck's check_batched_grad vmaps the backward with torch's legacy vmap, which
+            # does not dispatch to ``vmap`` below: the batch arrives as a legacy batched tensor
+            # of the innermost vmap level. Unwrap it (batch first), ask once, rewrap.
+            level = torch._C._vmapmode_increment_nesting() - 1
+            torch._C._vmapmode_decrement_nesting()
+            batch = torch._remove_batch_dim(grad_output, level, 1, 0)
+            outs = _RemoteGrad.vmap(None, (None, 0), call, batch, *tensors)[0]
+            return tuple(None if o is None else torch._add_batch_dim(o, 0, level) for o in outs)
         else:
-            # Non-scalar loss: ask the server for the exact vector-Jacobian products.
-            request = pb.ComputeRequest()
-            request.CopyFrom(call.request)
-            request.request_id = uuid.uuid4().hex
-            request.ClearField("audit")  # the evaluation was recorded by the forward call
-            outboard = None
-            if call.outboard is not None:  # the inputs went in chunks: so do they again
-                outboard = codec.Outboard(call.outboard.min_bytes)
-                outboard.tensors = list(call.outboard.tensors)
-            codec.encode_tensor(
-                grad_output.detach(), request.grad_output, outboard=outboard, path="grad_output"
+            grads = _followup(call, grad_output)
+        return tuple(_like_input(grads.get(p), t) for p, t in zip(call.paths, tensors))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ARG004
+        ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *vectors: Tensor | None):
+        call: _Call = ctx.call
+        grad_output, *tensors = ctx.saved_tensors
+        grad_grads = {p: v for p, v in zip(call.paths, vectors) if v is not None}
+        if not grad_grads:
+            return (None, None, *[None] * len(tensors))
+        found = _followup(call, grad_output, grad_grads=grad_grads)
+        d_output = found.get(GRAD_OUTPUT)
+        if d_output is not None:
+            d_output = d_output.to(grad_output.device, grad_output.dtype).reshape(grad_output.shape)
+        out = (d_output, *(_like_input(found.get(p), t) for p, t in zip(call.paths, tensors)))
+        if torch.is_grad_enabled():  # create_graph=True: a third derivative may follow
+            out = _ThirdOrder.apply(len(out), *out, *vectors, *tensors)
+        return (None, *out)
+
+    @staticmethod
+    def vmap(info, in_dims, call: _Call, grad_output: Tensor, *tensors: Tensor):  # noqa: ARG004
+        """The backward under ``vmap`` (gradcheck's check_batched_grad, Jacobians by vmap): a
+        batch of grad_outputs, along ``in_dims[1]``; the inputs themselves are not batched."""
+        if any(d is not None for d in in_dims[2:]) or _functorch.is_legacy_batchedtensor(
+            grad_output
+        ):
+            raise NotImplementedError(
+                f"lossd: the backward of {call.request.loss} cannot be vmapped over its inputs"
             )
-            response, external = _send(call, call.client, request, call.transport, outboard)
-            grads = _grads(response, external)
-            scale = None
-        out: list[Tensor | None] = [None]
-        for path, tensor in zip(call.paths, call.tensors):
-            g = grads.get(path)
-            if g is not None:
-                g = g.to(device=tensor.device, dtype=tensor.dtype)
-                if scale is not None:
-                    g = g * scale.to(device=g.device, dtype=g.dtype)
-            out.append(g)
-        return tuple(out)
+        if in_dims[1] is None:
+            outs = _RemoteGrad.forward(call, grad_output, *tensors)
+            return outs, tuple(None for _ in outs)
+        batch = grad_output.movedim(in_dims[1], 0)
+        if call.scalar:
+            scale = batch.reshape(-1)
+            grads = {
+                p: g.to(scale.device)[None] * scale.reshape(-1, *[1] * g.dim())
+                for p, g in call.grads.items()
+            }
+        else:
+            grads = _followup(call, batch, batched=True)
+        outs = tuple(_like_input(grads.get(p), t) for p, t in zip(call.paths, tensors))
+        return outs, tuple(None if o is None else 0 for o in outs)
+
+
+class _ThirdOrder(torch.autograd.Function):
+    """Second derivatives taken with ``create_graph=True``: differentiable-looking values whose
+    backward refuses, naming the feature (never a silently zero third derivative)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *values_then_anchors: Tensor | None):  # noqa: ARG004
+        return tuple(None if v is None else v.clone() for v in values_then_anchors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):  # noqa: ARG004
+        raise NotImplementedError(
+            "lossd computes derivatives of a remote loss up to the second order: a third "
+            "derivative (differentiating a double backward) is not supported"
+        )
+
+
+def _like_input(grad: Tensor | None, tensor: Tensor) -> Tensor | None:
+    return None if grad is None else grad.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def _followup(
+    call: _Call,
+    grad_output: Tensor,
+    *,
+    batched: bool = False,
+    grad_grads: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Derivatives the forward RPC did not return: vector-Jacobian products with
+    ``grad_output`` (a batch of them), or second-order products (``grad_grads``), by path."""
+    request = pb.ComputeRequest()
+    request.CopyFrom(call.request)
+    request.request_id = uuid.uuid4().hex
+    request.ClearField("audit")  # the evaluation was recorded by the forward call
+    outboard = None
+    if call.outboard is not None:  # the inputs went in chunks: so do they again
+        outboard = codec.Outboard(call.outboard.min_bytes)
+        outboard.tensors = list(call.outboard.tensors)
+    codec.encode_tensor(
+        grad_output.detach(), request.grad_output, outboard=outboard, path="grad_output"
+    )
+    request.grad_output_batched = batched
+    for path, vector in (grad_grads or {}).items():
+        codec.encode_tensor(vector.detach(), request.grad_grads.add(path=path).grad)
+    response, external = _send(call, call.client, request, call.transport, outboard)
+    return _grads(response, external)
+
+
+GRAD_OUTPUT = "grad_output"  # where the server puts d/d(grad_output) of a second-order request
 
 
 @dataclass
@@ -187,8 +324,31 @@ class _Call:
     result: RemoteResult | None = None
     transport: Transport | None = None
     outboard: codec.Outboard | None = None
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    scalar: bool = True
+    value_shape: torch.Size = field(default_factory=torch.Size)
+    value_dtype: torch.dtype = torch.float32
 
 
+def _primal(tensor: Tensor) -> Tensor:
+    return forward_ad.unpack_dual(tensor).primal
+
+
+def _differentiable(tensor: Tensor, track: bool) -> bool:
+    """Whether the loss must be differentiable in ``tensor``: it requires grad (and grad mode is
+    on), or it carries a forward-mode tangent."""
+    if track and tensor.requires_grad:
+        return True
+    return tensor.is_floating_point() and forward_ad.unpack_dual(tensor).tangent is not None
+
+
+COMPILE_BREAK = (
+    "lossd: RemoteLoss computes the loss on a lossd server over gRPC, outside any graph; "
+    "compile with fullgraph=False, where the loss call is a graph break"
+)
+
+
+@torch.compiler.disable(reason=COMPILE_BREAK)
 def remote_loss(
     client: LossClient,
     name: str,
@@ -202,14 +362,28 @@ def remote_loss(
     """Evaluate ``name`` remotely as ``upstream(**params)(*args, **kwargs)``.
 
     Returns the loss (on the first input tensor's device, attached to autograd when an input
-    requires grad) and the server's ``RemoteResult``. ``transport`` picks unary, stream session
-    or chunked per call (see ``lossd.client.transport``); None: unary ``Compute``.
+    requires grad or carries a forward-mode tangent) and the server's ``RemoteResult``.
+    ``transport`` picks unary, stream session or chunked per call (see
+    ``lossd.client.transport``); None: unary ``Compute``. Under ``torch.compile`` the call is a
+    graph break (``fullgraph=True`` raises, naming lossd).
     """
     kwargs = dict(kwargs or {})
     tensors = list(codec.call_tensors(args, kwargs))
     device = tensors[0][1].device if tensors else torch.device("cpu")
+    wrapped = [p for p, t in tensors if _functorch.is_functorch_wrapped_tensor(t)]
+    if wrapped:
+        raise NotImplementedError(
+            f"lossd: {name} cannot be called inside a torch.func transform (grad, jvp, vmap, "
+            f"jacrev, ...) over its inputs ({', '.join(wrapped)}): the loss is one RPC on real "
+            "tensors. Use torch.autograd (backward, grad, create_graph=True) or "
+            "torch.autograd.forward_ad, which RemoteLoss supports"
+        )
     track = torch.is_grad_enabled()
-    diff = [(p, t) for p, t in tensors if track and t.requires_grad]
+    diff = [(p, t) for p, t in tensors if _differentiable(t, track)]
+    if any(forward_ad.unpack_dual(t).tangent is not None for _, t in diff):
+        # Forward-mode AD: the primal values travel; the tangents stay here (see ``jvp``).
+        args = codec.map_tensors(list(args), _primal)
+        kwargs = codec.map_tensors(kwargs, _primal)
     outboard = transport.outboard(tensors) if transport is not None else None
     request = build_request(
         name, params, args, kwargs, [p for p, _ in diff], audit, outboard, caller_autocast(device)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._proto import lossd_pb2 as pb
 from .audit import StepCounter, current_run, make_context
 from .connection import ConnectionOptions, LossClient
-from .functional import RemoteResult, remote_loss
+from .functional import COMPILE_BREAK, RemoteResult, remote_loss
 from .schema import check_call, check_params
 from .transport import DEFAULT_CHUNK_THRESHOLD, Transport
 from .wire import codec
@@ -82,6 +83,7 @@ class RemoteLoss(nn.Module):
         self._params_checked = False
         self.transport = Transport(self.client, transport, chunk_threshold=chunk_threshold)
 
+    @torch.compiler.disable(reason=COMPILE_BREAK)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # One DescribeLoss per client: a misspelled parameter or a target of the wrong dtype or
         # shape fails before any tensor travels (the server checks everything again).

@@ -23,6 +23,7 @@ from lossd.client.wire.codec import call_tensors, iter_tensors, map_tensors
 from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry
 from .config import SettingError
+from .derivatives import gradients
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .registry import LossOutput, LossSpec
 
@@ -86,10 +87,13 @@ class Engine:
         grad_output: Tensor | None = None,
         *,
         autocast: AutocastPolicy | None = None,
+        grad_output_batched: bool = False,
+        grad_grads: Mapping[str, Tensor] | None = None,
     ) -> Evaluation:
         """``autocast``: evaluate the forward and the gradients inside that autocast region, as
         upstream runs inside the caller's (its op policy is the device type's, so a CPU region is
-        evaluated on CPU whatever the engine's device)."""
+        evaluated on CPU whatever the engine's device). ``grad_output_batched``, ``grad_grads``:
+        a batch of products, or second-order ones (see ``derivatives``)."""
         spec = registry.get(loss)
         device = self._device_for(autocast)
         canonical = spec.canonical_params(params or {})
@@ -116,7 +120,14 @@ class Engine:
             with torch.set_grad_enabled(bool(wanted)), region:
                 out = spec.fn(*call_args, **call_kwargs, **call_params)
                 result = out if isinstance(out, LossOutput) else LossOutput(out)
-                grads = _gradients(result.value, wanted, grad_output, device)
+                grads = gradients(
+                    result.value,
+                    wanted,
+                    grad_output,
+                    device,
+                    batched=grad_output_batched,
+                    grad_grads=grad_grads,
+                )
         except InvalidArgument as exc:
             exc.field = _wire_field(exc.field, spec, n_positional, call_kwargs)
             raise
@@ -164,41 +175,6 @@ class Engine:
 def _to(tensor: Tensor, device: torch.device) -> Tensor:
     # detach(): a fresh leaf, so marking it requires_grad never touches the caller's tensor.
     return tensor.detach() if tensor.device == device else tensor.to(device, non_blocking=True)
-
-
-def _gradients(
-    value: Any, wanted: dict[str, Tensor], grad_output: Tensor | None, device: torch.device
-) -> dict[str, Tensor]:
-    if not wanted:
-        return {}
-    if not isinstance(value, Tensor):
-        raise InvalidArgument(
-            f"gradients need a tensor loss value, the loss returned {type(value).__name__}",
-            field="grad_paths",
-        )
-    if grad_output is None:
-        if value.numel() != 1:
-            # Non-scalar loss: the caller asks again with grad_output (its backward pass).
-            return {}
-    else:
-        if tuple(grad_output.shape) != tuple(value.shape):
-            raise InvalidArgument.expected(
-                "grad_output",
-                f"shape {list(value.shape)} (the loss output's)",
-                f"shape {list(grad_output.shape)}",
-            )
-        if not grad_output.is_floating_point():
-            raise InvalidArgument.expected(
-                "grad_output", "a floating-point tensor", str(grad_output.dtype)
-            )
-        grad_output = _to(grad_output, device).to(value.dtype)
-    if not value.requires_grad:
-        return {}  # the value does not depend on any requested input
-    paths = list(wanted)
-    found = torch.autograd.grad(
-        value, [wanted[p] for p in paths], grad_outputs=grad_output, allow_unused=True
-    )
-    return {p: g.detach() for p, g in zip(paths, found) if g is not None}
 
 
 def bind_inputs(

@@ -32,6 +32,8 @@ class ComputeCall:
     audit: pb.AuditContext
     input_tensors: list[tuple[str, Tensor]] = field(default_factory=list)
     autocast: AutocastPolicy | None = None
+    grad_output_batched: bool = False
+    grad_grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 def decode_compute(
@@ -74,7 +76,24 @@ def decode_compute(
         audit=request.audit,
         input_tensors=list(codec.call_tensors(args, kwargs)),
         autocast=decode_autocast(request.autocast) if request.HasField("autocast") else None,
+        grad_output_batched=request.grad_output_batched,
+        grad_grads=_decode_grad_grads(request, limits),
     )
+
+
+def _decode_grad_grads(request: pb.ComputeRequest, limits: codec.DecodeLimits) -> dict[str, Tensor]:
+    if len(request.grad_grads) > limits.max_items:
+        raise codec.LimitError("grad_grads", f"more than {limits.max_items} vectors", "--max-items")
+    out: dict[str, Tensor] = {}
+    for i, item in enumerate(request.grad_grads):
+        where = f"grad_grads[{i}]"
+        if item.path in out:
+            raise InvalidArgument(f"path {item.path!r} given twice", field=where)
+        tensor = codec.decode_tensor(item.grad, where, limits)
+        if not tensor.is_floating_point():
+            raise InvalidArgument.expected(where, "a floating-point tensor", str(tensor.dtype))
+        out[item.path] = tensor
+    return out
 
 
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")

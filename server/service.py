@@ -236,6 +236,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 call.grad_paths,
                 call.grad_output,
                 autocast=call.autocast,
+                grad_output_batched=call.grad_output_batched,
+                grad_grads=call.grad_grads,
             )
         except (ServiceError, MemoryError):
             raise

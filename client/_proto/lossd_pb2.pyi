@@ -137,7 +137,7 @@ class Autocast(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., device_type: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("loss", "params", "args", "kwargs", "grad_paths", "grad_output", "request_id", "audit", "autocast")
+    __slots__ = ("loss", "params", "args", "kwargs", "grad_paths", "grad_output", "request_id", "audit", "autocast", "grad_grads", "grad_output_batched")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,8 @@ class ComputeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
     AUTOCAST_FIELD_NUMBER: _ClassVar[int]
+    GRAD_GRADS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_BATCHED_FIELD_NUMBER: _ClassVar[int]
     loss: str
     params: ValueMap
     args: _containers.RepeatedCompositeFieldContainer[Value]
@@ -156,7 +158,9 @@ class ComputeRequest(_message.Message):
     request_id: str
     audit: AuditContext
     autocast: Autocast
-    def __init__(self, loss: _Optional[str] = ..., params: _Optional[_Union[ValueMap, _Mapping]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Union[ValueMap, _Mapping]] = ..., grad_paths: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., audit: _Optional[_Union[AuditContext, _Mapping]] = ..., autocast: _Optional[_Union[Autocast, _Mapping]] = ...) -> None: ...
+    grad_grads: _containers.RepeatedCompositeFieldContainer[Gradient]
+    grad_output_batched: bool
+    def __init__(self, loss: _Optional[str] = ..., params: _Optional[_Union[ValueMap, _Mapping]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Union[ValueMap, _Mapping]] = ..., grad_paths: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., audit: _Optional[_Union[AuditContext, _Mapping]] = ..., autocast: _Optional[_Union[Autocast, _Mapping]] = ..., grad_grads: _Optional[_Iterable[_Union[Gradient, _Mapping]]] = ..., grad_output_batched: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ns", "compute_ns", "encode_ns")
