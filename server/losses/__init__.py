@@ -6,9 +6,20 @@ Each family module defines plain torch functions and a ``SPECS`` tuple declaring
 from __future__ import annotations
 
 from .. import registry
-from . import detr, fat, netspresso, pidnet, retinanet, rtmcc, visdet, yolov9, yolox
+from . import detr, fat, netspresso, pidnet, retinanet, rtmcc, visdet, yolofastest, yolov9, yolox
 
-FAMILY_MODULES = (fat, netspresso, yolox, retinanet, pidnet, rtmcc, visdet, yolov9, detr)
+FAMILY_MODULES = (
+    fat,
+    netspresso,
+    yolox,
+    yolofastest,
+    retinanet,
+    pidnet,
+    rtmcc,
+    visdet,
+    yolov9,
+    detr,
+)
 
 for _module in FAMILY_MODULES:
     for _spec in _module.SPECS:

@@ -197,6 +197,7 @@ NETSPRESSO_CRITERIA = (
     "seg_cross_entropy",
     "focal_loss",
     "yolox_loss",
+    "yolofastest_loss",
     "retinanet_loss",
     "pidnet_loss",
     "yolov9_loss",

@@ -11,7 +11,7 @@ classification cost in float32), so values and gradients match.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -224,18 +224,16 @@ def _plain_int(value: Any, field: str, minimum: int) -> int:
     return value
 
 
-def _check_inputs(
-    out: Mapping[str, Any], target: Mapping[str, Any]
-) -> tuple[list[Tensor], list[dict], int, int]:
+def check_target(target: Mapping[str, Any], batch: int) -> tuple[list[dict], int, int]:
+    """``target['gt']`` (one ``{'boxes', 'labels'}`` per image), ``img_size`` and ``num_classes``,
+    checked as upstream needs them; returns ``(images, img_size, num_classes)``."""
     num_classes = _plain_int(require_key(target, "num_classes", "target"), "target.num_classes", 0)
     img_size = _plain_int(require_key(target, "img_size", "target"), "target.img_size", 1)
-    levels = _level_list(require_key(out, "pred", "out"), num_classes)
     gts = require_key(target, "gt", "target")
     if not isinstance(gts, Sequence) or isinstance(gts, (str, Tensor)):
         raise InvalidArgument.expected(
             "target.gt", "a list with one {'boxes', 'labels'} dict per image", type(gts).__name__
         )
-    batch = levels[0].shape[0]
     if len(gts) != batch:
         raise InvalidArgument.expected(
             "target.gt", f"one entry per image, B = {batch} (as out.pred)", f"{len(gts)} entries"
@@ -268,6 +266,15 @@ def _check_inputs(
                 f"{where}.boxes[{j}]", "an xyxy box with x2 >= x1 and y2 >= y1", boxes[j].tolist()
             )
         images.append({"boxes": boxes, "labels": labels})
+    return images, img_size, num_classes
+
+
+def _check_inputs(
+    out: Mapping[str, Any], target: Mapping[str, Any]
+) -> tuple[list[Tensor], list[dict], int, int]:
+    num_classes = _plain_int(require_key(target, "num_classes", "target"), "target.num_classes", 0)
+    levels = _level_list(require_key(out, "pred", "out"), num_classes)
+    images, img_size, num_classes = check_target(target, levels[0].shape[0])
     return levels, images, img_size, num_classes
 
 
@@ -329,8 +336,29 @@ def yolox_loss(
     """
     levels, images, img_size, num_classes = _check_inputs(out, target)
     use_l1 = cur_epoch is None or cur_epoch >= l1_activate_epoch
-    level_dtype = levels[0].dtype
-    outputs, raw_reg, x_shifts, y_shifts, strides = _decode_levels(levels, img_size)
+    decoded = _decode_levels(levels, img_size)
+    return simota_losses(*decoded, images, num_classes, levels[0].dtype, use_l1, _iou_squared_loss)
+
+
+def _iou_squared_loss(pred: Tensor, target: Tensor) -> Tensor:
+    return 1 - aligned_iou_cxcywh(pred, target) ** 2
+
+
+def simota_losses(
+    outputs: Tensor,
+    raw_reg: Tensor,
+    x_shifts: Tensor,
+    y_shifts: Tensor,
+    strides: Tensor,
+    images: list[dict],
+    num_classes: int,
+    level_dtype: torch.dtype,
+    use_l1: bool,
+    box_loss: Callable[[Tensor, Tensor], Tensor],
+) -> LossOutput:
+    """The YOLOX family's terms once the levels are decoded to ``outputs`` ``(B, A, 5 + C)``
+    (absolute cxcywh, obj, cls): SimOTA per image, then ``5 * box + obj + cls (+ l1)``, each
+    summed and divided by the matched count; ``box_loss`` scores matched (pred, GT) cxcywh rows."""
     device, batch, num_anchors = outputs.device, outputs.shape[0], outputs.shape[1]
     bbox_preds, obj_preds, cls_preds = outputs[:, :, :4], outputs[:, :, 4:5], outputs[:, :, 5:]
 
@@ -417,8 +445,7 @@ def yolox_loss(
     fg = torch.cat(fg_masks, 0)
     divisor = max(num_fg, 1)
 
-    iou = aligned_iou_cxcywh(bbox_preds.reshape(-1, 4)[fg], reg_target)
-    loss_iou = reduce_loss(1 - iou**2, "sum") / divisor
+    loss_iou = reduce_loss(box_loss(bbox_preds.reshape(-1, 4)[fg], reg_target), "sum") / divisor
     obj_bce = F.binary_cross_entropy_with_logits(
         obj_preds.reshape(-1, 1), obj_target, reduction="none"
     )
