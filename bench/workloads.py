@@ -107,15 +107,110 @@ def _yolox(size: int, gen: torch.Generator) -> Workload:
     )
 
 
+def _gt(images: int, per_image: int, img: int, classes: int, gen: torch.Generator) -> list[dict]:
+    gt = []
+    for i in range(images):
+        n = 0 if i == images - 1 and images > 1 else per_image  # the last image has no box
+        xy = torch.rand(n, 2, generator=gen) * img * 0.6
+        wh = (0.1 + torch.rand(n, 2, generator=gen) * 0.3) * img
+        gt.append(
+            {
+                "boxes": torch.cat([xy, xy + wh], dim=1),
+                "labels": torch.randint(0, classes, (n,), generator=gen),
+            }
+        )
+    return gt
+
+
+def _yolov9(size: int, gen: torch.Generator) -> Workload:
+    # Small payloads keep the 10 anchor points upstream's top-10 needs with a slimmer head.
+    small = size < 64 << 10
+    classes, reg_max, images = (4, 4, 1) if small else (80, 16, 8)
+    channels = 4 * reg_max + classes
+    # One level, square, stride 8, sized to the payload.
+    side = max(4, int(math.sqrt(size / (4 * channels * images))))
+    level = torch.randn(images, channels, side, side, generator=gen).requires_grad_()
+    img = 8 * side
+    target = {"gt": _gt(images, 6, img, classes, gen), "img_size": img, "num_classes": classes}
+    return Workload(
+        "yolov9_loss",
+        size,
+        [{"pred": [level]}, target],
+        {},
+        {"l1_activate_epoch": None, "reg_max": reg_max},
+        f"{images}x{channels}x{side}x{side} f32",
+    )
+
+
+def _detr(size: int, gen: torch.Generator) -> Workload:
+    # RT-DETR's layout: the last layer, 2 auxiliary and 2 denoising layers (2 groups).
+    small = size < 64 << 10
+    classes, per_image = (4, 2) if small else (80, 6)
+    images = 1 if size < 1 << 20 else 8
+    groups, num_dn = 2, 2 * 2 * per_image
+    # Payload: 3 layers of Q queries and 2 denoising layers, 4 + C floats per query and image.
+    queries = max(8, (size // (4 * (4 + classes) * images) - 2 * num_dn) // 3)
+
+    def layer(q: int) -> tuple[Tensor, Tensor]:
+        boxes = torch.cat(
+            [
+                0.2 + 0.6 * torch.rand(images, q, 2, generator=gen),
+                0.05 + 0.3 * torch.rand(images, q, 2, generator=gen),
+            ],
+            -1,
+        )
+        return boxes.requires_grad_(), torch.randn(
+            images, q, classes, generator=gen
+        ).requires_grad_()
+
+    main_boxes, main_logits = layer(queries)
+    pred = torch.cat([main_boxes, main_logits], -1).detach().requires_grad_()
+    aux = [dict(zip(("pred_boxes", "pred_logits"), layer(queries), strict=True)) for _ in range(2)]
+    dn = [dict(zip(("pred_boxes", "pred_logits"), layer(num_dn), strict=True)) for _ in range(2)]
+    gt = _gt(images, per_image, 640, classes, gen)
+    positive = tuple(
+        torch.cat([torch.arange(g["labels"].shape[0]) + k * 2 * per_image for k in range(groups)])
+        for g in gt
+    )
+    out = {
+        "pred": pred,
+        "aux_pred": aux,
+        "dn_aux_pred": dn,
+        "dn_meta": {
+            "dn_positive_idx": positive,
+            "dn_num_group": groups,
+            "dn_num_split": [num_dn, queries],
+        },
+    }
+    params = {
+        "matcher": {
+            "type": "HungarianMatcher",
+            "weight_dict": {"cost_class": 2, "cost_bbox": 5, "cost_giou": 2},
+            "alpha": 0.25,
+            "gamma": 2.0,
+            "use_focal_loss": True,
+        },
+        "weight_dict": {"loss_vfl": 1, "loss_bbox": 5, "loss_giou": 2},
+        "losses": ["vfl", "boxes"],
+        "alpha": 0.75,
+    }
+    target = {"gt": gt, "img_size": 640, "num_classes": classes}
+    return Workload(
+        "detr_loss", size, [out, target], {}, params, f"{images}x{queries}x{4 + classes} f32 x3"
+    )
+
+
 BUILDERS: dict[str, Callable[[int, torch.Generator], Workload]] = {
     "cross_entropy": _cross_entropy,
     "FocalLoss": _focal,
     "GIoULoss": _giou,
     "yolox_loss": _yolox,
+    "yolov9_loss": _yolov9,
+    "detr_loss": _detr,
 }
 
 # SimOTA's cost grows with anchors x boxes; past this the row measures the assigner, not lossd.
-MAX_SIZE = {"yolox_loss": 16 << 20}
+MAX_SIZE = {"yolox_loss": 16 << 20, "yolov9_loss": 16 << 20, "detr_loss": 16 << 20}
 # --quick stays under two minutes: the large rows of the slow-to-compute losses are for the full run.
 QUICK_MAX_SIZE = {"yolox_loss": 1 << 20, "GIoULoss": 1 << 20, "FocalLoss": 1 << 20}
 
