@@ -56,5 +56,9 @@ def weight_reduce_loss(
     if reduction == "mean":
         return loss.sum() / (avg_factor + AVG_FACTOR_EPS)
     if reduction == "sum":
-        raise InvalidArgument('avg_factor can not be used with reduction="sum"', field="avg_factor")
+        raise InvalidArgument(
+            'avg_factor can not be used with reduction="sum"',
+            field="avg_factor",
+            upstream="ValueError",
+        )
     return loss

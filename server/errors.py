@@ -20,16 +20,36 @@ from grpc_status import rpc_status
 
 from lossd.client.wire.limits import DecodeError, EncodeError, LimitError
 
+# The Python exception classes upstream raises on inputs it refuses, which a refusal may name
+# (``upstream=``): the client then raises a LossdError that is also that class.
+UPSTREAM_EXCEPTIONS = (
+    "ValueError",
+    "TypeError",
+    "IndexError",
+    "RuntimeError",
+    "AssertionError",
+    "NotImplementedError",
+)
+UPSTREAM_DOMAIN = "lossd.upstream"  # google.rpc.ErrorInfo.domain of that detail
+
 
 class ServiceError(Exception):
-    """Base class: an error the server reports to the caller with a status code."""
+    """Base class: an error the server reports to the caller with a status code.
+
+    ``upstream``: the Python exception class upstream raises for the same input (one of
+    ``UPSTREAM_EXCEPTIONS``), when lossd refuses an input upstream refuses too."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, upstream: str | None = None
+    ) -> None:
         super().__init__(message)
+        if upstream is not None and upstream not in UPSTREAM_EXCEPTIONS:
+            raise ValueError(f"upstream={upstream!r} is not one of {UPSTREAM_EXCEPTIONS}")
         self.message = message
         self.field = field
+        self.upstream = upstream
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
@@ -49,9 +69,11 @@ class InvalidArgument(ServiceError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     @classmethod
-    def expected(cls, field: str, expected: str, got: object) -> InvalidArgument:
+    def expected(
+        cls, field: str, expected: str, got: object, *, upstream: str | None = None
+    ) -> InvalidArgument:
         """The usual shape of a validation message: what was expected and what came."""
-        return cls(f"expected {expected}, got {got}", field=field)
+        return cls(f"expected {expected}, got {got}", field=field, upstream=upstream)
 
 
 class LossNotFound(ServiceError, KeyError):
@@ -110,6 +132,7 @@ def upstream_raises(site: str, field: str | None = None) -> Iterator[None]:
             f"{site} cannot be evaluated on these inputs (upstream raises the same): "
             f"{type(exc).__name__}: {reason}",
             field=field,
+            upstream=type(exc).__name__ if type(exc).__name__ in UPSTREAM_EXCEPTIONS else None,
         ) from None
 
 
@@ -146,5 +169,15 @@ def abort(context: grpc.ServicerContext, error: ServiceError) -> None:
         )
         detail = AnyMessage()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status.details.append(detail)
+    if getattr(error, "upstream", None):
+        detail = AnyMessage()
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=error.upstream,
+                domain=UPSTREAM_DOMAIN,
+                metadata={"exception": error.upstream},
+            )
+        )
         status.details.append(detail)
     context.abort_with_status(rpc_status.to_status(status))

@@ -22,8 +22,10 @@ def check_class_indices(
     *,
     ignore_index: int | None = None,
     allow_background: bool = False,
+    upstream: str | None = None,
 ) -> None:
-    """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index."""
+    """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index.
+    ``upstream``: the exception class upstream raises for an index out of range, when known."""
     if target.numel() == 0:
         return
     top = num_classes if allow_background else num_classes - 1
@@ -38,7 +40,7 @@ def check_class_indices(
         bad = lo if lo < 0 else hi
         ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
         raise InvalidArgument.expected(
-            field, f"class indices in [0, {top}]{ignore}", f"index {bad}"
+            field, f"class indices in [0, {top}]{ignore}", f"index {bad}", upstream=upstream
         )
 
 

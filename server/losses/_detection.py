@@ -113,4 +113,5 @@ def check_xyxy(boxes: Tensor, field: str, why: str) -> None:
             field + "".join(f"[{i}]" for i in at),
             f"a box with x2 >= x1 and y2 >= y1 ({why})",
             boxes[at].tolist(),
+            upstream="AssertionError",
         )

@@ -69,7 +69,10 @@ def _check_matcher(matcher: Mapping[str, Any]) -> dict[str, Any]:
     if all(w == 0 for w in weights.values()):
         # Upstream: AssertionError "All costs can't be zeros."
         raise InvalidArgument.expected(
-            f"{where}.weight_dict", "at least one non-zero cost", "all costs 0"
+            f"{where}.weight_dict",
+            "at least one non-zero cost",
+            "all costs 0",
+            upstream="AssertionError",
         )
     use_focal = require_key(matcher, "use_focal_loss", where)
     if not isinstance(use_focal, bool):
@@ -89,14 +92,20 @@ def _check_terms(losses: list, weight_dict: Mapping[str, Any], alpha: float) -> 
         if term not in TERMS:
             # Upstream asserts "do you really want to compute {loss} loss?" ('masks' included).
             raise InvalidArgument.expected(
-                f"params.losses[{i}]", f"one of {', '.join(TERMS)}", repr(term)
+                f"params.losses[{i}]",
+                f"one of {', '.join(TERMS)}",
+                repr(term),
+                upstream="AssertionError",
             )
     for key, w in weight_dict.items():
         _number(w, f"params.weight_dict.{key}")
     if "focal" in losses and not (0 <= alpha <= 1) and alpha != -1:
         # torchvision's sigmoid_focal_loss refuses such an alpha with ValueError.
         raise InvalidArgument.expected(
-            "params.alpha", "a value in [0, 1] or -1 (the 'focal' term)", alpha
+            "params.alpha",
+            "a value in [0, 1] or -1 (the 'focal' term)",
+            alpha,
+            upstream="ValueError",
         )
     return list(losses)
 
@@ -173,6 +182,7 @@ def _dn_indices(
                 field,
                 f"{num_gt * groups} indices (n_gt {num_gt} x dn_num_group {groups})",
                 f"{idx.shape[0]}",
+                upstream="AssertionError",
             )
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_dn):
             raise InvalidArgument.expected(

@@ -125,7 +125,10 @@ def _index_target(target: Tensor, logits: Tensor, field: str, ignore_index: int)
             f"shape {list(target.shape)}",
         )
     num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-    check_class_indices(target, num_classes, field, ignore_index=ignore_index)
+    # torch's nll/cross-entropy kernels: IndexError "Target k is out of bounds" (CPU).
+    check_class_indices(
+        target, num_classes, field, ignore_index=ignore_index, upstream="IndexError"
+    )
 
 
 def _index_mean_nan_note(target: Tensor, weight: Tensor | None, ignore_index: int) -> list[str]:
@@ -450,7 +453,7 @@ def sqr_hinge(input: Tensor, target: Tensor) -> Tensor | LossOutput:
             raise InvalidArgument.expected(
                 "target", f"{n} class indices (one per input row)", f"shape {list(target.shape)}"
             )
-        check_class_indices(target, c, "target")
+        check_class_indices(target, c, "target", upstream="RuntimeError")  # F.one_hot's
         code = torch.full((n, c), -1.0, dtype=torch.float32, device=target.device)
         code.scatter_(1, target.unsqueeze(1), 1.0)
     elif target.dim() == 2:

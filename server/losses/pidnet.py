@@ -162,7 +162,11 @@ def pidnet_loss(
         )
     # Both heads are scored against the same labels: each must be a valid class of both.
     check_class_indices(
-        labels, min(num_classes, extra_p.shape[1]), "target.target", ignore_index=ignore_index
+        labels,
+        min(num_classes, extra_p.shape[1]),
+        "target.target",
+        ignore_index=ignore_index,
+        upstream="IndexError",  # torch's cross-entropy kernel
     )
 
     size = labels.shape[-2:]

@@ -456,7 +456,10 @@ def distribution_focal_loss(
         bad = target[~((target >= 0) & (target < top))][0].item()
         # Upstream indexes bin floor(y) + 1: y >= n (or y < 0) is an IndexError there.
         raise InvalidArgument.expected(
-            "target", f"distances y with 0 <= y < {top} (pred has {top + 1} bins)", bad
+            "target",
+            f"distances y with 0 <= y < {top} (pred has {top + 1} bins)",
+            bad,
+            upstream="IndexError",
         )
     left = target.long()
     right = left + 1
