@@ -248,10 +248,45 @@ def _pidnet(args: list[Any], kwargs: Mapping[str, Any]) -> int:
     return pixels * (channels * 4 * 6 + 64)
 
 
+def _detr(args: list[Any], kwargs: Mapping[str, Any]) -> int:
+    out, target = _arg(args, kwargs, 0, "out"), _arg(args, kwargs, 1, "target")
+    pred = out.get("pred") if isinstance(out, Mapping) else None
+    if not isinstance(pred, Tensor) or pred.dim() != 3:
+        return 0
+    queries = pred.shape[1]
+    aux = out.get("aux_pred")
+    for layer in aux if isinstance(aux, (list, tuple)) else ():
+        logits = layer.get("pred_logits") if isinstance(layer, Mapping) else None
+        if isinstance(logits, Tensor) and logits.dim() == 3:
+            queries = max(queries, logits.shape[1])
+    gts = sum(_gt_counts(target))
+    # One layer's matching at a time: (B * Q, total GT) cost matrices (class, L1, pairwise GIoU,
+    # their sum; ~25 temporaries in the outputs' dtype) and the float64 copy scipy reads.
+    return pred.shape[0] * queries * gts * (25 * pred.element_size() + 8)
+
+
+def _yolov9(args: list[Any], kwargs: Mapping[str, Any]) -> int:
+    out, target = _arg(args, kwargs, 0, "out"), _arg(args, kwargs, 1, "target")
+    levels = out.get("pred") if isinstance(out, Mapping) else None
+    if isinstance(levels, Mapping):
+        levels = levels.get("outputs")
+    anchors, batch, size = 0, 0, 4
+    for level in levels if isinstance(levels, (list, tuple)) else ():
+        if isinstance(level, Tensor) and level.dim() == 4:
+            anchors += level.shape[2] * level.shape[3]
+            batch, size = level.shape[0], max(4, level.element_size())
+    gts = max(_gt_counts(target), default=0)
+    # The assigner's (B, max GT, anchors) CIoU, inside, class-probability, metric and top-k
+    # matrices: ~40 temporaries, float32 (float64 for a float64 call).
+    return batch * gts * anchors * 40 * size
+
+
 ESTIMATORS: dict[str, Callable[[list[Any], Mapping[str, Any]], int]] = {
     "yolox_loss": _yolox,
     "retinanet_loss": _retinanet,
     "pidnet_loss": _pidnet,
+    "detr_loss": _detr,
+    "yolov9_loss": _yolov9,
 }
 
 

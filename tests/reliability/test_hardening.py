@@ -140,6 +140,42 @@ def _pidnet_bomb() -> pb.ComputeRequest:
     return build_request("pidnet_loss", {}, (out, target), {}, ["args[0].pred"])
 
 
+def _detr_bomb() -> pb.ComputeRequest:
+    """A 1.4 MB detr_loss call: 20,000 queries matched to 20,000 GT boxes (B * Q x total GT)."""
+    n = 20_000
+    pred = torch.cat([torch.full((1, n, 4), 0.25), torch.zeros(1, n, 1)], -1)
+    out = {"pred": pred, "aux_pred": None, "dn_aux_pred": None, "dn_meta": None}
+    xy = torch.rand(n, 2) * 500
+    target = {
+        "gt": [{"boxes": torch.cat([xy, xy + 16], 1), "labels": torch.zeros(n, dtype=torch.int64)}],
+        "img_size": 640,
+        "num_classes": 1,
+    }
+    matcher = {"type": "HungarianMatcher", "alpha": 0.25, "gamma": 2.0, "use_focal_loss": True,
+               "weight_dict": {"cost_class": 2, "cost_bbox": 5, "cost_giou": 2}}  # fmt: skip
+    params = {"matcher": matcher, "weight_dict": {"loss_vfl": 1}, "losses": ["vfl"]}
+    return build_request("detr_loss", params, (out, target), {}, ["args[0].pred"])
+
+
+def _yolov9_bomb() -> pb.ComputeRequest:
+    """A 2.5 MB yolov9_loss call: 20,000 GT boxes against 6,400 anchor points (B x G x A)."""
+    g = 20_000
+    pred = [torch.zeros(1, 4 * 16 + 1, 80, 80)]
+    xy = torch.rand(g, 2) * 600
+    target = {
+        "gt": [{"boxes": torch.cat([xy, xy + 16], 1), "labels": torch.zeros(g, dtype=torch.int64)}],
+        "img_size": 640,
+        "num_classes": 1,
+    }
+    return build_request(
+        "yolov9_loss",
+        {"l1_activate_epoch": None},
+        ({"pred": pred}, target),
+        {},
+        ["args[0].pred[0]"],
+    )
+
+
 def _raw_compute(address: str, payload: bytes, timeout: float = 120) -> grpc.RpcError | bytes:
     with grpc.insecure_channel(
         address,
@@ -176,7 +212,9 @@ def _growth_mib(proc) -> float:
     return (rss_kib(proc.proc.pid)[1] - proc.baseline_kib) / 1024
 
 
-@pytest.mark.parametrize("build", [_yolox_bomb, _retinanet_bomb, _pidnet_bomb])
+@pytest.mark.parametrize(
+    "build", [_yolox_bomb, _retinanet_bomb, _pidnet_bomb, _detr_bomb, _yolov9_bomb]
+)
 def test_an_amplifying_request_is_refused_within_the_budget(budget_server, build):
     request = build()
     assert request.ByteSize() < 3 << 20  # small on the wire...
