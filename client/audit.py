@@ -23,8 +23,10 @@ import contextvars
 import csv
 import json
 import math
+import os
 import sys
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -146,6 +148,19 @@ def default_rank() -> int:
     return -1
 
 
+_SESSION: str | None = None
+
+
+def session_id() -> str:
+    """This process's attempt id, sent with every audited call: ``$LOSSD_AUDIT_SESSION`` when set
+    (give every rank of one distributed job the same value), else random, once per process. The
+    server records it, so a run id reused by a new process is told apart (``lossd audit runs``)."""
+    global _SESSION
+    if _SESSION is None or os.environ.get("LOSSD_AUDIT_SESSION"):
+        _SESSION = os.environ.get("LOSSD_AUDIT_SESSION") or uuid.uuid4().hex[:16]
+    return _SESSION
+
+
 def make_context(
     run_id: str, step: int, rank: int | None, micro_batch: int | None, tags: Mapping[str, str]
 ) -> pb.AuditContext:
@@ -155,6 +170,7 @@ def make_context(
         rank=default_rank() if rank is None else rank,
         micro_batch=-1 if micro_batch is None else micro_batch,
         tags=dict(tags),
+        session=session_id() if run_id else "",
     )
 
 
@@ -203,6 +219,10 @@ def record_to_dict(record: pb.AuditRecord) -> dict[str, Any]:
             "encode": record.timings.encode_ns,
         },
         "record_sha256": record.record_sha256,
+        "session": record.session,
+        "seq": record.seq,
+        "prev_sha256": record.prev_sha256,
+        "capture": record.capture,
     }
 
 
@@ -307,9 +327,44 @@ class AuditClient:
     def verify(
         self, run_id: str, steps: Any = None, loss: str | None = None, tolerance: float = 0.0
     ) -> Iterator[pb.VerifyRunResponse]:
-        request = pb.VerifyRunRequest(selector=selector(run_id, steps, loss), tolerance=tolerance)
+        """One message per record (``verify_chain`` adds the run's chain report)."""
+        for message in self.verify_chain(run_id, steps, loss, tolerance):
+            if message.HasField("result"):
+                yield message
+
+    def verify_chain(
+        self,
+        run_id: str,
+        steps: Any = None,
+        loss: str | None = None,
+        tolerance: float = 0.0,
+        checkpoint: pb.AuditCheckpoint | None = None,
+    ) -> Iterator[pb.VerifyRunResponse]:
+        """The records' results, then one message whose ``chain`` reports the run's hash chain
+        (against ``checkpoint`` too, when given: check its signature yourself first)."""
+        request = pb.VerifyRunRequest(
+            selector=selector(run_id, steps, loss), tolerance=tolerance, checkpoint=checkpoint
+        )
         try:
             yield from self._stub.VerifyRun(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def checkpoint(self, run_id: str) -> pb.AuditCheckpoint:
+        """Have the server check the run's chain and sign its head now."""
+        try:
+            return self._stub.Checkpoint(
+                pb.CheckpointRequest(run_id=run_id), timeout=self.timeout, metadata=self._metadata
+            ).checkpoint
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def public_key(self) -> pb.GetPublicKeyResponse:
+        """The server's checkpoint signing key."""
+        try:
+            return self._stub.GetPublicKey(
+                pb.GetPublicKeyRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -321,6 +376,7 @@ CSV_COLUMNS = (
     "id", "request_id", "run_id", "step", "rank", "micro_batch", "time_unix_ns", "loss", "value",
     "non_finite", "device", "dtype", "lossd_version", "torch_version", "peer", "principal",
     "compute_ns", "components", "grad_norms", "tags", "params", "inputs", "record_sha256",
+    "session", "seq", "prev_sha256", "capture",
 )  # fmt: skip
 
 
@@ -387,6 +443,25 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str | None = No
 
     Several records of one step and loss (ranks, micro-batches) are averaged.
     """
+    fig = figure(records, title)  # first: it says when matplotlib is missing
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    run_ids = sorted({r["run_id"] for r in records})
+    all_steps = sorted({r["step"] for r in records})
+    # Machine-readable PNG text chunks: which run and steps the image shows.
+    meta = {
+        "lossd-run": ",".join(run_ids),
+        "lossd-steps": ",".join(map(str, all_steps)),
+        "lossd-records": str(len(records)),
+    }
+    fig.savefig(path, dpi=110, metadata=meta if path.suffix.lower() == ".png" else None)
+    plt.close(fig)
+    return path
+
+
+def figure(records: list[dict[str, Any]], title: str | None = None) -> Any:
+    """The matplotlib figure ``plot`` saves: loss curves, and component curves below them."""
     try:
         import matplotlib
 
@@ -418,22 +493,15 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str | None = No
         if series:
             ax.legend(loc="upper right", fontsize="small")
     axes[-1, 0].set_xlabel("step")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     run_ids = sorted({r["run_id"] for r in records})
     axes[0, 0].set_title(
         title or f"lossd audit: run {', '.join(run_ids) or '(none)'} ({len(records)} records)"
     )
     fig.tight_layout()
-    path = Path(path)
-    all_steps = sorted({r["step"] for r in records})
-    # Machine-readable PNG text chunks: which run and steps the image shows.
-    meta = {
-        "lossd-run": ",".join(run_ids),
-        "lossd-steps": ",".join(map(str, all_steps)),
-        "lossd-records": str(len(records)),
-    }
-    fig.savefig(path, dpi=110, metadata=meta if path.suffix.lower() == ".png" else None)
-    plt.close(fig)
-    return path
+    return fig
 
 
 __all__ = [

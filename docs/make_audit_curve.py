@@ -20,9 +20,7 @@ OUT = Path(__file__).resolve().parent / "audit-curve.png"
 def main(steps: int = 150) -> None:
     with tempfile.TemporaryDirectory() as d:
         running = create_server(
-            ServerConfig(
-                port=0, device="cpu", audit_db=f"{d}/audit.sqlite3", audit_capture="inputs"
-            )
+            ServerConfig(port=0, device="cpu", audit_db=f"{d}/audit.sqlite3", audit_capture="all")
         )
         endpoint = f"127.0.0.1:{running.port}"
         torch.manual_seed(0)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ._malloc import IdleTrimmer, set_mmap_threshold
-from .audit import AuditRecorder, recorder_from_config, store_from_config
+from .audit import AuditRecorder, audit_signer, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .budget import MemoryBudget
 from .config import ServerConfig
@@ -57,6 +57,7 @@ class RunningServer:
     )
     admission: AdmissionInterceptor | None = None
     trimmer: IdleTrimmer | None = None
+    audit_signer: Any = None  # the checkpoint signing key (audit.signing.Signer), with a store
 
     @property
     def address(self) -> str:
@@ -109,6 +110,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     # Opens and migrates the store now: a bad --audit-db fails at start-up, not at the first call.
     recorder = recorder_from_config(config)
     audit_store = store_from_config(config, recorder)
+    signer = audit_signer(config, recorder) if audit_store is not None else None
     metrics = Metrics(
         device=str(engine.device), audit_stats=recorder.stats if recorder is not None else None
     )
@@ -154,7 +156,9 @@ def create_server(config: ServerConfig) -> RunningServer:
     services = [SERVICE_NAME]
     if audit_store is not None:
         # Gated by AuthInterceptor with the audit-read role (security.SERVICE_ROLES).
-        server.add_generic_rpc_handlers((audit_method_handlers(AuditServicer(audit_store)),))
+        server.add_generic_rpc_handlers(
+            (audit_method_handlers(AuditServicer(audit_store, signer, recorder)),)
+        )
         services.append(AUDIT_SERVICE_NAME)
 
     health_servicer = health.HealthServicer()
@@ -196,7 +200,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission,
-        trimmer=trimmer.start(),
+        trimmer=trimmer.start(), audit_signer=signer,
     )  # fmt: skip
 
 
@@ -251,6 +255,9 @@ def serve(config: ServerConfig) -> None:
         metrics_host = config.metrics_host or config.host
         shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
         print(f"lossd metrics on http://{shown}:{running.metrics_port}/metrics", flush=True)
+    if running.audit_signer is not None:
+        # Whoever keeps checkpoints needs this key to check them (also: lossd audit public-key).
+        print(f"lossd {running.audit_signer.describe()}", flush=True)
 
     stopping = threading.Event()
 

@@ -29,7 +29,8 @@ from lossd.client.wire.limits import DecodeLimits
 
 _MB = 1 << 20
 AUDIT_MODES = ("none", "runs", "all")
-AUDIT_CAPTURE_MODES = ("none", "inputs")
+# --audit-capture: all (inputs, its old name), none, sample (1 in 100) or sample:N.
+AUDIT_CAPTURE = r"all|inputs|none|sample(:[1-9]\d*)?"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_THRESHOLD_KB = 32 << 10  # glibc refuses more than HEAP_MAX_SIZE / 2 on 64-bit
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -159,9 +160,10 @@ class ServerConfig:
         "audit store: a SQLite file path or a postgresql:// URL; empty: <data-dir>/audit.sqlite3",
     )
     audit_capture: str = _setting(
-        "none",
-        "store the input tensors of audited calls (for verify): none or inputs",
-        choices=AUDIT_CAPTURE_MODES,
+        "sample:100",
+        "which audited calls keep their input tensors, so verify can recompute them: all, none, or sample:N (each attempt's first call and 1 in N, chosen by a keyed hash of the request id)",
+        pattern=AUDIT_CAPTURE,
+        expected="all, none or sample:N (N >= 1)",
     )
     audit_capture_max_mb: int = _setting(
         1024,
@@ -179,6 +181,15 @@ class ServerConfig:
     )
     audit_queue_timeout_s: float = _setting(
         5.0, "how long an audited call waits for queue space, then fails UNAVAILABLE", min=0
+    )
+    audit_signing_key: str = _setting(
+        "",
+        "Ed25519 key (PKCS#8 PEM) that signs audit checkpoints; empty: <data-dir>/audit-signing.key, generated (mode 0600) at first start",
+    )
+    audit_checkpoint_s: float = _setting(
+        10.0,
+        "how often the heads of runs written since the last checkpoint are signed (also when idle and at shutdown)",
+        min=0.01,
     )
     audit_write_timeout_s: float = _setting(
         30.0,

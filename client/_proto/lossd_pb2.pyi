@@ -30,6 +30,7 @@ class VerifyStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERIFY_STATUS_RECORD_ALTERED: _ClassVar[VerifyStatus]
     VERIFY_STATUS_NOT_CAPTURED: _ClassVar[VerifyStatus]
     VERIFY_STATUS_ERROR: _ClassVar[VerifyStatus]
+    VERIFY_STATUS_CHAIN_BROKEN: _ClassVar[VerifyStatus]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT16: DataType
 DATA_TYPE_BFLOAT16: DataType
@@ -48,6 +49,7 @@ VERIFY_STATUS_INPUT_MISMATCH: VerifyStatus
 VERIFY_STATUS_RECORD_ALTERED: VerifyStatus
 VERIFY_STATUS_NOT_CAPTURED: VerifyStatus
 VERIFY_STATUS_ERROR: VerifyStatus
+VERIFY_STATUS_CHAIN_BROKEN: VerifyStatus
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -106,7 +108,7 @@ class Value(_message.Message):
     def __init__(self, none_value: _Optional[_Union[NoneValue, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., tuple_value: _Optional[_Union[ValueList, _Mapping]] = ..., dict_value: _Optional[_Union[ValueMap, _Mapping]] = ...) -> None: ...
 
 class AuditContext(_message.Message):
-    __slots__ = ("run_id", "step", "rank", "micro_batch", "tags")
+    __slots__ = ("run_id", "step", "rank", "micro_batch", "tags", "session")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,12 +121,14 @@ class AuditContext(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     rank: int
     micro_batch: int
     tags: _containers.ScalarMap[str, str]
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    session: str
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., session: _Optional[str] = ...) -> None: ...
 
 class Autocast(_message.Message):
     __slots__ = ("enabled", "device_type", "dtype")
@@ -433,7 +437,7 @@ class AuditInput(_message.Message):
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., sha256: _Optional[str] = ..., captured: _Optional[bool] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("id", "request_id", "run_id", "step", "rank", "micro_batch", "tags", "time_unix_ns", "peer", "principal", "loss", "params_json", "call_json", "lossd_version", "torch_version", "device", "dtype", "inputs", "value_json", "value", "components", "grad_norms", "non_finite", "timings", "record_sha256")
+    __slots__ = ("id", "request_id", "run_id", "step", "rank", "micro_batch", "tags", "time_unix_ns", "peer", "principal", "loss", "params_json", "call_json", "lossd_version", "torch_version", "device", "dtype", "inputs", "value_json", "value", "components", "grad_norms", "non_finite", "timings", "record_sha256", "session", "seq", "prev_sha256", "capture")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -480,6 +484,10 @@ class AuditRecord(_message.Message):
     NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RECORD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PREV_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
     id: int
     request_id: str
     run_id: str
@@ -505,10 +513,14 @@ class AuditRecord(_message.Message):
     non_finite: bool
     timings: Timings
     record_sha256: str
-    def __init__(self, id: _Optional[int] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., time_unix_ns: _Optional[int] = ..., peer: _Optional[str] = ..., principal: _Optional[str] = ..., loss: _Optional[str] = ..., params_json: _Optional[str] = ..., call_json: _Optional[str] = ..., lossd_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[AuditInput, _Mapping]]] = ..., value_json: _Optional[str] = ..., value: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., non_finite: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., record_sha256: _Optional[str] = ...) -> None: ...
+    session: str
+    seq: int
+    prev_sha256: str
+    capture: str
+    def __init__(self, id: _Optional[int] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., micro_batch: _Optional[int] = ..., tags: _Optional[_Mapping[str, str]] = ..., time_unix_ns: _Optional[int] = ..., peer: _Optional[str] = ..., principal: _Optional[str] = ..., loss: _Optional[str] = ..., params_json: _Optional[str] = ..., call_json: _Optional[str] = ..., lossd_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[AuditInput, _Mapping]]] = ..., value_json: _Optional[str] = ..., value: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., non_finite: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., record_sha256: _Optional[str] = ..., session: _Optional[str] = ..., seq: _Optional[int] = ..., prev_sha256: _Optional[str] = ..., capture: _Optional[str] = ...) -> None: ...
 
 class AuditRunSummary(_message.Message):
-    __slots__ = ("run_id", "records", "first_step", "last_step", "first_time_unix_ns", "last_time_unix_ns", "losses")
+    __slots__ = ("run_id", "records", "first_step", "last_step", "first_time_unix_ns", "last_time_unix_ns", "losses", "sessions")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -516,6 +528,7 @@ class AuditRunSummary(_message.Message):
     FIRST_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     LAST_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     records: int
     first_step: int
@@ -523,7 +536,40 @@ class AuditRunSummary(_message.Message):
     first_time_unix_ns: int
     last_time_unix_ns: int
     losses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., records: _Optional[int] = ..., first_step: _Optional[int] = ..., last_step: _Optional[int] = ..., first_time_unix_ns: _Optional[int] = ..., last_time_unix_ns: _Optional[int] = ..., losses: _Optional[_Iterable[str]] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[AuditSession]
+    def __init__(self, run_id: _Optional[str] = ..., records: _Optional[int] = ..., first_step: _Optional[int] = ..., last_step: _Optional[int] = ..., first_time_unix_ns: _Optional[int] = ..., last_time_unix_ns: _Optional[int] = ..., losses: _Optional[_Iterable[str]] = ..., sessions: _Optional[_Iterable[_Union[AuditSession, _Mapping]]] = ...) -> None: ...
+
+class AuditSession(_message.Message):
+    __slots__ = ("session", "records", "first_step", "last_step", "first_time_unix_ns", "last_time_unix_ns")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    records: int
+    first_step: int
+    last_step: int
+    first_time_unix_ns: int
+    last_time_unix_ns: int
+    def __init__(self, session: _Optional[str] = ..., records: _Optional[int] = ..., first_step: _Optional[int] = ..., last_step: _Optional[int] = ..., first_time_unix_ns: _Optional[int] = ..., last_time_unix_ns: _Optional[int] = ...) -> None: ...
+
+class AuditCheckpoint(_message.Message):
+    __slots__ = ("run_id", "records", "head_sha256", "time_unix_ns", "key_id", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    records: int
+    head_sha256: str
+    time_unix_ns: int
+    key_id: str
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., records: _Optional[int] = ..., head_sha256: _Optional[str] = ..., time_unix_ns: _Optional[int] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditSelector(_message.Message):
     __slots__ = ("run_id", "step_min", "step_max", "loss")
@@ -564,15 +610,17 @@ class GetRecordsResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[AuditRecord, _Mapping]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class VerifyRunRequest(_message.Message):
-    __slots__ = ("selector", "tolerance")
+    __slots__ = ("selector", "tolerance", "checkpoint")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     selector: AuditSelector
     tolerance: float
-    def __init__(self, selector: _Optional[_Union[AuditSelector, _Mapping]] = ..., tolerance: _Optional[float] = ...) -> None: ...
+    checkpoint: AuditCheckpoint
+    def __init__(self, selector: _Optional[_Union[AuditSelector, _Mapping]] = ..., tolerance: _Optional[float] = ..., checkpoint: _Optional[_Union[AuditCheckpoint, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("record_id", "request_id", "step", "loss", "status", "max_rel_dev_float64", "max_rel_dev_device", "tolerance", "message")
+    __slots__ = ("record_id", "request_id", "step", "loss", "status", "max_rel_dev_float64", "max_rel_dev_device", "tolerance", "message", "sampled", "seq", "session")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -582,6 +630,9 @@ class VerifyResult(_message.Message):
     MAX_REL_DEV_DEVICE_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     record_id: int
     request_id: str
     step: int
@@ -591,14 +642,63 @@ class VerifyResult(_message.Message):
     max_rel_dev_device: float
     tolerance: float
     message: str
-    def __init__(self, record_id: _Optional[int] = ..., request_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[str] = ..., status: _Optional[_Union[VerifyStatus, str]] = ..., max_rel_dev_float64: _Optional[float] = ..., max_rel_dev_device: _Optional[float] = ..., tolerance: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    sampled: bool
+    seq: int
+    session: str
+    def __init__(self, record_id: _Optional[int] = ..., request_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[str] = ..., status: _Optional[_Union[VerifyStatus, str]] = ..., max_rel_dev_float64: _Optional[float] = ..., max_rel_dev_device: _Optional[float] = ..., tolerance: _Optional[float] = ..., message: _Optional[str] = ..., sampled: _Optional[bool] = ..., seq: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class VerifyRunResponse(_message.Message):
-    __slots__ = ("result", "done", "total")
+    __slots__ = ("result", "done", "total", "chain")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     result: VerifyResult
     done: int
     total: int
-    def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+    chain: AuditChainReport
+    def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., chain: _Optional[_Union[AuditChainReport, _Mapping]] = ...) -> None: ...
+
+class AuditChainReport(_message.Message):
+    __slots__ = ("records", "head_sha256", "broken_links", "problems", "signed_records", "checkpoint_extended", "unchained_records")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_LINKS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EXTENDED_FIELD_NUMBER: _ClassVar[int]
+    UNCHAINED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: int
+    head_sha256: str
+    broken_links: int
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    signed_records: int
+    checkpoint_extended: bool
+    unchained_records: int
+    def __init__(self, records: _Optional[int] = ..., head_sha256: _Optional[str] = ..., broken_links: _Optional[int] = ..., problems: _Optional[_Iterable[str]] = ..., signed_records: _Optional[int] = ..., checkpoint_extended: _Optional[bool] = ..., unchained_records: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: AuditCheckpoint
+    def __init__(self, checkpoint: _Optional[_Union[AuditCheckpoint, _Mapping]] = ...) -> None: ...
+
+class GetPublicKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPublicKeyResponse(_message.Message):
+    __slots__ = ("key_id", "public_key", "public_key_pem")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    public_key: bytes
+    public_key_pem: str
+    def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., public_key_pem: _Optional[str] = ...) -> None: ...

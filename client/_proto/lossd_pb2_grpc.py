@@ -306,6 +306,16 @@ class AuditServiceStub:
                 request_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.VerifyRunRequest.SerializeToString,
                 response_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.VerifyRunResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/lossd.v1.AuditService/Checkpoint',
+                request_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetPublicKey = channel.unary_unary(
+                '/lossd.v1.AuditService/GetPublicKey',
+                request_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.GetPublicKeyRequest.SerializeToString,
+                response_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.GetPublicKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -333,6 +343,21 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Checks the run's whole chain, then signs and stores a checkpoint of its head;
+        FAILED_PRECONDITION (naming the break) when the chain is broken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPublicKey(self, request, context):
+        """The server's checkpoint signing key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +375,16 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.VerifyRun,
                     request_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.VerifyRunRequest.FromString,
                     response_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.VerifyRunResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.CheckpointRequest.FromString,
+                    response_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'GetPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPublicKey,
+                    request_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.GetPublicKeyRequest.FromString,
+                    response_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.GetPublicKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +469,60 @@ class AuditService:
             '/lossd.v1.AuditService/VerifyRun',
             lossd_dot_client_dot___proto_dot_lossd__pb2.VerifyRunRequest.SerializeToString,
             lossd_dot_client_dot___proto_dot_lossd__pb2.VerifyRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.AuditService/Checkpoint',
+            lossd_dot_client_dot___proto_dot_lossd__pb2.CheckpointRequest.SerializeToString,
+            lossd_dot_client_dot___proto_dot_lossd__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.AuditService/GetPublicKey',
+            lossd_dot_client_dot___proto_dot_lossd__pb2.GetPublicKeyRequest.SerializeToString,
+            lossd_dot_client_dot___proto_dot_lossd__pb2.GetPublicKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,11 +1,15 @@
-"""``lossd audit``: list, show, export, verify and plot the audit trail of a running server.
+"""``lossd audit``: list, show, export, verify and plot the audit trail of a running server;
+sign and fetch checkpoints.
 
 Every subcommand talks to the server over ``lossd.v1.AuditService`` (never to the database), so
 it works the same against SQLite and PostgreSQL and obeys the server's ``audit-read`` role. The
-connection flags are the client's, with the same ``$LOSSD_*`` defaults.
+connection flags are the client's, with the same ``$LOSSD_*`` defaults. A checkpoint's signature
+is checked here, against the public key file the caller trusts, never by the server.
 
-Exit codes: 0 success; 1 ``verify`` found a failing record (each one is named: run, step,
-record id and request id); 2 usage, connection or server errors.
+Exit codes: 0 success; 1 ``verify`` failed (each failing record is named: run, seq, step, record
+id and request id; chain findings and why nothing was recomputed are printed too), or the
+selection matched no records (the same message from show, export, verify and plot);
+2 usage, connection or server errors.
 """
 
 from __future__ import annotations
@@ -23,12 +27,24 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.audit import AuditClient, Progress, export, parse_steps, plot
 from lossd.client.errors import LossdError
 
+from .signing import Checkpoint, load_public_key
+
 FAILING = {
     pb.VERIFY_STATUS_DEVIATION,
     pb.VERIFY_STATUS_INPUT_MISMATCH,
     pb.VERIFY_STATUS_RECORD_ALTERED,
     pb.VERIFY_STATUS_ERROR,
+    pb.VERIFY_STATUS_CHAIN_BROKEN,
 }
+NO_RECORDS = 1  # the exit code of show, export, verify and plot when nothing matched
+
+
+def no_records(args: argparse.Namespace) -> int:
+    print(
+        f"lossd audit {args.command}: no records for run {args.run!r} with that selection",
+        file=sys.stderr,
+    )
+    return NO_RECORDS
 
 
 def status_name(status: int) -> str:
@@ -101,6 +117,27 @@ def parser() -> argparse.ArgumentParser:
         help="count records without captured inputs as failures",
     )
     ver.add_argument("--quiet", action="store_true", help="only failures and the summary")
+    ver.add_argument(
+        "--checkpoint",
+        help="a checkpoint file (lossd audit checkpoint): the stored run must still extend it",
+    )
+    ver.add_argument(
+        "--public-key",
+        help="the server's public key (lossd audit public-key) that must have signed --checkpoint",
+    )
+
+    cp = sub.add_parser(
+        "checkpoint",
+        parents=[conn],
+        help="have the server check a run's chain and sign its head; prints the checkpoint (JSON)",
+    )
+    cp.add_argument("run", help="run id")
+    cp.add_argument("-o", "--output", help="file to write (default: stdout)")
+
+    key = sub.add_parser(
+        "public-key", parents=[conn], help="print the server's checkpoint signing key (PEM)"
+    )
+    key.add_argument("-o", "--output", help="file to write (default: stdout)")
 
     pl = sub.add_parser(
         "plot",
@@ -149,6 +186,17 @@ def cmd_runs(client: AuditClient, args: argparse.Namespace) -> int:
                         "first_time_unix_ns": r.first_time_unix_ns,
                         "last_time_unix_ns": r.last_time_unix_ns,
                         "losses": list(r.losses),
+                        "sessions": [
+                            {
+                                "session": s.session,
+                                "records": s.records,
+                                "first_step": s.first_step,
+                                "last_step": s.last_step,
+                                "first_time_unix_ns": s.first_time_unix_ns,
+                                "last_time_unix_ns": s.last_time_unix_ns,
+                            }
+                            for s in r.sessions
+                        ],
                     }
                 )
             )
@@ -157,12 +205,21 @@ def cmd_runs(client: AuditClient, args: argparse.Namespace) -> int:
         print("no audited runs", file=sys.stderr)
         return 0
     width = max(6, *(len(r.run_id or "(none)") for r in runs))
-    print(f"{'RUN':<{width}}  {'RECORDS':>8}  {'STEPS':<15}  {'LAST WRITTEN':<19}  LOSSES")
+    print(
+        f"{'RUN':<{width}}  {'RECORDS':>8}  {'STEPS':<15}  {'LAST WRITTEN':<19}  {'SESSIONS':>8}  LOSSES"
+    )
     for r in runs:
         steps = f"{r.first_step}..{r.last_step}"
         print(
-            f"{r.run_id or '(none)':<{width}}  {r.records:>8}  {steps:<15}  {_time(r.last_time_unix_ns):<19}  {','.join(r.losses)}"
+            f"{r.run_id or '(none)':<{width}}  {r.records:>8}  {steps:<15}  {_time(r.last_time_unix_ns):<19}  "
+            f"{len(r.sessions):>8}  {','.join(r.losses)}"
         )
+        if len(r.sessions) > 1:  # a reused run id: say which attempt wrote what
+            for s in r.sessions:
+                print(
+                    f"{'':<{width}}  {s.records:>8}  {f'{s.first_step}..{s.last_step}':<15}  "
+                    f"{_time(s.last_time_unix_ns):<19}  session {s.session or '(unnamed)'}"
+                )
     return 0
 
 
@@ -180,12 +237,15 @@ def cmd_show(client: AuditClient, args: argparse.Namespace) -> int:
         comps = " ".join(f"{k}={_num(v)}" for k, v in record["components"].items())
         flag = " NON-FINITE" if record["non_finite"] else ""
         print(
-            f"{record['step']:>6} {record['rank']:>4} {record['micro_batch']:>3}  {record['loss']:<20} {_num(record['value']):>12}  "
+            f"{record['step']:>6} {_known(record['rank']):>4} {_known(record['micro_batch']):>3}  {record['loss']:<20} {_num(record['value']):>12}  "
             f"{record['device']:<7} {record['dtype']:<8} {record['request_id']}{flag}{'  ' + comps if comps else ''}"
         )
-    if count == 0:
-        print(f"no records for run {args.run!r} with that selection", file=sys.stderr)
-    return 0
+    return 0 if count else no_records(args)
+
+
+def _known(index: int) -> str:
+    """A rank or micro-batch; -1 (unknown) as "-"."""
+    return "-" if index < 0 else str(index)
 
 
 def cmd_export(client: AuditClient, args: argparse.Namespace) -> int:
@@ -195,6 +255,8 @@ def cmd_export(client: AuditClient, args: argparse.Namespace) -> int:
         count = export(
             client, args.run, out, args.format, steps=args.step, loss=args.loss, progress=progress
         )
+    if count == 0:
+        return no_records(args)
     print(
         f"{count} records of run {args.run!r} exported{' to ' + args.output if args.output else ''}",
         file=sys.stderr,
@@ -202,21 +264,60 @@ def cmd_export(client: AuditClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _given_checkpoint(args: argparse.Namespace) -> pb.AuditCheckpoint | None | str:
+    """The --checkpoint, its signature checked against --public-key; a str says why it fails."""
+    if not args.checkpoint:
+        return None
+    with open(args.checkpoint) as f:
+        cp = Checkpoint.from_json(f.read(), args.checkpoint)
+    public = load_public_key(args.public_key)
+    from .signing import key_id
+
+    if cp.run_id != args.run:
+        return f"checkpoint {args.checkpoint} is for run {cp.run_id!r}, not {args.run!r}"
+    if not cp.verifies(public):
+        return (
+            f"checkpoint {args.checkpoint} is not signed by the key in {args.public_key} "
+            f"(key {key_id(public)}; the checkpoint names key {cp.key_id}): it proves nothing"
+        )
+    return pb.AuditCheckpoint(
+        run_id=cp.run_id,
+        records=cp.records,
+        head_sha256=cp.head_sha256,
+        time_unix_ns=cp.time_unix_ns,
+        key_id=cp.key_id,
+        signature=cp.signature,
+    )
+
+
 def cmd_verify(client: AuditClient, args: argparse.Namespace) -> int:
+    if bool(args.checkpoint) != bool(args.public_key):
+        print("lossd audit verify: --checkpoint and --public-key go together", file=sys.stderr)
+        return 2
+    given = _given_checkpoint(args)
+    if isinstance(given, str):
+        print(f"FAIL checkpoint: {given}")
+        print(f"verify FAILED for run {args.run!r}: {given}", file=sys.stderr)
+        return 1
     progress = None if args.quiet else Progress("verified", sys.stderr, every=100)
     counts: dict[str, int] = {}
     failures: list[str] = []
-    total = 0
-    for message in client.verify(args.run, args.step, args.loss, args.tolerance):
+    sampled_missing = 0
+    chain = pb.AuditChainReport()
+    for message in client.verify_chain(
+        args.run, args.step, args.loss, args.tolerance, checkpoint=given
+    ):
+        if message.HasField("chain"):
+            chain = message.chain
+            continue
         r = message.result
-        total = message.total
         name = status_name(r.status)
         counts[name] = counts.get(name, 0) + 1
-        failed = r.status in FAILING or (
-            args.require_captured and r.status == pb.VERIFY_STATUS_NOT_CAPTURED
-        )
+        not_captured = r.status == pb.VERIFY_STATUS_NOT_CAPTURED
+        sampled_missing += not_captured and r.sampled
+        failed = r.status in FAILING or (args.require_captured and not_captured)
         devs = f"dev float64 {_dev(r.max_rel_dev_float64)}, device {_dev(r.max_rel_dev_device)}, tol {r.tolerance:g}"
-        line = f"{name:<14} run {args.run} step {r.step} record {r.record_id} request {r.request_id} ({r.loss}): {devs}"
+        line = f"{name:<14} run {args.run} seq {r.seq} step {r.step} record {r.record_id} request {r.request_id} ({r.loss}): {devs}"
         if r.message:
             line += f" - {r.message}"
         if failed:
@@ -224,24 +325,55 @@ def cmd_verify(client: AuditClient, args: argparse.Namespace) -> int:
             print("FAIL " + line)
         elif not args.quiet:
             print("ok   " + line)
-        if progress is not None:
+        if progress is not None and message.total:
             progress.update(message.done, message.total)
     if progress is not None:
         progress.finish()
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    if total == 0 and not counts:
-        print(f"no records for run {args.run!r} with that selection", file=sys.stderr)
-        return 1
+    for problem in chain.problems:
+        print(f"FAIL chain: {problem}")
+    if not counts and not chain.problems:
+        return no_records(args)
+    verified = counts.get("OK", 0)
+    failed_n = len(failures)
+    not_recomputable = counts.get("NOT_CAPTURED", 0)
+    summary = (
+        f"{sum(counts.values())} records: {verified} verified, {failed_n} failed, "
+        f"{not_recomputable} not recomputable; chain of {chain.records} records "
+        + ("intact" if not chain.broken_links else f"with {chain.broken_links} broken links")
+        + (
+            f", signed up to seq {chain.signed_records}"
+            if chain.signed_records
+            else ", not yet signed"
+        )
+        + (", extends the given checkpoint" if chain.checkpoint_extended else "")
+        + (
+            f"; {chain.unchained_records} records from before the chain"
+            if chain.unchained_records
+            else ""
+        )
+    )
+    reasons = []
     if failures:
+        reasons.append(f"{failed_n} of {sum(counts.values())} records failed")
+    reasons.extend(chain.problems)
+    if verified == 0 and counts:
+        reasons.append(
+            "nothing was recomputed: none of the selected records has captured inputs "
+            "(recorded with --audit-capture none, or none of them in the sample); "
+            "only their integrity and the chain were checked"
+        )
+    if sampled_missing:
+        reasons.append(
+            f"{sampled_missing} records chosen for recomputation (the capture sample) could not be "
+            "recomputed: their inputs were not stored (--audit-capture-max-mb reached)"
+        )
+    if reasons:
         print(
-            f"verify FAILED for run {args.run!r}: {len(failures)} of {sum(counts.values())} records failed ({summary})",
+            f"verify FAILED for run {args.run!r}: {'; '.join(reasons)} ({summary})",
             file=sys.stderr,
         )
         return 1
-    print(
-        f"verify passed for run {args.run!r}: {sum(counts.values())} records ({summary})",
-        file=sys.stderr,
-    )
+    print(f"verify passed for run {args.run!r}: {summary}", file=sys.stderr)
     return 0
 
 
@@ -252,15 +384,46 @@ def _dev(x: float) -> str:
 def cmd_plot(client: AuditClient, args: argparse.Namespace) -> int:
     records = list(client.records(args.run, args.step, args.loss))
     if not records:
-        print(
-            f"lossd audit plot: no records for run {args.run!r} with that selection",
-            file=sys.stderr,
-        )
-        return 2
+        return no_records(args)
     path = plot(records, args.output, args.title)
     steps = sorted({r["step"] for r in records})
     print(f"wrote {path} ({len(records)} records, steps {steps[0]}..{steps[-1]})", file=sys.stderr)
     return 0
+
+
+def cmd_checkpoint(client: AuditClient, args: argparse.Namespace) -> int:
+    message = client.checkpoint(args.run)
+    cp = Checkpoint(
+        message.run_id,
+        message.records,
+        message.head_sha256,
+        message.time_unix_ns,
+        message.key_id,
+        message.signature,
+    )
+    _write(args.output, cp.to_json() + "\n")
+    print(
+        f"checkpoint of run {cp.run_id!r}: {cp.records} records, head {cp.head_sha256[:16]}..., "
+        f"signed by key {cp.key_id} at {_time(cp.time_unix_ns)}"
+        + (f"; written to {args.output}" if args.output else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_public_key(client: AuditClient, args: argparse.Namespace) -> int:
+    key = client.public_key()
+    _write(args.output, key.public_key_pem)
+    print(f"audit signing key {key.key_id}", file=sys.stderr)
+    return 0
+
+
+def _write(path: str | None, text: str) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
 
 
 COMMANDS = {
@@ -269,6 +432,8 @@ COMMANDS = {
     "export": cmd_export,
     "verify": cmd_verify,
     "plot": cmd_plot,
+    "checkpoint": cmd_checkpoint,
+    "public-key": cmd_public_key,
 }
 
 
@@ -292,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RuntimeError,
         OSError,
         ValueError,
-    ) as exc:  # matplotlib missing, unwritable -o, bad file
+    ) as exc:  # matplotlib missing, unwritable -o, bad checkpoint or key file
         print(f"lossd audit {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -17,29 +17,67 @@ commit fails UNAVAILABLE with a message naming the audit store and the database'
 server keeps serving and the next write opens a fresh connection, so it recovers on its own once
 the store is writable again. A batch that fails is retried one record at a time, so one record
 the database refuses cannot take the other callers' records down with it.
+
+Capture (``--audit-capture``): ``all``; ``none``; or ``sample:N`` (the default, N = 100): the
+inputs of each attempt's first call (the first call of a run id and session this process sees)
+and of 1 in N calls, chosen by HMAC-SHA256 of the request id under a secret derived from the
+signing key, so a client, which picks its request ids, can neither predict nor steer which of
+its calls are recomputable. Each record says why it was captured (``capture``).
+
+Checkpoints: after a commit the writer knows the head it left each run at; every
+``--audit-checkpoint-s`` (when the writer is idle too, so a run that ended is signed within that
+time) and when the recorder closes, it signs the heads that moved and stores the checkpoints.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AUDIT_CAPTURE_MODES as CAPTURE_MODES
 from ..config import AUDIT_MODES as MODES
+from ..config import SettingError
 from ..errors import Unavailable
 from ..security import current_principal
 from .capture import Capture
 from .records import Pending, build
-from .store import Store
+from .signing import Signer
+from .store import Store, StoredCheckpoint
 
 log = logging.getLogger("lossd.audit")
 
+DEFAULT_SAMPLE = 100
 MAX_BATCH = 512
 RETENTION_EVERY_S = 3600.0
+
+
+def parse_capture(text: str) -> int:
+    """``--audit-capture`` as 1 in how many calls is sampled: 1 ``all`` (``inputs``, its old
+    name), 0 ``none``, N ``sample:N`` (``sample``: 1 in 100)."""
+    text = text.strip()
+    if text in ("all", "inputs"):
+        return 1
+    if text == "none":
+        return 0
+    if text == "sample":
+        return DEFAULT_SAMPLE
+    if text.startswith("sample:"):
+        try:
+            n = int(text.removeprefix("sample:"))
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    raise SettingError(
+        f"--audit-capture must be all, none or sample:N (N >= 1; sample alone means sample:{DEFAULT_SAMPLE}), got {text!r}"
+    )
 
 
 @dataclass
@@ -66,22 +104,29 @@ class AuditRecorder:
         queue_size: int = 4096,
         queue_timeout_s: float = 5.0,
         write_timeout_s: float = 30.0,
+        signer: Signer | None = None,
+        checkpoint_s: float = 10.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"--audit must be one of {', '.join(MODES)}, got {mode!r}")
-        if capture not in CAPTURE_MODES:
-            raise ValueError(
-                f"--audit-capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}"
-            )
         if queue_size < 1:
             raise ValueError(f"--audit-queue-size must be at least 1, got {queue_size}")
+        if not checkpoint_s > 0:
+            raise SettingError(f"--audit-checkpoint-s must be > 0, got {checkpoint_s}")
         self.store = store
         self.mode = mode
+        self.sample_every = parse_capture(capture)
         self.capture = (
-            Capture(capture_max_mb << 20, store.stored_blob_bytes())
-            if capture == "inputs"
-            else None
+            Capture(capture_max_mb << 20, store.stored_blob_bytes()) if self.sample_every else None
         )
+        self.signer = signer or Signer.generate()
+        self._sample_key = hashlib.sha256(b"lossd-sample-v1\0" + self.signer.secret()).digest()
+        self._attempts: OrderedDict[tuple[str, str], None] = OrderedDict()  # seen (run, session)
+        self._attempts_lock = threading.Lock()
+        self.checkpoint_s = checkpoint_s
+        self._moved: dict[str, tuple[int, str]] = {}  # run -> head not yet signed (writer only)
+        self._next_checkpoint = time.monotonic() + checkpoint_s
+        self._signed = 0
         self.retention_ns = int(retention_days * 86400e9)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.queue_size = queue_size
@@ -106,6 +151,23 @@ class AuditRecorder:
     def wants(self, run_id: str) -> bool:
         return self.mode == "all" or (self.mode == "runs" and bool(run_id))
 
+    def capture_reason(self, request_id: str, run_id: str, session: str) -> str:
+        """Why this call's inputs are captured: "all", "first", "sample"; "" when they are not."""
+        if self.capture is None:
+            return ""
+        if self.sample_every == 1:
+            return "all"
+        with self._attempts_lock:
+            first = (run_id, session) not in self._attempts
+            self._attempts[(run_id, session)] = None
+            self._attempts.move_to_end((run_id, session))
+            if len(self._attempts) > 100_000:
+                self._attempts.popitem(last=False)
+        if first:
+            return "first"
+        mac = hmac.new(self._sample_key, request_id.encode(), hashlib.sha256).digest()
+        return "sample" if int.from_bytes(mac[:8], "big") % self.sample_every == 0 else ""
+
     def after_compute(self, event: Any) -> None:
         """``after_compute`` hook: record the evaluation, wait for its commit, mark the response."""
         call = event.call
@@ -115,6 +177,7 @@ class AuditRecorder:
             raise Unavailable("the server is shutting down; the audit trail takes no more records")
         principal = current_principal()
         result = event.result
+        reason = self.capture_reason(call.request_id, call.audit.run_id, call.audit.session)
         pending = build(
             request_id=call.request_id,
             audit=call.audit,
@@ -130,7 +193,8 @@ class AuditRecorder:
             timings=event.response.timings,
             peer=_peer(event.context),
             principal=principal.name if principal is not None else "",
-            capture=self.capture,
+            capture=self.capture if reason else None,
+            capture_reason=reason,
         )
         item = _Item(pending)
         try:
@@ -179,7 +243,11 @@ class AuditRecorder:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self.queue.get()
+            try:
+                first = self.queue.get(timeout=max(0.01, self._next_checkpoint - time.monotonic()))
+            except queue.Empty:
+                self._maybe_checkpoint()
+                continue
             batch: list[_Item] = []
             if first is _STOP:
                 stopping = True
@@ -197,6 +265,36 @@ class AuditRecorder:
             if batch:
                 self._write(batch)
             self._maybe_retain()
+            self._maybe_checkpoint(force=stopping)
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        if not self._moved or (not force and time.monotonic() < self._next_checkpoint):
+            return
+        self._next_checkpoint = time.monotonic() + self.checkpoint_s
+        moved, self._moved = self._moved, {}
+        for run_id, (records, head) in sorted(moved.items()):
+            try:
+                self.store_checkpoint(run_id, records, head)
+            except Exception:  # noqa: BLE001 - signed again at the next interval
+                log.exception("audit checkpoint of run %r failed", run_id)
+                self._moved.setdefault(run_id, (records, head))
+
+    def store_checkpoint(self, run_id: str, records: int, head: str) -> Any:
+        """Sign (run, records, head) now and store the checkpoint; returns it."""
+        cp = self.signer.sign(run_id, records, head, time.time_ns())
+        self.store.add_checkpoint(
+            StoredCheckpoint(
+                run_id,
+                records,
+                head,
+                cp.time_unix_ns,
+                cp.key_id,
+                base64.b64encode(cp.signature).decode(),
+            )
+        )
+        with self._stats_lock:
+            self._signed += 1
+        return cp
 
     def _write(self, batch: list[_Item]) -> None:
         try:
@@ -226,6 +324,7 @@ class AuditRecorder:
         elapsed = time.perf_counter() - start
         if missing and self.capture is not None:
             self.capture.forget(sorted(missing))  # the next call sending them stores them again
+        self._moved.update(self.store.last_heads)
         with self._stats_lock:
             self._written += self.store.last_inserted
             self._duplicates += len(batch) - self.store.last_inserted
@@ -306,6 +405,7 @@ class AuditRecorder:
                 "write_seconds_count": self._batches,
                 "last_write_seconds": self._last_write_s,
                 "capture_skipped": self.capture.skipped if self.capture is not None else 0,
+                "checkpoints_signed": self._signed,
             }
 
 

@@ -63,13 +63,20 @@ class Row:
     compute_ns: int
     encode_ns: int
     captured: bool
+    session: str = ""  # the client's attempt: tells a reused run id apart
+    capture: str = ""  # why the inputs were captured: "all", "first", "sample"; "" not chosen
+    seq: int = 0  # position in the run's chain, from 1 (0: written before schema 2, unchained)
+    prev_sha256: str = ""  # record_sha256 of the run's record at seq - 1 (GENESIS for seq 1)
     record_sha256: str = ""
     id: int = 0
 
     def digest(self) -> str:
-        """SHA-256 over every stored field but ``id`` and the digest itself."""
-        h = hashlib.sha256(b"lossd-record-v1")
-        for name in HASHED:
+        """SHA-256 over every stored field but ``id`` and the digest itself: the chain link,
+        since it covers ``seq`` and ``prev_sha256``. A record from before schema 2 (seq 0) keeps
+        the digest it was written with, over the version-1 fields."""
+        chained = self.seq > 0
+        h = hashlib.sha256(b"lossd-record-v2" if chained else b"lossd-record-v1")
+        for name in HASHED if chained else HASHED_V1:
             value = getattr(self, name)
             if isinstance(value, bool):
                 value = int(value)
@@ -92,6 +99,9 @@ class Row:
 
 COLUMNS = tuple(f.name for f in fields(Row) if f.name != "id")
 HASHED = tuple(c for c in COLUMNS if c != "record_sha256")
+HASHED_V1 = tuple(c for c in HASHED if c not in ("session", "capture", "seq", "prev_sha256"))
+# What the first record of every run links to.
+GENESIS = "0" * 64
 
 
 @dataclass
@@ -229,6 +239,7 @@ def build(
     peer: str,
     principal: str,
     capture: Callable[[str, Tensor], tuple[bool, Blob | None]] | None = None,
+    capture_reason: str = "",
 ) -> Pending:
     """Build the record of one evaluation. ``capture(digest, tensor)`` stores an input and says
     whether it is stored (``(stored, new_blob)``); None records digests only."""
@@ -299,8 +310,10 @@ def build(
         compute_ns=int(timings.compute_ns),
         encode_ns=int(timings.encode_ns),
         captured=bool(inputs) and all(i["captured"] for i in inputs),
+        session=str(getattr(audit, "session", "")),
+        capture=capture_reason if capture is not None else "",
     )
-    row.record_sha256 = row.digest()
+    # seq, prev_sha256 and the digest are set by the store, under the run's chain lock.
     return Pending(row, blobs, referenced)
 
 
@@ -312,7 +325,6 @@ def uncapture(row: Row, digests: set[str]) -> None:
             i["captured"] = False
     row.inputs = dumps(inputs)
     row.captured = bool(inputs) and all(i["captured"] for i in inputs)
-    row.record_sha256 = row.digest()
 
 
 def raw_bytes(tensor: Tensor) -> memoryview:

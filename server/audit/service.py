@@ -19,11 +19,23 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
-from ..errors import InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..service import handles_errors, handles_stream_errors, safe_parser
+from .chain import ChainWalk, Report, newest_signed
 from .records import Row, value_scalar
+from .signing import Checkpoint, Signer, public_pem, raw_public
 from .store import Selector, Store
-from .verify import DEVIATION, ERROR, INPUT_MISMATCH, NOT_CAPTURED, OK, RECORD_ALTERED, Verifier
+from .verify import (
+    CHAIN_BROKEN,
+    DEVIATION,
+    ERROR,
+    INPUT_MISMATCH,
+    NOT_CAPTURED,
+    OK,
+    RECORD_ALTERED,
+    Outcome,
+    Verifier,
+)
 
 AUDIT_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AuditService"].full_name
 
@@ -34,6 +46,7 @@ _STATUS = {
     RECORD_ALTERED: pb.VERIFY_STATUS_RECORD_ALTERED,
     NOT_CAPTURED: pb.VERIFY_STATUS_NOT_CAPTURED,
     ERROR: pb.VERIFY_STATUS_ERROR,
+    CHAIN_BROKEN: pb.VERIFY_STATUS_CHAIN_BROKEN,
 }
 
 
@@ -75,6 +88,10 @@ def to_message(row: Row) -> pb.AuditRecord:
             decode_ns=row.decode_ns, compute_ns=row.compute_ns, encode_ns=row.encode_ns
         ),
         record_sha256=row.record_sha256,
+        session=row.session,
+        seq=row.seq,
+        prev_sha256=row.prev_sha256,
+        capture=row.capture,
     )
     for i in json.loads(row.inputs):
         record.inputs.add(
@@ -87,9 +104,45 @@ def to_message(row: Row) -> pb.AuditRecord:
     return record
 
 
+def checkpoint_message(cp: Checkpoint) -> pb.AuditCheckpoint:
+    return pb.AuditCheckpoint(
+        run_id=cp.run_id,
+        records=cp.records,
+        head_sha256=cp.head_sha256,
+        time_unix_ns=cp.time_unix_ns,
+        key_id=cp.key_id,
+        signature=cp.signature,
+    )
+
+
+def checkpoint_of(message: pb.AuditCheckpoint) -> Checkpoint:
+    return Checkpoint(
+        message.run_id,
+        message.records,
+        message.head_sha256,
+        message.time_unix_ns,
+        message.key_id,
+        message.signature,
+    )
+
+
+def chain_message(report: Report) -> pb.AuditChainReport:
+    return pb.AuditChainReport(
+        records=report.records,
+        head_sha256=report.head_sha256,
+        broken_links=report.broken_links,
+        problems=report.problems,
+        signed_records=report.signed_records,
+        checkpoint_extended=report.checkpoint_extended,
+        unchained_records=report.unchained_records,
+    )
+
+
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, signer: Signer | None = None, recorder: Any = None) -> None:
         self.store = store
+        self.signer = signer
+        self.recorder = recorder  # signs through it, so its checkpoint counter sees them
         self.verifier = Verifier(store)
 
     @handles_errors
@@ -108,6 +161,17 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 first_time_unix_ns=r.first_time_ns,
                 last_time_unix_ns=r.last_time_ns,
                 losses=list(r.losses),
+                sessions=[
+                    pb.AuditSession(
+                        session=s.session,
+                        records=s.records,
+                        first_step=s.first_step,
+                        last_step=s.last_step,
+                        first_time_unix_ns=s.first_time_ns,
+                        last_time_unix_ns=s.last_time_ns,
+                    )
+                    for s in r.sessions
+                ],
             )
         return response
 
@@ -128,16 +192,22 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         if not (request.tolerance >= 0 and math.isfinite(request.tolerance)):
             raise InvalidArgument.expected("tolerance", "a finite number >= 0", request.tolerance)
         sel = selector(request.selector)
+        given = checkpoint_of(request.checkpoint) if request.HasField("checkpoint") else None
         with self.store.reader() as conn:
             total = self.store.count(sel, conn)
-            yield from self._verified(sel, request.tolerance, total, conn)
+            yield from self._verified(sel, request.tolerance, total, conn, given)
 
     def _verified(
-        self, sel: Selector, tolerance: float, total: int, conn: Any
+        self, sel: Selector, tolerance: float, total: int, conn: Any, given: Checkpoint | None
     ) -> Iterator[pb.VerifyRunResponse]:
-        outcomes = self.verifier.verify(self.store.records(sel, conn), tolerance, conn)
-        for done, outcome in enumerate(outcomes, start=1):
+        done = 0
+        for found in self.verifier.verify_run(sel, tolerance, conn, self.signer, given):
+            if isinstance(found, Report):
+                yield pb.VerifyRunResponse(chain=chain_message(found), done=done, total=total)
+                return
+            outcome: Outcome = found
             row = outcome.row
+            done += sel.matches(row)
             yield pb.VerifyRunResponse(
                 result=pb.VerifyResult(
                     record_id=row.id,
@@ -149,10 +219,54 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                     max_rel_dev_device=outcome.dev_device,
                     tolerance=outcome.tolerance,
                     message=outcome.message,
+                    sampled=bool(row.capture),
+                    seq=row.seq,
+                    session=row.session,
                 ),
                 done=done,
                 total=total,
             )
+
+    @handles_errors
+    def Checkpoint(
+        self, request: pb.CheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.CheckpointResponse:
+        """Walk the run's whole chain; sign its head only when every link holds and it extends
+        the newest checkpoint this key signed (never legitimise a tampered store)."""
+        if self.signer is None or self.recorder is None:
+            raise Unavailable("this server holds no audit signing key (it records no trail)")
+        run_id = request.run_id
+        with self.store.reader() as conn:
+            walk = ChainWalk(
+                run_id, newest_signed(self.store.checkpoints(run_id, conn), self.signer)
+            )
+            first = ""
+            for row in self.store.chain(run_id, conn):
+                problem = walk.link(row)
+                if not first and (problem or row.digest() != row.record_sha256):
+                    first = problem or f"record {row.id} (seq {row.seq}) was edited"
+            report = walk.finish(self.store.chain_head(run_id, conn))
+        if report.records == 0:
+            raise FailedPrecondition(f"no chained records for run {run_id!r}: nothing to sign")
+        if first or report.problems:
+            raise FailedPrecondition(
+                f"run {run_id!r}: the stored chain is broken, not signing it: "
+                + "; ".join([first] if first else report.problems)
+            )
+        cp = self.recorder.store_checkpoint(run_id, report.records, report.head_sha256)
+        return pb.CheckpointResponse(checkpoint=checkpoint_message(cp))
+
+    @handles_errors
+    def GetPublicKey(
+        self, request: pb.GetPublicKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GetPublicKeyResponse:
+        if self.signer is None:
+            raise Unavailable("this server holds no audit signing key")
+        return pb.GetPublicKeyResponse(
+            key_id=self.signer.key_id,
+            public_key=raw_public(self.signer.public),
+            public_key_pem=public_pem(self.signer.public),
+        )
 
 
 def audit_method_handlers(servicer: AuditServicer) -> grpc.GenericRpcHandler:
@@ -173,6 +287,16 @@ def audit_method_handlers(servicer: AuditServicer) -> grpc.GenericRpcHandler:
                 servicer.VerifyRun,
                 request_deserializer=safe_parser(pb.VerifyRunRequest),
                 response_serializer=pb.VerifyRunResponse.SerializeToString,
+            ),
+            "Checkpoint": grpc.unary_unary_rpc_method_handler(
+                servicer.Checkpoint,
+                request_deserializer=safe_parser(pb.CheckpointRequest),
+                response_serializer=pb.CheckpointResponse.SerializeToString,
+            ),
+            "GetPublicKey": grpc.unary_unary_rpc_method_handler(
+                servicer.GetPublicKey,
+                request_deserializer=safe_parser(pb.GetPublicKeyRequest),
+                response_serializer=pb.GetPublicKeyResponse.SerializeToString,
             ),
         },
     )

@@ -10,6 +10,14 @@ fsynced) before ``write`` returns, so a record whose call answered ``audited=tru
 ``kill -9`` and power loss. (NORMAL would survive kill -9 too, since the WAL is in the OS page
 cache, but not power loss; batching already makes FULL cheap.) PostgreSQL commits are durable
 by its own settings (``synchronous_commit=on``, the default).
+
+The hash chain (one per run): ``write`` gives each new record the next ``seq`` of its run and the
+``record_sha256`` of the record before it, under a lock on the run's row in ``audit_chains``
+(PostgreSQL: ``SELECT ... FOR UPDATE``, runs locked in sorted order so two replicas never
+deadlock; SQLite: ``BEGIN IMMEDIATE``, one writer per database). Appends to one run are thereby
+serialised across every writer on the database, so a run has one linear chain whichever
+replicas served it, and one checkpoint covers all of it; different runs never wait on each
+other. The head row is updated in the same transaction as the records.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .records import COLUMNS, Pending, Row, uncapture
+from .records import COLUMNS, GENESIS, Pending, Row, uncapture
 
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # records per read query (keyset pagination keeps reads short)
@@ -39,6 +47,24 @@ class Selector:
     step_max: int | None = None
     loss: str = ""
 
+    def matches(self, row: Row) -> bool:
+        return (
+            row.run_id == self.run_id
+            and (self.step_min is None or row.step >= self.step_min)
+            and (self.step_max is None or row.step <= self.step_max)
+            and (not self.loss or row.loss == self.loss)
+        )
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    session: str
+    records: int
+    first_step: int
+    last_step: int
+    first_time_ns: int
+    last_time_ns: int
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -49,6 +75,17 @@ class RunSummary:
     first_time_ns: int
     last_time_ns: int
     losses: tuple[str, ...]
+    sessions: tuple[SessionSummary, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    run_id: str
+    records: int
+    head_sha256: str
+    signed_at_ns: int
+    key_id: str
+    signature: str  # base64
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -80,6 +117,7 @@ class Store:
         self.last_inserted = (
             0  # records the last write inserted (written by the writer thread only)
         )
+        self.last_heads: dict[str, tuple[int, str]] = {}  # run -> (records, head) after it
 
     @property
     def name(self) -> str:
@@ -92,6 +130,11 @@ class Store:
 
     def _lock_schema(self, cur: Any) -> None:
         """Serialize concurrent migrations (several replicas starting at once)."""
+
+    def _begin_write(self, cur: Any) -> None:
+        """Start the write transaction so the chain heads read in it cannot change under it."""
+
+    for_update = ""  # the dialect's row lock on a SELECT of the chain head
 
     # -- shared --------------------------------------------------------------------------
     def sql(self, text: str) -> str:
@@ -138,9 +181,9 @@ class Store:
         """
         cols = ", ".join(COLUMNS)
         marks = ", ".join("?" for _ in COLUMNS)
-        insert = self.sql(
-            f"INSERT INTO audit_records ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING"
-        )
+        # No ON CONFLICT: every inserted row takes a seq, so a row that is not inserted must fail
+        # the transaction (the recorder then retries one by one, and the retry skips it).
+        insert = self.sql(f"INSERT INTO audit_records ({cols}) VALUES ({marks})")
         insert_blob = self.sql(
             "INSERT INTO audit_blobs (digest, codec, raw_bytes, stored_bytes, data, created_at_ns, last_used_ns) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING"
@@ -149,6 +192,7 @@ class Store:
         now = time.time_ns()
         with self._writing() as conn:
             cur = conn.cursor()
+            self._begin_write(cur)
             blobs = [
                 (b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now)
                 for p in batch
@@ -174,13 +218,78 @@ class Store:
                 for p in batch:
                     if missing.intersection(p.referenced):
                         uncapture(p.row, missing)
-            cur.executemany(insert, [p.row.values() for p in batch])
-            # Rows actually inserted (a retried request id inserts nothing); -1 if unknown.
-            self.last_inserted = (
-                cur.rowcount if cur.rowcount is not None and cur.rowcount >= 0 else len(batch)
+            rows = self._new_rows(cur, [p.row for p in batch])
+            heads = self._chain(cur, rows, now)
+            if rows:
+                cur.executemany(insert, [r.values() for r in rows])
+            conn.commit()
+            self.last_inserted = len(rows)  # a retried request id inserts nothing
+            self.last_heads = heads
+            return missing
+
+    def _new_rows(self, cur: Any, rows: list[Row]) -> list[Row]:
+        """The rows whose request id is not stored yet (nor earlier in the batch)."""
+        present: set[str] = set()
+        ids = sorted({r.request_id for r in rows})
+        for i in range(0, len(ids), 200):
+            chunk = ids[i : i + 200]
+            cur.execute(
+                self.sql(
+                    f"SELECT request_id FROM audit_records WHERE request_id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            present.update(r[0] for r in cur.fetchall())
+        fresh = []
+        for r in rows:
+            if r.request_id not in present:
+                present.add(r.request_id)
+                fresh.append(r)
+        return fresh
+
+    def _chain(self, cur: Any, rows: list[Row], now: int) -> dict[str, tuple[int, str]]:
+        """Link ``rows`` onto their runs' chains (in batch order), holding each run's head row
+        locked until the commit; returns run -> (records, head) as this transaction leaves it."""
+        heads: dict[str, tuple[int, str]] = {}
+        for run_id in sorted({r.run_id for r in rows}):  # one lock order for every writer
+            cur.execute(
+                self.sql(
+                    "INSERT INTO audit_chains (run_id, records, head_sha256, updated_at_ns) "
+                    "VALUES (?, 0, ?, ?) ON CONFLICT (run_id) DO NOTHING"
+                ),
+                (run_id, GENESIS, now),
+            )
+            cur.execute(
+                self.sql(
+                    f"SELECT records, head_sha256 FROM audit_chains WHERE run_id = ?{self.for_update}"
+                ),
+                (run_id,),
+            )
+            records, head = cur.fetchone()
+            heads[run_id] = (int(records), head)
+        for r in rows:
+            records, head = heads[r.run_id]
+            r.seq, r.prev_sha256 = records + 1, head
+            r.record_sha256 = r.digest()
+            heads[r.run_id] = (r.seq, r.record_sha256)
+        cur.executemany(
+            self.sql(
+                "UPDATE audit_chains SET records = ?, head_sha256 = ?, updated_at_ns = ? WHERE run_id = ?"
+            ),
+            [(n, h, now, run_id) for run_id, (n, h) in heads.items()],
+        )
+        return heads
+
+    def add_checkpoint(self, cp: StoredCheckpoint) -> None:
+        with self._writing() as conn:
+            conn.cursor().execute(
+                self.sql(
+                    "INSERT INTO audit_checkpoints (run_id, records, head_sha256, signed_at_ns, key_id, signature) "
+                    "VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                (cp.run_id, cp.records, cp.head_sha256, cp.signed_at_ns, cp.key_id, cp.signature),
             )
             conn.commit()
-            return missing
 
     def delete_unused_blobs(self, older_than_ns: int) -> tuple[list[str], int]:
         """Retention: delete captured inputs not used since ``older_than_ns``; (digests, bytes)."""
@@ -263,6 +372,14 @@ class Store:
             "SELECT DISTINCT run_id, loss FROM audit_records ORDER BY run_id, loss"
         ):
             losses.setdefault(run_id, []).append(loss)
+        sessions: dict[str, list[SessionSummary]] = {}
+        for s in self._query(
+            "SELECT run_id, session, COUNT(*), MIN(step), MAX(step), MIN(recorded_at_ns), MAX(recorded_at_ns) "
+            "FROM audit_records GROUP BY run_id, session ORDER BY run_id, MIN(recorded_at_ns), session"
+        ):
+            sessions.setdefault(s[0], []).append(
+                SessionSummary(s[1], *(int(x) for x in s[2:]))  # type: ignore[arg-type]
+            )
         return [
             RunSummary(
                 r[0],
@@ -272,6 +389,7 @@ class Store:
                 int(r[4]),
                 int(r[5]),
                 tuple(losses.get(r[0], ())),
+                tuple(sessions.get(r[0], ())),
             )
             for r in rows
         ]
@@ -322,6 +440,43 @@ class Store:
                 last[0],
             )
 
+    def chain(self, run_id: str, conn: Any = None) -> Iterator[Row]:
+        """Every record of a run in chain order: (seq, id); unchained (schema 1) records first."""
+        names = ("id", *COLUMNS)
+        cols = ", ".join(names)
+        after: tuple[int, int] = (-1, 0)
+        while True:
+            rows = self._query(
+                f"SELECT {cols} FROM audit_records WHERE run_id = ? AND (seq, id) > (?, ?) "
+                f"ORDER BY seq, id LIMIT {_PAGE}",
+                (run_id, *after),
+                conn,
+            )
+            for raw in rows:
+                yield Row.from_db(dict(zip(names, raw)))
+            if len(rows) < _PAGE:
+                return
+            after = (rows[-1][names.index("seq")], rows[-1][0])
+
+    def chain_head(self, run_id: str, conn: Any = None) -> tuple[int, str] | None:
+        """(records, head) as the head table says (None: no chained record was written)."""
+        rows = self._query(
+            "SELECT records, head_sha256 FROM audit_chains WHERE run_id = ?", (run_id,), conn
+        )
+        return (int(rows[0][0]), rows[0][1]) if rows else None
+
+    def checkpoints(self, run_id: str, conn: Any = None) -> list[StoredCheckpoint]:
+        """The run's stored checkpoints, largest first."""
+        return [
+            StoredCheckpoint(r[0], int(r[1]), r[2], int(r[3]), r[4], r[5])
+            for r in self._query(
+                "SELECT run_id, records, head_sha256, signed_at_ns, key_id, signature FROM audit_checkpoints "
+                "WHERE run_id = ? ORDER BY records DESC, id DESC",
+                (run_id,),
+                conn,
+            )
+        ]
+
     def blobs(self, digests: Iterable[str], conn: Any = None) -> dict[str, tuple[str, bytes]]:
         """digest -> (codec, compressed bytes) for those present."""
         wanted = sorted(set(digests))
@@ -356,6 +511,10 @@ class SQLiteStore(Store):
     def _lock_schema(self, cur: Any) -> None:
         cur.execute("BEGIN IMMEDIATE")
 
+    def _begin_write(self, cur: Any) -> None:
+        if not cur.connection.in_transaction:
+            cur.execute("BEGIN IMMEDIATE")  # the write lock now: no other writer until commit
+
 
 class PostgresStore(Store):
     dialect = "postgres"
@@ -375,6 +534,8 @@ class PostgresStore(Store):
         import psycopg
 
         return psycopg.connect(self.location, connect_timeout=10)
+
+    for_update = " FOR UPDATE"
 
     def _lock_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(7134101)")  # any constant shared by every replica

@@ -13,6 +13,10 @@ For each record, in this order (the first failure decides the status):
    numbers near 10), so it is held to the tolerance relative to max(1, |a|, |b|): a value that
    differs from the exact one by more than rounding fails, a converged loss does not (DEVIATION).
 Records whose inputs were not captured can only pass step 1 (NOT_CAPTURED).
+
+``verify_run`` walks the whole run in chain order (chain.py), so a broken link anywhere in the
+run is reported (CHAIN_BROKEN, naming the record and the gap) even when a step selection leaves
+that record out; only the selected records are recomputed.
 """
 
 from __future__ import annotations
@@ -30,15 +34,17 @@ from lossd.client.wire.codec import iter_tensors, map_tensors
 
 from ..engine import Engine
 from .capture import restore
+from .chain import ChainWalk, Report, newest_signed
 from .records import Row, from_json, scalar_of
-from .store import Store
+from .signing import Checkpoint, Signer
+from .store import Selector, Store
 
 DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
-OK, DEVIATION, INPUT_MISMATCH, RECORD_ALTERED, NOT_CAPTURED, ERROR = (
-    "OK", "DEVIATION", "INPUT_MISMATCH", "RECORD_ALTERED", "NOT_CAPTURED", "ERROR",
+OK, DEVIATION, INPUT_MISMATCH, RECORD_ALTERED, NOT_CAPTURED, ERROR, CHAIN_BROKEN = (
+    "OK", "DEVIATION", "INPUT_MISMATCH", "RECORD_ALTERED", "NOT_CAPTURED", "ERROR", "CHAIN_BROKEN",
 )  # fmt: skip
-FAILURES = frozenset({DEVIATION, INPUT_MISMATCH, RECORD_ALTERED, ERROR})
+FAILURES = frozenset({DEVIATION, INPUT_MISMATCH, RECORD_ALTERED, ERROR, CHAIN_BROKEN})
 
 
 @dataclass
@@ -85,15 +91,52 @@ class Verifier:
     ) -> Iterator[Outcome]:
         """``conn``: a read connection of the store (``store.reader()``) to fetch inputs with."""
         for row in rows:
-            try:
-                yield self.verify_one(row, tolerance, conn)
-            except Exception as exc:  # noqa: BLE001 - one broken record must not stop the run's report
+            yield self.checked(row, tolerance, conn)
+
+    def checked(self, row: Row, tolerance: float = 0.0, conn: Any = None) -> Outcome:
+        try:
+            return self.verify_one(row, tolerance, conn)
+        except Exception as exc:  # noqa: BLE001 - one broken record must not stop the run's report
+            return Outcome(
+                row,
+                ERROR,
+                tolerance=tolerance_for(row.dtype, tolerance),
+                message=f"{_name(row)}: {type(exc).__name__}: {exc}",
+            )
+
+    def verify_run(
+        self,
+        sel: Selector,
+        tolerance: float = 0.0,
+        conn: Any = None,
+        signer: Signer | None = None,
+        given: Checkpoint | None = None,
+    ) -> Iterator[Outcome | Report]:
+        """The selected records' outcomes and every broken link of the run, in chain order;
+        then the run's chain ``Report`` (last)."""
+        walk = ChainWalk(
+            sel.run_id, newest_signed(self.store.checkpoints(sel.run_id, conn), signer), given
+        )
+        for row in self.store.chain(sel.run_id, conn):
+            problem = walk.link(row)
+            chosen = sel.matches(row)
+            if not (chosen or problem):
+                continue
+            if not chosen:
                 yield Outcome(
                     row,
-                    ERROR,
+                    CHAIN_BROKEN,
                     tolerance=tolerance_for(row.dtype, tolerance),
-                    message=f"{_name(row)}: {type(exc).__name__}: {exc}",
+                    message=problem,
                 )
+                continue
+            outcome = self.checked(row, tolerance, conn)
+            if problem:
+                if outcome.status != RECORD_ALTERED:
+                    outcome.status = CHAIN_BROKEN
+                outcome.message = problem + (f"; {outcome.message}" if outcome.message else "")
+            yield outcome
+        yield walk.finish(self.store.chain_head(sel.run_id, conn))
 
     def verify_one(self, row: Row, tolerance: float = 0.0, conn: Any = None) -> Outcome:
         tol = tolerance_for(row.dtype, tolerance)
@@ -121,11 +164,16 @@ class Verifier:
         """Steps 2 and 3: the stored inputs against their digests, then the recomputation."""
         inputs = json.loads(row.inputs)
         if not row.captured:
+            why = (
+                f"chosen for capture ({row.capture}) but not stored (--audit-capture-max-mb reached)"
+                if row.capture
+                else "inputs not captured (not in the sample)"
+            )
             return Outcome(
                 row,
                 NOT_CAPTURED,
                 tolerance=tol,
-                message=f"{_name(row)}: inputs not captured; integrity checked, not recomputed",
+                message=f"{_name(row)}: {why}; integrity checked, not recomputed",
             )
         blobs = self.store.blobs((i["sha256"] for i in inputs), conn)
         tensors: dict[str, Tensor] = {}

@@ -99,6 +99,14 @@ def test_acknowledged_records_survive_sigkill_and_a_retried_request_id_is_record
         missing = set(acked) - set(stored)
         assert not missing, f"{len(missing)} of {len(acked)} acknowledged records lost to SIGKILL"
         assert len(stored) == len(set(stored))
+        # The chain the killed server was appending to is whole: seq 1..N, every link intact.
+        with AuditClient(proc.address, timeout=120) as reader:
+            messages = list(reader.verify_chain("killed"))
+        results, chain = [m.result for m in messages[:-1]], messages[-1].chain
+        assert chain.records == len(stored) and chain.broken_links == 0 and not chain.problems
+        assert sorted(r.seq for r in results) == list(range(1, len(stored) + 1))
+        assert {r.status for r in results} <= {pb.VERIFY_STATUS_OK, pb.VERIFY_STATUS_NOT_CAPTURED}
+        assert pb.VERIFY_STATUS_OK in {r.status for r in results}  # the sample is recomputable
 
         # The same ComputeRequest twice (what LossClient's UNAVAILABLE retry sends): one record.
         client = LossClient(proc.address, timeout=30)
@@ -107,6 +115,8 @@ def test_acknowledged_records_survive_sigkill_and_a_retried_request_id_is_record
         client.close()
         assert first.audited and second.audited
         assert stored_request_ids(proc.address, "retried") == [request.request_id]
+        (retried,) = AuditClient(proc.address).records("retried")
+        assert retried["seq"] == 1  # the retry took no place in the chain
 
 
 class FailingConnections:

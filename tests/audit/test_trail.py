@@ -163,7 +163,10 @@ def test_verify_passes_on_the_untouched_run(
     assert cli.main(["verify", trained.run_id, "--endpoint", trained.endpoint]) == 0
     out, err = capsys.readouterr()
     assert out.count("ok   OK") == STEPS and "FAIL" not in out
-    assert f"verify passed for run {trained.run_id!r}: {STEPS} records ({STEPS} OK)" in err
+    assert (
+        f"verify passed for run {trained.run_id!r}: {STEPS} records: {STEPS} verified, 0 failed, "
+        f"0 not recomputable; chain of {STEPS} records intact" in err
+    )
 
 
 def _record(run: Trained, step: int) -> tuple[int, str, str, str]:
@@ -193,7 +196,7 @@ def test_verify_fails_naming_the_record_whose_value_was_altered(
     failed = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1
     assert (
-        f"RECORD_ALTERED run {trained.run_id} step 17 record {record_id} request {request_id}"
+        f"RECORD_ALTERED run {trained.run_id} seq 18 step 17 record {record_id} request {request_id}"
         in failed[0]
     )
     assert "DEVIATION" in failed[0]  # the recomputation shows how far off the stored value is
@@ -223,7 +226,7 @@ def test_verify_fails_naming_the_record_whose_stored_input_was_altered(
     failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1
     assert (
-        f"INPUT_MISMATCH run {trained.run_id} step 30 record {record_id} request {request_id}"
+        f"INPUT_MISMATCH run {trained.run_id} seq 31 step 30 record {record_id} request {request_id}"
         in failed[0]
     )
     assert "args[0]" in failed[0] and digest[:12] in failed[0]
@@ -346,9 +349,14 @@ def test_verify_recomputation_catches_a_value_forged_with_a_fresh_record_digest(
             "UPDATE audit_records SET value = ?, record_sha256 = ? WHERE id = ?",
             (*original, row.id),
         )
-    (failed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    deviation, broken = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")
+    ]
     assert (
-        f"DEVIATION      run {trained.run_id} step 5 record {row.id} request {row.request_id}"
-        in failed
+        f"DEVIATION      run {trained.run_id} seq 6 step 5 record {row.id} request {row.request_id}"
+        in deviation
     )
-    assert f"recomputation on {trained.device} in float32 deviates by 0.000999" in failed
+    assert f"recomputation on {trained.device} in float32 deviates by 0.000999" in deviation
+    # ... and the hash chain names it too: the next record committed to the original digest.
+    assert f"CHAIN_BROKEN   run {trained.run_id} seq 7 step 6" in broken
+    assert f"does not link to record {row.id} (seq 6, step 5" in broken
