@@ -24,6 +24,7 @@ from ._checks import require_key, require_tensor
 from ._detection import (
     check_xyxy,
     cxcywh_to_xyxy,
+    first_bad,
     ground_truth,
     image_hw,
     plain_int,
@@ -147,7 +148,7 @@ def _layers(out: Mapping[str, Any], key: str, batch: int, channels: int, like: T
 
 
 def _dn_indices(
-    dn_meta: Any, images: list[tuple[Tensor, Tensor]], num_dn: int
+    dn_meta: Any, images: list[tuple[Tensor, Tensor]], num_dn: int | None
 ) -> tuple[list[tuple[Tensor, Tensor]], int]:
     """Denoising matches ``(dn_positive_idx[i], arange(n_i) tiled dn_num_group times)`` per image."""
     where = "out.dn_meta"
@@ -184,7 +185,7 @@ def _dn_indices(
                 f"{idx.shape[0]}",
                 upstream="AssertionError",
             )
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_dn):
+        if num_dn is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_dn):
             raise InvalidArgument.expected(
                 field, f"query indices in [0, {num_dn}) (the denoising queries)", idx.tolist()
             )
@@ -454,11 +455,19 @@ def detr_loss(
         raise InvalidArgument.expected(
             "out.pred", "shape (B, Q, 4 + K) with K >= 1", list(pred.shape)
         )
-    if batch == 0:
-        raise InvalidArgument.expected("out.pred", "at least one image", "batch size 0")
+    if batch == 0 or pred.shape[1] == 0:
+        # Upstream: no image fails max(); no query fails the cost matrix's view.
+        raise InvalidArgument.expected(
+            "out.pred", "at least one image and one query", f"shape {list(pred.shape)}"
+        )
     _check_channels(terms, channels - 4, num_classes)
     main = {"pred_logits": pred[..., 4:], "pred_boxes": pred[..., :4]}
     aux = _layers(out, "aux_pred", batch, channels - 4, pred)
+    for i, layer in enumerate(aux or []):
+        if layer["pred_logits"].shape[1] == 0:
+            raise InvalidArgument.expected(
+                f"out.aux_pred[{i}].pred_logits", "at least one query (it is matched)", "none"
+            )
     dn = _layers(out, "dn_aux_pred", batch, channels - 4, pred)
     dn_meta = require_key(out, "dn_meta", "out")
 
@@ -473,6 +482,12 @@ def detr_loss(
                 f"{str(boxes.dtype).removeprefix('torch.')} on {boxes.device}",
             )
         check_xyxy(boxes, f"target.gt[{i}].boxes", "upstream's transform_bbox asserts it")
+        at = first_bad(~boxes.isfinite().all(-1))
+        if at is not None:
+            # Upstream's matching cost is then NaN, which scipy refuses.
+            raise InvalidArgument.expected(
+                f"target.gt[{i}].boxes[{at[0]}]", "finite coordinates", boxes[at].tolist()
+            )
         scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
         images.append((boxes / scale.unsqueeze(0), labels.to(pred.device)))
     num_boxes = float(max(sum(labels.shape[0] for _, labels in images), 1))
@@ -499,7 +514,7 @@ def detr_loss(
                     f"{num_dn} denoising queries (as out.dn_aux_pred[0])",
                     list(layer["pred_logits"].shape),
                 )
-        indices, groups = _dn_indices(dn_meta, images, num_dn)
+        indices, groups = _dn_indices(dn_meta, images, num_dn if dn else None)
         for i, layer in enumerate(dn):
             add(layer, indices, num_boxes * groups, f"_dn_{i}", f"out.dn_aux_pred[{i}].pred_boxes")
     if not weighted:

@@ -370,6 +370,18 @@ def test_without_aux_or_denoising_layers():
     assert set(result.components) == {"loss_vfl", "loss_bbox", "loss_giou"}
 
 
+def test_an_empty_denoising_list_adds_no_term():
+    # Upstream still checks the index counts against the GT (asserted), then loops over nothing.
+    out, target = _inputs(seed=8)
+    out["dn_aux_pred"] = []
+    result, _ = _assert_matches_reference(out, target, _params())
+    assert not any("_dn_" in k for k in result.components)
+    out["dn_meta"]["dn_positive_idx"] = (torch.tensor([0]),) + out["dn_meta"]["dn_positive_idx"][1:]
+    with pytest.raises(InvalidArgument) as err:
+        detr_loss(out, target, **_params())
+    assert err.value.field == "out.dn_meta.dn_positive_idx[0]"
+
+
 def test_no_ground_truth_in_the_batch():
     out, target = _inputs(seed=8, counts=(0, 0), dn=False)
     result, _ = _assert_matches_reference(out, target, _params())
@@ -498,6 +510,18 @@ BAD = [
     (
         lambda o, t, p: t["gt"][0]["boxes"].__setitem__(0, torch.tensor([30.0, 5.0, 10.0, 20.0])),
         "target.gt[0].boxes[0]",
+    ),
+    (
+        lambda o, t, p: t["gt"][2]["boxes"].__setitem__((1, 2), float("inf")),
+        "target.gt[2].boxes[1]",
+    ),
+    (lambda o, t, p: o.__setitem__("pred", o["pred"][:, :0]), "out.pred"),
+    (
+        lambda o, t, p: o["aux_pred"][0].update(
+            pred_logits=o["aux_pred"][0]["pred_logits"][:, :0],
+            pred_boxes=o["aux_pred"][0]["pred_boxes"][:, :0],
+        ),
+        "out.aux_pred[0].pred_logits",
     ),
     (lambda o, t, p: t.pop("num_classes"), "target.num_classes"),
     (lambda o, t, p: t.__setitem__("img_size", (64, 64, 3)), "target.img_size"),
