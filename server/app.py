@@ -24,7 +24,13 @@ from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handl
 from .budget import MemoryBudget
 from .config import ServerConfig
 from .engine import Engine
-from .limits import PROBE_RESERVE, AdmissionInterceptor, DeadlineInterceptor, deadline_guard
+from .limits import (
+    PROBE_RESERVE,
+    PROBE_STREAMS,
+    AdmissionInterceptor,
+    DeadlineInterceptor,
+    deadline_guard,
+)
 from .metrics import Metrics
 from .security import (
     AuthInterceptor,
@@ -58,6 +64,7 @@ class RunningServer:
     admission: AdmissionInterceptor | None = None
     trimmer: IdleTrimmer | None = None
     audit_signer: Any = None  # the checkpoint signing key (audit.signing.Signer), with a store
+    servicer: LossServicer | None = None
 
     @property
     def address(self) -> str:
@@ -129,27 +136,32 @@ def create_server(config: ServerConfig) -> RunningServer:
         max_chunked_bytes=config.max_message_bytes,  # the same one knob bounds chunked requests
         max_evaluations=config.workers,  # --workers bounds concurrent evaluations...
         budget=MemoryBudget(config.memory_budget_bytes),  # ...and --memory-budget-mb their memory
+        stream_idle_timeout_s=config.stream_idle_timeout_s,
+        stream_send_timeout_s=config.stream_send_timeout_s,
     )
     admission = AdmissionInterceptor(config.max_concurrent_rpcs)
     server = grpc.server(
         # ...not RPCs: a ComputeStream session holds its thread while idle, so with one thread per
         # worker a few idle training loops would starve every other call. One thread per admitted
         # RPC; past --max-concurrent-rpcs calls are refused RESOURCE_EXHAUSTED, never left hanging.
-        # PROBE_RESERVE more slots and threads than that, for health checks and reflection, which
-        # AdmissionInterceptor leaves outside the limit.
+        # PROBE_STREAMS + PROBE_RESERVE more slots and threads than that, for health checks and
+        # reflection, which AdmissionInterceptor leaves outside the limit (capping their streams).
         futures.ThreadPoolExecutor(
-            max_workers=max(config.workers, config.max_concurrent_rpcs + PROBE_RESERVE),
+            max_workers=max(
+                config.workers, config.max_concurrent_rpcs + PROBE_STREAMS + PROBE_RESERVE
+            ),
             thread_name_prefix="lossd",
         ),
         # Metrics outermost, so refusals by the others are counted too.
+        # Authentication before admission: an unauthenticated call is refused holding no slot.
         interceptors=[
             metrics.interceptor(),
-            admission,
             AuthInterceptor(tokens, cert_roles),
+            admission,
             DeadlineInterceptor(),
         ],
         options=channel_options(config.max_message_bytes),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_RESERVE,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_STREAMS + PROBE_RESERVE,
     )
     metrics.bind_server(server)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
@@ -200,7 +212,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission,
-        trimmer=trimmer.start(), audit_signer=signer,
+        trimmer=trimmer.start(), audit_signer=signer, servicer=servicer,
     )  # fmt: skip
 
 

@@ -110,6 +110,18 @@ class ServerConfig:
         min=0,
         note="(MiB; 0: half the machine's memory)",
     )
+    stream_idle_timeout_s: float = _setting(
+        30.0,
+        "a ComputeChunked stream whose header or next data frame does not arrive within this many seconds is cancelled, releasing its slot and memory; 0 never",
+        min=0,
+        note="(0 never)",
+    )
+    stream_send_timeout_s: float = _setting(
+        60.0,
+        "a stream whose caller does not read the next answer message within this many seconds is cancelled, releasing its slot and memory; 0 never",
+        min=0,
+        note="(0 never)",
+    )
     max_rank: int = _setting(8, "largest tensor rank accepted", min=0)
     max_elements: int = _setting(1 << 28, "largest tensor accepted, in elements", min=0)
     max_total_elements: int = _setting(1 << 29, "most tensor elements in one request", min=0)

@@ -48,6 +48,9 @@ PROBE_SERVICES = frozenset(
     }
 )
 PROBE_RESERVE = 8
+# Long-lived probe streams (health Watch, reflection sessions) at once; more are refused at once,
+# so open probe streams can never fill gRPC's own limit or the thread pool (they need no token).
+PROBE_STREAMS = 8
 # The metrics interceptor reads this attribute of the context to tell why a call was refused.
 REFUSAL_ATTRIBUTE = "lossd_refusal"
 CONCURRENCY_LIMIT = "concurrency_limit"
@@ -62,13 +65,19 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self.active = 0
         self.sessions = 0  # ComputeStream sessions among them: they idle between calls
         self.draining = False
+        self.probe_streams = 0
         self._lock = threading.Condition()
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         service = details.method.lstrip("/").partition("/")[0]
-        if handler is None or service in PROBE_SERVICES:
+        if handler is None:
             return handler
+        if service in PROBE_SERVICES:
+            if not handler.response_streaming:
+                return handler  # Check: answered at once, outside every limit
+            return rewrap(handler, self._probe_stream)
+
         session = handler.request_streaming and handler.response_streaming
         return rewrap(
             handler, lambda behavior: self._admitted(behavior, handler.response_streaming, session)
@@ -105,6 +114,27 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
                 "or add replicas)"
             ),
         )
+
+    def _probe_stream(self, behavior: Callable) -> Callable:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with self._lock:
+                admitted = self.probe_streams < PROBE_STREAMS
+                self.probe_streams += admitted
+            if not admitted:
+                abort(
+                    context,
+                    ResourceExhausted(
+                        f"{PROBE_STREAMS} health-watch or reflection streams are already open on this "
+                        "server; use the unary health Check"
+                    ),
+                )
+            try:
+                yield from behavior(request, context)
+            finally:
+                with self._lock:
+                    self.probe_streams -= 1
+
+        return stream
 
     def _leave(self, session: bool) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ from . import chunked, registry
 from .budget import MemoryBudget, RawRequest, Reservation, decoded_estimate, prescan, working_set
 from .engine import Engine, Evaluation
 from .errors import (
+    Cancelled,
     Internal,
     InvalidArgument,
     ServiceError,
@@ -31,6 +32,7 @@ from .errors import (
 from .limits import caller_gone
 from .messages import ComputeCall, decode_compute, encode_compute, loss_info
 from .version import __version__
+from .watchdog import Watchdog
 
 log = logging.getLogger("lossd.service")
 
@@ -151,7 +153,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         chunk_outboard_bytes: int = 64 << 10,
         max_evaluations: int = 0,
         budget: MemoryBudget | None = None,
+        stream_idle_timeout_s: float = 30.0,
+        stream_send_timeout_s: float = 60.0,
     ) -> None:
+        self.watchdog = Watchdog()
+        self.stream_idle_timeout_s = stream_idle_timeout_s  # header -> data, between frames
+        self.stream_send_timeout_s = stream_send_timeout_s  # an answer left unread
         self.engine = engine
         self.budget = budget  # --memory-budget-mb: every request reserves before it allocates
         self.limits = limits
@@ -285,9 +292,39 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def ComputeChunked(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
+        watch = self.watchdog.watch(context)
         with contextlib.ExitStack() as hold:  # the memory reserved, until the answer is sent
-            response, outboard = self._chunked_one(request_iterator, context, hold)
-            yield from chunked.answer(response, outboard, self.chunk_bytes)
+            response, outboard = self._chunked_one(
+                self._timed(request_iterator, watch), context, hold
+            )
+            for message in chunked.answer(response, outboard, self.chunk_bytes):
+                # gRPC resumes this generator once the message is sent: a caller that does not
+                # read its answer is cut off after --stream-send-timeout-s.
+                with watch.waiting(
+                    self.stream_send_timeout_s,
+                    f"the caller read no answer for {self.stream_send_timeout_s:g} s (--stream-send-timeout-s)",
+                ):
+                    yield message
+
+    def _timed(self, requests: Iterator[Any], watch: Any) -> Iterator[Any]:
+        """``requests``, each one awaited at most --stream-idle-timeout-s (the header, then each
+        data frame): a stalled caller holds no slot, thread or memory past that."""
+        seconds = self.stream_idle_timeout_s
+        first = True
+        while True:
+            what = "the header" if first else "the next data frame"
+            why = f"no progress: {what} did not come within {seconds:g} s (--stream-idle-timeout-s)"
+            try:
+                with watch.waiting(seconds, why):
+                    message = next(requests, None)
+            except grpc.RpcError:
+                if watch.expired:
+                    raise Cancelled(f"the server cancelled the stream: {watch.expired}") from None
+                raise
+            if message is None:
+                return
+            first = False
+            yield message
 
     @handles_errors
     def _chunked_one(

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.support.budget import LONG
+from tests.support.opskit import tokens_file  # noqa: F401  (a fixture of test_hardening)
 from tests.support.serverproc import ServerProcess
 
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from lossd.client.wire import codec, framing
 from lossd.server import registry
 from lossd.server.registry import Input, LossSpec
-from tests.support.opskit import running
+from tests.support.opskit import TOKENS, health_status, running
 from tests.support.serverproc import ServerProcess, rss_kib
 
 # --------------------------------------------------------------------------------------------
@@ -267,3 +271,137 @@ def test_near_limit_concurrent_calls_wait_for_the_budget_and_all_succeed(budget_
     error = _raw_compute(budget_server.address, big.SerializeToString())
     assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--memory-budget-mb" in error.details()
+
+
+# --------------------------------------------------------------------------------------------
+# Slots belong to authorised work; stalled and unread streams are cut off
+
+
+def test_authorised_calls_succeed_while_100_anonymous_watch_and_reflection_streams_are_open(
+    tokens_file,
+):
+    with running(auth_tokens=tokens_file, max_concurrent_rpcs=8, metrics_port=-1) as server:
+        target = f"127.0.0.1:{server.port}"
+        hostile = grpc.insecure_channel(target)
+        watches = [
+            health_pb2_grpc.HealthStub(hostile).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            for _ in range(100)
+        ]
+        stop = threading.Event()
+
+        def idle_requests():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            stop.wait(60)
+
+        reflections = [
+            reflection_pb2_grpc.ServerReflectionStub(hostile).ServerReflectionInfo(
+                idle_requests(), timeout=60
+            )
+            for _ in range(100)
+        ]
+        try:
+            time.sleep(1.0)  # every stream has reached the server
+            client = LossClient(target, token=TOKENS["compute"], timeout=30, retries=0)
+            try:
+                for _ in range(3 * 8):
+                    assert client.compute(
+                        build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {})
+                    ).request_id
+            finally:
+                client.close()
+            assert health_status(target) == "SERVING"
+            # Unauthenticated lossd streams hold no slot either.
+            anonymous = LossClient(target, timeout=10, retries=0)
+            with pytest.raises(LossdError) as caught:
+                anonymous.compute(build_request("mse", {}, (torch.ones(3), torch.zeros(3)), {}))
+            anonymous.close()
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert server.admission.active == 0
+        finally:
+            stop.set()
+            for call in watches + reflections:
+                call.cancel()
+            hostile.close()
+
+
+def _chunked_call(target: str, messages, timeout: float = 30):
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)])
+    method = channel.stream_stream(
+        "/lossd.v1.LossService/ComputeChunked",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    return channel, method(messages, timeout=timeout)
+
+
+def _chunked_header(n: int) -> tuple[bytes, list[bytes], list]:
+    tensors = (torch.randn(n), torch.randn(n))
+    outboard = codec.Outboard(0)
+    request = build_request("mse", {}, tensors, {}, ["args[0]"], outboard=outboard)
+    header = pb.ComputeChunkedRequest(
+        header=pb.ChunkedRequestHeader(request=request, tensors=framing.refs(outboard.tensors))
+    ).SerializeToString()
+    return header, list(framing.iter_frames(outboard.tensors, 1 << 20)), outboard.tensors
+
+
+def _released(server, seconds: float) -> float:
+    """Seconds until the server holds no slot and no reserved memory (fails after ``seconds``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if server.admission.active == 0 and server.servicer.budget.used == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(
+        f"still held after {seconds} s: {server.admission.active} slots, "
+        f"{server.servicer.budget.used} bytes reserved"
+    )
+
+
+@pytest.mark.parametrize("stall", ["after the header", "one byte short"])
+def test_a_stalled_chunked_upload_is_cancelled_and_releases_its_slot_and_memory(stall):
+    settings = dict(stream_idle_timeout_s=1.0, max_concurrent_rpcs=4, metrics_port=-1)
+    with running(**settings) as server:
+        header, _, tensors = _chunked_header(2_000_000)  # 16 MB of tensor data
+        stop = threading.Event()
+
+        def messages():
+            yield header
+            if stall == "one byte short":
+                data = b"".join(flat.numpy().tobytes() for _, flat in tensors)
+                yield framing.frame_data(memoryview(data)[:-1])  # all but the last byte
+            stop.wait(30)
+
+        channel, call = _chunked_call(f"127.0.0.1:{server.port}", messages())
+        try:
+            time.sleep(0.3)
+            assert server.admission.active == 1
+            if stall == "one byte short":
+                assert server.servicer.budget.used > 16_000_000  # its memory is reserved...
+            with pytest.raises(grpc.RpcError) as caught:
+                next(call)
+            assert caught.value.code() in (
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            assert _released(server, 5.0) < 5.0  # ...and given back within its timeout
+        finally:
+            stop.set()
+            channel.close()
+
+
+def test_an_unread_answer_is_cancelled_and_releases_its_slot_and_memory():
+    settings = dict(stream_send_timeout_s=1.0, max_concurrent_rpcs=4, metrics_port=-1)
+    with running(**settings) as server:
+        header, frames, _ = _chunked_header(4_000_000)  # its gradient (16 MB) comes back in chunks
+
+        channel, call = _chunked_call(f"127.0.0.1:{server.port}", iter([header, *frames]))
+        try:
+            next(call)  # the response header; the 16 MB of gradient chunks are never read
+            deadline = time.monotonic() + 10
+            while server.admission.active and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _released(server, 5.0) < 5.0
+            assert server.servicer.watchdog.cancelled >= 1
+        finally:
+            call.cancel()
+            channel.close()
