@@ -69,6 +69,8 @@ class Form:
     # literal fallback (visdet's ``ignore_index=None`` means -100).
     index_ignore: tuple[str | int, ...] = ()
     values: tuple[float, float] | None = None
+    # The exception class upstream raises when a value rule (index_of, values) fails there.
+    upstream: str = ""
     items: tuple[Schema, ...] = ()
     each: Schema = ()
     keys: tuple[tuple[str, Schema], ...] = ()
@@ -109,14 +111,19 @@ def shape_text(shape: Sequence[Dim]) -> str:
 class SchemaError(ValueError):
     """A value does not fit its declaration. ``field`` names it by the caller's path."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, stage: int = 0, upstream: str = "") -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.upstream = upstream  # the class upstream raises for this value, when known
+        # How far the value got before it failed (kind 0, dtype 1, another value's shape 2,
+        # rank or container size 3, a bound size 4, a relation 5; +10 per container level):
+        # among alternatives, the one that got furthest explains the error best.
+        self.stage = stage
 
     @classmethod
-    def expected(cls, field: str, expected: str, got: object) -> SchemaError:
-        return cls(field, f"expected {expected}, got {got}")
+    def expected(cls, field: str, expected: str, got: object, stage: int = 0) -> SchemaError:
+        return cls(field, f"expected {expected}, got {got}", stage)
 
 
 def _dtype(t: Tensor) -> str:
@@ -171,12 +178,21 @@ class Checker:
             self.symbols, self.seen = trial.symbols, trial.seen
             self.pending += trial.pending
             return
-        # The form of the value's own kind and dtype says best what is wrong with it.
-        close = [exc for form, exc in failures if _fits_kind(form, value)]
-        if len(close) == 1:
-            raise close[0]
-        alternatives = "; or ".join(f.describe() for f in forms)
-        raise SchemaError.expected(where, f"one of: {alternatives}", value_text(value))
+        # The alternative that got furthest says best what is wrong with the value.
+        stage = max(exc.stage for _, exc in failures)
+        best = [(form, exc) for form, exc in failures if exc.stage == stage]
+        if len(best) == 1 or len({exc.field for _, exc in best} - {where}) == 1:
+            raise best[0][1]  # one explanation, or all of them about the same other value
+        alternatives = "; or ".join(dict.fromkeys(f.describe() for f in forms))
+        if stage == 0:
+            kinds = " or ".join(dict.fromkeys(_KIND_WORDS[f.kind] for f in forms))
+            expected = f"{kinds} ({alternatives})"
+        elif stage == 1:
+            dtypes = ", ".join(dict.fromkeys(d for f, _ in best for d in f.dtypes))
+            expected = f"dtype in {{{dtypes}}} ({alternatives})"
+        else:
+            expected = f"one of: {alternatives}"
+        raise SchemaError.expected(where, expected, value_text(value), stage)
 
     def _form(self, form: Form, value: Any, path: str, where: str) -> None:
         kind = form.kind
@@ -188,30 +204,40 @@ class Checker:
             return
         if kind == "tensor":
             self._tensor(form, value, path, where)
-        elif kind == "dict":
-            if not isinstance(value, Mapping):
-                raise SchemaError.expected(where, form.describe(), value_text(value))
-            for key, sub in form.keys:
+            return
+        if not isinstance(value, Mapping if kind == "dict" else (list, tuple)):
+            raise SchemaError.expected(where, form.describe(), value_text(value))
+        self.seen[path] = (value, where)
+        if kind == "dict":
+            for key, _ in form.keys:
                 if key not in value:
                     given = ", ".join(repr(k) for k in value) or "none"
                     raise SchemaError(
-                        f"{where}.{key}", f"missing key {key!r} (keys given: {given})"
+                        f"{where}.{key}", f"missing key {key!r} (keys given: {given})", 3
                     )
-                self._schema(sub, value[key], f"{path}.{key}", f"{where}.{key}")
+            children = [(sub, value[k], f".{k}") for k, sub in form.keys]
         else:  # tuple, list
-            if not isinstance(value, (list, tuple)):
-                raise SchemaError.expected(where, form.describe(), value_text(value))
             if form.items and len(value) != len(form.items):
                 raise SchemaError.expected(
-                    where, f"{form.describe()} of {len(form.items)} items", f"{len(value)} items"
+                    where,
+                    f"{form.describe()} of {len(form.items)} items",
+                    f"{len(value)} items",
+                    3,
                 )
             if len(value) < form.min_items:
                 raise SchemaError.expected(
-                    where, f"{form.describe()} (at least {form.min_items})", "an empty list"
+                    where, f"{form.describe()} (at least {form.min_items})", "an empty list", 3
                 )
-            for i, item in enumerate(value):
-                sub = form.items[i] if form.items else form.each
-                self._schema(sub, item, f"{path}[{i}]", f"{where}[{i}]")
+            children = [
+                (form.items[i] if form.items else form.each, item, f"[{i}]")
+                for i, item in enumerate(value)
+            ]
+        for sub, item, step in children:
+            try:
+                self._schema(sub, item, path + step, where + step)
+            except SchemaError as exc:
+                exc.stage += 10
+                raise
 
     def _tensor(self, form: Form, value: Any, path: str, where: str) -> None:
         what = f" ({form.label})" if form.label else ""
@@ -219,7 +245,7 @@ class Checker:
             raise SchemaError.expected(where, f"a tensor{what}", value_text(value))
         if _dtype(value) not in form.dtypes:
             raise SchemaError.expected(
-                where, f"dtype in {{{', '.join(form.dtypes)}}}{what}", _dtype(value)
+                where, f"dtype in {{{', '.join(form.dtypes)}}}{what}", _dtype(value), 1
             )
         for other, shape in form.shapes:
             seen, seen_where = self._seen(other, form, where)
@@ -228,6 +254,7 @@ class Checker:
                     where,
                     f"{other} of shape {shape_text(shape)}{what}",
                     f"{other} of shape {list(seen.shape)}",
+                    2,
                 )
         self._bind_own(form, value, where, what)
         for other, test, words in (
@@ -243,28 +270,46 @@ class Checker:
                     where,
                     words.format(list(seen.shape), other) + what,
                     f"shape {list(value.shape)}",
+                    5,
                 )
         if form.same_dtype is not None:
             seen, _ = self._seen(form.same_dtype, form, where)
             if seen.dtype != value.dtype:
                 raise SchemaError.expected(
-                    where, f"dtype {_dtype(seen)} ({form.same_dtype}'s){what}", _dtype(value)
+                    where, f"dtype {_dtype(seen)} ({form.same_dtype}'s){what}", _dtype(value), 5
                 )
         self.seen[path] = (value, where)
         if form.index_of is not None:
             size = self.symbols[form.index_of][0]
             ignore = self._ignore_index(form.index_ignore)
             self.pending.append(
-                lambda: check_indices(value, size, where, ignore, form.index_background)
+                lambda: check_indices(
+                    value, size, where, ignore, form.index_background, form.upstream
+                )
             )
         if form.values is not None:
             lo, hi = form.values
-            self.pending.append(lambda: _check_values(value, lo, hi, where, what))
+            self.pending.append(lambda: _check_values(value, lo, hi, where, what, form.upstream))
 
     def _seen(self, other: str, form: Form, where: str) -> tuple[Any, str]:
-        if other not in self.seen or not isinstance(self.seen[other][0], Tensor):
-            raise SchemaError.expected(where, f"{form.describe()} (with a tensor {other})", "none")
-        return self.seen[other]
+        """The tensor checked earlier at declared path ``other``, which this form relates to."""
+        found = self.seen.get(other)
+        if found is not None and isinstance(found[0], Tensor):
+            return found
+        # The caller sent another layout there (a tensor where this form needs a dict): that
+        # value is the one to name.
+        parent, _, key = other.rpartition(".")
+        if found is None and parent in self.seen:
+            value, at = self.seen[parent]
+            raise SchemaError.expected(
+                at,
+                f"a dict with key {key!r} (as {where} is {form.describe()})",
+                value_text(value),
+                6,
+            )
+        raise SchemaError.expected(
+            where, f"{form.describe()} (with a tensor {other})", value_text(found and found[0]), 2
+        )
 
     def _ignore_index(self, names: Sequence[str | int]) -> int | None:
         for name in names:
@@ -287,6 +332,7 @@ class Checker:
                 where,
                 f"{sym}={_size_text(size)} (as in {bound_at}){what}",
                 f"{sym}={_size_text(alone[sym])} in shape {list(shape)}",
+                4,
             )
         expected = f"shape {shape_text(form.shape)}"
         loose = tuple(f"_{i}" if isinstance(s, int) else s for i, s in enumerate(form.shape))
@@ -300,7 +346,8 @@ class Checker:
             star = next((i for i, s in enumerate(form.shape) if str(s)[0] == "*"), len(shape))
             dim = pos if pos < star else pos - len(form.shape)
             expected += f" with {size} there (dim {dim})"
-        raise SchemaError.expected(where, expected + what, f"shape {list(shape)}")
+        stage = 4 if fits is not None else 3
+        raise SchemaError.expected(where, expected + what, f"shape {list(shape)}", stage)
 
     def _bind(self, pattern: Sequence[Dim], shape: tuple[int, ...], where: str) -> bool:
         new = match_shape(pattern, shape, self.symbols)
@@ -347,14 +394,14 @@ def match_shape(
     return new
 
 
-def _fits_kind(form: Form, value: Any) -> bool:
-    if form.kind == "tensor":
-        return isinstance(value, Tensor) and _dtype(value) in form.dtypes
-    if form.kind == "dict":
-        return isinstance(value, Mapping)
-    if form.kind in ("tuple", "list"):
-        return isinstance(value, (list, tuple))
-    return form.kind == "none" and value is None
+_KIND_WORDS = {
+    "tensor": "a tensor",
+    "dict": "a dict",
+    "list": "a list",
+    "tuple": "a tuple",
+    "none": "None",
+    "any": "any value",
+}
 
 
 def _broadcasts_to(value: Tensor, other: Tensor) -> bool:
@@ -378,6 +425,7 @@ def check_indices(
     field: str,
     ignore_index: int | None = None,
     allow_background: bool = False,
+    upstream: str = "",
 ) -> None:
     """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index.
 
@@ -397,15 +445,21 @@ def check_indices(
     if lo < 0 or hi > top:
         bad = lo if lo < 0 else hi
         ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-        raise SchemaError.expected(field, f"class indices in [0, {top}]{ignore}", f"index {bad}")
+        error = SchemaError.expected(field, f"class indices in [0, {top}]{ignore}", f"index {bad}")
+        error.upstream = upstream
+        raise error
 
 
-def _check_values(value: Tensor, lo: float, hi: float, where: str, what: str) -> None:
+def _check_values(
+    value: Tensor, lo: float, hi: float, where: str, what: str, upstream: str = ""
+) -> None:
     # NaN is outside every range (torch's BCE kernels refuse it too).
     outside = ~((value >= lo) & (value <= hi))
     if value.numel() and bool(outside.any()):
-        raise SchemaError.expected(
-            where, f"every value in [{lo:g}, {hi:g}]{what}", f"value {value[outside][0].item()}"
+        raise SchemaError(
+            where,
+            f"expected every value in [{lo:g}, {hi:g}]{what}, got {value[outside][0].item()}",
+            upstream=upstream,
         )
 
 
@@ -435,6 +489,7 @@ def form_message(form: Form) -> pb.InputForm:
         keys=[pb.InputKey(name=k, forms=[form_message(f) for f in s]) for k, s in form.keys],
         min_items=form.min_items,
         label=form.label,
+        upstream=form.upstream,
     )
     if form.values is not None:
         msg.values_min, msg.values_max = form.values
@@ -475,6 +530,7 @@ def form_from_message(msg: pb.InputForm) -> Form:
         min_items=msg.min_items,
         when=tuple((w.param, codec.decode_value(w.value)) for w in msg.when),
         label=msg.label,
+        upstream=msg.upstream,
     )
 
 

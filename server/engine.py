@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lossd.client.schema import Checker
 from lossd.client.wire.codec import call_tensors, iter_tensors, map_tensors
 
 from . import losses as _losses  # noqa: F401  (registers every loss)
@@ -227,19 +226,7 @@ def bind_inputs(
                 f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})",
                 field=wheres[declared.name],
             )
-    # Scalars first: a form may read one (visdet's call-time ignore_index), as it reads params.
-    scalars = [i for i in spec.inputs if i.kind in registry.SCALAR_KINDS and i.name in bound]
-    for declared in scalars:
-        bound[declared.name] = registry.check_input(
-            declared, bound[declared.name], wheres[declared.name], None
-        )
-    context = {**(params or {}), **{i.name: bound[i.name] for i in scalars}}
-    checker = Checker(context)
-    for declared in spec.inputs:
-        if declared.name in bound and declared.kind not in registry.SCALAR_KINDS:
-            bound[declared.name] = registry.check_input(
-                declared, bound[declared.name], wheres[declared.name], checker
-            )
+    registry.check_inputs(spec, bound, wheres, params or {})
     return bound
 
 

@@ -128,7 +128,8 @@ def _coerce_type(kind: str, value: Any, where: str) -> Any:
             return value
     elif kind == "list" and isinstance(value, (list, tuple)):
         return list(value)
-    raise InvalidArgument.expected(where, kind, _type_name(value))
+    words = {"tensor": "a tensor or a list of numbers", "float_list": "a list of numbers"}
+    raise InvalidArgument.expected(where, words.get(kind, kind), _type_name(value))
 
 
 def _check_range(spec: Param | Input, value: Any, where: str) -> None:
@@ -362,5 +363,26 @@ def check_input(spec: Input, value: Any, where: str, checker: Checker | None) ->
     try:
         checker.check(spec.schema, value, spec.name, where)
     except SchemaError as exc:
-        raise InvalidArgument(exc.message, field=exc.field) from None
+        raise InvalidArgument(exc.message, field=exc.field, upstream=exc.upstream or None) from None
     return value
+
+
+def check_inputs(
+    spec: LossSpec, bound: dict[str, Any], wheres: Mapping[str, str], params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Check the given arguments of one call (by input name, updated in place to their canonical
+    form) against the spec's declaration; ``wheres`` names each as the caller sent it, ``params``
+    are the canonical constructor parameters (forms may depend on them)."""
+    # Scalars first: a form may read one (visdet's call-time ignore_index), as it reads params.
+    scalars = [i for i in spec.inputs if i.kind in SCALAR_KINDS and i.name in bound]
+    for declared in scalars:
+        bound[declared.name] = check_input(
+            declared, bound[declared.name], wheres[declared.name], None
+        )
+    checker = Checker({**params, **{i.name: bound[i.name] for i in scalars}})
+    for declared in spec.inputs:
+        if declared.name in bound and declared.kind not in SCALAR_KINDS:
+            bound[declared.name] = check_input(
+                declared, bound[declared.name], wheres[declared.name], checker
+            )
+    return bound

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._reduction import REDUCTIONS, check_reduction, reduce_loss
+from .._reduction import REDUCTIONS, reduce_loss
 from ..errors import InvalidArgument
-from ..registry import FLOAT_DTYPES, Input, LossOutput, LossSpec, Param
-from ._checks import check_class_indices, require_key, require_tensor
+from ..registry import FLOAT_DTYPES, Form, Input, LossOutput, LossSpec, Param
 
 _FAT = "giovannipollo/fat@9abd3cf utils/loss.py LossFactory"
 _TORCH = "torch 2.13"
@@ -48,10 +47,6 @@ def _dtype(t: Tensor) -> str:
 def _result(value: Tensor, notes: list[str]) -> Tensor | LossOutput:
     """A bare tensor, as upstream returns it, unless something needs explaining."""
     return LossOutput(value, notes=notes) if notes else value
-
-
-def _float_tensor(value: Any, field: str) -> Tensor:
-    return require_tensor(value, field, floating=True)
 
 
 def _as_weight(value: Any, field: str, like: Tensor) -> Tensor:
@@ -111,26 +106,6 @@ def _legacy_reduction(
     ]
 
 
-def _index_target(target: Tensor, logits: Tensor, field: str, ignore_index: int) -> None:
-    """Class indices (N, d1, ...) for logits (N, C, d1, ...), or () for unbatched logits (C,)."""
-    if target.dtype not in _INDEX_DTYPES:
-        raise InvalidArgument.expected(
-            field, "class indices of dtype int64 or uint8 (or float probabilities)", _dtype(target)
-        )
-    expected = tuple(logits.shape[:1] + logits.shape[2:]) if logits.dim() >= 2 else ()
-    if tuple(target.shape) != expected:
-        raise InvalidArgument.expected(
-            field,
-            f"class indices of shape {list(expected)} for input of shape {list(logits.shape)}",
-            f"shape {list(target.shape)}",
-        )
-    num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-    # torch's nll/cross-entropy kernels: IndexError "Target k is out of bounds" (CPU).
-    check_class_indices(
-        target, num_classes, field, ignore_index=ignore_index, upstream="IndexError"
-    )
-
-
 def _index_mean_nan_note(target: Tensor, weight: Tensor | None, ignore_index: int) -> list[str]:
     """Why a ``mean`` over class indices is NaN (torch divides by the counted weight, 0 here)."""
     counted = target != ignore_index
@@ -152,20 +127,11 @@ def _empty_mean_note(loss_name: str) -> list[str]:
     ]
 
 
-def _pair(input: Any, target: Any) -> tuple[Tensor, Tensor, list[str]]:
-    """Float input and target, broadcast together as torch's regression losses do."""
-    input = _float_tensor(input, "input")
-    target = _float_tensor(target, "target")
+def _pair(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+    """Input and target (declared: float, broadcasting together), broadcast as torch does."""
     if input.shape == target.shape:
         return input, target, []
-    try:
-        shape = torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError:
-        raise InvalidArgument.expected(
-            "target",
-            f"the input's shape {list(input.shape)} (or one that broadcasts with it)",
-            f"shape {list(target.shape)}",
-        ) from None
+    shape = torch.broadcast_shapes(input.shape, target.shape)
     note = (
         f"target shape {list(target.shape)} differs from input shape {list(input.shape)}; torch broadcasts "
         f"both to {list(shape)} (and warns that this is likely a mistake)"
@@ -226,9 +192,7 @@ def cross_entropy(
     """
     notes: list[str] = []
     if isinstance(input, Mapping) or isinstance(target, Mapping):
-        logits = require_key(input, "pred", "input")
-        labels = require_key(target, "target", "target")
-        in_field, t_field = "input.pred", "target.target"
+        logits, labels = input["pred"], target["target"]  # the declared NetsPresso form
         if reduction != "mean":
             notes.append(
                 f"NetsPresso's CrossEntropyLoss fixes reduction='mean' and ignores a reduction "
@@ -237,33 +201,11 @@ def cross_entropy(
         reduction = "mean"
     else:
         logits, labels = input, target
-        in_field, t_field = "input", "target"
-    check_reduction(reduction)
     reduction, legacy_notes = _legacy_reduction(size_average, reduce, reduction)
     notes += legacy_notes
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise InvalidArgument.expected("label_smoothing", "a value in [0, 1]", label_smoothing)
-
-    logits = _float_tensor(logits, in_field)
-    if logits.dim() == 0:
-        raise InvalidArgument.expected(
-            in_field, "logits of shape [N, C, ...] or [C]", "a 0-d tensor"
-        )
-    labels = require_tensor(labels, t_field)
     num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
     weight = _class_weight(weight, num_classes, logits)
-
     probabilities = labels.is_floating_point()
-    if probabilities:
-        if labels.shape != logits.shape:
-            raise InvalidArgument.expected(
-                t_field,
-                f"class probabilities of the input's shape {list(logits.shape)}",
-                f"shape {list(labels.shape)}",
-            )
-    else:
-        _index_target(labels, logits, t_field, ignore_index)
-
     loss = F.cross_entropy(
         logits,
         labels,
@@ -305,14 +247,6 @@ def nll(
     Reference:
         ``torch.nn.NLLLoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
-    check_reduction(reduction)
-    input = _float_tensor(input, "input")
-    if input.dim() == 0:
-        raise InvalidArgument.expected(
-            "input", "log-probabilities of shape [N, C, ...] or [C]", "a 0-d tensor"
-        )
-    target = require_tensor(target, "target")
-    _index_target(target, input, "target", ignore_index)
     weight = _class_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], input)
     loss = F.nll_loss(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
     notes = _index_mean_nan_note(target, weight, ignore_index) if reduction == "mean" else []
@@ -344,24 +278,8 @@ def bce(
     Reference:
         ``torch.nn.BCELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
-    check_reduction(reduction)
-    input = _float_tensor(input, "input")
-    target = _float_tensor(target, "target")
-    if target.shape != input.shape:
-        raise InvalidArgument.expected(
-            "target", f"the input's shape {list(input.shape)}", f"shape {list(target.shape)}"
-        )
-    if target.dtype != input.dtype:
-        raise InvalidArgument.expected(
-            "target", f"the input's dtype {_dtype(input)}", _dtype(target)
-        )
-    # torch checks this inside the kernel: a RuntimeError on CPU, a device-side assert on CUDA.
-    for field, value in (("input", input), ("target", target)):
-        outside = ~((value >= 0) & (value <= 1))
-        if bool(outside.any()):
-            raise InvalidArgument.expected(
-                field, "every value in [0, 1]", f"value {value[outside][0].item()}"
-            )
+    # Shapes, dtypes and values in [0, 1] are declared (torch checks the values inside the
+    # kernel: a RuntimeError on CPU, a device-side assert on CUDA).
     weight = _broadcast_weight(weight, "weight", input)
     loss = F.binary_cross_entropy(input, target, weight=weight, reduction=reduction)
     notes = _empty_mean_note("bce") if reduction == "mean" and input.numel() == 0 else []
@@ -398,13 +316,6 @@ def bce_with_logits(
         ``torch.nn.BCEWithLogitsLoss`` (torch 2.13) as built by fat's ``LossFactory``
         (giovannipollo/fat@9abd3cf).
     """
-    check_reduction(reduction)
-    input = _float_tensor(input, "input")
-    target = _float_tensor(target, "target")
-    if target.shape != input.shape:
-        raise InvalidArgument.expected(
-            "target", f"the input's shape {list(input.shape)}", f"shape {list(target.shape)}"
-        )
     weight = _broadcast_weight(weight, "weight", input)
     pos_weight = _broadcast_weight(pos_weight, "pos_weight", input)
     loss = F.binary_cross_entropy_with_logits(
@@ -437,42 +348,13 @@ def sqr_hinge(input: Tensor, target: Tensor) -> Tensor | LossOutput:
         the BNN-PYNQ example in Xilinx Brevitas; Courbariaux et al., "Binarized Neural Networks",
         2016.
     """
-    input = _float_tensor(input, "input")
-    if input.dim() != 2:
-        raise InvalidArgument.expected(
-            "input", "class scores of shape [N, C]", f"shape {list(input.shape)}"
-        )
-    target = require_tensor(target, "target")
     n, c = input.shape
-    if target.dim() == 1:
-        if target.dtype != torch.int64:
-            raise InvalidArgument.expected(
-                "target", "int64 class indices (or a float [N, C] +-1 code)", _dtype(target)
-            )
-        if target.shape[0] != n:
-            raise InvalidArgument.expected(
-                "target", f"{n} class indices (one per input row)", f"shape {list(target.shape)}"
-            )
-        check_class_indices(target, c, "target", upstream="RuntimeError")  # F.one_hot's
+    if target.dim() == 1:  # the two declared forms: class indices [N], or a +-1 code [N, C]
         code = torch.full((n, c), -1.0, dtype=torch.float32, device=target.device)
         code.scatter_(1, target.unsqueeze(1), 1.0)
-    elif target.dim() == 2:
-        if target.dtype == torch.bool or target.dtype.is_complex:
-            raise InvalidArgument.expected("target", "a real +-1 code", _dtype(target))
-        try:
-            shape = torch.broadcast_shapes(input.shape, target.shape)
-        except RuntimeError:
-            shape = None
-        if shape != input.shape:
-            raise InvalidArgument.expected(
-                "target", f"a +-1 code of shape [{n}, {c}]", f"shape {list(target.shape)}"
-            )
+    else:
         # Upstream returns no gradient for the code; detaching makes that explicit.
         code = target.detach()
-    else:
-        raise InvalidArgument.expected(
-            "target", "class indices [N] or a +-1 code [N, C]", f"shape {list(target.shape)}"
-        )
     loss = _SquaredHinge.apply(input, code)
     notes = (
         ["upstream returns NaN: the mean over an empty batch divides by zero"]
@@ -524,7 +406,6 @@ def mse(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | L
     Reference:
         ``torch.nn.MSELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
-    check_reduction(reduction)
     input, target, notes = _pair(input, target)
     loss = F.mse_loss(input, target, reduction=reduction)
     if reduction == "mean" and input.numel() == 0:
@@ -547,7 +428,6 @@ def l1(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | Lo
     Reference:
         ``torch.nn.L1Loss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
-    check_reduction(reduction)
     input, target, notes = _pair(input, target)
     loss = F.l1_loss(input, target, reduction=reduction)
     if reduction == "mean" and input.numel() == 0:
@@ -575,9 +455,6 @@ def smooth_l1(
         ``torch.nn.SmoothL1Loss`` (torch 2.13) as built by fat's ``LossFactory``
         (giovannipollo/fat@9abd3cf); Girshick, "Fast R-CNN", ICCV 2015.
     """
-    check_reduction(reduction)
-    if not beta >= 0.0:
-        raise InvalidArgument.expected("beta", "a value >= 0", beta)
     input, target, notes = _pair(input, target)
     loss = F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
     if reduction == "mean" and input.numel() == 0:
@@ -609,20 +486,6 @@ def kl_div(
         ``torch.nn.KLDivLoss`` (torch 2.13) as built by fat's ``LossFactory``, which sets
         ``reduction='batchmean'`` unless configured (giovannipollo/fat@9abd3cf).
     """
-    if reduction not in KL_REDUCTIONS:
-        raise InvalidArgument.expected(
-            "reduction", "one of 'none', 'batchmean', 'sum', 'mean'", repr(reduction)
-        )
-    input = _float_tensor(input, "input")
-    target = _float_tensor(target, "target")
-    try:
-        torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError:
-        raise InvalidArgument.expected(
-            "target",
-            f"the input's shape {list(input.shape)} (or one that broadcasts with it)",
-            f"shape {list(target.shape)}",
-        ) from None
     # Element-wise, then reduced: the same operations torch's kl_div runs, without its warning for 'mean'.
     pointwise = F.kl_div(input, target, reduction="none", log_target=log_target)
     notes: list[str] = []
@@ -709,10 +572,64 @@ _WEIGHT_DOC = "per-class weight [C] (integer lists accepted as floats; fat itsel
 _INDEX_DOC = "class indices [N, d1, ...] int64 or uint8, in [0, C) or == ignore_index"
 
 
-def _pair_inputs(input_doc: str, target_doc: str) -> tuple[Input, Input]:
+_INDEX_TARGET = ("int64", "uint8")  # torch's class-index losses: "expected ... Long or Byte"
+
+
+def _class_inputs(where: str) -> tuple[tuple[Form, ...], tuple[Form, ...]]:
+    """Logits [N, C, d1, ...] or [C], and class-index targets of them, ``where`` the logits sit."""
+    logits = (
+        Form(shape=("N", "C", "*d"), label="logits [N, C, d1, ...]"),
+        Form(shape=("C",), label="unbatched logits [C]"),
+    )
+    indices = (
+        Form(
+            dtypes=_INDEX_TARGET,
+            shape=("N", "*d"),
+            shapes=((where, ("N", "C", "*d")),),
+            index_of="C",
+            index_ignore=("ignore_index",),
+            upstream="IndexError",  # torch's nll/cross-entropy kernels: "Target k is out of bounds"
+            label=f"class indices [N, d1, ...] of dtype int64 or uint8 for {where} [N, C, d1, ...]",
+        ),
+        Form(
+            dtypes=_INDEX_TARGET,
+            shape=(),
+            shapes=((where, ("C",)),),
+            index_of="C",
+            index_ignore=("ignore_index",),
+            upstream="IndexError",
+            label=f"a class index [] of dtype int64 or uint8 for {where} [C]",
+        ),
+    )
+    return logits, indices
+
+
+_LOGITS, _INDICES = _class_inputs("input")
+_NS_LOGITS, _NS_INDICES = _class_inputs("input.pred")
+
+
+def _probabilities(where: str) -> Form:
+    return Form(same_shape=where, label="class probabilities of the input's shape")
+
+
+_CE_INPUT = (*_LOGITS, Form(kind="dict", keys=(("pred", _NS_LOGITS),), label="{'pred': logits}"))
+_CE_TARGET = (
+    *_INDICES,
+    _probabilities("input"),
+    Form(
+        kind="dict",
+        keys=(("target", (*_NS_INDICES, _probabilities("input.pred"))),),
+        label="{'target': ...}",
+    ),
+)
+
+
+def _pair_inputs(input_doc: str, target_doc: str, **target_rules: Any) -> tuple[Input, Input]:
+    """Float input and target; by default broadcasting together, as torch's pointwise losses."""
+    rules = target_rules or {"broadcasts_with": "input"}
     return (
         Input("input", dtypes=FLOAT_DTYPES, shape=("*",), differentiable=True, doc=input_doc),
-        Input("target", dtypes=FLOAT_DTYPES, shape=("*",), differentiable=True, doc=target_doc),
+        Input("target", dtypes=FLOAT_DTYPES, differentiable=True, doc=target_doc, **rules),
     )
 
 
@@ -726,13 +643,15 @@ SPECS = (
         inputs=(
             Input(
                 "input",
-                kind="any",
+                kind="structure",
+                forms=_CE_INPUT,
                 differentiable=True,
                 doc="Tensor[N, C, d1, ...] (or [C]) float logits; NetsPresso form: {'pred': logits}",
             ),
             Input(
                 "target",
-                kind="any",
+                kind="structure",
+                forms=_CE_TARGET,
                 differentiable=False,
                 doc=f"Tensor: {_INDEX_DOC}, or float probabilities of the input's shape (these get a "
                 "gradient); NetsPresso form: {'target': ...}",
@@ -789,12 +708,11 @@ SPECS = (
         inputs=(
             Input(
                 "input",
-                dtypes=FLOAT_DTYPES,
-                shape=("*",),
+                forms=_LOGITS,
                 differentiable=True,
                 doc="log-probabilities [N, C, d1, ...] or [C]",
             ),
-            Input("target", dtypes=("int64", "uint8"), shape=("*",), doc=_INDEX_DOC),
+            Input("target", forms=_INDICES, doc=_INDEX_DOC),
         ),
         params=(
             Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC),
@@ -853,8 +771,21 @@ SPECS = (
         fn=bce,
         families=("fat",),
         summary="Binary cross-entropy on probabilities in [0, 1] (torch BCELoss).",
-        inputs=_pair_inputs(
-            "float probabilities [*] in [0, 1]", "same shape and dtype, values in [0, 1]"
+        inputs=(
+            Input(
+                "input",
+                values=(0.0, 1.0),
+                differentiable=True,
+                doc="float probabilities [*] in [0, 1]",
+            ),
+            Input(
+                "target",
+                same_shape="input",
+                same_dtype="input",
+                values=(0.0, 1.0),
+                differentiable=True,
+                doc="same shape and dtype, values in [0, 1]",
+            ),
         ),
         params=(
             Param(
@@ -875,7 +806,9 @@ SPECS = (
         fn=bce_with_logits,
         families=("fat",),
         summary="Sigmoid + binary cross-entropy on logits, with optional pos_weight (torch BCEWithLogitsLoss).",
-        inputs=_pair_inputs("float logits [*]", "float targets of the input's shape"),
+        inputs=_pair_inputs(
+            "float logits [*]", "float targets of the input's shape", same_shape="input"
+        ),
         params=(
             Param(
                 "weight",
@@ -935,8 +868,21 @@ SPECS = (
             ),
             Input(
                 "target",
-                dtypes=(*FLOAT_DTYPES, "int64"),
-                shape=("*",),
+                forms=(
+                    Form(
+                        dtypes=("int64",),
+                        shape=("N",),
+                        index_of="C",
+                        upstream="RuntimeError",  # F.one_hot's
+                        label="int64 class indices [N]",
+                    ),
+                    Form(
+                        dtypes=(*FLOAT_DTYPES, "int64"),
+                        shape=("?", "?"),
+                        broadcast_to="input",
+                        label="a +-1 code [N, C]",
+                    ),
+                ),
                 doc="int64 class indices [N] (turned into a float32 +-1 code) or a +-1 code [N, C]; no gradient",
             ),
         ),

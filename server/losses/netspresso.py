@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import registry
-from .._reduction import check_reduction, reduce_loss
+from .._reduction import reduce_loss
 from ..errors import InvalidArgument, LossNotFound, ServiceError
-from ..registry import REQUIRED, Input, LossOutput, LossSpec, Param
-from ._checks import require_key, require_tensor
+from ..registry import REQUIRED, Form, Input, LossOutput, LossSpec, Param
 from .fat import cross_entropy
 
 _UPSTREAM = "netspresso-trainer==1.4.1"
@@ -71,20 +70,7 @@ def focal_loss(
         maths as ``torchvision.ops.sigmoid_focal_loss``. Lin et al., "Focal Loss for Dense Object
         Detection", ICCV 2017, https://arxiv.org/abs/1708.02002.
     """
-    pred = require_tensor(require_key(out, "pred", "out"), "out.pred", floating=True)
-    tgt = require_tensor(require_key(target, "target", "target"), "target.target")
-    if not tgt.is_floating_point():
-        raise InvalidArgument.expected(
-            "target.target",
-            f"a floating-point tensor of shape {list(pred.shape)} (one-hot or soft targets; "
-            "class indices are not accepted)",
-            f"dtype {str(tgt.dtype).removeprefix('torch.')} with shape {list(tgt.shape)}",
-        )
-    if tgt.shape != pred.shape:
-        raise InvalidArgument.expected(
-            "target.target", f"the shape of out.pred {list(pred.shape)}", f"shape {list(tgt.shape)}"
-        )
-    check_reduction(reduction)
+    pred, tgt = out["pred"], target["target"]  # declared: float logits, float of pred's shape
     loss = reduce_loss(_sigmoid_focal_elementwise(pred, tgt, alpha, gamma), reduction)
     if reduction == "mean" and pred.numel() == 0:
         return LossOutput(loss, notes=["upstream returns NaN: mean over an empty out.pred"])
@@ -104,22 +90,14 @@ def _make_focal_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
 
 
 def _seg_inputs(out: Mapping[str, Any], target: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    pred = require_tensor(require_key(out, "pred", "out"), "out.pred", floating=True, dim=4)
-    labels = require_tensor(require_key(target, "target", "target"), "target.target")
-    batch, channels = pred.shape[:2]
+    # Declared: out.pred [B, C, h, w] float; target.target [B, H, W] class indices of C (or
+    # ignore_index), or soft targets [B, C, H, W]. Left here: F.interpolate's own condition.
+    pred, labels = out["pred"], target["target"]
     if pred.shape[2] == 0 or pred.shape[3] == 0:
         # F.interpolate refuses an empty input map.
         raise InvalidArgument.expected(
             "out.pred", "non-empty spatial size (h, w >= 1)", f"shape {list(pred.shape)}"
         )
-    if labels.is_floating_point():
-        expected = f"soft targets of shape [{batch}, {channels}, H, W]"
-        ok = labels.dim() == 4 and tuple(labels.shape[:2]) == (batch, channels)
-    else:
-        expected = f"int64 labels of shape [{batch}, H, W] (or float soft targets [B, C, H, W])"
-        ok = labels.dim() == 3 and labels.shape[0] == batch
-    if not ok:
-        raise InvalidArgument.expected("target.target", expected, f"shape {list(labels.shape)}")
     if labels.shape[-1] == 0 or labels.shape[-2] == 0:
         raise InvalidArgument.expected(
             "target.target", "non-empty spatial size (H, W >= 1)", f"shape {list(labels.shape)}"
@@ -177,6 +155,19 @@ def seg_cross_entropy(
         reduce=reduce,
         label_smoothing=label_smoothing,
     )
+
+
+_SEG_TARGET = (
+    Form(
+        dtypes=("int64", "uint8"),
+        shape=("B", "H", "W"),
+        index_of="C",
+        index_ignore=("ignore_index",),
+        upstream="IndexError",  # torch's cross-entropy kernel
+        label="int64 labels [B, H, W] in [0, C) or ignore_index",
+    ),
+    Form(shape=("B", "C", "H", "W"), label="float soft targets [B, C, H, W]"),
+)
 
 
 def _make_seg_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
@@ -325,6 +316,11 @@ def criteria_list(
                 f"params.losses[{i}]: {keys} not accepted by {name!r}; upstream's **kwargs "
                 "swallows them, so they are ignored"
             )
+        # Each criterion's declaration, checked here as the engine checks a call's.
+        first, second = (i.name for i in spec.inputs[:2])
+        registry.check_inputs(
+            spec, {first: out, second: target}, {first: "out", second: "target"}, params
+        )
         result = spec.fn(out, target, **params)
         if isinstance(result, LossOutput):
             value = result.value
@@ -357,12 +353,28 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=(Form(kind="dict", keys=(("pred", Form(label="float logits")),)),),
                 differentiable=True,
                 doc="{'pred': Tensor[*] float logits}",
             ),
             Input(
                 "target",
                 kind="structure",
+                forms=(
+                    Form(
+                        kind="dict",
+                        keys=(
+                            (
+                                "target",
+                                Form(
+                                    same_shape="out.pred",
+                                    label="a float one-hot or soft target of out.pred's shape; "
+                                    "class indices are not accepted",
+                                ),
+                            ),
+                        ),
+                    ),
+                ),
                 differentiable=True,
                 doc="{'target': Tensor[*] float, same shape as out.pred, one-hot or soft in [0, 1]}",
             ),
@@ -399,12 +411,14 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=(Form(kind="dict", keys=(("pred", Form(shape=("B", "C", "h", "w"))),)),),
                 differentiable=True,
                 doc="{'pred': Tensor[B, C, h, w] float logits}",
             ),
             Input(
                 "target",
                 kind="structure",
+                forms=(Form(kind="dict", keys=(("target", _SEG_TARGET),)),),
                 differentiable=True,
                 doc="{'target': Tensor[B, H, W] int64 labels in [0, C) or ignore_index, "
                 "or Tensor[B, C, H, W] float soft targets (these get a gradient)}",

@@ -15,7 +15,7 @@ from lossd.server.errors import InvalidArgument, LossNotFound
 from lossd.server.losses.netspresso import criteria_list, focal_loss
 from lossd.server.registry import Input, LossOutput, LossSpec
 from tests.support.golden import GOLDEN, load_golden
-from tests.support.losskit import GOLDEN_TOL, run_golden
+from tests.support.losskit import GOLDEN_TOL, call, run_golden
 
 
 def _run_golden(name: str):
@@ -174,7 +174,7 @@ def test_focal_float32_and_purity():
 )
 def test_focal_invalid_inputs(out, target, reduction, field):
     with pytest.raises(InvalidArgument) as info:
-        focal_loss(out, target, reduction, alpha=0.25, gamma=2.0)
+        call("focal_loss", out, target, reduction, alpha=0.25, gamma=2.0)  # as the engine does
     assert info.value.field == field
 
 

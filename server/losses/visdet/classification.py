@@ -520,6 +520,7 @@ _CE_LABEL = (
         shape=("N", "*d"),
         index_of="C",
         index_ignore=("ignore_index_override", "ignore_index", -100),
+        upstream="IndexError",  # torch's cross-entropy kernel
         when=_SOFTMAX,
         label="int64 class indices (N, *) of cls_score (N, C, *)",
     ),
@@ -559,6 +560,7 @@ _FOCAL_TARGET = (
         shapes=(("pred", ("N", "C")),),
         index_of="C",
         index_background=True,
+        upstream="RuntimeError",  # F.one_hot's
         label="int64 class indices (N,) in [0, C] for pred (N, C)",
     ),
     Form(
