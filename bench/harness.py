@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 KB, MB = 1 << 10, 1 << 20
 QUICK_SIZES = [1 * KB, 64 * KB, 1 * MB, 64 * MB]
 FULL_SIZES = [1 * KB, 16 * KB, 64 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]
-LOSSES = ["cross_entropy", "FocalLoss", "GIoULoss", "yolox_loss"]
+LOSSES = ["cross_entropy", "FocalLoss", "GIoULoss", "yolox_loss", "yolov9_loss", "detr_loss"]
 SMALL = 64 * KB  # the "small calls" target applies up to here
 LARGE = 64 * MB  # the "large tensors" target applies from here
 

@@ -200,6 +200,84 @@ def _detr(size: int, gen: torch.Generator) -> Workload:
     )
 
 
+def _seg_cross_entropy(size: int, gen: torch.Generator) -> Workload:
+    classes, images = 19, 4
+    # (B, C, h, w) logits and (B, 2h, 2w) int64 labels: 4 * C + 8 * 4 bytes per logit pixel.
+    side = max(1, int(math.sqrt(size / (images * (4 * classes + 32)))))
+    pred = torch.randn(images, classes, side, side, generator=gen).requires_grad_()
+    labels = torch.randint(0, classes, (images, 2 * side, 2 * side), generator=gen)
+    return Workload(
+        "seg_cross_entropy",
+        size,
+        [{"pred": pred}, {"target": labels}],
+        {},
+        {},
+        f"{images}x{classes}x{side}x{side} f32",
+    )
+
+
+def _yolofastest(size: int, gen: torch.Generator) -> Workload:
+    classes, images, anchors, img = 80, 8, 3, 640
+    channels = 5 + classes
+    side = max(2, int(math.sqrt(size / (4 * anchors * channels * images))))
+    level = (
+        torch.randn(images, anchors, channels, side, side, generator=gen) * 0.5
+    ).requires_grad_()
+    target = {
+        "gt": _gt(images, 6, img, classes, gen),
+        "img_size": img,
+        "num_classes": classes,
+    }
+    return Workload(
+        "yolofastest_loss",
+        size,
+        [{"pred": [level]}, target],
+        {},
+        {"anchors": [[12.0, 18.0, 37.0, 49.0, 52.0, 132.0]]},
+        f"{images}x{anchors}x{channels}x{side}x{side} f32",
+    )
+
+
+def _rtmcc(size: int, gen: torch.Generator) -> Workload:
+    keypoints = 17
+    n = max(1, size // (4 * keypoints * 1024))
+    pred = torch.randn(n, keypoints, 1024, generator=gen).requires_grad_()
+    xy = torch.rand(n, keypoints, 2, generator=gen) * 256
+    visible = (torch.rand(n, keypoints, 1, generator=gen) > 0.2).float() * 2
+    return Workload(
+        "rtmcc_loss",
+        size,
+        [{"pred": pred}, {"keypoints": torch.cat([xy, visible], -1)}],
+        {},
+        {},
+        f"{n}x{keypoints}x1024 f32",
+    )
+
+
+def _gaussian_focal(size: int, gen: torch.Generator) -> Workload:
+    classes, images = 80, 4
+    side = max(1, int(math.sqrt(size / (8 * classes * images))))  # pred and target
+    pred = torch.rand(images, classes, side, side, generator=gen).mul(0.98).add(0.01)
+    target = torch.rand(images, classes, side, side, generator=gen) ** 8
+    target[:, :, side // 2, side // 2] = 1.0
+    return Workload(
+        "GaussianFocalLoss",
+        size,
+        [pred.requires_grad_(), target],
+        {"avg_factor": torch.tensor(images * classes)},
+        {},
+        f"{images}x{classes}x{side}x{side} f32 x2",
+    )
+
+
+def _dice(size: int, gen: torch.Generator) -> Workload:
+    side = 28  # Mask R-CNN's mask size
+    n = max(1, size // (8 * side * side))  # logits and masks
+    pred = torch.randn(n, side, side, generator=gen).requires_grad_()
+    target = (torch.rand(n, side, side, generator=gen) > 0.5).float()
+    return Workload("DiceLoss", size, [pred, target], {}, {}, f"{n}x{side}x{side} f32 x2")
+
+
 BUILDERS: dict[str, Callable[[int, torch.Generator], Workload]] = {
     "cross_entropy": _cross_entropy,
     "FocalLoss": _focal,
@@ -207,12 +285,28 @@ BUILDERS: dict[str, Callable[[int, torch.Generator], Workload]] = {
     "yolox_loss": _yolox,
     "yolov9_loss": _yolov9,
     "detr_loss": _detr,
+    "seg_cross_entropy": _seg_cross_entropy,
+    "yolofastest_loss": _yolofastest,
+    "rtmcc_loss": _rtmcc,
+    "GaussianFocalLoss": _gaussian_focal,
+    "DiceLoss": _dice,
 }
 
 # SimOTA's cost grows with anchors x boxes; past this the row measures the assigner, not lossd.
-MAX_SIZE = {"yolox_loss": 16 << 20, "yolov9_loss": 16 << 20, "detr_loss": 16 << 20}
+MAX_SIZE = {
+    "yolox_loss": 16 << 20,
+    "yolov9_loss": 16 << 20,
+    "detr_loss": 16 << 20,
+    "yolofastest_loss": 16 << 20,
+}
 # --quick stays under two minutes: the large rows of the slow-to-compute losses are for the full run.
-QUICK_MAX_SIZE = {"yolox_loss": 1 << 20, "GIoULoss": 1 << 20, "FocalLoss": 1 << 20}
+QUICK_MAX_SIZE = {
+    "yolox_loss": 1 << 20,
+    "GIoULoss": 1 << 20,
+    "FocalLoss": 1 << 20,
+    "yolov9_loss": 64 << 10,
+    "detr_loss": 64 << 10,
+}
 
 
 def build(loss: str, size: int, seed: int = 0) -> Workload:

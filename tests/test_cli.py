@@ -112,6 +112,8 @@ def test_losses_command_prints_the_registry():
     assert out.returncode == 0
     for spec in registry.all_specs():
         assert f"`{spec.name}`" in out.stdout
+    rows = [line.split("`")[1] for line in out.stdout.splitlines() if line.startswith("| `")]
+    assert len(set(rows)) == 31 == len(registry.all_specs())  # cross_entropy has two rows
 
 
 def test_losses_name_prints_the_schema_and_an_example():
