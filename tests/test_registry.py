@@ -78,6 +78,13 @@ def test_there_are_31_registrations():
     assert [len(UPSTREAM_LOSSES[f]) for f in ("fat", "netspresso", "visdet")] == [9, 11, 12]
 
 
+def test_a_netspresso_losses_list_may_name_every_netspresso_criterion():
+    from lossd.server.losses.netspresso import NETSPRESSO_CRITERIA
+
+    assert len(NETSPRESSO_CRITERIA) == 10
+    assert set(NETSPRESSO_CRITERIA) == UPSTREAM_LOSSES["netspresso"] - {"losses"}
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_declaration_matches_the_function(spec):
     sig = inspect.signature(spec.fn)
