@@ -62,6 +62,9 @@ class Form:
     broadcast_to: str | None = None
     broadcasts_with: str | None = None
     same_dtype: str | None = None
+    # Integer tensors are accepted too, and promoted as torch's type promotion does
+    # against this earlier value (torch's mse/l1/smooth_l1 take an integer target).
+    promote_with: str | None = None
     shapes: tuple[tuple[str, Shape], ...] = ()
     index_of: str | None = None
     index_background: bool = False
@@ -148,6 +151,8 @@ class Checker:
     symbols: dict[str, tuple[Any, str]] = field(default_factory=dict)
     seen: dict[str, tuple[Any, str]] = field(default_factory=dict)
     pending: list[Callable[[], None]] = field(default_factory=list)
+    # Values to promote (by declared path) to a dtype, as their form's ``promote_with`` says.
+    promoted: dict[str, torch.dtype] = field(default_factory=dict)
 
     def check(self, schema: Schema, value: Any, path: str, where: str) -> None:
         """Check ``value`` (declared at ``path``, sent at ``where``) against ``schema``."""
@@ -158,7 +163,9 @@ class Checker:
                 run()
 
     def _fork(self) -> Checker:
-        return Checker(self.params, self.values, dict(self.symbols), dict(self.seen), [])
+        return Checker(
+            self.params, self.values, dict(self.symbols), dict(self.seen), [], self.promoted
+        )
 
     def _schema(self, schema: Schema, value: Any, path: str, where: str) -> None:
         forms = [f for f in schema if all(self.params.get(k) == v for k, v in f.when)]
@@ -243,7 +250,7 @@ class Checker:
         what = f" ({form.label})" if form.label else ""
         if not isinstance(value, Tensor):
             raise SchemaError.expected(where, f"a tensor{what}", value_text(value))
-        if _dtype(value) not in form.dtypes:
+        if _dtype(value) not in form.dtypes and not self._promotes(form, value, path, where):
             raise SchemaError.expected(
                 where, f"dtype in {{{', '.join(form.dtypes)}}}{what}", _dtype(value), 1
             )
@@ -290,6 +297,15 @@ class Checker:
         if form.values is not None:
             lo, hi = form.values
             self.pending.append(lambda: _check_values(value, lo, hi, where, what, form.upstream))
+
+    def _promotes(self, form: Form, value: Tensor, path: str, where: str) -> bool:
+        """An integer tensor where ``promote_with`` allows it: promoted as torch does. (Not bool:
+        torch's l1/smooth_l1 refuse a bool target, which cannot be subtracted.)"""
+        if form.promote_with is None or _dtype(value) not in INT_DTYPES:
+            return False
+        other, _ = self._seen(form.promote_with, form, where)
+        self.promoted[path] = torch.promote_types(other.dtype, value.dtype)
+        return True
 
     def _seen(self, other: str, form: Form, where: str) -> tuple[Any, str]:
         """The tensor checked earlier at declared path ``other``, which this form relates to."""
@@ -480,6 +496,7 @@ def form_message(form: Form) -> pb.InputForm:
         broadcast_to=form.broadcast_to or "",
         broadcasts_with=form.broadcasts_with or "",
         same_dtype=form.same_dtype or "",
+        promote_with=form.promote_with or "",
         shapes=[pb.ShapeOf(path=p, shape=[str(s) for s in shape]) for p, shape in form.shapes],
         index_of=form.index_of or "",
         index_background=form.index_background,
@@ -519,6 +536,7 @@ def form_from_message(msg: pb.InputForm) -> Form:
         broadcast_to=msg.broadcast_to or None,
         broadcasts_with=msg.broadcasts_with or None,
         same_dtype=msg.same_dtype or None,
+        promote_with=msg.promote_with or None,
         shapes=tuple((s.path, tuple(_dim(d) for d in s.shape)) for s in msg.shapes),
         index_of=msg.index_of or None,
         index_background=msg.index_background,

@@ -98,6 +98,7 @@ class Engine:
         canonical = spec.canonical_params(params or {})
         kwargs = dict(kwargs or {})
         bound = bind_inputs(spec, list(args), kwargs, canonical)
+        registry.check_param_dtypes(spec, params or {}, bound)
 
         def to_device(tensor: Tensor) -> Tensor:
             return _to(tensor, device)

@@ -62,6 +62,10 @@ class Param:
     minimum_exclusive: bool = False
     maximum_exclusive: bool = False
     nullable: bool = False
+    # A tensor given as a tensor must have this input's dtype: torch refuses a class weight of
+    # another dtype ("expected scalar type Float but found Double"). A list of numbers has no
+    # dtype and takes the input's.
+    same_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -182,6 +186,7 @@ class Input:
     broadcast_to: str | None = None
     broadcasts_with: str | None = None
     same_dtype: str | None = None
+    promote_with: str | None = None
     index_of: str | None = None
     index_background: bool = False
     index_ignore: tuple[str | int, ...] = ()
@@ -211,6 +216,7 @@ class Input:
                 broadcast_to=self.broadcast_to,
                 broadcasts_with=self.broadcasts_with,
                 same_dtype=self.same_dtype,
+                promote_with=self.promote_with,
                 index_of=self.index_of,
                 index_background=self.index_background,
                 index_ignore=self.index_ignore,
@@ -364,7 +370,8 @@ def check_input(spec: Input, value: Any, where: str, checker: Checker | None) ->
         checker.check(spec.schema, value, spec.name, where)
     except SchemaError as exc:
         raise InvalidArgument(exc.message, field=exc.field, upstream=exc.upstream or None) from None
-    return value
+    promoted = checker.promoted.get(spec.name)
+    return value if promoted is None else value.to(promoted)
 
 
 def check_inputs(
@@ -386,3 +393,23 @@ def check_inputs(
                 declared, bound[declared.name], wheres[declared.name], checker
             )
     return bound
+
+
+def check_param_dtypes(spec: LossSpec, given: Mapping[str, Any], bound: Mapping[str, Any]) -> None:
+    """Refuse, as torch does, a tensor parameter whose dtype differs from its input's
+    (``Param.same_dtype``): torch raises RuntimeError for a class weight of another dtype."""
+    for param in spec.params:
+        value, other = given.get(param.name), bound.get(param.same_dtype or "")
+        if param.same_dtype is None or not isinstance(value, Tensor):
+            continue
+        if isinstance(other, Tensor) and value.dtype != other.dtype:
+            raise InvalidArgument.expected(
+                f"params.{param.name}",
+                f"dtype {_dtype_name(other)} (the {param.same_dtype}'s, as torch requires)",
+                _dtype_name(value),
+                upstream="RuntimeError",
+            )
+
+
+def _dtype_name(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")

@@ -633,6 +633,9 @@ def _pair_inputs(input_doc: str, target_doc: str, **target_rules: Any) -> tuple[
     )
 
 
+_REGRESSION_TARGET = "float targets, the input's shape (integer ones promoted, as in torch)"
+
+
 SPECS = (
     LossSpec(
         name="cross_entropy",
@@ -658,7 +661,7 @@ SPECS = (
             ),
         ),
         params=(
-            Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC),
+            Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC, same_dtype="input"),
             Param(
                 "size_average",
                 "bool",
@@ -715,7 +718,7 @@ SPECS = (
             Input("target", forms=_INDICES, doc=_INDEX_DOC),
         ),
         params=(
-            Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC),
+            Param("weight", "tensor", None, nullable=True, doc=_WEIGHT_DOC, same_dtype="input"),
             Param(
                 "ignore_index",
                 "int",
@@ -733,7 +736,12 @@ SPECS = (
         fn=mse,
         families=("fat",),
         summary="Mean squared error (torch MSELoss).",
-        inputs=_pair_inputs("float predictions [*]", "float targets, the input's shape"),
+        inputs=_pair_inputs(
+            "float predictions [*]",
+            _REGRESSION_TARGET,
+            broadcasts_with="input",
+            promote_with="input",  # an integer target, promoted as torch promotes it
+        ),
         params=(_REDUCTION,),
         reference=f"torch.nn.MSELoss ({_TORCH}) via {_FAT}",
         example='RemoteLoss("mse")(pred, target)',
@@ -744,7 +752,12 @@ SPECS = (
         fn=l1,
         families=("fat",),
         summary="Mean absolute error (torch L1Loss).",
-        inputs=_pair_inputs("float predictions [*]", "float targets, the input's shape"),
+        inputs=_pair_inputs(
+            "float predictions [*]",
+            _REGRESSION_TARGET,
+            broadcasts_with="input",
+            promote_with="input",  # an integer target, promoted as torch promotes it
+        ),
         params=(_REDUCTION,),
         reference=f"torch.nn.L1Loss ({_TORCH}) via {_FAT}",
         example='RemoteLoss("l1")(pred, target)',
@@ -755,7 +768,12 @@ SPECS = (
         fn=smooth_l1,
         families=("fat",),
         summary="Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
-        inputs=_pair_inputs("float predictions [*]", "float targets, the input's shape"),
+        inputs=_pair_inputs(
+            "float predictions [*]",
+            _REGRESSION_TARGET,
+            broadcasts_with="input",
+            promote_with="input",  # an integer target, promoted as torch promotes it
+        ),
         params=(
             _REDUCTION,
             Param(
