@@ -16,8 +16,8 @@ same call:
 - ``index_of="C"``: the values are class indices into the dimension bound to ``C`` (optionally
   ``== C`` as background, or equal to an ignore index read from a parameter); ``values``: every
   element lies in a closed range. These read the data and run on the server only;
-- containers: ``items`` (one schema per position), ``each`` (every element) and ``keys``
-  (required keys) for NetsPresso's nested dicts and lists, so that an error names the path of
+- containers: ``items`` (one schema per position), ``each`` (every element), ``keys``
+  (required keys) and ``length`` (a symbol the length binds: one entry per image) for NetsPresso's nested dicts and lists, so that an error names the path of
   the bad element (``args[0].pred[1]``);
 - ``when``: the form applies only while the given parameters have the given values.
 
@@ -78,6 +78,7 @@ class Form:
     each: Schema = ()
     keys: tuple[tuple[str, Schema], ...] = ()
     min_items: int = 0
+    length: str | None = None  # list/tuple: its length binds this symbol (one entry per image)
     when: tuple[tuple[str, Any], ...] = ()
     label: str = ""
 
@@ -120,7 +121,8 @@ class SchemaError(ValueError):
         self.message = message
         self.upstream = upstream  # the class upstream raises for this value, when known
         # How far the value got before it failed (kind 0, dtype 1, another value's shape 2,
-        # rank or container size 3, a bound size 4, a relation 5; +10 per container level):
+        # rank or container size 3, a bound size 4, a relation 5; inside a container, + 10 for
+        # each child it got to):
         # among alternatives, the one that got furthest explains the error best.
         self.stage = stage
 
@@ -216,13 +218,7 @@ class Checker:
             raise SchemaError.expected(where, form.describe(), value_text(value))
         self.seen[path] = (value, where)
         if kind == "dict":
-            for key, _ in form.keys:
-                if key not in value:
-                    given = ", ".join(repr(k) for k in value) or "none"
-                    raise SchemaError(
-                        f"{where}.{key}", f"missing key {key!r} (keys given: {given})", 3
-                    )
-            children = [(sub, value[k], f".{k}") for k, sub in form.keys]
+            children = [(sub, value.get(k, _MISSING), f".{k}") for k, sub in form.keys]
         else:  # tuple, list
             if form.items and len(value) != len(form.items):
                 raise SchemaError.expected(
@@ -235,15 +231,30 @@ class Checker:
                 raise SchemaError.expected(
                     where, f"{form.describe()} (at least {form.min_items})", "an empty list", 3
                 )
+            if form.length is not None and not self._bind((form.length,), (len(value),), where):
+                size, bound_at = self.symbols[form.length]
+                raise SchemaError.expected(
+                    where,
+                    f"{form.length}={size} entries (as in {bound_at}; {form.describe()})",
+                    f"{len(value)} entries",
+                    4,
+                )
             children = [
                 (form.items[i] if form.items else form.each, item, f"[{i}]")
                 for i, item in enumerate(value)
             ]
-        for sub, item, step in children:
+        for i, (sub, item, step) in enumerate(children):
+            # How far the value got: past the container, then past i of its children.
+            progress = 10 * (i + 1)
+            if item is _MISSING:
+                given = ", ".join(repr(k) for k in value) or "none"
+                raise SchemaError(
+                    where + step, f"missing key {step[1:]!r} (keys given: {given})", progress
+                )
             try:
                 self._schema(sub, item, path + step, where + step)
             except SchemaError as exc:
-                exc.stage += 10
+                exc.stage += progress
                 raise
 
     def _tensor(self, form: Form, value: Any, path: str, where: str) -> None:
@@ -410,6 +421,7 @@ def match_shape(
     return new
 
 
+_MISSING = object()
 _KIND_WORDS = {
     "tensor": "a tensor",
     "dict": "a dict",
@@ -505,6 +517,7 @@ def form_message(form: Form) -> pb.InputForm:
         each=[form_message(f) for f in form.each],
         keys=[pb.InputKey(name=k, forms=[form_message(f) for f in s]) for k, s in form.keys],
         min_items=form.min_items,
+        length=form.length or "",
         label=form.label,
         upstream=form.upstream,
     )
@@ -546,6 +559,7 @@ def form_from_message(msg: pb.InputForm) -> Form:
         each=tuple(form_from_message(f) for f in msg.each),
         keys=tuple((k.name, tuple(form_from_message(f) for f in k.forms)) for k in msg.keys),
         min_items=msg.min_items,
+        length=msg.length or None,
         when=tuple((w.param, codec.decode_value(w.value)) for w in msg.when),
         label=msg.label,
         upstream=msg.upstream,

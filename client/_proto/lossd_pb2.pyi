@@ -269,7 +269,7 @@ class InputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., shape: _Optional[_Iterable[str]] = ..., differentiable: _Optional[bool] = ..., optional: _Optional[bool] = ..., doc: _Optional[str] = ..., forms: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ..., keyword: _Optional[str] = ...) -> None: ...
 
 class InputForm(_message.Message):
-    __slots__ = ("kind", "dtypes", "shape", "same_shape", "broadcast_to", "broadcasts_with", "same_dtype", "shapes", "index_of", "index_background", "index_ignore", "values_min", "values_max", "items", "each", "keys", "min_items", "when", "label", "upstream", "promote_with")
+    __slots__ = ("kind", "dtypes", "shape", "same_shape", "broadcast_to", "broadcasts_with", "same_dtype", "shapes", "index_of", "index_background", "index_ignore", "values_min", "values_max", "items", "each", "keys", "min_items", "when", "label", "upstream", "promote_with", "length")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +291,7 @@ class InputForm(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_WITH_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     kind: str
     dtypes: _containers.RepeatedScalarFieldContainer[DataType]
     shape: _containers.RepeatedScalarFieldContainer[str]
@@ -312,7 +313,8 @@ class InputForm(_message.Message):
     label: str
     upstream: str
     promote_with: str
-    def __init__(self, kind: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., shape: _Optional[_Iterable[str]] = ..., same_shape: _Optional[str] = ..., broadcast_to: _Optional[str] = ..., broadcasts_with: _Optional[str] = ..., same_dtype: _Optional[str] = ..., shapes: _Optional[_Iterable[_Union[ShapeOf, _Mapping]]] = ..., index_of: _Optional[str] = ..., index_background: _Optional[bool] = ..., index_ignore: _Optional[_Iterable[str]] = ..., values_min: _Optional[float] = ..., values_max: _Optional[float] = ..., items: _Optional[_Iterable[_Union[InputSchema, _Mapping]]] = ..., each: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ..., keys: _Optional[_Iterable[_Union[InputKey, _Mapping]]] = ..., min_items: _Optional[int] = ..., when: _Optional[_Iterable[_Union[FormCondition, _Mapping]]] = ..., label: _Optional[str] = ..., upstream: _Optional[str] = ..., promote_with: _Optional[str] = ...) -> None: ...
+    length: str
+    def __init__(self, kind: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., shape: _Optional[_Iterable[str]] = ..., same_shape: _Optional[str] = ..., broadcast_to: _Optional[str] = ..., broadcasts_with: _Optional[str] = ..., same_dtype: _Optional[str] = ..., shapes: _Optional[_Iterable[_Union[ShapeOf, _Mapping]]] = ..., index_of: _Optional[str] = ..., index_background: _Optional[bool] = ..., index_ignore: _Optional[_Iterable[str]] = ..., values_min: _Optional[float] = ..., values_max: _Optional[float] = ..., items: _Optional[_Iterable[_Union[InputSchema, _Mapping]]] = ..., each: _Optional[_Iterable[_Union[InputForm, _Mapping]]] = ..., keys: _Optional[_Iterable[_Union[InputKey, _Mapping]]] = ..., min_items: _Optional[int] = ..., when: _Optional[_Iterable[_Union[FormCondition, _Mapping]]] = ..., label: _Optional[str] = ..., upstream: _Optional[str] = ..., promote_with: _Optional[str] = ..., length: _Optional[str] = ...) -> None: ...
 
 class InputSchema(_message.Message):
     __slots__ = ("forms",)

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .._reduction import reduce_loss
 from ..errors import InvalidArgument
-from ..registry import Input, LossOutput, LossSpec
-from ._checks import check_class_indices, require_key, require_tensor
+from ..registry import INT_DTYPES, Form, Input, LossOutput, LossSpec
+from ._checks import check_class_indices
 from .netspresso import _sigmoid_focal_elementwise
 
 FG_IOU_THRESH = 0.5
@@ -90,57 +90,27 @@ def encode_boxes(gt: Tensor, anchors: Tensor) -> Tensor:
     return torch.cat((dx, dy, dw, dh), dim=1)
 
 
-def _level_list(value: Any, field: str, batch: int | None, last: int | None) -> list[Tensor]:
-    """A non-empty list of ``(B, A_l, last)`` float tensors sharing B (and the last size)."""
-    if isinstance(value, Tensor) or not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidArgument.expected(
-            field, "a list with one (B, A_l, ...) tensor per level", type(value).__name__
-        )
-    if not value:
-        raise InvalidArgument.expected(field, "at least one level", "an empty list")
-    levels = []
-    for k, level in enumerate(value):
-        where = f"{field}[{k}]"
-        level = require_tensor(level, where, floating=True, dim=3)
-        b, _, c = level.shape
-        if batch is not None and b != batch:
+def _level_list(levels: list[Tensor], field: str, batch: int) -> list[Tensor]:
+    """The declared ``(B_l, A_l, K)`` levels, each of the batch size the target's list gives."""
+    for k, level in enumerate(levels):
+        if level.shape[0] != batch:
             raise InvalidArgument.expected(
-                where,
+                f"{field}[{k}]",
                 f"batch size {batch} (as in {field}[0] and target.gt)",
                 f"shape {list(level.shape)}",
             )
-        if last is not None and c != last:
-            raise InvalidArgument.expected(
-                where, f"last dimension {last}", f"shape {list(level.shape)}"
-            )
-        batch, last = b, c
-        levels.append(level)
-    return levels
+    return list(levels)
 
 
 def _check_inputs(
     out: Mapping[str, Any], target: Mapping[str, Any]
 ) -> tuple[Tensor, Tensor, Tensor, list[dict]]:
-    anchors = require_tensor(
-        require_key(out, "anchors", "out"), "out.anchors", floating=True, dim=2
-    )
-    if anchors.shape[1] != 4:
-        raise InvalidArgument.expected(
-            "out.anchors", "shape (A, 4), xyxy", f"shape {list(anchors.shape)}"
-        )
-    gts = require_key(target, "gt", "target")
-    if not isinstance(gts, Sequence) or isinstance(gts, (str, Tensor)):
-        raise InvalidArgument.expected(
-            "target.gt", "a list with one {'boxes', 'labels'} dict per image", type(gts).__name__
-        )
-    if not gts:
-        # Upstream divides the classification loss by len(target['gt']): ZeroDivisionError.
-        raise InvalidArgument.expected("target.gt", "at least one image", "an empty list")
+    # Declared (_OUT, _TARGET): the keys, anchors (A, 4), non-empty level lists of (B_l, A_l, C)
+    # and (B_l, A_l, 4) float tensors, one {'boxes' float, 'labels' integer} dict per image.
+    anchors, gts = out["anchors"], target["gt"]
     batch = len(gts)
-    cls_levels = _level_list(require_key(out, "cls_logits", "out"), "out.cls_logits", batch, None)
-    box_levels = _level_list(
-        require_key(out, "bbox_regression", "out"), "out.bbox_regression", batch, 4
-    )
+    cls_levels = _level_list(out["cls_logits"], "out.cls_logits", batch)
+    box_levels = _level_list(out["bbox_regression"], "out.bbox_regression", batch)
     num_anchors = anchors.shape[0]
     for field, levels in (("out.cls_logits", cls_levels), ("out.bbox_regression", box_levels)):
         total = sum(level.shape[1] for level in levels)
@@ -156,10 +126,7 @@ def _check_inputs(
     images = []
     for i, gt in enumerate(gts):
         where = f"target.gt[{i}]"
-        boxes = require_tensor(require_key(gt, "boxes", where), f"{where}.boxes", floating=True)
-        labels = require_tensor(require_key(gt, "labels", where), f"{where}.labels", floating=False)
-        if labels.dtype == torch.bool:
-            raise InvalidArgument.expected(f"{where}.labels", "an integer tensor", "bool")
+        boxes, labels = gt["boxes"], gt["labels"]
         if boxes.numel() > 0:
             if boxes.dim() != 2 or boxes.shape[1] != 4:
                 raise InvalidArgument.expected(
@@ -296,6 +263,40 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     return (out, {"gt": gt}), {}, {}
 
 
+_LEVELS = "a list with one (B, A_l, ...) tensor per level"
+_OUT = Form(
+    kind="dict",
+    keys=(
+        ("anchors", Form(shape=("A", 4), label="anchors (A, 4), xyxy")),
+        (
+            "cls_logits",
+            Form(kind="list", each=Form(shape=("?", "?", "K")), min_items=1, label=_LEVELS),
+        ),
+        (
+            "bbox_regression",
+            Form(kind="list", each=Form(shape=("?", "?", 4)), min_items=1, label=_LEVELS),
+        ),
+    ),
+)
+_TARGET = Form(
+    kind="dict",
+    keys=(
+        (
+            "gt",
+            Form(
+                kind="list",
+                each=Form(
+                    kind="dict",
+                    keys=(("boxes", Form()), ("labels", Form(dtypes=INT_DTYPES))),
+                ),
+                # Upstream divides the classification loss by len(target['gt']).
+                min_items=1,
+                label="a list with one {'boxes', 'labels'} dict per image",
+            ),
+        ),
+    ),
+)
+
 SPECS = (
     LossSpec(
         name="retinanet_loss",
@@ -306,6 +307,7 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=(_OUT,),
                 differentiable=True,
                 doc="{'anchors': Tensor[A, 4] xyxy, 'cls_logits': [Tensor[B, A_l, C]] per level, "
                 "'bbox_regression': [Tensor[B, A_l, 4]] per level}; sum(A_l) == A",
@@ -313,6 +315,7 @@ SPECS = (
             Input(
                 "target",
                 kind="structure",
+                forms=(_TARGET,),
                 doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy, 'labels': Tensor[n_i] int64 in [0, C)}] * B}",
             ),
         ),

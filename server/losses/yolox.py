@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._reduction import reduce_loss
 from ..errors import InvalidArgument, upstream_raises
-from ..registry import Input, LossOutput, LossSpec, Param
+from ..registry import INT_DTYPES, Form, Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices, require_key, require_tensor
 
 REG_WEIGHT = 5.0
@@ -174,19 +174,11 @@ def simota_assign(
     return fg, matched_gt, gt_classes[matched_gt], matched_ious
 
 
-def _level_list(value: Any, num_classes: int) -> list[Tensor]:
-    if isinstance(value, Tensor) or not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidArgument.expected(
-            "out.pred",
-            "a list with one (B, 5 + C, H_l, W_l) tensor per level",
-            type(value).__name__,
-        )
-    if not value:
-        raise InvalidArgument.expected("out.pred", "at least one level", "an empty list")
+def _level_list(value: list[Tensor], num_classes: int) -> list[Tensor]:
+    """The declared (B, ?, H_l, W_l) levels; their channels follow target.num_classes."""
     levels = []
     for k, level in enumerate(value):
         where = f"out.pred[{k}]"
-        level = require_tensor(level, where, floating=True, dim=4)
         if level.shape[1] != 5 + num_classes:
             raise InvalidArgument.expected(
                 where, f"5 + num_classes = {5 + num_classes} channels", f"shape {list(level.shape)}"
@@ -194,12 +186,6 @@ def _level_list(value: Any, num_classes: int) -> list[Tensor]:
         if level.shape[2] == 0 or level.shape[3] == 0:
             raise InvalidArgument.expected(
                 where, "non-empty H_l, W_l", f"shape {list(level.shape)}"
-            )
-        if levels and level.shape[0] != levels[0].shape[0]:
-            raise InvalidArgument.expected(
-                where,
-                f"batch size {levels[0].shape[0]} (as out.pred[0])",
-                f"shape {list(level.shape)}",
             )
         if levels and level.device != levels[0].device:
             raise InvalidArgument.expected(
@@ -273,7 +259,7 @@ def _check_inputs(
     out: Mapping[str, Any], target: Mapping[str, Any]
 ) -> tuple[list[Tensor], list[dict], int, int]:
     num_classes = _plain_int(require_key(target, "num_classes", "target"), "target.num_classes", 0)
-    levels = _level_list(require_key(out, "pred", "out"), num_classes)
+    levels = _level_list(out["pred"], num_classes)
     images, img_size, num_classes = check_target(target, levels[0].shape[0])
     return levels, images, img_size, num_classes
 
@@ -509,6 +495,45 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     )
 
 
+_OUT = Form(
+    kind="dict",
+    keys=(
+        (
+            "pred",
+            Form(
+                kind="list",
+                each=Form(shape=("B", "?", "?", "?")),
+                min_items=1,
+                label="a list with one (B, 5 + C, H_l, W_l) tensor per level",
+            ),
+        ),
+    ),
+)
+# The target of YOLOX's SimOTA head (check_target checks the rest: rows per label, class
+# indices, box validity, and the number of entries for heads that do not declare their batch).
+TARGET = Form(
+    kind="dict",
+    keys=(
+        ("num_classes", Form(kind="any")),
+        ("img_size", Form(kind="any")),
+        (
+            "gt",
+            Form(
+                kind="list",
+                each=Form(
+                    kind="dict",
+                    keys=(
+                        ("labels", Form(dtypes=INT_DTYPES, shape=("?",))),
+                        ("boxes", Form(shape=("?", 4))),
+                    ),
+                ),
+                length="B",
+                label="a list with one {'boxes', 'labels'} dict per image",
+            ),
+        ),
+    ),
+)
+
 SPECS = (
     LossSpec(
         name="yolox_loss",
@@ -519,12 +544,14 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=(_OUT,),
                 differentiable=True,
                 doc="{'pred': [Tensor[B, 5 + C, H_l, W_l]] per level, channels tx, ty, tw, th, obj, cls_0..C-1}",
             ),
             Input(
                 "target",
                 kind="structure",
+                forms=(TARGET,),
                 doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy absolute, 'labels': Tensor[n_i] int in [0, C)}] * B, "
                 "'img_size': int image width, 'num_classes': int C}",
             ),

@@ -17,7 +17,7 @@ from lossd.server.errors import InvalidArgument
 from lossd.server.losses.retinanet import match_anchors, retinanet_loss
 from lossd.server.registry import LossOutput
 from tests.support.golden import GOLDEN
-from tests.support.losskit import run_golden
+from tests.support.losskit import call, run_golden
 
 # ---------------------------------------------------------------------------------------------
 # An independent re-derivation: python-float IoU, loop matching, focal from log-sigmoids.
@@ -402,7 +402,7 @@ def _replace(out, target, **changes):
 def test_invalid_inputs_raise_invalid_argument(change, field):
     out, target = change(*_case())
     with pytest.raises(InvalidArgument) as info:
-        retinanet_loss(out, target)
+        call("retinanet_loss", out, target)  # the declaration, then the loss, as the engine does
     assert info.value.field == field
     assert "expected" in str(info.value) or "missing" in str(info.value)
 
