@@ -410,7 +410,7 @@ class AuditCollector(Collector):
 
     Known keys (others are ignored, missing ones are not exported): ``queue_depth``,
     ``queue_capacity``, ``records_written``, ``records_dropped``, ``records_refused``,
-    ``queue_blocked``, ``capture_skipped``, ``write_seconds_sum``,
+    ``queue_blocked``, ``capture_skipped``, ``checkpoints_signed``, ``write_seconds_sum``,
     ``write_seconds_count``, ``last_write_seconds``.
     """
 
@@ -458,6 +458,10 @@ class AuditCollector(Collector):
             "capture_skipped": (
                 "lossd_audit_capture_skipped",
                 "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached.",
+            ),
+            "checkpoints_signed": (
+                "lossd_audit_checkpoints_signed",
+                "Chain heads this server signed and stored (periodic, at shutdown, on request).",
             ),
         }
         self.keys |= {*counters, "write_seconds_count", "write_seconds_sum"}

@@ -31,7 +31,6 @@ time) and when the recorder closes, it signs the heads that moved and stores the
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -48,8 +47,8 @@ from ..errors import Unavailable
 from ..security import current_principal
 from .capture import Capture
 from .records import Pending, build
-from .signing import Signer
-from .store import Store, StoredCheckpoint
+from .signing import Checkpoint, Signer, sign_and_store
+from .store import Store
 
 log = logging.getLogger("lossd.audit")
 
@@ -279,19 +278,9 @@ class AuditRecorder:
                 log.exception("audit checkpoint of run %r failed", run_id)
                 self._moved.setdefault(run_id, (records, head))
 
-    def store_checkpoint(self, run_id: str, records: int, head: str) -> Any:
+    def store_checkpoint(self, run_id: str, records: int, head: str) -> Checkpoint:
         """Sign (run, records, head) now and store the checkpoint; returns it."""
-        cp = self.signer.sign(run_id, records, head, time.time_ns())
-        self.store.add_checkpoint(
-            StoredCheckpoint(
-                run_id,
-                records,
-                head,
-                cp.time_unix_ns,
-                cp.key_id,
-                base64.b64encode(cp.signature).decode(),
-            )
-        )
+        cp = sign_and_store(self.store, self.signer, run_id, records, head)
         with self._stats_lock:
             self._signed += 1
         return cp

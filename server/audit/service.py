@@ -23,7 +23,7 @@ from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..service import handles_errors, handles_stream_errors, safe_parser
 from .chain import ChainWalk, Report, newest_signed
 from .records import Row, value_scalar
-from .signing import Checkpoint, Signer, public_pem, raw_public
+from .signing import Checkpoint, Signer, public_pem, raw_public, sign_and_store
 from .store import Selector, Store
 from .verify import (
     CHAIN_BROKEN,
@@ -233,8 +233,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     ) -> pb.CheckpointResponse:
         """Walk the run's whole chain; sign its head only when every link holds and it extends
         the newest checkpoint this key signed (never legitimise a tampered store)."""
-        if self.signer is None or self.recorder is None:
-            raise Unavailable("this server holds no audit signing key (it records no trail)")
+        if self.signer is None:
+            raise Unavailable("this server holds no audit signing key")
         run_id = request.run_id
         with self.store.reader() as conn:
             walk = ChainWalk(
@@ -253,7 +253,10 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 f"run {run_id!r}: the stored chain is broken, not signing it: "
                 + "; ".join([first] if first else report.problems)
             )
-        cp = self.recorder.store_checkpoint(run_id, report.records, report.head_sha256)
+        if self.recorder is not None:  # counts it among the checkpoints the server signed
+            cp = self.recorder.store_checkpoint(run_id, report.records, report.head_sha256)
+        else:  # a read-only replica (--audit none --audit-db ...) signs with its own key
+            cp = sign_and_store(self.store, self.signer, run_id, report.records, report.head_sha256)
         return pb.CheckpointResponse(checkpoint=checkpoint_message(cp))
 
     @handles_errors

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .store import AuditStoreError
+from .store import AuditStoreError, Store, StoredCheckpoint
 
 KEY_FILE = "audit-signing.key"
 FORMAT = "lossd-checkpoint-v1"
@@ -178,6 +179,24 @@ class Signer:
         """The start-up line: key id, file, and the public key (raw, base64)."""
         public = base64.b64encode(raw_public(self.public)).decode()
         return f"audit signing key {self.key_id} ({self.path}): public key ed25519 {public}"
+
+
+def sign_and_store(
+    store: Store, signer: Signer, run_id: str, records: int, head: str
+) -> Checkpoint:
+    """Sign (run, records, head) now and store the checkpoint; returns it."""
+    cp = signer.sign(run_id, records, head, time.time_ns())
+    store.add_checkpoint(
+        StoredCheckpoint(
+            run_id,
+            records,
+            head,
+            cp.time_unix_ns,
+            cp.key_id,
+            base64.b64encode(cp.signature).decode(),
+        )
+    )
+    return cp
 
 
 def _create(path: Path) -> None:

@@ -306,3 +306,25 @@ def test_the_server_will_not_sign_a_broken_chain(
     err = capsys.readouterr().err
     assert "FAILED_PRECONDITION" in err or "not signing" in err
     assert f"seq 3 missing after record {rows[1].id}" in err
+
+
+def test_a_read_only_replica_signs_with_its_own_key(
+    trail: Trail, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--audit none --audit-db ...`` serves the trail: it checkpoints and verifies with its own
+    key (a checkpoint of the writer's key does not verify against the replica's public key)."""
+    run_id = trail.write_run()
+    replica = create_server(
+        ServerConfig(port=0, device="cpu", audit="none", audit_db=trail.db, data_dir=str(tmp_path))
+    )
+    endpoint = f"127.0.0.1:{replica.port}"
+    try:
+        out, pub = tmp_path / "cp.json", tmp_path / "replica.pub"
+        assert cli.main(["checkpoint", run_id, "-o", str(out), "--endpoint", endpoint]) == 0
+        assert cli.main(["public-key", "-o", str(pub), "--endpoint", endpoint]) == 0
+        argv = ["verify", run_id, "--quiet", "--endpoint", endpoint, "--checkpoint", str(out)]
+        assert cli.main([*argv, "--public-key", str(pub)]) == 0
+        assert cli.main([*argv, "--public-key", str(trail.public_key())]) == 1
+        capsys.readouterr()
+    finally:
+        replica.stop(0)

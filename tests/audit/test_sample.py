@@ -79,6 +79,9 @@ def test_the_default_sample_is_recomputed_by_verify(server, capsys: pytest.Captu
     assert {line.split(" request ")[1].split()[0] for line in ok[1:]} == expected
     n = 150 - len(ok)
     assert f"150 records: {len(ok)} verified, 0 failed, {n} not recomputable" in err
+    assert cli.main(["checkpoint", run_id, "--endpoint", endpoint]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 150
+    assert "lossd_audit_checkpoints_signed_total" in running.metrics.exposition().decode()
 
 
 @pytest.mark.parametrize("server", [{"audit_capture": "none"}], indirect=True)
