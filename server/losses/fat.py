@@ -206,6 +206,14 @@ def cross_entropy(
     num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
     weight = _class_weight(weight, num_classes, logits)
     probabilities = labels.is_floating_point()
+    if probabilities and ignore_index != -100:
+        # torch: "ignore_index is not supported for floating point target" (a RuntimeError).
+        raise InvalidArgument.expected(
+            "params.ignore_index",
+            "the default -100 with probability targets (torch supports no ignore_index for them)",
+            ignore_index,
+            upstream="RuntimeError",
+        )
     loss = F.cross_entropy(
         logits,
         labels,

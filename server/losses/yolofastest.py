@@ -29,17 +29,22 @@ ANCHOR_DTYPE = torch.float32
 
 
 def giou_cxcywh(pred: Tensor, target: Tensor, eps: float = GIOU_EPS) -> Tensor:
-    """GIoU of row-aligned ``(K, 4)`` cxcywh boxes (union + eps, enclosing area clamped at eps)."""
-    p_lo, p_hi = pred[:, :2] - pred[:, 2:] / 2, pred[:, :2] + pred[:, 2:] / 2
-    t_lo, t_hi = target[:, :2] - target[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2
-    top_left, bottom_right = torch.max(p_lo, t_lo), torch.min(p_hi, t_hi)
+    """GIoU of row-aligned ``(K, 4)`` cxcywh boxes (union + eps, enclosing area clamped at eps).
+
+    Each corner is computed afresh where it is used, as upstream does: reusing one tensor would
+    sum the gradient contributions in another order and differ from upstream in the last bit.
+    """
+    top_left = torch.max(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)
+    bottom_right = torch.min(pred[:, :2] + pred[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2)
     area_p = torch.prod(pred[:, 2:], 1)
     area_g = torch.prod(target[:, 2:], 1)
     overlaps = (top_left < bottom_right).to(top_left.dtype).prod(dim=1)
     area_i = torch.prod(bottom_right - top_left, 1) * overlaps
     area_u = area_p + area_g - area_i
     iou = area_i / (area_u + eps)
-    area_c = torch.prod(torch.max(p_hi, t_hi) - torch.min(p_lo, t_lo), 1)
+    enclose_tl = torch.min(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)
+    enclose_br = torch.max(pred[:, :2] + pred[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2)
+    area_c = torch.prod(enclose_br - enclose_tl, 1)
     return iou - (area_c - area_u) / area_c.clamp(eps)
 
 

@@ -207,3 +207,15 @@ def test_netspresso_yaml_entry_builds_it(endpoint) -> None:
         got = crit({"pred": pred}, {"target": labels})
     expected = 2.0 * _reference(pred, labels, ignore_index=255, label_smoothing=0.1)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["seg_cross_entropy", "cross_entropy"])
+def test_soft_targets_with_an_ignore_index_are_refused_as_torch_refuses_them(name) -> None:
+    # torch raises "ignore_index is not supported for floating point target" (RuntimeError).
+    pred, _ = _case(11)
+    soft = torch.softmax(torch.randn(2, 3, 7, 9, generator=gen(12), dtype=torch.float64), 1)
+    if name == "cross_entropy":
+        soft = soft[..., :3, :4]
+    with pytest.raises(InvalidArgument) as info:
+        call(name, {"pred": pred}, {"target": soft}, ignore_index=255)
+    assert info.value.field == "params.ignore_index" and info.value.upstream == "RuntimeError"

@@ -211,3 +211,18 @@ def test_netspresso_yaml_entry_builds_it(endpoint) -> None:
     with from_config(yaml, endpoint=endpoint) as crit:
         got = crit(out, target)
     torch.testing.assert_close(got, value(call(NAME, out, target, **params)), rtol=1e-12, atol=0)
+
+
+def test_giou_matches_the_formula_on_disjoint_nested_and_overlapping_boxes() -> None:
+    from lossd.server.losses.yolofastest import giou_cxcywh
+
+    pairs = [
+        ((10.0, 10.0, 4.0, 4.0), (20.0, 10.0, 4.0, 4.0)),  # disjoint: GIoU < 0
+        ((10.0, 10.0, 8.0, 8.0), (10.0, 10.0, 2.0, 2.0)),  # nested
+        ((10.0, 10.0, 6.0, 4.0), (12.0, 11.0, 4.0, 6.0)),  # overlapping
+    ]
+    pred = torch.tensor([p for p, _ in pairs], dtype=torch.float64)
+    target = torch.tensor([t for _, t in pairs], dtype=torch.float64)
+    expected = torch.tensor([_giou(p, t)[0] for p, t in pairs], dtype=torch.float64)
+    torch.testing.assert_close(giou_cxcywh(pred, target), expected, rtol=1e-12, atol=1e-12)
+    assert expected[0] < 0

@@ -183,6 +183,7 @@ def dice_loss(
             "params.use_sigmoid",
             "True when activate=True (upstream raises NotImplementedError: sigmoid is its only activation)",
             use_sigmoid,
+            upstream="NotImplementedError",
         )
     pred, target = _dice_inputs(pred, target)
     avg_factor = _optional_avg_factor(avg_factor)
