@@ -3,6 +3,7 @@ attaching the inputs that need gradients."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,17 @@ def call(name: str, *args, **params):
 
 
 def differentiable_paths(spec: LossSpec, args: Any, kwargs: dict) -> list[str]:
-    """Paths of the floating-point tensors of a call that its declaration marks differentiable."""
+    """Paths of the floating-point tensors of a call that its declaration marks differentiable
+    (``args[12].pred`` is under the 13th input, ``kwargs.weight[0]`` under ``weight``)."""
     diff = {i.name for i in spec.inputs if i.differentiable}
     names = [i.name for i in spec.inputs]
-    paths = [p for p, t in call_tensors(args, kwargs) if t.is_floating_point()]
+
+    def input_name(path: str) -> str:
+        index, key = re.match(r"args\[(\d+)\]|kwargs\.(\w+)", path).groups()
+        return names[int(index)] if index is not None else key
+
     return [
-        p
-        for p in paths
-        if (names[int(p[5])] if p.startswith("args[") else p.split(".")[1].split("[")[0]) in diff
+        p for p, t in call_tensors(args, kwargs) if t.is_floating_point() and input_name(p) in diff
     ]
 
 
@@ -76,32 +80,50 @@ def assert_same_gradients(
         torch.testing.assert_close(a, b, **tolerance)
 
 
+def golden_call(case: dict) -> tuple[str, dict]:
+    """The registered loss and constructor parameters of a golden case; a config case in its
+    family's format: fat's ``{loss: {name, ...}}``, visdet's ``{type, ...}`` or NetsPresso's
+    criteria list (the ``losses`` loss)."""
+    config = case.get("config")
+    if config is None:
+        return case["name"], case["ctor"]
+    if isinstance(config, dict) and "type" in config:
+        return config["type"], {k: v for k, v in config.items() if k != "type"}
+    if isinstance(config, dict) and "loss" in config:
+        params = dict(config["loss"])
+        return params.pop("name"), params
+    return "losses", {"losses": config}
+
+
 def run_golden(path: Path) -> tuple[dict, Any]:
-    """Call a golden case's loss through the registry (a config case: the criterion list) and
-    check the loss, its dtype and every gradient against upstream's; (case, result)."""
+    """Call a golden case's loss through the registry, in the autocast region upstream ran in,
+    and check the loss (its dtype, NaN where upstream's is NaN) and every gradient of its sum
+    (None where upstream gives none) against upstream's, within GOLDEN_TOL; (case, result)."""
     case = load_golden(path)
     args, kwargs = case["args"], case["kwargs"]
-    for grad_path in case["grad_paths"]:
-        get_path(args, kwargs, grad_path).requires_grad_(True)
-    if "config" in case:
-        spec, params = registry.get("losses"), {"losses": case["config"]}
-    else:
-        spec = registry.get(case["name"])
-        params = spec.canonical_params(case["ctor"])
+    leaves = [get_path(args, kwargs, p).requires_grad_(True) for p in case["grad_paths"]]
+    name, params = golden_call(case)
+    spec = registry.get(name)
     with golden_region(case):
-        result = spec.fn(*args, **kwargs, **params)
+        result = spec.fn(*args, **kwargs, **spec.canonical_params(params))
         loss = value(result)
     tol = GOLDEN_TOL[case["precision"]]
+    want = case["expected_loss"]
     assert str(loss.dtype).removeprefix("torch.") == str(case["expected_loss_dtype"]).removeprefix(
         "torch."
     )
-    torch.testing.assert_close(loss, case["expected_loss"], **tol)
+    assert bool(torch.isnan(loss).all()) == bool(case.get("expect_nan")), loss
+    torch.testing.assert_close(loss, want, **tol, equal_nan=True)
     with golden_region(case):
-        loss.backward()
-    for grad_path in case["grad_paths"]:
-        torch.testing.assert_close(
-            get_path(args, kwargs, grad_path).grad, case["expected_grads"][grad_path], **tol
-        )
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+    for grad_path, grad in zip(case["grad_paths"], grads, strict=True):
+        expected = case["expected_grads"][grad_path]
+        if expected is None:
+            assert grad is None, f"{grad_path}: upstream gives no gradient"
+        else:
+            torch.testing.assert_close(
+                grad, expected, **tol, msg=lambda m, p=grad_path: f"{p}: {m}"
+            )
     return case, result
 
 
