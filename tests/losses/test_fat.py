@@ -17,12 +17,7 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses import fat
 from tests.support.golden import (
-    GOLDEN,
-    GOLDEN_TOL,
-    get_path,
     golden_files,
-    golden_region,
-    load_golden,
 )
 from tests.support.losskit import assert_same_gradients, call, gen, notes, value
 
@@ -41,37 +36,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # --------------------------------------------------------------------------- golden values
-
-GOLDEN_CASES = golden_files("fat") + [GOLDEN / "netspresso" / "cross_entropy__plain.pt"]
-
-
-@pytest.mark.parametrize("path", GOLDEN_CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_golden(path):
-    case = load_golden(path)
-    if "config" in case:  # fat LossFactory config: name + the params it forwards
-        params = dict(case["config"]["loss"])
-        name = params.pop("name")
-    else:
-        name, params = case["name"], case["ctor"]
-    args, kwargs = case["args"], case["kwargs"]
-    leaves = [get_path(args, kwargs, p).requires_grad_(True) for p in case["grad_paths"]]
-
-    with golden_region(case):
-        out = call(name, *args, **kwargs, **params)
-        loss = value(out)
-    tol = GOLDEN_TOL[case["precision"]]
-    assert str(loss.dtype).removeprefix("torch.") == case["expected_loss_dtype"]
-    assert torch.isnan(loss).all() == bool(case["expect_nan"])
-    assert_close(loss, case["expected_loss"], **tol, equal_nan=True)
-
-    with golden_region(case):
-        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
-    for path_, grad in zip(case["grad_paths"], grads, strict=True):
-        expected = case["expected_grads"][path_]
-        if expected is None:
-            assert grad is None, path_
-        else:
-            assert_close(grad, expected, **tol)
+# (each case is run by tests/losses/test_golden.py)
 
 
 def test_golden_files_are_all_covered():
