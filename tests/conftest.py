@@ -1,7 +1,8 @@
 """Shared fixtures: an in-process lossd server on a free port, and the device under test.
 
-``pytest --device cuda`` runs the device-parametrised tests on a GPU (kornia's pattern); the
-default is CPU, which is what CI has.
+``device`` is the one device mechanism: every test whose subject depends on the device takes
+it, and ``pytest --device cuda`` runs them all on a GPU (kornia's pattern); the default is CPU,
+which is what CI has.
 """
 
 from __future__ import annotations

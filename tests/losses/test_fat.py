@@ -32,7 +32,6 @@ FAT_LOSSES = (
     "kl_div",
     "sqr_hinge",
 )
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # --------------------------------------------------------------------------- golden values
@@ -732,7 +731,6 @@ def test_gradcheck_all_fat_losses():
 # --------------------------------------------------------------------------- devices
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", FAT_LOSSES)
 def test_runs_on_device_with_weights_moved(device, name):
     spec = registry.get(name)
@@ -740,18 +738,18 @@ def test_runs_on_device_with_weights_moved(device, name):
     params = spec.canonical_params(params)  # list weights become CPU float32 tensors
     args = tuple(a.to(device) for a in args)
     loss = value(spec.fn(*args, **kwargs, **params))
-    assert loss.device.type == device
+    assert loss.device.type == device.type
     cpu = value(spec.fn(*(a.cpu() for a in args), **kwargs, **params))
     assert_close(loss.cpu(), cpu, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bad_index_never_reaches_cuda():
-    x = torch.randn(3, 4, device="cuda")
+def test_bad_index_never_reaches_the_device(device):
+    """On CUDA (``pytest --device cuda``) a device-side assert would kill the context."""
+    x = torch.randn(3, 4, device=device)
     for fn in (fat.cross_entropy, fat.nll, fat.sqr_hinge):
         with pytest.raises(InvalidArgument):
-            fn(x, torch.tensor([0, 4, 1], device="cuda"))
+            fn(x, torch.tensor([0, 4, 1], device=device))
     with pytest.raises(InvalidArgument):
-        fat.bce(torch.full((3,), 1.5, device="cuda"), torch.ones(3, device="cuda"))
+        fat.bce(torch.full((3,), 1.5, device=device), torch.ones(3, device=device))
     # the context is still usable
-    assert value(fat.cross_entropy(x, torch.tensor([0, 3, 1], device="cuda"))).isfinite()
+    assert value(fat.cross_entropy(x, torch.tensor([0, 3, 1], device=device))).isfinite()
