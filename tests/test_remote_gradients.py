@@ -1,4 +1,4 @@
-"""Issue 2's bar for the fat trainer's losses, through a running server.
+"""RemoteLoss's values and gradients equal local torch autograd, for the fat trainer's losses.
 
 For every fat loss, in float32 and float64: the value and the input gradients through
 ``RemoteLoss`` equal local torch autograd (bitwise on CPU in float32, 1e-12 relative in float64);
