@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InvalidArgument
-from ..registry import Input, LossOutput, LossSpec, Param
+from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices, require_key, require_tensor
 
 IGNORE_INDEX_NONE_VALUE = -100
@@ -59,18 +59,9 @@ def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="mean")
 
 
-def _check_map(value: Any, field: str, batch: int | None, channels: int | None) -> Tensor:
-    logits = require_tensor(value, field, floating=True, dim=4)
-    if batch is not None and logits.shape[0] != batch:
-        raise InvalidArgument.expected(
-            field, f"batch size {batch} (as in out.pred)", f"shape {list(logits.shape)}"
-        )
-    if channels is not None and logits.shape[1] != channels:
-        raise InvalidArgument.expected(
-            field, f"{channels} channel(s)", f"shape {list(logits.shape)}"
-        )
+def _nonempty_map(logits: Tensor, field: str) -> Tensor:
+    """A declared (B, C, h, w) map, which F.interpolate needs non-empty."""
     if logits.shape[2] == 0 or logits.shape[3] == 0:
-        # F.interpolate refuses empty spatial sizes.
         raise InvalidArgument.expected(
             field, "non-empty spatial size (h, w >= 1)", f"shape {list(logits.shape)}"
         )
@@ -129,16 +120,18 @@ def pidnet_loss(
         notes.append(
             "weight is accepted and ignored, as upstream PIDNetLoss (the criterion's YAML weight multiplies the loss outside)"
         )
-    pred = _check_map(require_key(out, "pred", "out"), "out.pred", None, None)
-    extra_p = require_key(out, "extra_p", "out")
+    # Declared (_OUT): pred (B, C, h, w); extra_p (B, C', h', w') and extra_d (B, 1, h'', w''),
+    # or extra_p None (an eval-mode head, whose target upstream never reads).
+    pred = _nonempty_map(out["pred"], "out.pred")
+    extra_p = out["extra_p"]
     if extra_p is None:
         notes.append(
             "out.extra_p is None (eval-mode head): upstream returns sum(pred - pred), a zero, without reading extra_d or target"
         )
         return LossOutput(torch.sum(pred - pred), notes=notes)
     batch, num_classes = pred.shape[:2]
-    extra_p = _check_map(extra_p, "out.extra_p", batch, None)
-    extra_d = _check_map(require_key(out, "extra_d", "out"), "out.extra_d", batch, 1)
+    extra_p = _nonempty_map(extra_p, "out.extra_p")
+    extra_d = _nonempty_map(out["extra_d"], "out.extra_d")
 
     labels = require_tensor(require_key(target, "target", "target"), "target.target", dim=3)
     if labels.dtype != torch.int64:
@@ -221,6 +214,20 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     return (out, {"target": labels, "bd_gt": bd_gt}), {}, {"ignore_index": 255}
 
 
+_PRED = ("pred", Form(shape=("B", "C", "?", "?"), label="float logits (B, C, h, w)"))
+_OUT = (
+    Form(
+        kind="dict",
+        keys=(
+            _PRED,
+            ("extra_p", Form(shape=("B", "?", "?", "?"), label="float logits (B, C, h', w')")),
+            ("extra_d", Form(shape=("B", 1, "?", "?"), label="boundary logits (B, 1, h'', w'')")),
+        ),
+        label="{'pred', 'extra_p', 'extra_d'}",
+    ),
+    Form(kind="dict", keys=(_PRED, ("extra_p", Form(kind="none"))), label="an eval-mode output"),
+)
+
 SPECS = (
     LossSpec(
         name="pidnet_loss",
@@ -232,6 +239,7 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=_OUT,
                 differentiable=True,
                 doc="{'pred': Tensor[B, C, h, w], 'extra_p': Tensor[B, C, h', w'] or None, "
                 "'extra_d': Tensor[B, 1, h'', w'']} float logits",

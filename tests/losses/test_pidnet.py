@@ -17,7 +17,7 @@ from lossd.server.errors import InvalidArgument
 from lossd.server.losses.pidnet import pidnet_loss
 from lossd.server.registry import LossOutput
 from tests.support.golden import GOLDEN
-from tests.support.losskit import GOLDEN_TOL, run_golden
+from tests.support.losskit import GOLDEN_TOL, call, run_golden
 
 LOGIT_08 = math.log(4.0)  # sigmoid(log 4) == 0.8
 
@@ -334,7 +334,7 @@ def test_invalid_layout(mutate, field: str) -> None:
     out, target = _case(14)
     mutate(out, target)
     with pytest.raises(InvalidArgument) as err:
-        pidnet_loss(out, target)
+        call("pidnet_loss", out, target)  # the declaration, then the loss, as the engine does
     assert err.value.field == field
 
 

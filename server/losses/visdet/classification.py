@@ -123,12 +123,6 @@ def _mask_ce(pred, target, label, reduction, avg_factor, class_weight, ignore_in
             "the ROI class labels (R,) int64 (use_mask=True passes them in the weight slot)",
             "None",
         )
-    if label.dtype != torch.int64 or label.dim() != 1 or label.size(0) != pred.size(0):
-        raise InvalidArgument.expected(
-            "weight",
-            f"ROI class labels of shape [{pred.size(0)}], int64 (use_mask=True)",
-            f"{_dtype_name(label)} of shape {list(label.shape)}",
-        )
     num_classes = pred.size(1)
     if label.numel():
         lo, hi = int(label.min()), int(label.max())
@@ -545,6 +539,15 @@ _CE_LABEL = (
     ),
     Form(when=_MASK, label="float mask targets (R, *) (use_mask=True)"),
 )
+_CE_WEIGHT = (
+    Form(dtypes=(*FLOAT_DTYPES, *INDEX_DTYPES), when=(("use_mask", False),)),
+    Form(
+        dtypes=INDEX_DTYPES,
+        shape=("R",),
+        when=(("use_mask", True),),
+        label="ROI class labels (R,) int64 (use_mask=True passes them in the weight slot)",
+    ),
+)
 _ACTIVATED = (("activated", True),)
 _LOGITS = (("activated", False),)
 _FOCAL_PRED = (
@@ -635,10 +638,13 @@ SPECS = (
                 doc="softmax: (N,) int64 indices in [0, C) or ignore_index; sigmoid: (N,) int64 with C = background, "
                 "or a 0/1 label of cls_score's shape; mask: (R, *) float mask targets",
             ),
-            *_tail_inputs(
-                "(N,) per-sample weight (cast to float32); mask mode: the (R,) int64 ROI class labels",
-                (*FLOAT_DTYPES, *INDEX_DTYPES),
+            Input(
+                "weight",
+                forms=_CE_WEIGHT,
+                optional=True,
+                doc="(N,) per-sample weight (cast to float32); mask mode: the (R,) int64 ROI class labels",
             ),
+            *_tail_inputs("")[1:],
             Input(
                 "ignore_index_override",
                 kind="int",
