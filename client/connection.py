@@ -23,6 +23,12 @@ from ._channel import (
 from ._proto import lossd_pb2 as pb
 from .errors import LossdError, from_rpc_error
 
+DEFAULT_TIMEOUT_S = 300.0  # each call's default deadline, retries included
+MAX_BACKOFF_S = 2.0
+# The client never cancels an attempt itself (a stream call past its deadline raises _Expired):
+# CANCELLED here means the server ended the call unanswered (a drain's end), so it is retried.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
 
 @dataclass(frozen=True)
 class ConnectionOptions:
@@ -35,7 +41,10 @@ class ConnectionOptions:
         endpoint: ``host:port``, several (list or comma-separated; balanced round-robin), or a
             gRPC target such as ``dns:///lossd:50051``. Default ``$LOSSD_ENDPOINT``, else
             ``127.0.0.1:50051``. Held as the resolved gRPC target.
-        timeout: deadline of each call in seconds, retries included (None: none).
+        timeout: deadline of each call in seconds, retries included. Default
+            ``DEFAULT_TIMEOUT_S`` (300 s, long enough for a 256 MiB call on a CPU server; or
+            ``$LOSSD_TIMEOUT``), so a hung server ends a call with DEADLINE_EXCEEDED instead of
+            blocking training forever. None: no deadline.
         max_message_mb: largest request or response this client sends or accepts.
         token: bearer token sent with every call (default ``$LOSSD_TOKEN``).
         tls: use TLS (implied by any of the files below; default ``$LOSSD_TLS``).
@@ -44,13 +53,16 @@ class ConnectionOptions:
             (default ``$LOSSD_TLS_CERT`` / ``$LOSSD_TLS_KEY``).
         tls_server_name: name to check the server's certificate against, when it differs from
             the endpoint's host (an IP address, a test certificate).
-        retries: how many times a call that failed with UNAVAILABLE (a replica down or
-            restarting) is tried again, with jittered exponential backoff, within ``timeout``.
-            Retries keep the request id, so the audit trail records the evaluation once.
+        retries: how many times a call that failed with UNAVAILABLE (a replica down, restarting
+            or draining) or that the server cancelled (a drain's end) is tried again, with
+            jittered exponential backoff capped at 2 s. None (default): as often as ``timeout``
+            allows (4 times when there is no deadline), so a restart within the deadline costs
+            no failed step. Retries keep the request id, so the audit trail records the
+            evaluation once.
     """
 
     endpoint: str | Sequence[str] | None = None
-    timeout: float | None = None
+    timeout: float | None = DEFAULT_TIMEOUT_S
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     token: str | None = None
     tls: bool | None = None
@@ -58,11 +70,17 @@ class ConnectionOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_server_name: str | None = None
-    retries: int = 4
+    retries: int | None = None
 
     def __post_init__(self) -> None:
         env = os.environ
+        timeout = self.timeout
+        if timeout == DEFAULT_TIMEOUT_S and env.get("LOSSD_TIMEOUT"):
+            timeout = float(env["LOSSD_TIMEOUT"])
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds (or None: no deadline), got {timeout!r}")
         resolved = {
+            "timeout": timeout,
             "endpoint": resolve_endpoint(self.endpoint),
             "token": self.token if self.token is not None else env.get("LOSSD_TOKEN") or None,
             "tls": self.tls
@@ -176,29 +194,34 @@ class LossClient:
             raise from_rpc_error(error, request_id) from None
 
     def retrying(self, attempt: Callable[[float | None], Any]) -> Any:
-        """``attempt(seconds left)`` until it does not fail UNAVAILABLE, within ``timeout``.
+        """``attempt(seconds left)`` until it does not fail UNAVAILABLE (or server-CANCELLED).
 
-        The one retry policy of every transport: up to ``retries`` more tries, jittered
-        exponential backoff, never past the caller's deadline. The caller keeps the request id
-        across tries, so the audit trail records the evaluation once.
+        The one retry policy of every transport: jittered exponential backoff capped at
+        ``MAX_BACKOFF_S``, until the call's deadline (or ``retries`` more tries, when given), never
+        past it. The caller keeps the request id across tries, so the audit trail records the
+        evaluation once.
         """
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        retries = self.options.retries
+        if retries is None and deadline is None:
+            retries = 4
         backoff = 0.05
-        for tries_left in range(self.options.retries, -1, -1):
+        tries = 0
+        while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             try:
                 return attempt(remaining)
             except grpc.RpcError as error:
                 pause = backoff * (0.5 + random.random())  # jitter: replicas restarting together
                 if (
-                    error.code() != grpc.StatusCode.UNAVAILABLE
-                    or not tries_left
+                    error.code() not in RETRYABLE
+                    or (retries is not None and tries >= retries)
                     or (deadline is not None and time.monotonic() + pause >= deadline)
                 ):
                     raise
+                tries += 1
                 time.sleep(pause)
-                backoff = min(backoff * 2, 2.0)
-        raise AssertionError("unreachable")  # the loop always returns or raises
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
         if not request.request_id:

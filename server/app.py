@@ -45,6 +45,9 @@ from .version import __version__
 log = logging.getLogger("lossd")
 
 
+SESSION_GRACE_S = 1.0
+
+
 @dataclass
 class RunningServer:
     """A started server and the handles a caller needs to stop it."""
@@ -76,11 +79,20 @@ class RunningServer:
         grace = self.config.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.draining = True  # a stream session's next call: UNAVAILABLE
         if self.admission is not None:
             # Before gRPC's own shutdown, which would cancel calls that arrived but were not yet
             # handed to a thread: here they are still taken, and refused UNAVAILABLE (retried).
             self.admission.drain(grace)
-        self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
+        if self.servicer is not None:
+            self.servicer.wait_idle(deadline - time.monotonic())  # sessions' calls in flight
+            # Nothing is computing: what is left are answers being sent, idle stream sessions and
+            # probes. A second for the answers, then the sessions end (their clients reconnect),
+            # rather than at the end of the grace period.
+            self.server.stop(min(max(deadline - time.monotonic(), 0.0), SESSION_GRACE_S)).wait()
+        else:
+            self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         # After the drain: calls in flight have had their records committed; flush the rest.
         self.close_audit()
         if self.trimmer is not None:

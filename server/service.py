@@ -26,6 +26,7 @@ from .errors import (
     Internal,
     InvalidArgument,
     ServiceError,
+    Unavailable,
     abort,
     to_service_error,
 )
@@ -157,6 +158,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         stream_send_timeout_s: float = 60.0,
     ) -> None:
         self.watchdog = Watchdog()
+        self.computing = 0  # evaluations in progress, stream sessions' included (the drain waits)
+        self.draining = False
+        self._busy_lock = threading.Condition()
         self.stream_idle_timeout_s = stream_idle_timeout_s  # header -> data, between frames
         self.stream_send_timeout_s = stream_send_timeout_s  # an answer left unread
         self.engine = engine
@@ -181,6 +185,28 @@ class LossServicer(pb_grpc.LossServiceServicer):
         """Every transport ends here. ``external``/``outboard``: the chunked transport's tensors
         that travel outside the request/response message (see server/chunked.py). ``held``: the
         memory reserved for decoding this request, when the transport reserved it already."""
+        with self._busy_lock:
+            self.computing += 1
+        try:
+            return self._reserved_compute(request, context, external, outboard, held)
+        finally:
+            with self._busy_lock:
+                self.computing -= 1
+                self._busy_lock.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until no evaluation is running (a drain); True when none is."""
+        with self._busy_lock:
+            return self._busy_lock.wait_for(lambda: self.computing == 0, timeout=max(timeout, 0))
+
+    def _reserved_compute(
+        self,
+        request: pb.ComputeRequest,
+        context: grpc.ServicerContext | None,
+        external: dict[str, Any] | None,
+        outboard: codec.Outboard | None,
+        held: Reservation | None,
+    ) -> pb.ComputeResponse:
         if self.budget is None:
             return self._compute(request, context, external, outboard, None)
         if held is not None:
@@ -287,6 +313,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     @handles_errors
     def _stream_one(self, message: Any, context: grpc.ServicerContext) -> pb.ComputeStreamResponse:
+        if self.draining:  # a session's next call after SIGTERM: retried on the restarted server
+            raise Unavailable("this server is shutting down; retry the call on another replica")
         return pb.ComputeStreamResponse(response=self.compute(message.request, context))
 
     def ComputeChunked(

@@ -4,6 +4,10 @@ against a running server on loopback and states what the server must do instead 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import sqlite3
 import threading
 import time
 
@@ -13,8 +17,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lossd.client import LossClient, LossdError
+from lossd.client import LossClient, LossdError, RemoteLoss
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.connection import DEFAULT_TIMEOUT_S, ConnectionOptions
 from lossd.client.functional import build_request
 from lossd.client.wire import codec, framing
 from lossd.server import registry
@@ -405,3 +410,114 @@ def test_an_unread_answer_is_cancelled_and_releases_its_slot_and_memory():
         finally:
             call.cancel()
             channel.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Restarts survived by default; a hung server ends the call at the deadline; drains
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(data, port: int, *flags: str) -> ServerProcess:
+    return ServerProcess(
+        "--audit", "runs", "--data-dir", str(data), "--log-level", "WARNING", "--port", str(port),
+        *flags,
+    )  # fmt: skip
+
+
+def _records(db) -> list[tuple[str, int]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT request_id, step FROM audit_records WHERE run_id = 'train' ORDER BY id"
+        ).fetchall()
+
+
+def test_a_training_loop_with_default_settings_survives_three_sigkill_restarts(tmp_path):
+    assert ConnectionOptions().timeout == DEFAULT_TIMEOUT_S  # finite by default
+    port, steps, kills = _free_port(), 45, (8, 20, 32)
+    server = _serve(tmp_path, port).start()
+    crit = RemoteLoss("mse", endpoint=f"127.0.0.1:{port}", run_id="train")  # all defaults
+    model = torch.nn.Linear(4, 1)
+    failed: list[BaseException] = []
+    done: list[tuple[str, bool]] = []
+    killer_go = threading.Event()
+
+    def killer() -> None:
+        nonlocal server
+        for at in kills:
+            while len(done) + len(failed) < at:
+                time.sleep(0.005)
+            server.proc.kill()  # no drain, no flush
+            server.proc.wait(30)
+            server = _serve(tmp_path, port).start()
+        killer_go.set()
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        for step in range(steps):
+            crit.step = step
+            x = torch.randn(8, 4)
+            try:
+                loss = crit(model(x).squeeze(1), torch.zeros(8))
+                loss.backward()
+                done.append((crit.last_result.request_id, crit.last_result.audited))
+            except Exception as exc:  # noqa: BLE001 - counted: the test wants none
+                failed.append(exc)
+            time.sleep(0.02)
+        thread.join(120)
+        assert killer_go.is_set(), "the restarts did not all happen during the loop"
+        assert not failed, f"{len(failed)} failed steps, the first: {failed[0]!r}"
+        assert all(audited for _, audited in done)
+        records = _records(tmp_path / "audit.sqlite3")
+        assert sorted(s for _, s in records) == list(range(steps)), "a step missing or twice"
+        assert len({r for r, _ in records}) == len(records) == steps
+    finally:
+        crit.close()
+        server.stop()
+
+
+def test_a_sigstopped_server_ends_a_default_call_at_the_deadline(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSSD_TIMEOUT", "3")  # the default deadline, shortened for the test
+    with _serve(tmp_path, 0) as server:
+        crit = RemoteLoss("mse", endpoint=server.address)
+        x = torch.ones(4, requires_grad=True)
+        crit(x, torch.zeros(4)).backward()
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(LossdError) as caught:
+                crit(x, torch.zeros(4))
+            took = time.monotonic() - start
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+            crit.close()
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+        assert 2.5 < took < 10, took
+
+
+def test_a_drain_ends_idle_stream_sessions_at_once_and_their_next_call_is_retried(tmp_path):
+    port = _free_port()
+    server = _serve(tmp_path, port, "--grace-seconds", "60").start()
+    crit = RemoteLoss("mse", endpoint=f"127.0.0.1:{port}", run_id="train")
+    second = None
+    try:
+        crit.step = 0
+        crit(torch.ones(4, requires_grad=True), torch.zeros(4)).backward()  # a session is open
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - start < 10, "the drain waited out the grace for an idle session"
+        second = _serve(tmp_path, port).start()
+        crit.step = 1
+        crit(torch.ones(4, requires_grad=True), torch.zeros(4)).backward()  # not CANCELLED
+        assert crit.last_result.audited
+    finally:
+        crit.close()
+        server.stop()
+        if second is not None:
+            second.stop()
