@@ -106,6 +106,19 @@ def _legacy_reduction(
     ]
 
 
+def _check_byte_target(labels: Tensor, logits: Tensor, field: str) -> None:
+    """torch's class-index kernels take uint8 targets only for (N, C) or (C,) input; with spatial
+    dims they raise "expected scalar type Long but found Byte" (a RuntimeError)."""
+    if labels.dtype == torch.uint8 and logits.dim() > 2:
+        raise InvalidArgument.expected(
+            field,
+            f"int64 class indices (torch takes uint8 only for [N, C] or [C] input, this one is "
+            f"{list(logits.shape)})",
+            "uint8",
+            upstream="RuntimeError",
+        )
+
+
 def _index_mean_nan_note(target: Tensor, weight: Tensor | None, ignore_index: int) -> list[str]:
     """Why a ``mean`` over class indices is NaN (torch divides by the counted weight, 0 here)."""
     counted = target != ignore_index
@@ -193,6 +206,7 @@ def cross_entropy(
     notes: list[str] = []
     if isinstance(input, Mapping) or isinstance(target, Mapping):
         logits, labels = input["pred"], target["target"]  # the declared NetsPresso form
+        label_field = "target.target"
         if reduction != "mean":
             notes.append(
                 f"NetsPresso's CrossEntropyLoss fixes reduction='mean' and ignores a reduction "
@@ -201,6 +215,8 @@ def cross_entropy(
         reduction = "mean"
     else:
         logits, labels = input, target
+        label_field = "target"
+    _check_byte_target(labels, logits, label_field)
     reduction, legacy_notes = _legacy_reduction(size_average, reduce, reduction)
     notes += legacy_notes
     num_classes = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
@@ -255,6 +271,7 @@ def nll(
     Reference:
         ``torch.nn.NLLLoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
+    _check_byte_target(target, input, "target")
     weight = _class_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], input)
     loss = F.nll_loss(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
     notes = _index_mean_nan_note(target, weight, ignore_index) if reduction == "mean" else []

@@ -219,3 +219,34 @@ def test_soft_targets_with_an_ignore_index_are_refused_as_torch_refuses_them(nam
     with pytest.raises(InvalidArgument) as info:
         call(name, {"pred": pred}, {"target": soft}, ignore_index=255)
     assert info.value.field == "params.ignore_index" and info.value.upstream == "RuntimeError"
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "field"),
+    [
+        (
+            "seg_cross_entropy",
+            (
+                {"pred": torch.randn(2, 3, 2, 2)},
+                {"target": torch.zeros(2, 4, 4, dtype=torch.uint8)},
+            ),
+            "target.target",
+        ),
+        ("cross_entropy", (torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.uint8)), "target"),
+        ("nll", (torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.uint8)), "target"),
+    ],
+    ids=["seg", "cross_entropy-1d", "nll-2d"],
+)
+def test_uint8_labels_with_spatial_dims_are_refused_as_torch_refuses_them(
+    name, args, field
+) -> None:
+    # torch: "expected scalar type Long but found Byte" (RuntimeError) once there are spatial dims.
+    with pytest.raises(InvalidArgument) as info:
+        call(name, *args)
+    assert info.value.field == field and info.value.upstream == "RuntimeError"
+    flat = (
+        call(name, torch.randn(4, 3), torch.zeros(4, dtype=torch.uint8))
+        if name != "seg_cross_entropy"
+        else None
+    )
+    assert flat is None or torch.isfinite(value(flat))
