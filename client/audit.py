@@ -164,11 +164,13 @@ def session_id() -> str:
 def make_context(
     run_id: str, step: int, rank: int | None, micro_batch: int | None, tags: Mapping[str, str]
 ) -> pb.AuditContext:
+    rank = default_rank() if rank is None else rank
+    # Unknown is left unset (proto3 presence), never sent as -1 or 0.
     return pb.AuditContext(
         run_id=run_id,
         step=step,
-        rank=default_rank() if rank is None else rank,
-        micro_batch=-1 if micro_batch is None else micro_batch,
+        rank=rank if rank >= 0 else None,
+        micro_batch=micro_batch,
         tags=dict(tags),
         session=session_id() if run_id else "",
     )
@@ -184,9 +186,9 @@ def record_to_dict(record: pb.AuditRecord) -> dict[str, Any]:
         "id": record.id,
         "request_id": record.request_id,
         "run_id": record.run_id,
-        "step": record.step,
-        "rank": record.rank,
-        "micro_batch": record.micro_batch,
+        "step": record.step if record.HasField("step") else None,
+        "rank": record.rank if record.HasField("rank") else None,
+        "micro_batch": record.micro_batch if record.HasField("micro_batch") else None,
         "tags": dict(sorted(record.tags.items())),
         "time_unix_ns": record.time_unix_ns,
         "peer": record.peer,
@@ -471,6 +473,7 @@ def figure(records: list[dict[str, Any]], title: str | None = None) -> Any:
         raise RuntimeError("plotting needs matplotlib: pip install 'lossd[plot]'") from None
     values: dict[str, dict[int, list[float]]] = {}
     components: dict[str, dict[int, list[float]]] = {}
+    records = [r for r in records if r["step"] is not None]  # no place on a step axis
     for r in records:
         value = r["value"]
         if isinstance(value, (int, float)):

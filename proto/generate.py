@@ -5,6 +5,9 @@ checked-in code always matches the contract.
 
 protoc's virtual include mapping (``-Ilossd/client/_proto=...``) makes the generated gRPC
 module import ``lossd.client._proto.lossd_pb2`` directly, so no import rewriting is needed.
+
+It also writes ``lossd_v1_descriptor.binpb``: the contract as a FileDescriptorSet under its
+source name (``lossd/v1/lossd.proto``) with its comments, which server reflection serves.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "proto" / "lossd" / "v1"
 TARGET = ROOT / "client" / "_proto"
 VIRTUAL = "lossd/client/_proto"
+DESCRIPTOR_SET = TARGET / "lossd_v1_descriptor.binpb"
 
 
 def main() -> int:
@@ -43,6 +47,19 @@ def main() -> int:
         for new in sorted(generated.iterdir()):
             shutil.copyfile(new, TARGET / new.name)
             print(f"wrote {(TARGET / new.name).relative_to(ROOT)}")
+    sources = [f"lossd/v1/{p.name}" for p in protos]
+    if protoc.main(
+        [
+            "protoc",
+            f"-I{ROOT / 'proto'}",
+            f"--descriptor_set_out={DESCRIPTOR_SET}",
+            "--include_source_info",
+            *sources,
+        ]
+    ):
+        print("protoc failed (descriptor set)", file=sys.stderr)
+        return 1
+    print(f"wrote {DESCRIPTOR_SET.relative_to(ROOT)}")
     init = TARGET / "__init__.py"
     if not init.exists():
         init.write_text(

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from . import reflection
 from ._malloc import IdleTrimmer, set_mmap_threshold
 from .audit import AuditRecorder, audit_signer, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
@@ -188,13 +188,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
-        reflection.enable_server_reflection(
-            (
-                *services,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        reflection.enable(
+            server, (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         )
 
     host = config.host

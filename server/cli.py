@@ -64,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             print(describe_loss(args.name) if args.name else loss_table(args.family))
-        except KeyError as exc:
-            print(f"lossd: {exc}", file=sys.stderr)
+        except (KeyError, ValueError) as exc:  # an unknown loss or family
+            print(f"lossd losses: {exc}", file=sys.stderr)
             return 2
         return 0
     return 2

@@ -33,6 +33,17 @@ UPSTREAM_EXCEPTIONS = (
 UPSTREAM_DOMAIN = "lossd.upstream"  # google.rpc.ErrorInfo.domain of that detail
 
 
+QUOTE_CHARS = 64
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``repr(text)``, or the repr of its first ``limit`` characters and its size: client text
+    echoed in an error or a log line stays bounded however long it came."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text.encode('utf-8', 'surrogatepass'))} bytes in all)"
+
+
 class ServiceError(Exception):
     """Base class: an error the server reports to the caller with a status code.
 
@@ -72,7 +83,11 @@ class InvalidArgument(ServiceError, ValueError):
     def expected(
         cls, field: str, expected: str, got: object, *, upstream: str | None = None
     ) -> InvalidArgument:
-        """The usual shape of a validation message: what was expected and what came."""
+        """The usual shape of a validation message: what was expected and what came (``got``
+        bounded to a prefix: it is often the caller's own text)."""
+        got = str(got)
+        if len(got) > 2 * QUOTE_CHARS:
+            got = f"{got[:QUOTE_CHARS]}... ({len(got)} characters in all)"
         return cls(f"expected {expected}, got {got}", field=field, upstream=upstream)
 
 

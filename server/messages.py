@@ -42,6 +42,7 @@ def decode_compute(
     external: dict[str, Tensor] | None = None,
 ) -> ComputeCall:
     """``external``: bytes of tensors that came outside the message (chunked transport), by path."""
+    codec.check_string_bytes(request.loss, "loss", limits, "loss name")
     budget = codec.new_budget(limits)
     params = codec.decode_map(request.params, "params", limits, budget=budget, external=external)
     args = [
@@ -63,7 +64,7 @@ def decode_compute(
         _check_external(external, params, args, kwargs, grad_output)
     if len(request.grad_paths) > limits.max_items:
         raise codec.LimitError("grad_paths", f"more than {limits.max_items} paths", "--max-items")
-    if request.audit.run_id or request.audit.tags:
+    if request.HasField("audit"):
         check_audit_context(request.audit)
     return ComputeCall(
         loss=request.loss,
@@ -128,6 +129,12 @@ def check_audit_context(audit: pb.AuditContext) -> None:
             check_audit_fields(run_id, tags)
         except ValueError as exc:
             raise InvalidArgument(str(exc), field=field_name) from None
+    for field_name in ("rank", "micro_batch"):
+        # -1 is how clients before field presence said "unknown", and still means it.
+        if audit.HasField(field_name) and getattr(audit, field_name) < -1:
+            raise InvalidArgument.expected(
+                f"audit.{field_name}", ">= 0, or unset when unknown", getattr(audit, field_name)
+            )
 
 
 def _check_external(

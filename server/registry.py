@@ -34,7 +34,7 @@ from lossd.client.schema import INT_DTYPES as INT_DTYPES
 from lossd.client.schema import Checker, Schema, SchemaError
 from lossd.client.schema import Form as Form
 
-from .errors import InvalidArgument, LossNotFound
+from .errors import InvalidArgument, LossNotFound, quote
 
 
 class _Required:
@@ -45,6 +45,9 @@ class _Required:
 REQUIRED: Any = _Required()
 
 PARAM_TYPES = ("bool", "int", "float", "str", "float_list", "tensor", "mapping", "list", "any")
+# The trainer families a loss can belong to (ListLossesRequest.family).
+FAMILIES = ("fat", "netspresso", "visdet")
+
 INPUT_KINDS = ("tensor", "structure", "number", "int", "str", "bool", "any")
 
 
@@ -292,6 +295,8 @@ _REGISTRY: dict[str, LossSpec] = {}
 def register(spec: LossSpec) -> LossSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"loss {spec.name!r} is already registered")
+    if not spec.families or set(spec.families) - set(FAMILIES):
+        raise ValueError(f"loss {spec.name!r}: families {spec.families} not within {FAMILIES}")
     _check_signature(spec)
     _REGISTRY[spec.name] = spec
     return spec
@@ -325,7 +330,8 @@ def _check_signature(spec: LossSpec) -> None:
             )
 
 
-def get(name: str) -> LossSpec:
+def get(name: str, field: str = "loss") -> LossSpec:
+    """The spec registered as ``name``; ``field`` names the request field that carried it."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -334,11 +340,15 @@ def get(name: str) -> LossSpec:
             close = [n for n in _REGISTRY if n.lower() == name.lower()]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise LossNotFound(
-            f"unknown loss {name!r}{hint} (ListLosses lists all {len(_REGISTRY)})", field="loss"
+            f"unknown loss {quote(name)}{hint} (ListLosses lists all {len(_REGISTRY)})",
+            field=field,
         ) from None
 
 
 def all_specs(family: str | None = None) -> list[LossSpec]:
+    """Every spec, or those of one family; an unknown family is refused, listing the families."""
+    if family is not None and family not in FAMILIES:
+        raise InvalidArgument.expected("family", f"one of {', '.join(FAMILIES)}", quote(family))
     specs = sorted(_REGISTRY.values(), key=lambda s: (s.families[0], s.name.lower()))
     return [s for s in specs if family is None or family in s.families]
 

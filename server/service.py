@@ -28,6 +28,7 @@ from .errors import (
     ServiceError,
     Unavailable,
     abort,
+    clip,
     to_service_error,
 )
 from .limits import caller_gone
@@ -88,7 +89,7 @@ def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if type(error) is ServiceError:  # (an Internal error was logged where it was raised)
         log.error("internal error in %s", method, exc_info=exc)
     else:
-        log.info("%s refused: %s %s", method, error.code.name, error)
+        log.info("%s refused: %s %s", method, error.code.name, clip(str(error)))
     abort(context, error)
 
 
@@ -391,7 +392,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def DescribeLoss(
         self, request: pb.DescribeLossRequest, context: grpc.ServicerContext
     ) -> pb.DescribeLossResponse:
-        return pb.DescribeLossResponse(loss=loss_info(registry.get(request.name)))
+        return pb.DescribeLossResponse(loss=loss_info(registry.get(request.name, field="name")))
 
 
 def method_handlers(servicer: LossServicer) -> grpc.GenericRpcHandler:

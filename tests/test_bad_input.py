@@ -103,11 +103,12 @@ BAD = {
         "args[0].shape[0]",
         "size >= 0",
     ),
+    # A configured limit, like every other (issue 16: it was INVALID_ARGUMENT without the flag).
     "rank 9": (
         _with_arg(0, raw_tensor(shape=(1,) * 9, data=bytes(4))),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
         "args[0].shape",
-        "rank <= 8",
+        "rank 9 exceeds the limit of 8 (raise it with --max-rank)",
     ),
     "unknown dtype enum": (
         _with_arg(0, raw_tensor(dtype=42)),

@@ -133,7 +133,7 @@ def _tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=(2,), data=b"\0" * 8) -> pb.Tensor
         (_tensor(data=b"\0" * 7), "t.data", "expected 8 bytes"),
         (_tensor(shape=(3,)), "t.data", "expected 12 bytes"),
         (_tensor(shape=(-1, 2)), "t.shape[0]", "size >= 0"),
-        (_tensor(shape=(1,) * 9, data=b"\0" * 4), "t.shape", "rank <= 8"),
+        (_tensor(shape=(1,) * 9, data=b"\0" * 4), "t.shape", "exceeds the limit of 8"),
         (_tensor(dtype=0), "t.dtype", "<enum 0>"),
         (_tensor(dtype=99), "t.dtype", "<enum 99>"),
         (_tensor(dtype=pb.DATA_TYPE_BOOL, shape=(2,), data=b"\x00\x07"), "t.data", "0 or 1"),

@@ -67,7 +67,8 @@ class LossServiceServicer:
     """
 
     def Compute(self, request, context):
-        """Evaluates one loss and, when asked, its gradients, in one round trip.
+        """Evaluates one loss and, when asked, its gradients, in one round trip. Request and response
+        are each bounded by --max-message-mb; see "Message sizes" above for the client's limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

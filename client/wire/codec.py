@@ -141,8 +141,10 @@ def decode_tensor(
         )
     shape = list(msg.shape)
     if len(shape) > limits.max_rank:
-        raise DecodeError(
-            f"{field}.shape", f"expected rank <= {limits.max_rank}, got rank {len(shape)}"
+        raise LimitError(
+            f"{field}.shape",
+            f"rank {len(shape)} exceeds the limit of {limits.max_rank}",
+            "--max-rank",
         )
     for i, size in enumerate(shape):
         if size < 0:
@@ -349,12 +351,7 @@ def decode_value(
         return msg.float_value
     if kind == "string_value":
         s = msg.string_value
-        if len(s) > limits.max_string_bytes:
-            raise LimitError(
-                field,
-                f"string of {len(s)} characters exceeds {limits.max_string_bytes}",
-                "--max-string-bytes",
-            )
+        check_string_bytes(s, field, limits, "string")
         return s
     if kind in ("list_value", "tuple_value"):
         items = [
@@ -384,16 +381,24 @@ def decode_map(
         key = entry.key
         if key in out:
             raise DecodeError(join_key(field, key), f"duplicate key {key!r}")
-        if len(key) > limits.max_string_bytes:
-            raise LimitError(
-                field,
-                f"key of {len(key)} characters exceeds {limits.max_string_bytes}",
-                "--max-string-bytes",
-            )
+        check_string_bytes(key, field, limits, "key")
         out[key] = decode_value(
             entry.value, join_key(field, key), limits, budget=budget, depth=depth, external=external
         )
     return out
+
+
+def check_string_bytes(text: str, field: str, limits: DecodeLimits, what: str) -> None:
+    """The limit counts UTF-8 bytes (what travels), not characters: 2,000 '€' are 6,000 bytes."""
+    if len(text) * 4 <= limits.max_string_bytes:
+        return  # no string of this many characters can reach the limit: skip the encode
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_string_bytes:
+        raise LimitError(
+            field,
+            f"{what} of {size} bytes exceeds the limit of {limits.max_string_bytes} bytes",
+            "--max-string-bytes",
+        )
 
 
 def new_budget(limits: DecodeLimits = DEFAULT_LIMITS) -> _Budget:

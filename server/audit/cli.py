@@ -168,6 +168,12 @@ def _time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) if ns else "-"
 
 
+def _known(value: int | None) -> str:
+    """A step, rank or micro-batch, or "-" when the caller did not give it (unset, or the
+    legacy -1)."""
+    return "-" if value is None or value < 0 else str(value)
+
+
 def _num(x: Any) -> str:
     return f"{x:.6g}" if isinstance(x, float) else str(x)
 
@@ -237,15 +243,10 @@ def cmd_show(client: AuditClient, args: argparse.Namespace) -> int:
         comps = " ".join(f"{k}={_num(v)}" for k, v in record["components"].items())
         flag = " NON-FINITE" if record["non_finite"] else ""
         print(
-            f"{record['step']:>6} {_known(record['rank']):>4} {_known(record['micro_batch']):>3}  {record['loss']:<20} {_num(record['value']):>12}  "
+            f"{_known(record['step']):>6} {_known(record['rank']):>4} {_known(record['micro_batch']):>3}  {record['loss']:<20} {_num(record['value']):>12}  "
             f"{record['device']:<7} {record['dtype']:<8} {record['request_id']}{flag}{'  ' + comps if comps else ''}"
         )
     return 0 if count else no_records(args)
-
-
-def _known(index: int) -> str:
-    """A rank or micro-batch; -1 (unknown) as "-"."""
-    return "-" if index < 0 else str(index)
 
 
 def cmd_export(client: AuditClient, args: argparse.Namespace) -> int:
@@ -386,7 +387,7 @@ def cmd_plot(client: AuditClient, args: argparse.Namespace) -> int:
     if not records:
         return no_records(args)
     path = plot(records, args.output, args.title)
-    steps = sorted({r["step"] for r in records})
+    steps = sorted({r["step"] for r in records if r["step"] is not None}) or ["-"]
     print(f"wrote {path} ({len(records)} records, steps {steps[0]}..{steps[-1]})", file=sys.stderr)
     return 0
 

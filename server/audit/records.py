@@ -34,6 +34,10 @@ from ..version import __version__
 VALUE_MAX_ELEMENTS = 1 << 16
 
 
+# How the store keeps a step, rank or micro-batch the caller did not give (the wire leaves it unset).
+UNKNOWN = -1
+
+
 @dataclass
 class Row:
     """One audit record, exactly as stored (column order = ``COLUMNS``)."""
@@ -277,9 +281,10 @@ def build(
     row = Row(
         request_id=request_id,
         run_id=audit.run_id,
-        step=int(audit.step),
-        rank=int(audit.rank),
-        micro_batch=int(audit.micro_batch),
+        # Unset (proto3 presence) is unknown, stored as -1 and read back as unset.
+        step=audit.step if audit.HasField("step") else UNKNOWN,
+        rank=audit.rank if audit.HasField("rank") else UNKNOWN,  # (an explicit -1 is UNKNOWN too)
+        micro_batch=audit.micro_batch if audit.HasField("micro_batch") else UNKNOWN,
         tags=dumps(dict(sorted(tags.items()))),
         recorded_at_ns=time.time_ns(),
         peer=peer,

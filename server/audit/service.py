@@ -22,7 +22,7 @@ from lossd.client.wire import codec
 from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..service import handles_errors, handles_stream_errors, safe_parser
 from .chain import ChainWalk, Report, newest_signed
-from .records import Row, value_scalar
+from .records import UNKNOWN, Row, value_scalar
 from .signing import Checkpoint, Signer, public_pem, raw_public, sign_and_store
 from .store import Selector, Store
 from .verify import (
@@ -65,9 +65,10 @@ def to_message(row: Row) -> pb.AuditRecord:
         id=row.id,
         request_id=row.request_id,
         run_id=row.run_id,
-        step=row.step,
-        rank=row.rank,
-        micro_batch=row.micro_batch,
+        # None leaves an optional field unset: unknown stays unknown on the wire.
+        step=None if row.step == UNKNOWN else row.step,
+        rank=None if row.rank == UNKNOWN else row.rank,
+        micro_batch=None if row.micro_batch == UNKNOWN else row.micro_batch,
         tags=json.loads(row.tags),
         time_unix_ns=row.recorded_at_ns,
         peer=row.peer,
