@@ -37,6 +37,8 @@ def _upcast(t: Tensor) -> Tensor:
 
 
 def _box_area(boxes: Tensor) -> Tensor:
+    # torchvision's box_area upcasts too: a half-precision area overflows past 65504 (256 x 256).
+    boxes = _upcast(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 

@@ -474,3 +474,51 @@ def test_spec_registered_with_example():
         assert result.components["box"] > 0  # the example has foreground anchors
         args2, _, _ = spec.make_example(dtype)
         torch.testing.assert_close(spec.fn(*args2).value, result.value, rtol=0, atol=0)
+
+
+def _torchvision_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """torchvision.ops.box_iou's rule: box_area and the intersection upcast half precision
+    (``_upcast``: float16/bfloat16 -> float32) before multiplying."""
+
+    def area(b):
+        b = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
+        return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (
+        (rb - lt).float().clamp(min=0)
+        if rb.dtype in (torch.float16, torch.bfloat16)
+        else (rb - lt).clamp(min=0)
+    )
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    return inter / (area(boxes1)[:, None] + area(boxes2) - inter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_box_areas_are_upcast_like_torchvision(dtype):
+    from lossd.server.losses.retinanet import box_iou
+
+    # Boxes of 300 x 300 and more: a half-precision area (90,000 > 65,504) overflows unless upcast.
+    gt = torch.tensor([[0.0, 0.0, 300.0, 300.0], [50.0, 40.0, 450.0, 420.0]], dtype=dtype)
+    anchors = torch.tensor(
+        [[0.0, 0.0, 256.0, 256.0], [0.0, 0.0, 320.0, 320.0], [60.0, 40.0, 440.0, 400.0]],
+        dtype=dtype,
+    )
+    got = box_iou(gt, anchors)
+    want = _torchvision_box_iou(gt, anchors)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    assert bool((got > 0.5).any()), "the overflowed areas made every IoU ~0: nothing matched"
+    # The whole loss then matches the same anchors as on the float32 copy of the same boxes.
+    out = {
+        "anchors": anchors,
+        "cls_logits": [torch.zeros(1, 3, 2, dtype=dtype)],
+        "bbox_regression": [torch.zeros(1, 3, 4, dtype=dtype)],
+    }
+    target = {"gt": [{"boxes": gt, "labels": torch.tensor([0, 1])}]}
+    half = retinanet_loss(out, target).value
+    out32 = {k: v.float() if torch.is_tensor(v) else [t.float() for t in v] for k, v in out.items()}
+    target32 = {"gt": [{"boxes": gt.float(), "labels": torch.tensor([0, 1])}]}
+    full = retinanet_loss(out32, target32).value
+    torch.testing.assert_close(half.float(), full, rtol=2e-2, atol=2e-2)

@@ -1103,3 +1103,17 @@ def test_device_agnostic(name, device):
     assert out.device.type == device.type
     ref = value(call(name, *args, **kwargs, **params))
     assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["IoULoss", "GIoULoss"])
+def test_box_fp16_pred_with_fp32_target_returns_fp32_as_upstream(name):
+    # Upstream (mmdet bbox_overlaps, then 1 - ious / -log) is plain torch arithmetic on the
+    # pair, so a float16 pred against a float32 target promotes to float32, as does its loss.
+    p = boxes(UNIT, [0.0, 0.0, 300.0, 300.0])
+    t = boxes([0.0, 0.0, 2.0, 2.0], [100.0, 100.0, 400.0, 400.0])
+    mixed = value(call(name, p.half(), t.float(), reduction="none"))
+    assert mixed.dtype == torch.promote_types(torch.float16, torch.float32) == torch.float32
+    ref = value(call(name, p.half().float(), t.float(), reduction="none"))  # the same numbers
+    assert_close(mixed, ref)
+    mean = value(call(name, p.half(), t.float()))
+    assert mean.dtype == torch.float32

@@ -69,7 +69,9 @@ def _box_loss(pred: Tensor, target: Tensor, mode: str, eps: float) -> Tensor:
     if mode != "giou":
         overlaps = overlaps.clamp(min=eps)
     if half:
-        overlaps = overlaps.to(torch.float16)
+        # Back to the dtype mmdet's arithmetic gives: float16 for two float16 inputs, float32
+        # for a float16 pred against a float32 target (type promotion).
+        overlaps = overlaps.to(torch.promote_types(pred.dtype, target.dtype))
     if mode == "linear":
         return 1 - overlaps
     if mode == "square":
