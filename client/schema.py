@@ -29,6 +29,7 @@ checks constructor parameters against their declaration, before any tensor trave
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -492,6 +493,114 @@ def _check_values(
 
 
 # ------------------------------------------------------------------------------------------
+# Constructor parameters: the one set of type, choice and range rules
+# ------------------------------------------------------------------------------------------
+
+
+def type_name(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor(dtype={_dtype(value)}, shape={list(value.shape)})"
+    return type(value).__name__
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def coerce_kind(kind: str, value: Any, where: str) -> Any:
+    """``value`` as a parameter (or scalar input) of type ``kind``, in canonical form."""
+    if kind == "any":
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if is_number(value):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    elif kind == "float_list":
+        # Integer lists are accepted as floats (fat's YAML `weight: [1, 2, 1]` would otherwise
+        # crash upstream with "expected scalar type Float but found Long").
+        if isinstance(value, (list, tuple)) and all(is_number(v) for v in value):
+            return [float(v) for v in value]
+        if isinstance(value, Tensor) and value.dim() == 1 and value.is_floating_point():
+            return [float(v) for v in value.tolist()]
+    elif kind == "tensor":
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, (list, tuple)) and all(is_number(v) for v in value):
+            return torch.tensor([float(v) for v in value])
+    elif kind == "mapping":
+        if isinstance(value, Mapping):
+            return value
+    elif kind == "list" and isinstance(value, (list, tuple)):
+        return list(value)
+    words = {"tensor": "a tensor or a list of numbers", "float_list": "a list of numbers"}
+    raise SchemaError.expected(where, words.get(kind, kind), type_name(value))
+
+
+def check_range(rule: Any, value: Any, where: str) -> None:
+    """``rule`` has ``minimum``, ``maximum`` and their ``*_exclusive`` flags (a Param, an
+    Input, a ParamRule)."""
+    if not is_number(value):
+        return
+    if isinstance(value, float) and math.isnan(value):
+        raise SchemaError.expected(where, "a number", "NaN")
+    lo, hi = rule.minimum, rule.maximum
+    if lo is not None and (value < lo or (rule.minimum_exclusive and value == lo)):
+        raise SchemaError.expected(
+            where, f"a value {'>' if rule.minimum_exclusive else '>='} {lo}", value
+        )
+    if hi is not None and (value > hi or (rule.maximum_exclusive and value == hi)):
+        raise SchemaError.expected(
+            where, f"a value {'<' if rule.maximum_exclusive else '<='} {hi}", value
+        )
+
+
+def check_param(rule: Any, value: Any, where: str, nullable: bool) -> Any:
+    """A constructor parameter against its declaration (``rule``: ``type``, ``choices`` and the
+    range of a Param or ParamRule); returns it in canonical form."""
+    if value is None:
+        if nullable:
+            return None
+        raise SchemaError.expected(where, f"{rule.type} (None is not allowed)", "None")
+    value = coerce_kind(rule.type, value, where)
+    if rule.choices and value not in rule.choices:
+        allowed = ", ".join(repr(c) for c in rule.choices)
+        raise SchemaError.expected(where, f"one of {allowed}", repr(value))
+    check_range(rule, value, where)
+    return value
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """The checkable part of a parameter's declaration, as DescribeLoss sends it."""
+
+    type: str
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    minimum_exclusive: bool = False
+    maximum_exclusive: bool = False
+
+    @classmethod
+    def from_info(cls, info: pb.ParamInfo) -> ParamRule:
+        return cls(
+            type=info.type,
+            choices=tuple(codec.decode_value(c) for c in info.choices),
+            minimum=info.minimum if info.HasField("minimum") else None,
+            maximum=info.maximum if info.HasField("maximum") else None,
+            minimum_exclusive=info.minimum_exclusive,
+            maximum_exclusive=info.maximum_exclusive,
+        )
+
+
+# ------------------------------------------------------------------------------------------
 # The declaration on the wire (DescribeLoss / ListLosses)
 # ------------------------------------------------------------------------------------------
 
@@ -575,17 +684,6 @@ def _refuse(field: str, message: str) -> LossdError:
     return LossdError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field=field)
 
 
-_PARAM_KINDS: dict[str, tuple[type, ...]] = {
-    "bool": (bool,),
-    "int": (int,),
-    "float": (int, float),
-    "str": (str,),
-    "float_list": (list, tuple),
-    "list": (list, tuple),
-    "mapping": (Mapping,),
-}
-
-
 def check_params(info: pb.LossInfo, params: Mapping[str, Any]) -> None:
     """Raise ``LossdError(INVALID_ARGUMENT)`` for parameters the loss's declaration rejects."""
     declared = {p.name: p for p in info.params}
@@ -600,19 +698,10 @@ def check_params(info: pb.LossInfo, params: Mapping[str, Any]) -> None:
                 field,
                 f"unknown parameter {name!r} for loss {info.name!r}{hint} (accepted: {accepted})",
             )
-        if value is None:
-            if not param.nullable:
-                raise _refuse(field, f"expected {param.type} (None is not allowed), got None")
-            continue
-        kinds = _PARAM_KINDS.get(param.type)
-        if kinds and (
-            not isinstance(value, kinds)
-            or (isinstance(value, bool) and param.type in ("int", "float"))
-        ):
-            raise _refuse(field, f"expected {param.type}, got {type(value).__name__}")
-        choices = [codec.decode_value(c) for c in param.choices]
-        if choices and value not in choices:
-            raise _refuse(field, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        try:
+            check_param(ParamRule.from_info(param), value, field, param.nullable)
+        except SchemaError as exc:
+            raise _refuse(exc.field, exc.message) from None
     for param in info.params:
         if param.required and param.name not in params:
             raise _refuse(

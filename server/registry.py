@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,16 @@ from lossd.client.schema import ANY_DTYPES as ANY_DTYPES  # the dtype sets losse
 from lossd.client.schema import FLOAT_DTYPES as FLOAT_DTYPES
 from lossd.client.schema import INDEX_DTYPES as INDEX_DTYPES
 from lossd.client.schema import INT_DTYPES as INT_DTYPES
-from lossd.client.schema import Checker, Schema, SchemaError
+from lossd.client.schema import (
+    Checker,
+    Schema,
+    SchemaError,
+    check_param,
+    check_range,
+    coerce_kind,
+    is_number,
+    type_name,
+)
 from lossd.client.schema import Form as Form
 
 from .errors import InvalidArgument, LossNotFound, quote
@@ -79,80 +87,27 @@ class Param:
         return self.default is REQUIRED
 
     def coerce(self, value: Any, field_name: str | None = None) -> Any:
-        """Check ``value`` against this parameter and return it in canonical form."""
+        """Check ``value`` against this parameter and return it in canonical form (the rules
+        the client applies too, from the declaration DescribeLoss sends: client/schema.py)."""
         where = field_name or f"params.{self.name}"
-        if value is None:
-            if self.nullable or self.default is None:
-                return None
-            raise InvalidArgument.expected(where, f"{self.type} (None is not allowed)", "None")
-        value = _coerce_type(self.type, value, where)
-        if self.choices and value not in self.choices:
-            allowed = ", ".join(repr(c) for c in self.choices)
-            raise InvalidArgument.expected(where, f"one of {allowed}", repr(value))
-        _check_range(self, value, where)
-        return value
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor(dtype={str(value.dtype).removeprefix('torch.')}, shape={list(value.shape)})"
-    return type(value).__name__
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _coerce_type(kind: str, value: Any, where: str) -> Any:
-    if kind == "any":
-        return value
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-    elif kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind == "float":
-        if _is_number(value):
-            return float(value)
-    elif kind == "str":
-        if isinstance(value, str):
-            return value
-    elif kind == "float_list":
-        # Integer lists are accepted as floats (fat's YAML `weight: [1, 2, 1]` would otherwise
-        # crash upstream with "expected scalar type Float but found Long").
-        if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
-            return [float(v) for v in value]
-        if isinstance(value, Tensor) and value.dim() == 1 and value.is_floating_point():
-            return [float(v) for v in value.tolist()]
-    elif kind == "tensor":
-        if isinstance(value, Tensor):
-            return value
-        if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
-            return torch.tensor([float(v) for v in value])
-    elif kind == "mapping":
-        if isinstance(value, Mapping):
-            return value
-    elif kind == "list" and isinstance(value, (list, tuple)):
-        return list(value)
-    words = {"tensor": "a tensor or a list of numbers", "float_list": "a list of numbers"}
-    raise InvalidArgument.expected(where, words.get(kind, kind), _type_name(value))
+        try:
+            return check_param(self, value, where, self.nullable or self.default is None)
+        except SchemaError as exc:
+            raise InvalidArgument(exc.message, field=exc.field) from None
 
 
 def _check_range(spec: Param | Input, value: Any, where: str) -> None:
-    if not _is_number(value):
-        return
-    if isinstance(value, float) and math.isnan(value):
-        raise InvalidArgument.expected(where, "a number", "NaN")
-    lo, hi = spec.minimum, spec.maximum
-    if lo is not None and (value < lo or (spec.minimum_exclusive and value == lo)):
-        raise InvalidArgument.expected(
-            where, f"a value {'>' if spec.minimum_exclusive else '>='} {lo}", value
-        )
-    if hi is not None and (value > hi or (spec.maximum_exclusive and value == hi)):
-        raise InvalidArgument.expected(
-            where, f"a value {'<' if spec.maximum_exclusive else '<='} {hi}", value
-        )
+    try:
+        check_range(spec, value, where)
+    except SchemaError as exc:
+        raise InvalidArgument(exc.message, field=exc.field) from None
+
+
+def _coerce_type(kind: str, value: Any, where: str) -> Any:
+    try:
+        return coerce_kind(kind, value, where)
+    except SchemaError as exc:
+        raise InvalidArgument(exc.message, field=exc.field) from None
 
 
 @dataclass(frozen=True)
@@ -365,8 +320,8 @@ def check_input(spec: Input, value: Any, where: str, checker: Checker | None) ->
     if spec.kind == "number":
         if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
             value = value.item()
-        if not _is_number(value):
-            raise InvalidArgument.expected(where, "a number", _type_name(value))
+        if not is_number(value):
+            raise InvalidArgument.expected(where, "a number", type_name(value))
         _check_range(spec, value, where)
         return value
     if spec.kind in ("int", "str", "bool"):

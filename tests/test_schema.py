@@ -12,6 +12,7 @@ from lossd.client.schema import (
     Form,
     SchemaError,
     check_call,
+    check_params,
     form_from_message,
     form_message,
 )
@@ -158,3 +159,23 @@ def test_schema_errors_carry_the_field():
     with pytest.raises(SchemaError) as info:
         checker.check((Form(shape=("N", 4)),), torch.randn(3, 5), "pred", "kwargs.pred")
     assert info.value.field == "kwargs.pred" and "with 4 there (dim 1)" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "loss, params",
+    [
+        ("FocalLoss", {"reduction": "avg"}),
+        ("SmoothL1Loss", {"beta": 0.0}),
+        ("cross_entropy", {"label_smoothing": 1.5}),
+        ("cross_entropy", {"weight": "heavy"}),
+        ("IoULoss", {"mode": "cubic"}),
+    ],
+)
+def test_client_refuses_parameters_with_the_servers_rules_and_words(loss, params):
+    spec = registry.get(loss)
+    with pytest.raises(InvalidArgument) as server:
+        spec.canonical_params(params)
+    with pytest.raises(Exception) as client:  # noqa: PT011 - the client's LossdError
+        check_params(messages.loss_info(spec), params)
+    assert client.value.field == server.value.field
+    assert client.value.details == str(server.value)
