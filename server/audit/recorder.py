@@ -22,7 +22,13 @@ Capture (``--audit-capture``): ``all``; ``none``; or ``sample:N`` (the default, 
 inputs of each attempt's first call (the first call of a run id and session this process sees)
 and of 1 in N calls, chosen by HMAC-SHA256 of the request id under a secret derived from the
 signing key, so a client, which picks its request ids, can neither predict nor steer which of
-its calls are recomputable. Each record says why it was captured (``capture``).
+its calls are recomputable. Each record says why it was captured (``capture``). The last call of
+each run is covered too: a server cannot know a call is the last when it records it, so the
+writer holds the uncaptured inputs of each run's latest call in memory (up to TAIL_MAX_BYTES in
+all) and stores them once the run has been idle for ``--audit-checkpoint-s``, or at shutdown.
+Their record says not captured (it was committed first), but the inputs are content-addressed
+and authenticated by the record's digests, so verify recomputes it. Best effort: a SIGKILL loses
+the held inputs, never a record.
 
 Checkpoints: after a commit the writer knows the head it left each run at; every
 ``--audit-checkpoint-s`` (when the writer is idle too, so a run that ended is signed within that
@@ -54,6 +60,7 @@ log = logging.getLogger("lossd.audit")
 
 DEFAULT_SAMPLE = 100
 MAX_BATCH = 512
+TAIL_MAX_BYTES = 256 << 20  # inputs of runs' latest calls held until the run is idle
 RETENTION_EVERY_S = 3600.0
 
 
@@ -125,6 +132,7 @@ class AuditRecorder:
         self.checkpoint_s = checkpoint_s
         self._moved: dict[str, tuple[int, str]] = {}  # run -> head not yet signed (writer only)
         self._next_checkpoint = time.monotonic() + checkpoint_s
+        self._tails: dict[str, tuple[float, int, list]] = {}  # run -> (written, bytes, inputs)
         self._signed = 0
         self.retention_ns = int(retention_days * 86400e9)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -194,6 +202,7 @@ class AuditRecorder:
             principal=principal.name if principal is not None else "",
             capture=self.capture if reason else None,
             capture_reason=reason,
+            keep=self.capture is not None and not reason,
         )
         item = _Item(pending)
         try:
@@ -232,10 +241,8 @@ class AuditRecorder:
         event.response.audited = True
 
     def _forget(self, pending: Pending) -> None:
-        if self.capture is not None and pending.blobs:
-            self.capture.forget(
-                [b.digest for b in pending.blobs], sum(len(b.data) for b in pending.blobs)
-            )
+        if pending.blobs:
+            self._forget_blobs(pending.blobs)
 
     # -- writer thread -------------------------------------------------------------------
 
@@ -267,9 +274,10 @@ class AuditRecorder:
             self._maybe_checkpoint(force=stopping)
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
-        if not self._moved or (not force and time.monotonic() < self._next_checkpoint):
+        if not force and time.monotonic() < self._next_checkpoint:
             return
         self._next_checkpoint = time.monotonic() + self.checkpoint_s
+        self._store_tails(force)
         moved, self._moved = self._moved, {}
         for run_id, (records, head) in sorted(moved.items()):
             try:
@@ -277,6 +285,39 @@ class AuditRecorder:
             except Exception:  # noqa: BLE001 - signed again at the next interval
                 log.exception("audit checkpoint of run %r failed", run_id)
                 self._moved.setdefault(run_id, (records, head))
+
+    def _hold_tails(self, batch: list[_Item]) -> None:
+        """Keep the uncaptured inputs of each run's latest call (writer thread)."""
+        now = time.monotonic()
+        for item in batch:
+            run_id, kept = item.pending.row.run_id, item.pending.kept
+            self._tails.pop(run_id, None)
+            size = sum(t.numel() * t.element_size() for _, t in kept)
+            held = sum(s for _, s, _ in self._tails.values())
+            if kept and held + size <= TAIL_MAX_BYTES:
+                self._tails[run_id] = (now, size, kept)
+
+    def _store_tails(self, force: bool) -> None:
+        """Store the held inputs of runs idle for --audit-checkpoint-s (all of them at close)."""
+        if self.capture is None:
+            return
+        idle_since = time.monotonic() - self.checkpoint_s
+        for run_id, (written, _, kept) in list(self._tails.items()):
+            if not (force or written <= idle_since):
+                continue
+            del self._tails[run_id]
+            blobs = [b for b in (self.capture(d, t)[1] for d, t in kept) if b is not None]
+            if not blobs:
+                continue
+            try:
+                self.store.add_blobs(blobs)
+            except Exception:  # noqa: BLE001 - best effort: the record itself is committed
+                log.exception("audit: storing the last inputs of run %r failed", run_id)
+                self._forget_blobs(blobs)
+
+    def _forget_blobs(self, blobs: list[Any]) -> None:
+        if self.capture is not None:
+            self.capture.forget([b.digest for b in blobs], sum(len(b.data) for b in blobs))
 
     def store_checkpoint(self, run_id: str, records: int, head: str) -> Checkpoint:
         """Sign (run, records, head) now and store the checkpoint; returns it."""
@@ -314,6 +355,7 @@ class AuditRecorder:
         if missing and self.capture is not None:
             self.capture.forget(sorted(missing))  # the next call sending them stores them again
         self._moved.update(self.store.last_heads)
+        self._hold_tails(batch)
         with self._stats_lock:
             self._written += self.store.last_inserted
             self._duplicates += len(batch) - self.store.last_inserted

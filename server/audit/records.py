@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -125,6 +125,7 @@ class Pending:
     row: Row
     blobs: list[Blob]
     referenced: list[str]  # digests of captured inputs (their last-use time is refreshed)
+    kept: list[tuple[str, Tensor]] = field(default_factory=list)  # uncaptured inputs, held
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +245,7 @@ def build(
     principal: str,
     capture: Callable[[str, Tensor], tuple[bool, Blob | None]] | None = None,
     capture_reason: str = "",
+    keep: bool = False,
 ) -> Pending:
     """Build the record of one evaluation. ``capture(digest, tensor)`` stores an input and says
     whether it is stored (``(stored, new_blob)``); None records digests only."""
@@ -251,6 +253,7 @@ def build(
     inputs: list[dict[str, Any]] = []
     blobs: list[Blob] = []
     referenced: list[str] = []
+    kept: list[tuple[str, Tensor]] = []
     for path, tensor in all_tensors(params, args, kwargs):
         host = tensor.detach()
         if host.device.type != "cpu":
@@ -264,6 +267,8 @@ def build(
                 blobs.append(blob)
             if stored:
                 referenced.append(digest)
+        elif keep:
+            kept.append((digest, host))
         inputs.append(
             {
                 "path": path,
@@ -319,7 +324,7 @@ def build(
         capture=capture_reason if capture is not None else "",
     )
     # seq, prev_sha256 and the digest are set by the store, under the run's chain lock.
-    return Pending(row, blobs, referenced)
+    return Pending(row, blobs, referenced, kept)
 
 
 def uncapture(row: Row, digests: set[str]) -> None:

@@ -280,6 +280,19 @@ class Store:
         )
         return heads
 
+    def add_blobs(self, blobs: list[Any]) -> None:
+        """Store captured inputs outside a record write (a run's last call, see recorder.py)."""
+        now = time.time_ns()
+        with self._writing() as conn:
+            conn.cursor().executemany(
+                self.sql(
+                    "INSERT INTO audit_blobs (digest, codec, raw_bytes, stored_bytes, data, created_at_ns, last_used_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING"
+                ),
+                [(b.digest, b.codec, b.raw_bytes, len(b.data), b.data, now, now) for b in blobs],
+            )
+            conn.commit()
+
     def add_checkpoint(self, cp: StoredCheckpoint) -> None:
         with self._writing() as conn:
             conn.cursor().execute(

@@ -12,7 +12,10 @@ For each record, in this order (the first failure decides the status):
    relative, for a loss near zero (a float32 cross-entropy of 1e-5 is the difference of two
    numbers near 10), so it is held to the tolerance relative to max(1, |a|, |b|): a value that
    differs from the exact one by more than rounding fails, a converged loss does not (DEVIATION).
-Records whose inputs were not captured can only pass step 1 (NOT_CAPTURED).
+Records whose inputs are not in the store can only pass step 1 (NOT_CAPTURED). A record that says
+its inputs were not captured is still recomputed when every one of them is in the store (the
+run's last call, stored once the run went idle; or the same tensor stored for another record):
+the record's input digests authenticate them.
 
 ``verify_run`` walks the whole run in chain order (chain.py), so a broken link anywhere in the
 run is reported (CHAIN_BROKEN, naming the record and the gap) even when a step selection leaves
@@ -163,7 +166,9 @@ class Verifier:
     def _recompute(self, row: Row, tol: float, conn: Any = None) -> Outcome:
         """Steps 2 and 3: the stored inputs against their digests, then the recomputation."""
         inputs = json.loads(row.inputs)
-        if not row.captured:
+        blobs = self.store.blobs((i["sha256"] for i in inputs), conn)
+        later = not row.captured and bool(inputs) and all(i["sha256"] in blobs for i in inputs)
+        if not row.captured and not later:
             why = (
                 f"chosen for capture ({row.capture}) but not stored (--audit-capture-max-mb reached)"
                 if row.capture
@@ -175,7 +180,6 @@ class Verifier:
                 tolerance=tol,
                 message=f"{_name(row)}: {why}; integrity checked, not recomputed",
             )
-        blobs = self.store.blobs((i["sha256"] for i in inputs), conn)
         tensors: dict[str, Tensor] = {}
         for i in inputs:
             found = blobs.get(i["sha256"])
@@ -215,6 +219,8 @@ class Verifier:
         )
         device_engine = self.engine(row.device)
         notes = []
+        if later:  # the run's last call (recorder.py), or the same tensors stored for another
+            notes.append("recomputed from inputs stored after the record was written")
         if device_engine is None:
             dev_dev = math.nan
             notes.append(f"device {row.device} is absent here: recomputed in float64 only")

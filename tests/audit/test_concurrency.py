@@ -17,9 +17,20 @@ from lossd.server.config import ServerConfig
 from tests.support.serverproc import ServerProcess
 
 
-def hammer(endpoint: str, run_id: str, first_step: int, calls: int, session: str) -> None:
+def hammer(
+    endpoint: str,
+    run_id: str,
+    first_step: int,
+    calls: int,
+    session: str,
+    rounds: threading.Barrier | None = None,
+) -> None:
+    """``rounds``: every writer makes call i before any makes call i + 1, so writers interleave
+    however the machine schedules them."""
     with LossClient(endpoint, timeout=60) as client:
         for i in range(calls):
+            if rounds is not None:
+                rounds.wait(120)
             request = build_request(
                 "cross_entropy",
                 {},
@@ -88,9 +99,10 @@ def test_two_server_processes_on_one_database_build_one_intact_chain(
         ServerProcess(*common, "--data-dir", str(a_dir)) as a,
         ServerProcess(*common, "--data-dir", str(b_dir)) as b,
     ):
+        rounds = threading.Barrier(4)
         in_parallel(
-            *((a.address, "replicas", w * 1000, 25, f"a{w}") for w in range(2)),
-            *((b.address, "replicas", 10_000 + w * 1000, 25, f"b{w}") for w in range(2)),
+            *((a.address, "replicas", w * 1000, 25, f"a{w}", rounds) for w in range(2)),
+            *((b.address, "replicas", 10_000 + w * 1000, 25, f"b{w}", rounds) for w in range(2)),
         )
         assert_intact(a.address, "replicas", 100)
         results, _ = chain_of(a.address, "replicas")

@@ -206,3 +206,37 @@ def test_the_plot_step_axis_has_integer_ticks() -> None:
     ticks = fig.axes[-1].get_xticks()
     shown = [t for t in ticks if 0 <= t <= 2]
     assert shown and all(float(t).is_integer() for t in shown)
+
+
+def test_a_runs_last_call_is_recomputable_once_the_run_is_idle_or_the_server_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import time
+
+    config = ServerConfig(
+        port=0,
+        device="cpu",
+        data_dir=str(tmp_path),
+        audit_capture="sample:1000000",  # the first call of an attempt, and (almost) no other
+        audit_checkpoint_s=0.3,
+    )
+    running = create_server(config)
+    endpoint = f"127.0.0.1:{running.port}"
+    try:
+        ids = call(endpoint, "tail", range(6))
+        time.sleep(1.5)  # idle: the writer stores the last call's inputs
+        assert cli.main(["verify", "tail", "--endpoint", endpoint]) == 0
+        out = capsys.readouterr().out
+        ok = [line for line in out.splitlines() if line.startswith("ok   OK")]
+        assert [line.split(" request ")[1].split()[0] for line in ok] == [ids[0], ids[5]]
+        assert "inputs stored after the record was written" in ok[1]
+        call(endpoint, "tail-2", range(3))
+    finally:
+        running.stop(0)  # at shutdown too
+    running = create_server(config.replace(audit_checkpoint_s=60.0))
+    endpoint = f"127.0.0.1:{running.port}"
+    try:
+        assert cli.main(["verify", "tail-2", "--endpoint", endpoint, "--quiet"]) == 0
+        assert "3 records: 2 verified, 0 failed, 1 not recomputable" in capsys.readouterr().err
+    finally:
+        running.stop(0)
