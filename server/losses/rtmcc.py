@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InvalidArgument
-from ..registry import Input, LossOutput, LossSpec, Param
+from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
 
 SIMCC_SPLIT_RATIO = 2.0
@@ -186,6 +186,12 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
 
 
 _IGNORED = "accepted and ignored, as upstream (always {})"
+_OUT = Form(
+    kind="dict",
+    keys=(("pred", Form(shape=("N", "K", BINS_X + BINS_Y), label="SimCC logits (N, K, 1024)")),),
+)
+# At least x, y and visibility (upstream reads columns 0-2; _check_inputs checks the count).
+_TARGET = Form(kind="dict", keys=(("keypoints", Form(shape=("N", "K", "?"))),))
 
 SPECS = (
     LossSpec(
@@ -198,12 +204,14 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=(_OUT,),
                 differentiable=True,
                 doc="{'pred': Tensor[N, K, 1024] float SimCC logits, 512 x-bins then 512 y-bins}",
             ),
             Input(
                 "target",
                 kind="structure",
+                forms=(_TARGET,),
                 differentiable=True,
                 doc="{'keypoints': Tensor[N, K, 3] float x, y (pixels of a 256x256 input), "
                 "visibility (the weight; gets a gradient)}",

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument
-from ..registry import Input, LossOutput, LossSpec, Param
+from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
-from .yolox import _plain_int, check_target, simota_losses
+from .yolox import TARGET, _plain_int, check_target, simota_losses
 
 GIOU_EPS = 1e-7
 TANH_OFFSET = 0.549306  # atanh(0.5): a zero logit decodes to exactly the anchor size
@@ -268,6 +268,22 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     return ({"pred": levels}, target), {}, {"anchors": anchors}
 
 
+# Level shapes depend on the anchors parameter and num_classes: _levels checks them.
+_OUT = Form(
+    kind="dict",
+    keys=(
+        (
+            "pred",
+            Form(
+                kind="list",
+                each=(Form(shape=("B", "?", "?", "?", "?")), Form(shape=("B", "?", "?", "?"))),
+                min_items=1,
+                label="a list with one (B, A, 5 + C, H_l, W_l) or (B, A * (5 + C), H_l, W_l) tensor per level",
+            ),
+        ),
+    ),
+)
+
 SPECS = (
     LossSpec(
         name="yolofastest_loss",
@@ -279,6 +295,7 @@ SPECS = (
             Input(
                 "out",
                 kind="structure",
+                forms=(_OUT,),
                 differentiable=True,
                 doc="{'pred': [Tensor[B, A, 5 + C, H_l, W_l] or Tensor[B, A * (5 + C), H_l, W_l]] per level, "
                 "channels tx, ty, tw, th, obj, cls_0..C-1}",
@@ -286,6 +303,7 @@ SPECS = (
             Input(
                 "target",
                 kind="structure",
+                forms=(TARGET,),
                 doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy absolute, 'labels': Tensor[n_i] int in [0, C)}] * B, "
                 "'img_size': int image width, 'num_classes': int C}",
             ),
