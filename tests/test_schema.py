@@ -17,7 +17,7 @@ from lossd.client.schema import (
     form_message,
 )
 from lossd.server import messages, registry
-from lossd.server.engine import bind_inputs
+from lossd.server.engine import Engine, bind_inputs
 from lossd.server.errors import InvalidArgument
 from lossd.server.registry import Input, LossSpec
 
@@ -179,3 +179,27 @@ def test_client_refuses_parameters_with_the_servers_rules_and_words(loss, params
         check_params(messages.loss_info(spec), params)
     assert client.value.field == server.value.field
     assert client.value.details == str(server.value)
+
+
+def test_the_engine_checks_the_declaration_once_before_the_loss_runs(monkeypatch):
+    calls = []
+
+    def probe(pred, target):
+        calls.append((pred.shape, target.shape))
+        return (pred - target).abs().sum()
+
+    spec = LossSpec(
+        name="schema_probe",
+        fn=probe,
+        families=("test",),
+        summary="",
+        inputs=(Input("pred", shape=("N", 4)), Input("target", same_shape="pred")),
+    )
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    engine = Engine("cpu")
+    with pytest.raises(InvalidArgument) as info:
+        engine.evaluate("schema_probe", args=[torch.randn(3, 4), torch.randn(3, 5)])
+    assert info.value.field == "args[1]" and "shape [3, 4] (pred's)" in info.value.message
+    assert calls == []  # refused before the body ran
+    engine.evaluate("schema_probe", args=[torch.randn(3, 4), torch.randn(3, 4)])
+    assert calls == [((3, 4), (3, 4))]
