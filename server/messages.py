@@ -30,7 +30,6 @@ class ComputeCall:
     grad_output: Tensor | None
     request_id: str
     audit: pb.AuditContext
-    input_tensors: list[tuple[str, Tensor]] = field(default_factory=list)
     autocast: AutocastPolicy | None = None
     grad_output_batched: bool = False
     grad_grads: dict[str, Tensor] = field(default_factory=dict)
@@ -75,7 +74,6 @@ def decode_compute(
         grad_output=grad_output,
         request_id=request.request_id or uuid.uuid4().hex,
         audit=request.audit,
-        input_tensors=list(codec.call_tensors(args, kwargs)),
         autocast=decode_autocast(request.autocast) if request.HasField("autocast") else None,
         grad_output_batched=request.grad_output_batched,
         grad_grads=_decode_grad_grads(request, limits),
