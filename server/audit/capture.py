@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lossd.client.wire.audit import digest_bytes
-from lossd.client.wire.codec import tensor_bytes, torch_dtype
+from lossd.client.wire.codec import tensor_bytes
 
 from .records import Blob
 
@@ -98,7 +98,3 @@ class Capture:
                 for d in digests:
                     self._known.pop(d, None)
             self.stored_bytes = max(0, self.stored_bytes - freed_bytes)
-
-
-def dtype_of(wire: int) -> str:
-    return str(torch_dtype(wire)).removeprefix("torch.")
