@@ -106,7 +106,6 @@ def statements(sql: str) -> list[str]:
 class Store:
     """Base class; subclasses say how to connect and the dialect's words."""
 
-    dialect = ""
     words: dict[str, str] = {}
     placeholder = "?"
 
@@ -507,7 +506,6 @@ class Store:
 
 
 class SQLiteStore(Store):
-    dialect = "sqlite"
     words = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
 
     def __init__(self, location: str) -> None:
@@ -530,7 +528,6 @@ class SQLiteStore(Store):
 
 
 class PostgresStore(Store):
-    dialect = "postgres"
     words = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
     placeholder = "%s"
 
