@@ -63,7 +63,6 @@ class Principal:
 
     name: str
     roles: frozenset[str]
-    via: str  # "token", "x509" (mutual TLS without tokens)
 
     def may(self, role: str) -> bool:
         return role in self.roles or ADMIN in self.roles
@@ -167,7 +166,7 @@ class TokenTable:
             if digest in seen:
                 raise TokenError(f"{where} ({name}): the same token is listed twice")
             seen.add(digest)
-            entries.append(_Entry(digest, Principal(name.strip(), roles, "token")))
+            entries.append(_Entry(digest, Principal(name.strip(), roles)))
         return cls(entries)
 
     def authenticate(self, token: str) -> Principal | None:
@@ -227,7 +226,7 @@ class CertificateRoles:
 
     def principal(self, common_name: str | None) -> Principal | None:
         roles = self._roles.get(common_name) if common_name else None
-        return Principal(common_name, roles, "x509") if roles is not None else None
+        return Principal(common_name, roles) if roles is not None else None
 
 
 def required_role(method: str) -> str | None:
@@ -355,7 +354,7 @@ def _with_principal(
             if check is not None:
                 return check(context)
             name = peer_name(context)
-            return Principal(name, frozenset(ROLES), "x509") if name else None
+            return Principal(name, frozenset(ROLES)) if name else None
 
         if streaming:
 
