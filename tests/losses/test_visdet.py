@@ -37,16 +37,6 @@ VISDET_LOSSES = (
     "IoULoss",
     "GIoULoss",
 )
-# Losses whose (pred, target) are two same-shape float tensors: the shared reduction tests use them.
-PAIR_LOSSES = (
-    "L1Loss",
-    "SmoothL1Loss",
-    "MSELoss",
-    "BalancedL1Loss",
-    "IoULoss",
-    "GIoULoss",
-    "DistributionFocalLoss",
-)
 F64 = torch.float64
 
 

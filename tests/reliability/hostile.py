@@ -30,14 +30,6 @@ from lossd.server import registry
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 VALID_ENUMS = tuple(range(1, 11))
 ITEMSIZE = {1: 2, 2: 2, 3: 4, 4: 8, 5: 1, 6: 1, 7: 2, 8: 4, 9: 8, 10: 1}
-INT_RANGE = {
-    5: (-(1 << 7), (1 << 7) - 1),
-    6: (0, 255),
-    7: (-(1 << 15), (1 << 15) - 1),
-    8: (-(1 << 31), (1 << 31) - 1),
-    9: (-(1 << 63), (1 << 63) - 1),
-    10: (0, 1),
-}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 SPECIAL_FLOATS = (

@@ -17,7 +17,6 @@ class Stage:
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
     healthcheck: list[str] = field(default_factory=list)
-    healthcheck_options: dict[str, str] = field(default_factory=dict)
     user: str = ""
     expose: list[str] = field(default_factory=list)
 
@@ -74,11 +73,9 @@ def parse_stages(path: Path) -> list[Stage]:
         elif word == "CMD":
             stage.cmd = _exec_form(args, "CMD")
         elif word == "HEALTHCHECK":
-            options = dict(re.findall(r"--([\w-]+)=(\S+)", args))
             rest = re.sub(r"--[\w-]+=\S+\s*", "", args)
             assert rest.startswith("CMD "), "HEALTHCHECK must run a command"
             stage.healthcheck = _exec_form(rest[4:], "HEALTHCHECK CMD")
-            stage.healthcheck_options = options
         elif word == "USER":
             stage.user = args
         elif word == "EXPOSE":
