@@ -38,6 +38,17 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(name)
 
 
+@pytest.fixture()
+def one_thread():
+    """torch on one intra-op thread, as the server evaluates (--torch-threads 1): in-process
+    references then compute in the same order, and tiny tensors (gradcheck's hundreds of calls)
+    do not wait on a contended thread pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def server(device: torch.device):
     """One server for the whole session; tests that need special settings start their own."""

@@ -35,17 +35,9 @@ def _in_process(spec, params, args, kwargs, wanted, dtype):
     return value.detach(), dict(zip(paths, grads))
 
 
-@pytest.fixture()
-def one_thread():
-    """The server evaluates on one torch thread; so does the in-process reference."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_every_loss_under_autocast_bf16_equals_the_loss_in_process(spec, endpoint, one_thread):
+def test_every_loss_under_autocast_bf16_equals_the_loss_in_process(spec, endpoint):
     try:  # bfloat16 model outputs, as an autocast region makes them
         args, kwargs, params = spec.make_example(BF16)
         wanted = differentiable_paths(spec, args, kwargs)

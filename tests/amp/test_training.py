@@ -28,13 +28,7 @@ from lossd.server.registry import LossOutput
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The server evaluates on one torch thread; the local reference does too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int = 0) -> nn.Module:

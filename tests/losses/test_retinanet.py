@@ -429,17 +429,8 @@ def test_boxes_with_no_anchors_is_invalid():
 # Gradients and registration
 
 
-@pytest.fixture
-def single_thread():
-    # Tiny tensors gain nothing from intra-op threads; on a busy 2-core runner the thread pool's
-    # contention makes each of gradcheck's ~250 forward calls several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_gradcheck_cls_logits_and_bbox_regression(single_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_gradcheck_cls_logits_and_bbox_regression():
     # 4 + 1 anchors keep gradcheck fast; they still hold foreground, background and both levels.
     out, target = _case(seed=11, ratios=(1.0,), strides=(32, 64))
     assert retinanet_loss(out, target).components["box"] > 0
