@@ -17,3 +17,6 @@ timings_ns
 
 # A callback's signature: malloc_trim(pad) stood in by a test double (tests/ops/test_memory.py)
 pad
+
+# Protobuf message fields set on a response (the reader is the peer)
+error_message
