@@ -17,6 +17,8 @@ from lossd.server import probe
 from lossd.server.config import ServerConfig, SettingError
 
 FIELDS = fields(ServerConfig)
+# A valid, non-default value of each setting whose form is a pattern.
+PATTERNED = {"device": "cpu", "audit_capture": "sample:7"}
 
 
 def _text(value: object) -> str:
@@ -47,8 +49,8 @@ def _other_value(f) -> object:
         return not f.default
     if rules["choices"]:
         return next(c for c in rules["choices"] if c != f.default)
-    if f.name == "device":
-        return "cpu"
+    if rules["pattern"]:  # a value of the form the pattern declares, not the default
+        return PATTERNED[f.name]
     if f.type in ("int", "float"):
         hi = rules["max"]
         return (f.default - 1 if hi is not None and f.default >= hi else f.default + 1) * (
