@@ -226,10 +226,12 @@ def test_a_runs_last_call_is_recomputable_once_the_run_is_idle_or_the_server_sto
         ids = call(endpoint, "tail", range(6))
         time.sleep(1.5)  # idle: the writer stores the last call's inputs
         assert cli.main(["verify", "tail", "--endpoint", endpoint]) == 0
-        out = capsys.readouterr().out
+        out, err = capsys.readouterr()
         ok = [line for line in out.splitlines() if line.startswith("ok   OK")]
         assert [line.split(" request ")[1].split()[0] for line in ok] == [ids[0], ids[5]]
         assert "inputs stored after the record was written" in ok[1]
+        assert running.audit.stats()["checkpoints_signed"] >= 1  # periodically, idle included
+        assert "signed up to seq 6" in err
         call(endpoint, "tail-2", range(3))
     finally:
         running.stop(0)  # at shutdown too
@@ -237,6 +239,30 @@ def test_a_runs_last_call_is_recomputable_once_the_run_is_idle_or_the_server_sto
     endpoint = f"127.0.0.1:{running.port}"
     try:
         assert cli.main(["verify", "tail-2", "--endpoint", endpoint, "--quiet"]) == 0
-        assert "3 records: 2 verified, 0 failed, 1 not recomputable" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "3 records: 2 verified, 0 failed, 1 not recomputable" in err
+        assert "signed up to seq 3" in err  # signed at shutdown by the first server (same key)
     finally:
         running.stop(0)
+
+
+def test_a_signing_key_given_by_path_is_used_and_a_bad_one_stops_the_start(tmp_path: Path) -> None:
+    from lossd.server.audit import AuditStoreError
+
+    key = Signer.load_or_create(tmp_path / "keys" / "lossd.key")  # e.g. a mounted secret
+    config = ServerConfig(
+        port=0,
+        device="cpu",
+        data_dir=str(tmp_path / "data"),
+        audit_signing_key=str(tmp_path / "keys" / "lossd.key"),
+    )
+    running = create_server(config)
+    try:
+        assert running.audit_signer.key_id == key.key_id
+        assert not (tmp_path / "data" / "audit-signing.key").exists()
+    finally:
+        running.stop(0)
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    with pytest.raises(AuditStoreError, match=f"audit signing key {bad} cannot be read"):
+        create_server(config.replace(audit_signing_key=str(bad)))
