@@ -6,7 +6,8 @@ value, the dtypes, the symbolic shape and the relations to the values checked be
 same call:
 
 - ``shape=("N", "C")``: names bind to the same length in every input of one call, integers
-  must match exactly, ``"?"`` is any one dimension, ``"*"`` matches any number of dimensions
+  must match exactly (a name starting with ``_`` binds within one element of a list only:
+  ``("_n", 4)`` boxes and ``("_n",)`` labels of the same image), ``"?"`` is any one dimension, ``"*"`` matches any number of dimensions
   and ``"*d"`` does too, but binds them, so that ``("N", "C", "*d")`` and ``("N", "*d")`` share
   their trailing dimensions;
 - ``same_shape``, ``broadcast_to`` (broadcasts to that shape without growing it),
@@ -46,6 +47,7 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INDEX_DTYPES = ("int64",)
 INT_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
 ANY_DTYPES = (*FLOAT_DTYPES, *INT_DTYPES, "bool")
+QUOTE_CHARS = 64  # how much of a caller's value an error quotes (server/errors.py's too)
 FORM_KINDS = ("tensor", "tuple", "list", "dict", "none", "any")
 
 Dim = str | int
@@ -129,6 +131,9 @@ class SchemaError(ValueError):
 
     @classmethod
     def expected(cls, field: str, expected: str, got: object, stage: int = 0) -> SchemaError:
+        got = str(got)  # often the caller's own text: echoed bounded, as the server's errors
+        if len(got) > 2 * QUOTE_CHARS:
+            got = f"{got[:QUOTE_CHARS]}... ({len(got)} characters in all)"
         return cls(field, f"expected {expected}, got {got}", stage)
 
 
@@ -247,6 +252,8 @@ class Checker:
         for i, (sub, item, step) in enumerate(children):
             # How far the value got: past the container, then past i of its children.
             progress = 10 * (i + 1)
+            if kind != "dict":  # names starting with "_" are local to one element of a list
+                self.symbols = {s: b for s, b in self.symbols.items() if s[0] != "_"}
             if item is _MISSING:
                 given = ", ".join(repr(k) for k in value) or "none"
                 raise SchemaError(
