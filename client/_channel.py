@@ -17,7 +17,9 @@ DEFAULT_MAX_MESSAGE_MB = 256
 
 
 def resolve_endpoint(endpoint: str | list[str] | tuple[str, ...] | None) -> str:
-    """``endpoint`` or $LOSSD_ENDPOINT or 127.0.0.1:50051; several endpoints become one target."""
+    """``endpoint`` or $LOSSD_ENDPOINT or 127.0.0.1:50051; several endpoints become one target.
+
+    ``unix:/path`` (or ``unix:///path``) is a server's ``--unix`` socket, passed to gRPC as is."""
     if endpoint is None:
         endpoint = os.environ.get("LOSSD_ENDPOINT") or DEFAULT_ENDPOINT
     if isinstance(endpoint, (list, tuple)):
@@ -49,6 +51,8 @@ def channel_credentials(
 
 
 def _is_loopback_target(target: str) -> bool:
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True  # a socket on this host: nothing on a network path to read a token
     hosts = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
     for endpoint in hosts.split(","):
         host = endpoint.rsplit(":", 1)[0].strip("[]") if ":" in endpoint else endpoint

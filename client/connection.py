@@ -39,7 +39,8 @@ class ConnectionOptions:
 
     Attributes:
         endpoint: ``host:port``, several (list or comma-separated; balanced round-robin), or a
-            gRPC target such as ``dns:///lossd:50051``. Default ``$LOSSD_ENDPOINT``, else
+            gRPC target such as ``dns:///lossd:50051``, or ``unix:/path`` for a server started
+            with ``lossd serve --unix /path`` on this host. Default ``$LOSSD_ENDPOINT``, else
             ``127.0.0.1:50051``. Held as the resolved gRPC target.
         timeout: deadline of each call in seconds, retries included. Default
             ``DEFAULT_TIMEOUT_S`` (300 s, long enough for a 256 MiB call on a CPU server; or

@@ -40,6 +40,8 @@ from .security import (
     server_credentials,
 )
 from .service import SERVICE_NAME, LossServicer, method_handlers
+from .unix import UnixListener, check_path
+from .unix import bind as bind_unix
 from .version import __version__
 
 log = logging.getLogger("lossd")
@@ -68,11 +70,21 @@ class RunningServer:
     trimmer: IdleTrimmer | None = None
     audit_signer: Any = None  # the checkpoint signing key (audit.signing.Signer), with a store
     servicer: LossServicer | None = None
+    unix: UnixListener | None = None  # the --unix socket, None without one
 
     @property
     def address(self) -> str:
+        """The TCP address, or with --port -1 the ``unix:PATH`` one."""
+        if self.port < 0 and self.unix is not None:
+            return self.unix.address
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every address it listens on: TCP (unless --port -1), then the Unix socket."""
+        tcp = [] if self.port < 0 else [self.address]
+        return tcp + ([self.unix.address] if self.unix is not None else [])
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: health goes NOT_SERVING, new calls are refused, in-flight calls finish."""
@@ -93,6 +105,8 @@ class RunningServer:
             self.server.stop(min(max(deadline - time.monotonic(), 0.0), SESSION_GRACE_S)).wait()
         else:
             self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
+        if self.unix is not None:
+            self.unix.remove()
         # After the drain: calls in flight have had their records committed; flush the rest.
         self.close_audit()
         if self.trimmer is not None:
@@ -192,17 +206,30 @@ def create_server(config: ServerConfig) -> RunningServer:
             server, (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         )
 
-    host = config.host
-    bind = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
-    port = (
-        server.add_secure_port(bind, credentials)
-        if credentials is not None
-        else server.add_insecure_port(bind)
-    )
-    if port == 0:
+    def add_port(address: str) -> int:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+
+    def give_up() -> None:
+        server.stop(0)
         if recorder is not None:
             recorder.close()
-        raise OSError(f"could not bind {host}:{config.port}")
+
+    port = -1
+    if config.port >= 0:
+        host = config.host
+        port = add_port(f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}")
+        if port == 0:
+            give_up()
+            raise OSError(f"could not bind {host}:{config.port}")
+    unix = None
+    if config.unix:
+        try:
+            unix = bind_unix(check_path(config.unix), add_port)
+        except BaseException:
+            give_up()
+            raise
     server.start()
     metrics_http = metrics_port = None
     if config.metrics_port >= 0:
@@ -211,15 +238,15 @@ def create_server(config: ServerConfig) -> RunningServer:
                 config.metrics_host or config.host, config.metrics_port
             )
         except OSError:
-            server.stop(0)
-            if recorder is not None:
-                recorder.close()
+            give_up()
+            if unix is not None:
+                unix.remove()
             raise
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission,
-        trimmer=trimmer.start(), audit_signer=signer, servicer=servicer,
+        trimmer=trimmer.start(), audit_signer=signer, servicer=servicer, unix=unix,
     )  # fmt: skip
 
 
@@ -240,7 +267,8 @@ def serve(config: ServerConfig) -> None:
         stream=sys.stderr,
     )
     secured = bool(config.tls_cert or config.auth_tokens)
-    if not is_loopback(config.host) and not secured and not config.allow_insecure:
+    tcp_exposed = config.port >= 0 and not is_loopback(config.host)
+    if tcp_exposed and not secured and not config.allow_insecure:
         log.warning(
             "\n"
             + "!" * 78
@@ -249,7 +277,7 @@ def serve(config: ServerConfig) -> None:
             "!! (--tls-cert/--tls-key, --auth-tokens; see README section Deployment).\n" + "!" * 78,
             config.host,
         )
-    elif not is_loopback(config.host):
+    elif tcp_exposed:
         for line in exposure_notes(config):
             log.warning("%s", line)
     running = create_server(config)
@@ -257,7 +285,7 @@ def serve(config: ServerConfig) -> None:
         "lossd %s (torch %s) on %s, device %s; settings:\n%s",
         __version__,
         torch.__version__,
-        running.address,
+        " and ".join(running.addresses),
         running.engine.device,
         config.describe(),
     )
@@ -268,8 +296,10 @@ def serve(config: ServerConfig) -> None:
             running.audit.store.name,
             config.audit_capture,
         )
-    # The bound address on stdout, alone on its line, so scripts and tests can read it.
-    print(f"lossd listening on {running.address}", flush=True)
+    # The bound addresses on stdout, each alone on its line, so scripts and tests can read them
+    # (TCP first, then the Unix socket).
+    for address in running.addresses:
+        print(f"lossd listening on {address}", flush=True)
     if running.metrics_port is not None:
         metrics_host = config.metrics_host or config.host
         shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host

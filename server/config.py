@@ -33,6 +33,9 @@ AUDIT_MODES = ("none", "runs", "all")
 AUDIT_CAPTURE = r"all|inputs|none|sample(:[1-9]\d*)?"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_THRESHOLD_KB = 32 << 10  # glibc refuses more than HEAP_MAX_SIZE / 2 on 64-bit
+# sun_path holds 108 bytes with its NUL; the socket is bound under a sibling directory first
+# (.lossd-XXXXXXXX/s, server/unix.py), which must fit too.
+MAX_UNIX_PATH = 107 - len("/.lossd-XXXXXXXX/s")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -63,7 +66,17 @@ class ServerConfig:
     host: str = _setting(
         "127.0.0.1", "address to bind; 127.0.0.1 unless you mean to serve a network"
     )
-    port: int = _setting(50051, "port to bind; 0 picks a free one and prints it", min=0, max=65535)
+    port: int = _setting(
+        50051,
+        "port to bind; 0 picks a free one and prints it; -1 serves no TCP port (only --unix)",
+        min=-1,
+        max=65535,
+        note="(-1: no TCP port, only --unix)",
+    )
+    unix: str = _setting(
+        "",
+        "also serve on this Unix-domain socket (clients: endpoint='unix:PATH'); created mode 0600, removed at a clean exit, a stale one (no server answering) replaced, a live one refused; with --port -1 the only listener",
+    )
     device: str = _setting(
         "auto",
         "auto (CUDA when torch sees it), cpu, cuda or cuda:N",
@@ -214,6 +227,12 @@ class ServerConfig:
         # of its source, so this names the flag (a ServerConfig built in code has no other).
         for f in fields(self):
             object.__setattr__(self, f.name, check(f, getattr(self, f.name), _flag(f)))
+        if self.port == -1 and not self.unix:
+            raise SettingError("--port -1 (no TCP port) needs --unix PATH")
+        if self.unix and len(os.fsencode(os.path.abspath(self.unix))) > MAX_UNIX_PATH:
+            raise SettingError(
+                f"--unix {self.unix}: a socket path has at most {MAX_UNIX_PATH} bytes (the kernel's sun_path)"
+            )
 
     @property
     def max_message_bytes(self) -> int:

@@ -32,10 +32,11 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lossd health", description="Exit 0 when the lossd server reports SERVING."
     )
+    default = f"unix:{os.path.abspath(server.unix)}" if port == -1 else f"127.0.0.1:{port}"
     p.add_argument(
         "--endpoint",
-        default=f"127.0.0.1:{port}",
-        help="host:port to probe (default: 127.0.0.1 and the server's port)",
+        default=default,
+        help="host:port or unix:PATH to probe (default: 127.0.0.1 and the server's port; its --unix socket with --port -1)",
     )
     p.add_argument("--service", default="", help="service to ask about; empty: the whole server")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds before the probe gives up")

@@ -93,7 +93,10 @@ def test_flags_win_over_the_environment_which_wins_over_the_file(tmp_path):
 def test_settings_built_in_code_are_checked_and_numbers_take_their_type():
     assert ServerConfig(grace_seconds=3).grace_seconds == 3.0
     assert isinstance(ServerConfig(grace_seconds=3).grace_seconds, float)
-    with pytest.raises(SettingError, match=r"^--port: expected 0\.\.65535, got -5$"):
+    with pytest.raises(
+        SettingError,
+        match=r"^--port: expected -1\.\.65535 \(-1: no TCP port, only --unix\), got -5$",
+    ):
         ServerConfig(port=-5)
     with pytest.raises(SettingError, match=r"^--workers: expected >= 1, got 0$"):
         ServerConfig().replace(workers=0)
@@ -110,7 +113,12 @@ def test_settings_built_in_code_are_checked_and_numbers_take_their_type():
         (["--audit", "bogus"], {}, None, "--audit: expected one of none, runs, all, got 'bogus'"),
         ([], {"LOSSD_PORT": "abc"}, None, "LOSSD_PORT: expected an integer, got 'abc'"),
         ([], {"LOSSD_REFLECTION": "maybe"}, None, "LOSSD_REFLECTION: expected true or false"),
-        (["--port", "70000"], {}, None, "--port: expected 0..65535, got 70000"),
+        (
+            ["--port", "70000"],
+            {},
+            None,
+            "--port: expected -1..65535 (-1: no TCP port, only --unix), got 70000",
+        ),
         (["--grace-seconds", "soon"], {}, None, "--grace-seconds: expected a number, got 'soon'"),
         (["--device", "gpu"], {}, None, "--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
         ([], {}, "prot: 50052\n", "unknown setting 'prot' (did you mean 'port'?)"),
