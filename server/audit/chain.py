@@ -121,7 +121,7 @@ class ChainWalk:
         if head is not None and head != (r.records, r.head_sha256) and head[0] > 0:
             r.problems.append(
                 f"the chain head table says run {self.run_id!r} has {head[0]} records ending in "
-                f"{head[1][:12]}..., the stored chain has {r.records} ending in {r.head_sha256[:12]}..."
+                f"{head[1][:12]}..., the stored chain ends at seq {r.records} in {r.head_sha256[:12]}..."
                 + (" (its tail was removed)" if head[0] > r.records else "")
             )
         if self.signed is not None:
@@ -146,10 +146,18 @@ class ChainWalk:
         if cp.records == 0:
             return ""
         if stored is None:
+            last = self.report.records
+            gone = (
+                f"record {cp.records} is"
+                if last + 1 == cp.records
+                else f"records {last + 1}..{cp.records} are"
+            )
+            if cp.records < last:  # a hole exactly at the signed seq
+                gone = f"record {cp.records} is"
             return (
-                f"{what} (key {cp.key_id}) covers {cp.records} records; the stored chain has only "
-                f"{self.report.records}: records {self.report.records + 1}..{cp.records} are missing "
-                "(the tail was truncated)"
+                f"{what} (key {cp.key_id}) covers {cp.records} records; the stored chain ends at "
+                f"seq {last}: {gone} missing"
+                + (" (the tail was truncated)" if cp.records > last else "")
             )
         if stored != cp.head_sha256:
             return (

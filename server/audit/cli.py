@@ -339,12 +339,16 @@ def cmd_verify(client: AuditClient, args: argparse.Namespace) -> int:
     not_recomputable = counts.get("NOT_CAPTURED", 0)
     summary = (
         f"{sum(counts.values())} records: {verified} verified, {failed_n} failed, "
-        f"{not_recomputable} not recomputable; chain of {chain.records} records "
-        + ("intact" if not chain.broken_links else f"with {chain.broken_links} broken links")
+        f"{not_recomputable} not recomputable; "
+        + (
+            f"chain of {chain.records} records intact"
+            if not chain.broken_links
+            else f"chain up to seq {chain.records} with {chain.broken_links} broken links"
+        )
         + (
             f", signed up to seq {chain.signed_records}"
             if chain.signed_records
-            else ", not yet signed"
+            else ("" if chain.problems else ", not yet signed")
         )
         + (", extends the given checkpoint" if chain.checkpoint_extended else "")
         + (

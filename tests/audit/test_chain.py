@@ -174,7 +174,7 @@ def test_a_truncated_tail_is_caught_against_the_checkpoint(
         trail.verify(run_id, "--checkpoint", str(cp), "--public-key", str(trail.public_key())) == 1
     )
     (failed,), err = fails(capsys)
-    assert f"covers {STEPS} records; the stored chain has only {STEPS - 3}" in failed
+    assert f"covers {STEPS} records; the stored chain ends at seq {STEPS - 3}" in failed
     assert f"records {STEPS - 2}..{STEPS} are missing (the tail was truncated)" in failed
 
 
