@@ -76,9 +76,9 @@ def assert_intact(endpoint: str, run_id: str, records: int) -> None:
     assert (chain.records, chain.broken_links, list(chain.problems)) == (records, 0, [])
 
 
-def test_four_threads_on_one_server_build_one_intact_chain(tmp_path: Path) -> None:
+def test_four_threads_on_one_server_build_one_intact_chain(audit_db: str, tmp_path: Path) -> None:
     running = create_server(
-        ServerConfig(port=0, device="cpu", workers=4, audit_db=str(tmp_path / "a.sqlite3"))
+        ServerConfig(port=0, device="cpu", workers=4, audit_db=audit_db, data_dir=str(tmp_path))
     )
     endpoint = f"127.0.0.1:{running.port}"
     try:
