@@ -65,6 +65,7 @@ def decode_compute(
         raise codec.LimitError("grad_paths", f"more than {limits.max_items} paths", "--max-items")
     if request.HasField("audit"):
         check_audit_context(request.audit)
+    check_request_id(request.request_id)
     return ComputeCall(
         loss=request.loss,
         params=params,
@@ -78,6 +79,22 @@ def decode_compute(
         grad_output_batched=request.grad_output_batched,
         grad_grads=_decode_grad_grads(request, limits),
     )
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def check_request_id(request_id: str) -> None:
+    """A client-chosen request id keys the audit trail on every store: printable, bounded."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument.expected(
+            "request_id", f"at most {MAX_REQUEST_ID_CHARS} characters", f"{len(request_id)}"
+        )
+    bad = next((c for c in request_id if not c.isprintable()), None)
+    if bad is not None:
+        raise InvalidArgument.expected(
+            "request_id", "printable characters (no NUL or control characters)", repr(bad)
+        )
 
 
 def _decode_grad_grads(request: pb.ComputeRequest, limits: codec.DecodeLimits) -> dict[str, Tensor]:

@@ -49,12 +49,12 @@ from typing import Any
 
 from ..config import AUDIT_MODES as MODES
 from ..config import SettingError
-from ..errors import Unavailable
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..security import current_principal
 from .capture import Capture
 from .records import Pending, build
 from .signing import Checkpoint, Signer, sign_and_store
-from .store import Store
+from .store import PermanentRecordError, RequestIdConflict, Store
 
 log = logging.getLogger("lossd.audit")
 
@@ -232,6 +232,13 @@ class AuditRecorder:
             raise Unavailable(
                 f"the audit record was not committed to {self.store.name} within {self.write_timeout_s:g} s "
                 "(--audit-write-timeout-s); retry the call (same request id)"
+            )
+        if isinstance(item.error, RequestIdConflict):
+            raise FailedPrecondition(str(item.error), field="request_id")
+        if item.error is not None and _permanent(item.error):
+            raise InvalidArgument(
+                f"the audit store {self.store.name} refuses this record for good "
+                f"({type(item.error).__name__}: {str(item.error).strip()[:300]}); retrying will not help"
             )
         if item.error is not None:
             raise Unavailable(
@@ -436,6 +443,15 @@ class AuditRecorder:
                 "capture_skipped": self.capture.skipped if self.capture is not None else 0,
                 "checkpoints_signed": self._signed,
             }
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A database error about the data itself (a NUL in a text column, a value out of range),
+    which no retry fixes, as opposed to the store being unreachable, full or read-only. DB-API
+    names these classes alike (sqlite3 and psycopg): DataError, IntegrityError."""
+    if isinstance(exc, PermanentRecordError):
+        return True
+    return any(cls.__name__ in ("DataError", "IntegrityError") for cls in type(exc).__mro__)
 
 
 def _peer(context: Any) -> str:

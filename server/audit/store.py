@@ -22,6 +22,7 @@ other. The head row is updated in the same transaction as the records.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -227,23 +228,29 @@ class Store:
             return missing
 
     def _new_rows(self, cur: Any, rows: list[Row]) -> list[Row]:
-        """The rows whose request id is not stored yet (nor earlier in the batch)."""
-        present: set[str] = set()
+        """The rows whose request id is not stored yet (nor earlier in the batch). A request id
+        stored for a different call (another loss, parameters, inputs or step) is a conflict:
+        RequestIdConflict, so that no second call is answered ``audited`` for the first's record."""
+        present: dict[str, tuple] = {}
         ids = sorted({r.request_id for r in rows})
         for i in range(0, len(ids), 200):
             chunk = ids[i : i + 200]
             cur.execute(
                 self.sql(
-                    f"SELECT request_id FROM audit_records WHERE request_id IN ({', '.join('?' for _ in chunk)})"
+                    f"SELECT request_id, {', '.join(IDENTITY)} FROM audit_records "
+                    f"WHERE request_id IN ({', '.join('?' for _ in chunk)})"
                 ),
                 chunk,
             )
-            present.update(r[0] for r in cur.fetchall())
+            present.update((r[0], identity(tuple(r[1:]))) for r in cur.fetchall())
         fresh = []
         for r in rows:
-            if r.request_id not in present:
-                present.add(r.request_id)
+            stored = present.get(r.request_id)
+            if stored is None:
+                present[r.request_id] = identity(r)
                 fresh.append(r)
+            elif stored != identity(r):
+                raise RequestIdConflict(r.request_id)
         return fresh
 
     def _chain(self, cur: Any, rows: list[Row], now: int) -> dict[str, tuple[int, str]]:
@@ -549,6 +556,32 @@ class PostgresStore(Store):
 
     def _lock_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(7134101)")  # any constant shared by every replica
+
+
+# What makes two records the same call (a retry): everything the caller sent, not the result.
+IDENTITY = ("run_id", "step", "rank", "micro_batch", "tags", "loss", "params", "call", "inputs")
+
+
+def identity(row: Row | tuple) -> tuple:
+    """The call a record is of: its IDENTITY fields, inputs by path, dtype, shape and digest
+    (whether an input was captured depends on the sampling, not on the call)."""
+    values = list(row) if isinstance(row, tuple) else [getattr(row, name) for name in IDENTITY]
+    inputs = json.loads(values[-1] or "[]")
+    values[-1] = tuple((i["path"], i["dtype"], tuple(i["shape"]), i["sha256"]) for i in inputs)
+    return tuple(values)
+
+
+class PermanentRecordError(Exception):
+    """A record the store will never accept as sent: retrying the call cannot help."""
+
+
+class RequestIdConflict(PermanentRecordError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"request id {request_id!r} is already recorded for a different call (another loss, "
+            "parameters, inputs or step); give each call its own request id"
+        )
+        self.request_id = request_id
 
 
 class AuditStoreError(RuntimeError):
