@@ -195,7 +195,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     if audit_store is not None:
         # Gated by AuthInterceptor with the audit-read role (security.SERVICE_ROLES).
         server.add_generic_rpc_handlers(
-            (audit_method_handlers(AuditServicer(audit_store, signer, recorder)),)
+            (audit_method_handlers(AuditServicer(audit_store, signer, recorder, servicer.bounded)),)
         )
         services.append(AUDIT_SERVICE_NAME)
 

@@ -187,7 +187,7 @@ def _time_left(context: grpc.ServicerContext | None) -> float | None:
 # Working-set estimates
 
 
-def _tensor_bytes(value: Any) -> int:
+def tensor_bytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for _, t in codec.iter_tensors(value, ""))
 
 
@@ -292,7 +292,7 @@ ESTIMATORS: dict[str, Callable[[list[Any], Mapping[str, Any]], int]] = {
 
 def working_set(loss: str, args: list[Any], kwargs: Mapping[str, Any], params: Any) -> int:
     """Estimated bytes one evaluation allocates beyond its decoded inputs."""
-    base = WORK_FACTOR * (_tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(params))
+    base = WORK_FACTOR * (tensor_bytes(args) + tensor_bytes(kwargs) + tensor_bytes(params))
     estimator = ESTIMATORS.get(loss)
     if estimator is None:
         return base

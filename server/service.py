@@ -19,7 +19,15 @@ from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
 from . import chunked, registry
-from .budget import MemoryBudget, RawRequest, Reservation, decoded_estimate, prescan, working_set
+from .budget import (
+    MemoryBudget,
+    RawRequest,
+    Reservation,
+    decoded_estimate,
+    prescan,
+    tensor_bytes,
+    working_set,
+)
 from .engine import Engine, Evaluation
 from .errors import (
     Cancelled,
@@ -194,6 +202,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
             with self._busy_lock:
                 self.computing -= 1
                 self._busy_lock.notify_all()
+
+    @contextlib.contextmanager
+    def bounded(
+        self, loss: str, params: Any, args: Any, kwargs: Any, context: Any = None
+    ) -> Iterator[None]:
+        """A worker slot and the memory of one evaluation that does not come through Compute
+        (VerifyRun's recomputations): the same --workers and --memory-budget-mb bound both."""
+        with contextlib.ExitStack() as stack:
+            if self.budget is not None:
+                need = tensor_bytes((params, args, kwargs)) + working_set(
+                    loss, args, kwargs, params
+                )
+                stack.enter_context(self.budget.held(need, context, f"recomputing {loss}"))
+            if self._slots is not None:
+                stack.enter_context(self._slots)
+            yield
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until no evaluation is running (a drain); True when none is."""

@@ -34,6 +34,25 @@ from ..version import __version__
 VALUE_MAX_ELEMENTS = 1 << 16
 
 
+# Parameters and call structure longer than this (as JSON) are stored by their SHA-256 and size:
+# a record stays small enough to read back through the API whatever the call held (the call's
+# strings may each be escaped to 6 characters per control byte).
+MAX_FIELD_CHARS = 64 << 10
+OVERSIZED = "oversized"
+
+
+def bounded(text: str) -> str:
+    """``text``, or the digest form ``{"oversized": {"sha256", "chars"}}`` when it is too long."""
+    if len(text) <= MAX_FIELD_CHARS:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return dumps({OVERSIZED: {"sha256": digest, "chars": len(text)}})
+
+
+def is_oversized(text: str) -> bool:
+    return text.startswith('{"' + OVERSIZED + '":')
+
+
 # How the store keeps a step, rank or micro-batch the caller did not give (the wire leaves it unset).
 UNKNOWN = -1
 
@@ -295,12 +314,14 @@ def build(
         peer=peer,
         principal=principal,
         loss=loss,
-        params=dumps(to_json(params, "params", _ref)["dict"]),
-        call=dumps(
-            {
-                "args": to_json(list(args), "args", _ref),
-                "kwargs": to_json(kwargs, "kwargs", _ref)["dict"],
-            }
+        params=bounded(dumps(to_json(params, "params", _ref)["dict"])),
+        call=bounded(
+            dumps(
+                {
+                    "args": to_json(list(args), "args", _ref),
+                    "kwargs": to_json(kwargs, "kwargs", _ref)["dict"],
+                }
+            )
         ),
         lossd_version=__version__,
         torch_version=torch.__version__,

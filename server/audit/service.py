@@ -140,11 +140,13 @@ def chain_message(report: Report) -> pb.AuditChainReport:
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    def __init__(self, store: Store, signer: Signer | None = None, recorder: Any = None) -> None:
+    def __init__(
+        self, store: Store, signer: Signer | None = None, recorder: Any = None, bounded: Any = None
+    ) -> None:
         self.store = store
         self.signer = signer
         self.recorder = recorder  # signs through it, so its checkpoint counter sees them
-        self.verifier = Verifier(store)
+        self.verifier = Verifier(store, bounded)  # bounded: LossServicer.bounded (slots, budget)
 
     @handles_errors
     def ListRuns(

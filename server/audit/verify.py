@@ -24,6 +24,7 @@ that record out; only the selected records are recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from lossd.client.wire.codec import iter_tensors, map_tensors
 from ..engine import Engine
 from .capture import restore
 from .chain import ChainWalk, Report, newest_signed
-from .records import Row, from_json, scalar_of
+from .records import Row, from_json, is_oversized, scalar_of
 from .signing import Checkpoint, Signer
 from .store import Selector, Store
 
@@ -74,9 +75,11 @@ def rel_dev(a: float, b: float) -> float:
 class Verifier:
     """Verifies rows of one store; engines per device are created once and reused."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, bounded: Any = None) -> None:
         self.store = store
         self._engines: dict[str, Engine] = {}
+        # LossServicer.bounded: each recomputation takes a worker slot and its memory, as Compute.
+        self.bounded = bounded or (lambda *_args: contextlib.nullcontext())
 
     def engine(self, device: str) -> Engine | None:
         if device not in self._engines:
@@ -165,6 +168,14 @@ class Verifier:
     def _recompute(self, row: Row, tol: float, conn: Any = None) -> Outcome:
         """Steps 2 and 3: the stored inputs against their digests, then the recomputation."""
         inputs = json.loads(row.inputs)
+        if is_oversized(row.params) or is_oversized(row.call):
+            return Outcome(
+                row,
+                NOT_CAPTURED,
+                tolerance=tol,
+                message=f"{_name(row)}: its parameters or call were too large to store (kept by "
+                "digest); integrity checked, not recomputed",
+            )
         blobs = self.store.blobs((i["sha256"] for i in inputs), conn)
         later = not row.captured and bool(inputs) and all(i["sha256"] in blobs for i in inputs)
         if not row.captured and not later:
@@ -207,12 +218,13 @@ class Verifier:
 
         cpu = self._engines.setdefault("cpu", Engine("cpu"))
         widen = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
-        wide = cpu.evaluate(
-            row.loss,
+        wide_call = (
             map_tensors(params, widen),
             map_tensors(args, widen),
             map_tensors(kwargs, widen),
         )
+        with self.bounded(row.loss, *wide_call):
+            wide = cpu.evaluate(row.loss, *wide_call)
         dev64, scaled64 = _deviation(
             recorded_value, recorded_components, wide.value, wide.components
         )
@@ -224,7 +236,8 @@ class Verifier:
             dev_dev = math.nan
             notes.append(f"device {row.device} is absent here: recomputed in float64 only")
         else:
-            same = device_engine.evaluate(row.loss, params, args, kwargs)
+            with self.bounded(row.loss, params, args, kwargs):
+                same = device_engine.evaluate(row.loss, params, args, kwargs)
             dev_dev = _deviation(recorded_value, recorded_components, same.value, same.components)[
                 0
             ]
