@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from torch import nn
 from lossd.client import AuditClient, RemoteLoss
 from lossd.server import registry
 from lossd.server.registry import LossOutput
+from tests.support.serverproc import free_port
 
 STEPS = 6
 
@@ -203,12 +203,6 @@ def test_netspresso_yolox_loss_training_under_autocast_matches(endpoint):
 # --------------------------------------------------------------------------- 2-process DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, endpoint: str, port: int, run_id: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -238,7 +232,7 @@ def test_two_process_ddp_training_matches_local_ddp(endpoint, tmp_path):
 
     run_id = f"ddp-{uuid.uuid4().hex[:8]}"
     mp.spawn(
-        _ddp_worker, args=(2, endpoint, _free_port(), run_id, str(tmp_path)), nprocs=2, join=True
+        _ddp_worker, args=(2, endpoint, free_port(), run_id, str(tmp_path)), nprocs=2, join=True
     )
     results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     for result in results:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dockerfile import Stage, parse_stages
+from tests.support.serverproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
@@ -84,12 +84,6 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _image_env(venv: Path, stage: Stage, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     env.update(stage.env)
@@ -143,7 +137,7 @@ def test_the_entrypoint_serves_and_the_healthcheck_passes(
     image_venv: Path, tokens_file: str, tmp_path: Path
 ):
     stage = parse_stages(DOCKERFILES[0])[-1]
-    port = _free_port()
+    port = free_port()
     data = tmp_path / "var-lib-lossd"
     data.mkdir()
     # What `docker run -p ... -v data:/var/lib/lossd -v tokens:/run/secrets/lossd_tokens` changes:
@@ -188,7 +182,7 @@ def test_the_entrypoint_refuses_to_start_without_its_tokens_file(image_venv: Pat
     env = _image_env(
         image_venv,
         stage,
-        LOSSD_PORT=str(_free_port()),
+        LOSSD_PORT=str(free_port()),
         LOSSD_DATA_DIR=str(tmp_path),
         LOSSD_AUTH_TOKENS=str(tmp_path / "not-mounted"),
     )

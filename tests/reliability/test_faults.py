@@ -13,7 +13,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,19 +33,13 @@ from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.functional import build_request
 from lossd.client.transport import Transport
 from tests.support.opskit import Gate, running, samples, value
-from tests.support.serverproc import ServerProcess
+from tests.support.serverproc import ServerProcess, free_port
 
 pytestmark = pytest.mark.faults
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def audited(run_id: str, step: int, n: int = 8) -> pb.ComputeRequest:

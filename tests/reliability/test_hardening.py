@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -25,7 +24,7 @@ from lossd.client.wire import codec, framing
 from lossd.server import registry
 from lossd.server.registry import Input, LossSpec
 from tests.support.opskit import TOKENS, health_status, running
-from tests.support.serverproc import ServerProcess, rss_kib
+from tests.support.serverproc import ServerProcess, free_port, rss_kib
 
 # --------------------------------------------------------------------------------------------
 # lossd's own bugs are INTERNAL, not "upstream raises the same"
@@ -416,12 +415,6 @@ def test_an_unread_answer_is_cancelled_and_releases_its_slot_and_memory():
 # Restarts survived by default; a hung server ends the call at the deadline; drains
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(data, port: int, *flags: str) -> ServerProcess:
     return ServerProcess(
         "--audit", "runs", "--data-dir", str(data), "--log-level", "WARNING", "--port", str(port),
@@ -438,7 +431,7 @@ def _records(db) -> list[tuple[str, int]]:
 
 def test_a_training_loop_with_default_settings_survives_three_sigkill_restarts(tmp_path):
     assert ConnectionOptions().timeout == DEFAULT_TIMEOUT_S  # finite by default
-    port, steps, kills = _free_port(), 45, (8, 20, 32)
+    port, steps, kills = free_port(), 45, (8, 20, 32)
     server = _serve(tmp_path, port).start()
     crit = RemoteLoss("mse", endpoint=f"127.0.0.1:{port}", run_id="train")  # all defaults
     model = torch.nn.Linear(4, 1)
@@ -501,7 +494,7 @@ def test_a_sigstopped_server_ends_a_default_call_at_the_deadline(tmp_path, monke
 
 
 def test_a_drain_ends_idle_stream_sessions_at_once_and_their_next_call_is_retried(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = _serve(tmp_path, port, "--grace-seconds", "60").start()
     crit = RemoteLoss("mse", endpoint=f"127.0.0.1:{port}", run_id="train")
     second = None
