@@ -1,23 +1,5 @@
-"""fat trainer losses (giovannipollo/fat ``utils/loss.py``, ``LossFactory``).
-
-fat builds one loss from ``config["loss"]``: eight stock ``torch.nn`` classes plus its own
-``SqrHingeLoss``. Each function below mirrors the torch class fat instantiates: forward
-arguments first, then the class's constructor parameters (torch 2.13 names and defaults, except
-``kl_div``, whose default reduction is fat's ``'batchmean'``).
-
-Deliberate differences from a plain ``torch.nn`` call, all on inputs upstream cannot handle:
-
-* class indices out of range, ``bce`` values outside [0, 1], mismatched shapes or dtypes, and the
-  other inputs upstream crashes on raise ``InvalidArgument`` before any kernel runs (a bad index
-  must never become a CUDA device-side assert);
-* class-weight / ``pos_weight`` tensors are moved to the input's device and dtype, and integer
-  weight lists are accepted as floats. fat turns the YAML list with ``torch.tensor(list)``, so
-  ``weight: [1, 2, 1]`` is int64 there and the first forward crashes ("expected scalar type
-  Float but found Long"); lossd accepts it on purpose.
-
-``cross_entropy`` is shared with NetsPresso Trainer: called with dicts it is NetsPresso's
-``CrossEntropyLoss`` (see :func:`cross_entropy`).
-"""
+"""fat's classification losses: cross_entropy (also NetsPresso's), nll, bce, bce_with_logits
+and sqr_hinge."""
 
 from __future__ import annotations
 
@@ -28,82 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._reduction import REDUCTIONS, reduce_loss
-from ..errors import InvalidArgument
-from ..registry import FLOAT_DTYPES, Form, Input, LossOutput, LossSpec, Param
-
-_FAT = "giovannipollo/fat@9abd3cf utils/loss.py LossFactory"
-_TORCH = "torch 2.13"
-_NETSPRESSO = "netspresso-trainer==1.4.1"
-# torch's class-index losses accept Long and Byte targets ("expected ... Long or Byte").
-_INDEX_DTYPES = (torch.int64, torch.uint8)
-KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
-
-
-def _dtype(t: Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _result(value: Tensor, notes: list[str]) -> Tensor | LossOutput:
-    """A bare tensor, as upstream returns it, unless something needs explaining."""
-    return LossOutput(value, notes=notes) if notes else value
-
-
-def _as_weight(value: Any, field: str, like: Tensor) -> Tensor:
-    """A weight parameter (tensor or list of numbers) on ``like``'s device and dtype."""
-    if isinstance(value, (list, tuple)) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        value = torch.tensor([float(v) for v in value])
-    if not isinstance(value, Tensor) or value.dtype.is_complex or value.dtype == torch.bool:
-        got = type(value).__name__ if not isinstance(value, Tensor) else _dtype(value)
-        raise InvalidArgument.expected(field, "a real tensor or a list of numbers", got)
-    return value.to(device=like.device, dtype=like.dtype)
-
-
-def _class_weight(value: Any, num_classes: int, like: Tensor) -> Tensor | None:
-    if value is None:
-        return None
-    weight = _as_weight(value, "weight", like)
-    if weight.dim() != 1 or weight.numel() != num_classes:
-        raise InvalidArgument.expected(
-            "weight", f"one weight per class, shape [{num_classes}]", f"shape {list(weight.shape)}"
-        )
-    return weight
-
-
-def _broadcast_weight(value: Any, field: str, like: Tensor) -> Tensor | None:
-    """An element weight that must broadcast to ``like``'s shape without growing it."""
-    if value is None:
-        return None
-    weight = _as_weight(value, field, like)
-    try:
-        shape = torch.broadcast_shapes(weight.shape, like.shape)
-    except RuntimeError:
-        shape = None
-    if shape != like.shape:
-        raise InvalidArgument.expected(
-            field,
-            f"a shape that broadcasts to the input's {list(like.shape)}",
-            f"shape {list(weight.shape)}",
-        )
-    return weight
-
-
-def _legacy_reduction(
-    size_average: bool | None, reduce: bool | None, reduction: str
-) -> tuple[str, list[str]]:
-    """torch's deprecated ``size_average``/``reduce`` pair, which overrides ``reduction`` when set."""
-    if size_average is None and reduce is None:
-        return reduction, []
-    # Unset halves count as True, as in torch.
-    averaged = True if size_average is None else size_average
-    reduced = True if reduce is None else reduce
-    legacy = ("mean" if averaged else "sum") if reduced else "none"
-    return legacy, [
-        f"size_average={size_average}, reduce={reduce} are deprecated torch arguments; as in torch they "
-        f"override reduction={reduction!r} with {legacy!r}"
-    ]
+from ..._reduction import REDUCTIONS, reduce_loss
+from ...errors import InvalidArgument
+from ...registry import FLOAT_DTYPES, Form, Input, LossOutput, LossSpec, Param
+from ._torch import (
+    _FAT,
+    _NETSPRESSO,
+    _REDUCTION,
+    _TORCH,
+    _broadcast_weight,
+    _class_weight,
+    _empty_mean_note,
+    _gen,
+    _legacy_reduction,
+    _pair_inputs,
+    _result,
+)
 
 
 def _check_byte_target(labels: Tensor, logits: Tensor, field: str) -> None:
@@ -132,29 +54,6 @@ def _index_mean_nan_note(target: Tensor, weight: Tensor | None, ignore_index: in
             "upstream returns NaN: the class weights of the counted targets sum to 0, and torch's mean divides by that sum"
         ]
     return []
-
-
-def _empty_mean_note(loss_name: str) -> list[str]:
-    return [
-        f"upstream returns NaN: {loss_name} with reduction='mean' over an empty input divides by zero"
-    ]
-
-
-def _pair(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
-    """Input and target (declared: float, broadcasting together), broadcast as torch does."""
-    if input.shape == target.shape:
-        return input, target, []
-    shape = torch.broadcast_shapes(input.shape, target.shape)
-    note = (
-        f"target shape {list(target.shape)} differs from input shape {list(input.shape)}; torch broadcasts "
-        f"both to {list(shape)} (and warns that this is likely a mistake)"
-    )
-    # Broadcasting here, exactly as torch does, keeps torch's warning out of the server log.
-    input, target = torch.broadcast_tensors(input, target)
-    return input, target, [note]
-
-
-# --------------------------------------------------------------------------- classification
 
 
 def cross_entropy(
@@ -413,129 +312,6 @@ class _SquaredHinge(torch.autograd.Function):
         return grad * grad_output, None
 
 
-# --------------------------------------------------------------------------- regression
-
-
-def mse(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
-    """Mean squared error ``(input - target)^2``.
-
-    Args:
-        input (Tensor[*]): float predictions.
-        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
-            as in torch, with a note); receives a gradient.
-        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
-
-    Returns:
-        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
-
-    Reference:
-        ``torch.nn.MSELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
-    """
-    input, target, notes = _pair(input, target)
-    loss = F.mse_loss(input, target, reduction=reduction)
-    if reduction == "mean" and input.numel() == 0:
-        notes += _empty_mean_note("mse")
-    return _result(loss, notes)
-
-
-def l1(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
-    """Mean absolute error ``|input - target|``.
-
-    Args:
-        input (Tensor[*]): float predictions.
-        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
-            as in torch, with a note); receives a gradient.
-        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
-
-    Returns:
-        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
-
-    Reference:
-        ``torch.nn.L1Loss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
-    """
-    input, target, notes = _pair(input, target)
-    loss = F.l1_loss(input, target, reduction=reduction)
-    if reduction == "mean" and input.numel() == 0:
-        notes += _empty_mean_note("l1")
-    return _result(loss, notes)
-
-
-def smooth_l1(
-    input: Tensor, target: Tensor, *, reduction: str = "mean", beta: float = 1.0
-) -> Tensor | LossOutput:
-    """Smooth L1 (Huber-like): ``0.5 * d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 * beta``.
-
-    Args:
-        input (Tensor[*]): float predictions.
-        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
-            as in torch, with a note); receives a gradient.
-        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
-        beta (float): >= 0, where the loss turns from quadratic to linear; ``0`` is exactly the
-            L1 loss (torch switches to it). Default: ``1.0``.
-
-    Returns:
-        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
-
-    Reference:
-        ``torch.nn.SmoothL1Loss`` (torch 2.13) as built by fat's ``LossFactory``
-        (giovannipollo/fat@9abd3cf); Girshick, "Fast R-CNN", ICCV 2015.
-    """
-    input, target, notes = _pair(input, target)
-    loss = F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
-    if reduction == "mean" and input.numel() == 0:
-        notes += _empty_mean_note("smooth_l1")
-    return _result(loss, notes)
-
-
-def kl_div(
-    input: Tensor,
-    target: Tensor,
-    *,
-    reduction: str = "batchmean",
-    log_target: bool = False,
-) -> Tensor | LossOutput:
-    """Kullback-Leibler divergence ``target * (log(target) - input)`` with ``input`` in log space.
-
-    Args:
-        input (Tensor[N, *]): float log-probabilities.
-        target (Tensor[N, *]): float probabilities (log-probabilities if ``log_target``) of a
-            shape that broadcasts with the input's, as in torch; receives a gradient.
-        reduction (str): ``'batchmean'`` (sum / N, the KL divergence per sample; fat's default) |
-            ``'sum'`` | ``'mean'`` (sum / every element) | ``'none'``. Default: ``'batchmean'``.
-        log_target (bool): whether ``target`` is given as log-probabilities. Default: ``False``.
-
-    Returns:
-        Tensor: the loss; NaN for ``batchmean``/``mean`` over an empty batch, as in torch.
-
-    Reference:
-        ``torch.nn.KLDivLoss`` (torch 2.13) as built by fat's ``LossFactory``, which sets
-        ``reduction='batchmean'`` unless configured (giovannipollo/fat@9abd3cf).
-    """
-    # Element-wise, then reduced: the same operations torch's kl_div runs, without its warning for 'mean'.
-    pointwise = F.kl_div(input, target, reduction="none", log_target=log_target)
-    notes: list[str] = []
-    if reduction == "batchmean":
-        loss = reduce_loss(pointwise, "sum")
-        if input.dim() != 0:  # torch divides by the batch size only when there is a batch dimension
-            loss = loss / input.shape[0]
-            if input.shape[0] == 0:
-                notes.append(
-                    "upstream returns NaN: reduction='batchmean' over an empty batch divides 0 by 0"
-                )
-    else:
-        loss = reduce_loss(pointwise, reduction)
-        if reduction == "mean" and pointwise.numel() == 0:
-            notes += _empty_mean_note("kl_div")
-    return _result(loss, notes)
-
-
-# --------------------------------------------------------------------------- examples
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _make_cross_entropy_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     g = _gen(3001)
     logits = torch.randn(6, 5, generator=g).to(dtype)
@@ -548,16 +324,6 @@ def _make_nll_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     log_probs = torch.log_softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
     labels = torch.randint(0, 5, (6,), generator=g)
     return (log_probs, labels), {}, {}
-
-
-def _make_regression_example(seed: int, params: dict) -> Any:
-    def make(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
-        g = _gen(seed)
-        pred = torch.randn(6, 4, generator=g).to(dtype)
-        target = torch.randn(6, 4, generator=g).to(dtype)
-        return (pred, target), {}, dict(params)
-
-    return make
 
 
 def _make_bce_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
@@ -576,13 +342,6 @@ def _make_bce_with_logits_example(dtype: torch.dtype) -> tuple[tuple, dict, dict
     return (logits, target), {}, {"pos_weight": [2.0, 1.0, 0.5, 1.0]}
 
 
-def _make_kl_div_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
-    g = _gen(3008)
-    log_probs = torch.log_softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
-    target = torch.softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
-    return (log_probs, target), {}, {}
-
-
 def _make_sqr_hinge_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     g = _gen(3009)
     scores = torch.randn(6, 5, generator=g).to(dtype)
@@ -590,10 +349,9 @@ def _make_sqr_hinge_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     return (scores, labels), {}, {}
 
 
-# --------------------------------------------------------------------------- declarations
-
-_REDUCTION = Param("reduction", "str", "mean", choices=REDUCTIONS, doc="'none' | 'mean' | 'sum'")
 _WEIGHT_DOC = "per-class weight [C] (integer lists accepted as floats; fat itself crashes on them)"
+
+
 _INDEX_DOC = "class indices [N, d1, ...] int64 or uint8, in [0, C) or == ignore_index"
 
 
@@ -630,6 +388,8 @@ def _class_inputs(where: str) -> tuple[tuple[Form, ...], tuple[Form, ...]]:
 
 
 _LOGITS, _INDICES = _class_inputs("input")
+
+
 _NS_LOGITS, _NS_INDICES = _class_inputs("input.pred")
 
 
@@ -638,6 +398,8 @@ def _probabilities(where: str) -> Form:
 
 
 _CE_INPUT = (*_LOGITS, Form(kind="dict", keys=(("pred", _NS_LOGITS),), label="{'pred': logits}"))
+
+
 _CE_TARGET = (
     *_INDICES,
     _probabilities("input"),
@@ -647,18 +409,6 @@ _CE_TARGET = (
         label="{'target': ...}",
     ),
 )
-
-
-def _pair_inputs(input_doc: str, target_doc: str, **target_rules: Any) -> tuple[Input, Input]:
-    """Float input and target; by default broadcasting together, as torch's pointwise losses."""
-    rules = target_rules or {"broadcasts_with": "input"}
-    return (
-        Input("input", dtypes=FLOAT_DTYPES, shape=("*",), differentiable=True, doc=input_doc),
-        Input("target", dtypes=FLOAT_DTYPES, differentiable=True, doc=target_doc, **rules),
-    )
-
-
-_REGRESSION_TARGET = "float targets, the input's shape (integer ones promoted, as in torch)"
 
 
 SPECS = (
@@ -757,59 +507,6 @@ SPECS = (
         make_example=_make_nll_example,
     ),
     LossSpec(
-        name="mse",
-        fn=mse,
-        families=("fat",),
-        summary="Mean squared error (torch MSELoss).",
-        inputs=_pair_inputs(
-            "float predictions [*]",
-            _REGRESSION_TARGET,
-            broadcasts_with="input",
-            promote_with="input",  # an integer target, promoted as torch promotes it
-        ),
-        params=(_REDUCTION,),
-        reference=f"torch.nn.MSELoss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("mse")(pred, target)',
-        make_example=_make_regression_example(3003, {}),
-    ),
-    LossSpec(
-        name="l1",
-        fn=l1,
-        families=("fat",),
-        summary="Mean absolute error (torch L1Loss).",
-        inputs=_pair_inputs(
-            "float predictions [*]",
-            _REGRESSION_TARGET,
-            broadcasts_with="input",
-            promote_with="input",  # an integer target, promoted as torch promotes it
-        ),
-        params=(_REDUCTION,),
-        reference=f"torch.nn.L1Loss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("l1")(pred, target)',
-        make_example=_make_regression_example(3004, {}),
-    ),
-    LossSpec(
-        name="smooth_l1",
-        fn=smooth_l1,
-        families=("fat",),
-        summary="Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
-        inputs=_pair_inputs(
-            "float predictions [*]",
-            _REGRESSION_TARGET,
-            broadcasts_with="input",
-            promote_with="input",  # an integer target, promoted as torch promotes it
-        ),
-        params=(
-            _REDUCTION,
-            Param(
-                "beta", "float", 1.0, minimum=0.0, doc="quadratic-to-linear threshold; 0 gives L1"
-            ),
-        ),
-        reference=f"torch.nn.SmoothL1Loss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("smooth_l1", beta=0.5)(pred, target)',
-        make_example=_make_regression_example(3005, {"beta": 0.5}),
-    ),
-    LossSpec(
         name="bce",
         fn=bce,
         families=("fat",),
@@ -872,29 +569,6 @@ SPECS = (
         reference=f"torch.nn.BCEWithLogitsLoss ({_TORCH}) via {_FAT}",
         example='RemoteLoss("bce_with_logits", pos_weight=[2.0])(logits, target)',
         make_example=_make_bce_with_logits_example,
-    ),
-    LossSpec(
-        name="kl_div",
-        fn=kl_div,
-        families=("fat",),
-        summary="KL divergence of log-probabilities from a target distribution; fat's default 'batchmean' (torch KLDivLoss).",
-        inputs=_pair_inputs(
-            "float log-probabilities [N, *]",
-            "float probabilities (log if log_target), broadcastable",
-        ),
-        params=(
-            Param(
-                "reduction",
-                "str",
-                "batchmean",
-                choices=KL_REDUCTIONS,
-                doc="'batchmean' (fat's default) | 'sum' | 'mean' | 'none'",
-            ),
-            Param("log_target", "bool", False, doc="target given as log-probabilities"),
-        ),
-        reference=f"torch.nn.KLDivLoss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("kl_div")(log_probs, target_probs)',
-        make_example=_make_kl_div_example,
     ),
     LossSpec(
         name="sqr_hinge",

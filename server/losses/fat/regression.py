@@ -1,0 +1,250 @@
+"""fat's regression losses: mse, l1, smooth_l1 and kl_div."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..._reduction import reduce_loss
+from ...registry import LossOutput, LossSpec, Param
+from ._torch import (
+    _FAT,
+    _REDUCTION,
+    _TORCH,
+    _empty_mean_note,
+    _gen,
+    _pair_inputs,
+    _result,
+)
+
+KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
+
+
+def _pair(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+    """Input and target (declared: float, broadcasting together), broadcast as torch does."""
+    if input.shape == target.shape:
+        return input, target, []
+    shape = torch.broadcast_shapes(input.shape, target.shape)
+    note = (
+        f"target shape {list(target.shape)} differs from input shape {list(input.shape)}; torch broadcasts "
+        f"both to {list(shape)} (and warns that this is likely a mistake)"
+    )
+    # Broadcasting here, exactly as torch does, keeps torch's warning out of the server log.
+    input, target = torch.broadcast_tensors(input, target)
+    return input, target, [note]
+
+
+def mse(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
+    """Mean squared error ``(input - target)^2``.
+
+    Args:
+        input (Tensor[*]): float predictions.
+        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
+            as in torch, with a note); receives a gradient.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.MSELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
+    """
+    input, target, notes = _pair(input, target)
+    loss = F.mse_loss(input, target, reduction=reduction)
+    if reduction == "mean" and input.numel() == 0:
+        notes += _empty_mean_note("mse")
+    return _result(loss, notes)
+
+
+def l1(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
+    """Mean absolute error ``|input - target|``.
+
+    Args:
+        input (Tensor[*]): float predictions.
+        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
+            as in torch, with a note); receives a gradient.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.L1Loss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
+    """
+    input, target, notes = _pair(input, target)
+    loss = F.l1_loss(input, target, reduction=reduction)
+    if reduction == "mean" and input.numel() == 0:
+        notes += _empty_mean_note("l1")
+    return _result(loss, notes)
+
+
+def smooth_l1(
+    input: Tensor, target: Tensor, *, reduction: str = "mean", beta: float = 1.0
+) -> Tensor | LossOutput:
+    """Smooth L1 (Huber-like): ``0.5 * d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 * beta``.
+
+    Args:
+        input (Tensor[*]): float predictions.
+        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
+            as in torch, with a note); receives a gradient.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
+        beta (float): >= 0, where the loss turns from quadratic to linear; ``0`` is exactly the
+            L1 loss (torch switches to it). Default: ``1.0``.
+
+    Returns:
+        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+
+    Reference:
+        ``torch.nn.SmoothL1Loss`` (torch 2.13) as built by fat's ``LossFactory``
+        (giovannipollo/fat@9abd3cf); Girshick, "Fast R-CNN", ICCV 2015.
+    """
+    input, target, notes = _pair(input, target)
+    loss = F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
+    if reduction == "mean" and input.numel() == 0:
+        notes += _empty_mean_note("smooth_l1")
+    return _result(loss, notes)
+
+
+def kl_div(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: str = "batchmean",
+    log_target: bool = False,
+) -> Tensor | LossOutput:
+    """Kullback-Leibler divergence ``target * (log(target) - input)`` with ``input`` in log space.
+
+    Args:
+        input (Tensor[N, *]): float log-probabilities.
+        target (Tensor[N, *]): float probabilities (log-probabilities if ``log_target``) of a
+            shape that broadcasts with the input's, as in torch; receives a gradient.
+        reduction (str): ``'batchmean'`` (sum / N, the KL divergence per sample; fat's default) |
+            ``'sum'`` | ``'mean'`` (sum / every element) | ``'none'``. Default: ``'batchmean'``.
+        log_target (bool): whether ``target`` is given as log-probabilities. Default: ``False``.
+
+    Returns:
+        Tensor: the loss; NaN for ``batchmean``/``mean`` over an empty batch, as in torch.
+
+    Reference:
+        ``torch.nn.KLDivLoss`` (torch 2.13) as built by fat's ``LossFactory``, which sets
+        ``reduction='batchmean'`` unless configured (giovannipollo/fat@9abd3cf).
+    """
+    # Element-wise, then reduced: the same operations torch's kl_div runs, without its warning for 'mean'.
+    pointwise = F.kl_div(input, target, reduction="none", log_target=log_target)
+    notes: list[str] = []
+    if reduction == "batchmean":
+        loss = reduce_loss(pointwise, "sum")
+        if input.dim() != 0:  # torch divides by the batch size only when there is a batch dimension
+            loss = loss / input.shape[0]
+            if input.shape[0] == 0:
+                notes.append(
+                    "upstream returns NaN: reduction='batchmean' over an empty batch divides 0 by 0"
+                )
+    else:
+        loss = reduce_loss(pointwise, reduction)
+        if reduction == "mean" and pointwise.numel() == 0:
+            notes += _empty_mean_note("kl_div")
+    return _result(loss, notes)
+
+
+def _make_regression_example(seed: int, params: dict) -> Any:
+    def make(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+        g = _gen(seed)
+        pred = torch.randn(6, 4, generator=g).to(dtype)
+        target = torch.randn(6, 4, generator=g).to(dtype)
+        return (pred, target), {}, dict(params)
+
+    return make
+
+
+def _make_kl_div_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
+    g = _gen(3008)
+    log_probs = torch.log_softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
+    target = torch.softmax(torch.randn(6, 5, generator=g), dim=1).to(dtype)
+    return (log_probs, target), {}, {}
+
+
+_REGRESSION_TARGET = "float targets, the input's shape (integer ones promoted, as in torch)"
+
+
+SPECS = (
+    LossSpec(
+        name="mse",
+        fn=mse,
+        families=("fat",),
+        summary="Mean squared error (torch MSELoss).",
+        inputs=_pair_inputs(
+            "float predictions [*]",
+            _REGRESSION_TARGET,
+            broadcasts_with="input",
+            promote_with="input",  # an integer target, promoted as torch promotes it
+        ),
+        params=(_REDUCTION,),
+        reference=f"torch.nn.MSELoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("mse")(pred, target)',
+        make_example=_make_regression_example(3003, {}),
+    ),
+    LossSpec(
+        name="l1",
+        fn=l1,
+        families=("fat",),
+        summary="Mean absolute error (torch L1Loss).",
+        inputs=_pair_inputs(
+            "float predictions [*]",
+            _REGRESSION_TARGET,
+            broadcasts_with="input",
+            promote_with="input",  # an integer target, promoted as torch promotes it
+        ),
+        params=(_REDUCTION,),
+        reference=f"torch.nn.L1Loss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("l1")(pred, target)',
+        make_example=_make_regression_example(3004, {}),
+    ),
+    LossSpec(
+        name="smooth_l1",
+        fn=smooth_l1,
+        families=("fat",),
+        summary="Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
+        inputs=_pair_inputs(
+            "float predictions [*]",
+            _REGRESSION_TARGET,
+            broadcasts_with="input",
+            promote_with="input",  # an integer target, promoted as torch promotes it
+        ),
+        params=(
+            _REDUCTION,
+            Param(
+                "beta", "float", 1.0, minimum=0.0, doc="quadratic-to-linear threshold; 0 gives L1"
+            ),
+        ),
+        reference=f"torch.nn.SmoothL1Loss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("smooth_l1", beta=0.5)(pred, target)',
+        make_example=_make_regression_example(3005, {"beta": 0.5}),
+    ),
+    LossSpec(
+        name="kl_div",
+        fn=kl_div,
+        families=("fat",),
+        summary="KL divergence of log-probabilities from a target distribution; fat's default 'batchmean' (torch KLDivLoss).",
+        inputs=_pair_inputs(
+            "float log-probabilities [N, *]",
+            "float probabilities (log if log_target), broadcastable",
+        ),
+        params=(
+            Param(
+                "reduction",
+                "str",
+                "batchmean",
+                choices=KL_REDUCTIONS,
+                doc="'batchmean' (fat's default) | 'sum' | 'mean' | 'none'",
+            ),
+            Param("log_target", "bool", False, doc="target given as log-probabilities"),
+        ),
+        reference=f"torch.nn.KLDivLoss ({_TORCH}) via {_FAT}",
+        example='RemoteLoss("kl_div")(log_probs, target_probs)',
+        make_example=_make_kl_div_example,
+    ),
+)
