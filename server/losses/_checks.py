@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from lossd.client.schema import SchemaError, check_indices
 
 from ..errors import InvalidArgument
 
@@ -25,23 +26,13 @@ def check_class_indices(
     upstream: str | None = None,
 ) -> None:
     """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index.
-    ``upstream``: the exception class upstream raises for an index out of range, when known."""
-    if target.numel() == 0:
-        return
-    top = num_classes if allow_background else num_classes - 1
-    lo, hi = (int(v) for v in torch.aminmax(target))
-    if lo >= 0 and hi <= top:
-        return  # the common case, one kernel: no masking needed
-    valid = target if ignore_index is None else target[target != ignore_index]
-    if valid.numel() == 0:
-        return
-    lo, hi = int(valid.min()), int(valid.max())
-    if lo < 0 or hi > top:
-        bad = lo if lo < 0 else hi
-        ignore = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-        raise InvalidArgument.expected(
-            field, f"class indices in [0, {top}]{ignore}", f"index {bad}", upstream=upstream
-        )
+    ``upstream``: the exception class upstream raises for an index out of range, when known.
+    The rule a declared ``index_of`` applies (lossd.client.schema.check_indices), for indices
+    a declaration cannot reach (nested under a condition, or counted from another value)."""
+    try:
+        check_indices(target, num_classes, field, ignore_index, allow_background, upstream or "")
+    except SchemaError as exc:
+        raise InvalidArgument(exc.message, field=exc.field, upstream=upstream) from None
 
 
 def require_key(mapping: Any, key: str, field: str) -> Any:
