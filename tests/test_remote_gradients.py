@@ -19,6 +19,7 @@ from torch import nn
 
 from lossd.client import RemoteLoss
 from lossd.server import registry
+from tests.support.losskit import UPSTREAM_LOSSES
 
 
 def _sqr_hinge_reference(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -235,20 +236,7 @@ def test_gradcheck_float64_through_the_rpc(case, endpoint, device):
     crit.close()
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "cross_entropy",
-        "nll",
-        "mse",
-        "l1",
-        "smooth_l1",
-        "bce",
-        "bce_with_logits",
-        "kl_div",
-        "sqr_hinge",
-    ],
-)
+@pytest.mark.parametrize("name", UPSTREAM_LOSSES["fat"])
 def test_gradcheck_float64_of_each_loss_function(name):
     spec = registry.get(name)
     args, kwargs, params = spec.make_example(torch.float64)

@@ -19,19 +19,9 @@ from lossd.server.losses import fat
 from tests.support.golden import (
     golden_files,
 )
-from tests.support.losskit import assert_same_gradients, call, gen, notes, value
+from tests.support.losskit import UPSTREAM_LOSSES, assert_same_gradients, call, gen, notes, value
 
-FAT_LOSSES = (
-    "cross_entropy",
-    "nll",
-    "mse",
-    "l1",
-    "smooth_l1",
-    "bce",
-    "bce_with_logits",
-    "kl_div",
-    "sqr_hinge",
-)
+FAT_LOSSES = UPSTREAM_LOSSES["fat"]
 
 
 # --------------------------------------------------------------------------- golden values

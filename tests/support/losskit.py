@@ -16,6 +16,50 @@ from lossd.server.engine import bind_inputs
 from lossd.server.registry import LossOutput, LossSpec
 from tests.support.golden import GOLDEN_TOL, get_path, golden_region, load_golden
 
+# The upstream registries in full: netspresso-trainer 1.4.1's LOSS_DICT (10 criteria) plus the
+# `losses` criteria list, fat@9abd3cf's LossFactory (9) and visdet f72e8d1's
+# visdet.models.losses exports (12). cross_entropy is both fat's and NetsPresso's: 31 in all.
+UPSTREAM_LOSSES = {
+    "netspresso": (
+        "cross_entropy",
+        "seg_cross_entropy",
+        "pidnet_loss",
+        "yolox_loss",
+        "yolofastest_loss",
+        "yolov9_loss",
+        "retinanet_loss",
+        "detr_loss",
+        "focal_loss",
+        "rtmcc_loss",
+        "losses",
+    ),
+    "fat": (
+        "cross_entropy",
+        "nll",
+        "mse",
+        "l1",
+        "smooth_l1",
+        "bce",
+        "bce_with_logits",
+        "kl_div",
+        "sqr_hinge",
+    ),
+    "visdet": (
+        "CrossEntropyLoss",
+        "FocalLoss",
+        "QualityFocalLoss",
+        "DistributionFocalLoss",
+        "L1Loss",
+        "SmoothL1Loss",
+        "MSELoss",
+        "BalancedL1Loss",
+        "IoULoss",
+        "GIoULoss",
+        "GaussianFocalLoss",
+        "DiceLoss",
+    ),
+}
+
 
 def value(out):
     return out.value if isinstance(out, LossOutput) else out
