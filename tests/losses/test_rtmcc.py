@@ -13,8 +13,7 @@ from torch.autograd import gradcheck
 from lossd.client import from_config
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.rtmcc import _make_example
-from tests.support.golden import GOLDEN
-from tests.support.losskit import assert_refused_then_served, call, gen, notes, run_golden, value
+from tests.support.losskit import assert_refused_then_served, call, gen, notes, value
 
 NAME = "rtmcc_loss"
 
@@ -50,10 +49,6 @@ def _reference(pred: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
                 kl = torch.where(q > 0, q * (q.log() - log_p), torch.zeros_like(q)).mean()
                 total = total + kl * weight
     return total / k_pts
-
-
-def test_golden_default() -> None:
-    run_golden(GOLDEN / "netspresso" / f"{NAME}__default.pt")
 
 
 def test_matches_the_per_keypoint_reference_with_ragged_visibility() -> None:

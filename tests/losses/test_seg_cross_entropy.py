@@ -13,13 +13,11 @@ from torch.autograd import gradcheck
 
 from lossd.client import from_config
 from lossd.server.errors import InvalidArgument
-from tests.support.golden import GOLDEN
 from tests.support.losskit import (
     assert_refused_then_served,
     call,
     gen,
     notes,
-    run_golden,
     value,
 )
 
@@ -36,10 +34,6 @@ def _case(seed=0, batch=2, classes=3, small=(3, 4), big=(7, 9), dtype=torch.floa
 def _reference(pred, labels, **kw):
     up = F.interpolate(pred, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(up, labels, **kw)
-
-
-def test_golden_default() -> None:
-    run_golden(GOLDEN / "netspresso" / f"{NAME}__default.pt")
 
 
 @pytest.mark.parametrize(
