@@ -265,7 +265,7 @@ def run_rows(
             )
         pool = ClientPool(opts.clients)
         result["throughput"] = {}
-        for transport in ("unary", "stream") if len(transports) > 1 else ("unary",):
+        for transport in ("unary",):
             floor_cell = pool.rps(
                 floor_proc.address,
                 "floor",

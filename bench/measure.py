@@ -5,9 +5,9 @@ Columns of a row (one loss, one payload size, the same tensors throughout):
 
 - ``echo``: bare gRPC unary echo of the request's tensor bytes, answered with the gradient's
   size (``bench.floor``, a trivial servicer with the same server settings);
-- ``pingpong``: the same bytes on one long-lived bidi stream (the floor of stream sessions);
+- ``pingpong``: the same bytes on one long-lived bidi stream (what a session transport could save);
 - ``local``: torch forward+backward in this process (the server's engine, no transport);
-- ``unary`` / ``stream`` / ``chunked``: ``RemoteLoss`` forward + ``.backward()`` end to end
+- ``unary`` / ``chunked`` / ``auto``: ``RemoteLoss`` forward + ``.backward()`` end to end
   with that transport; ``auto`` is what a user gets by default.
 """
 
@@ -61,7 +61,7 @@ def remote_transports() -> list[str]:
     from lossd.client import RemoteLoss
 
     if "transport" in inspect.signature(RemoteLoss.__init__).parameters:
-        return ["unary", "stream", "chunked", "auto"]
+        return ["unary", "chunked", "auto"]
     return ["unary"]
 
 
@@ -129,8 +129,6 @@ def run_row(
     # started from the main thread of a busy process were up to 10x slower); time it there.
     cells["local"] = lambda: LOCAL_THREAD.submit(evaluate).result()
     for transport in transports:
-        if transport == "stream" and w.size > 1 * MB:
-            continue  # sessions are for small calls; large ones go chunked
         if transport == "chunked" and w.size < 1 * MB:
             continue
         kwargs = {"transport": transport} if transport != "unary" or len(transports) > 1 else {}
@@ -184,13 +182,9 @@ def _throughput_worker(
     if kind == "floor":
         floor = FloorClient(address)
         payload = os.urandom(w.request_bytes)
-        if transport == "stream":
-            session = floor.ping_pong(payload, w.grad_bytes)
-            call = session.round_trip
-        else:
 
-            def call() -> None:
-                floor.echo(payload, w.grad_bytes)
+        def call() -> None:
+            floor.echo(payload, w.grad_bytes)
     else:
         from lossd.client import RemoteLoss
 

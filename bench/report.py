@@ -26,7 +26,7 @@ def size_text(n: int) -> str:
 def best_remote(row: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     cells = [
         (t, row[t])
-        for t in ("auto", "chunked", "stream", "unary")
+        for t in ("auto", "chunked", "unary")
         if isinstance(row.get(t), dict) and "p50" in row[t]
     ]
     return min(cells, key=lambda c: c[1]["p50"]) if cells else None
@@ -40,25 +40,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             continue  # a failed floor or local column: reported in the table, no ratio to judge
         local = row["local"]["p50"]
         name = f"{row['loss']} {size_text(row['size'])}"
-        if row["size"] <= SMALL:
-            if "p50" in row.get("unary", {}):
-                ratio = row["unary"]["p50"] / (row["echo"]["p50"] + local)
-                out.append(
-                    {
-                        "target": f"{name} unary <= 1.2 x (echo + local)",
-                        "value": ratio,
-                        "met": ratio <= 1.2,
-                    }
-                )
-            if "p50" in row.get("stream", {}) and "pingpong" in row:
-                ratio = row["stream"]["p50"] / (row["pingpong"]["p50"] + local)
-                out.append(
-                    {
-                        "target": f"{name} stream <= 1.2 x (pingpong + local)",
-                        "value": ratio,
-                        "met": ratio <= 1.2,
-                    }
-                )
+        if row["size"] <= SMALL and "p50" in row.get("unary", {}):
+            ratio = row["unary"]["p50"] / (row["echo"]["p50"] + local)
+            out.append(
+                {
+                    "target": f"{name} unary <= 1.2 x (echo + local)",
+                    "value": ratio,
+                    "met": ratio <= 1.2,
+                }
+            )
         if row["size"] >= LARGE:
             best = best_remote(row)
             if best:
@@ -112,7 +102,6 @@ def table(result: dict[str, Any]) -> str:
         "pingpong p50",
         "local p50",
         "unary p50/p99",
-        "stream p50/p99",
         "chunked p50/p99",
         "auto p50/p99",
         "best/floor",
@@ -138,8 +127,6 @@ def table(result: dict[str, Any]) -> str:
                 if row["size"] < LARGE
                 else row["echo"]["p50"]
             )
-            if row["size"] <= SMALL and best[0] == "stream" and "pingpong" in row:
-                floor = row["pingpong"]["p50"] + row["local"]["p50"]
             ratio = f"{best[1]['p50'] / floor:.2f} ({best[0]})"
             mbs = f"{(row['request_bytes'] + row['grad_bytes']) / best[1]['p50'] / MB:.0f}"
         lines.append(
@@ -154,7 +141,6 @@ def table(result: dict[str, Any]) -> str:
                     ms_text(row.get("pingpong")),
                     ms_text(row.get("local")),
                     both("unary"),
-                    both("stream"),
                     both("chunked"),
                     both("auto"),
                     ratio,
@@ -195,7 +181,7 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
             head,
             f"Server `--workers {result['config']['workers']}`; times in ms, p50 / p99 (n in the JSON); `local` = the "
             "server's engine (validation + forward + autograd.grad) in the bench process; `best/floor` = best lossd "
-            "transport / (echo + local) below 64 MB [(pingpong + local) when the best is stream], / echo from 64 MB; "
+            "transport / (echo + local) below 64 MB, / echo from 64 MB; "
             "MB/s = (request + gradient bytes) / best p50.",
             "",
             table(result),

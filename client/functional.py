@@ -363,9 +363,9 @@ def remote_loss(
 
     Returns the loss (on the first input tensor's device, attached to autograd when an input
     requires grad or carries a forward-mode tangent) and the server's ``RemoteResult``.
-    ``transport`` picks unary, stream session or chunked per call (see
-    ``lossd.client.transport``); None: unary ``Compute``. Under ``torch.compile`` the call is a
-    graph break (``fullgraph=True`` raises, naming lossd).
+    ``transport`` picks unary or chunked per call (see ``lossd.client.transport``); None: unary
+    ``Compute``. Under ``torch.compile`` the call is a graph break (``fullgraph=True`` raises,
+    naming lossd).
     """
     kwargs = dict(kwargs or {})
     tensors = list(codec.call_tensors(args, kwargs))

@@ -31,8 +31,8 @@ class RemoteLoss(nn.Module):
             connection keywords are then ignored.
         transport: how calls travel. ``"auto"`` (default): calls whose tensors add up to
             ``chunk_threshold`` bytes or more go in chunks (``ComputeChunked``: no message limit,
-            about twice as fast for large tensors), smaller ones over one long-lived stream
-            (``ComputeStream``, in order). ``"unary"``, ``"stream"``, ``"chunked"`` force one.
+            about twice as fast for large tensors), smaller ones as unary ``Compute``.
+            ``"unary"`` and ``"chunked"`` force one.
         chunk_threshold: bytes of tensors in one call from which ``"auto"`` sends chunks.
         run_id: audit run of this module's calls (the server records each call: see the
             README's "Audit trail"). None: the run of an enclosing ``lossd.client.audit_run``

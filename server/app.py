@@ -47,7 +47,7 @@ from .version import __version__
 log = logging.getLogger("lossd")
 
 
-SESSION_GRACE_S = 1.0
+ANSWER_GRACE_S = 1.0
 
 
 @dataclass
@@ -91,18 +91,15 @@ class RunningServer:
         grace = self.config.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
-        if self.servicer is not None:
-            self.servicer.draining = True  # a stream session's next call: UNAVAILABLE
         if self.admission is not None:
             # Before gRPC's own shutdown, which would cancel calls that arrived but were not yet
             # handed to a thread: here they are still taken, and refused UNAVAILABLE (retried).
             self.admission.drain(grace)
         if self.servicer is not None:
-            self.servicer.wait_idle(deadline - time.monotonic())  # sessions' calls in flight
-            # Nothing is computing: what is left are answers being sent, idle stream sessions and
-            # probes. A second for the answers, then the sessions end (their clients reconnect),
-            # rather than at the end of the grace period.
-            self.server.stop(min(max(deadline - time.monotonic(), 0.0), SESSION_GRACE_S)).wait()
+            self.servicer.wait_idle(deadline - time.monotonic())  # evaluations in flight
+            # Nothing is computing: what is left are answers being sent and probe streams. A
+            # second for the answers, then the rest ends, rather than at the end of the grace.
+            self.server.stop(min(max(deadline - time.monotonic(), 0.0), ANSWER_GRACE_S)).wait()
         else:
             self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         if self.unix is not None:
@@ -167,8 +164,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     )
     admission = AdmissionInterceptor(config.max_concurrent_rpcs)
     server = grpc.server(
-        # ...not RPCs: a ComputeStream session holds its thread while idle, so with one thread per
-        # worker a few idle training loops would starve every other call. One thread per admitted
+        # ...not RPCs: a chunked upload holds its thread while its bytes arrive, so with one thread
+        # per worker a few slow uploads would starve every other call. One thread per admitted
         # RPC; past --max-concurrent-rpcs calls are refused RESOURCE_EXHAUSTED, never left hanging.
         # PROBE_STREAMS + PROBE_RESERVE more slots and threads than that, for health checks and
         # reflection, which AdmissionInterceptor leaves outside the limit (capping their streams).

@@ -63,7 +63,6 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
-        self.sessions = 0  # ComputeStream sessions among them: they idle between calls
         self.draining = False
         self.probe_streams = 0
         self._lock = threading.Condition()
@@ -77,26 +76,21 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             if not handler.response_streaming:
                 return handler  # Check: answered at once, outside every limit
             return rewrap(handler, self._probe_stream)
-
-        session = handler.request_streaming and handler.response_streaming
         return rewrap(
-            handler, lambda behavior: self._admitted(behavior, handler.response_streaming, session)
+            handler, lambda behavior: self._admitted(behavior, handler.response_streaming)
         )
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new calls and wait up to ``timeout`` for the running ones (stream sessions
-        aside: they end when gRPC's own grace does). True when none was left running."""
+        """Refuse new calls and wait up to ``timeout`` for the running ones. True when none was
+        left running."""
         with self._lock:
             self.draining = True
-            return self._lock.wait_for(
-                lambda: self.active - self.sessions <= 0, timeout=max(timeout, 0.0)
-            )
+            return self._lock.wait_for(lambda: self.active <= 0, timeout=max(timeout, 0.0))
 
-    def _enter(self, context: grpc.ServicerContext, session: bool) -> None:
+    def _enter(self, context: grpc.ServicerContext) -> None:
         with self._lock:
             if not self.draining and self.active < self.limit:
                 self.active += 1
-                self.sessions += session
                 return
             draining = self.draining
         if draining:
@@ -136,30 +130,29 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
         return stream
 
-    def _leave(self, session: bool) -> None:
+    def _leave(self) -> None:
         with self._lock:
             self.active -= 1
-            self.sessions -= session
             self._lock.notify_all()
 
-    def _admitted(self, behavior: Callable, response_streaming: bool, session: bool) -> Callable:
+    def _admitted(self, behavior: Callable, response_streaming: bool) -> Callable:
         if response_streaming:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._enter(context, session)
+                self._enter(context)
                 try:
                     yield from behavior(request, context)
                 finally:
-                    self._leave(session)
+                    self._leave()
 
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            self._enter(context, session)
+            self._enter(context)
             try:
                 return behavior(request, context)
             finally:
-                self._leave(session)
+                self._leave()
 
         return unary
 

@@ -138,7 +138,7 @@ class Metrics:
         )
         self.requests = Counter(
             "lossd_requests_total",
-            "Loss evaluations asked for (Compute and stream messages), by loss and status code.",
+            "Loss evaluations asked for (Compute and ComputeChunked calls), by loss and status code.",
             ("loss", "grpc_code"),
             registry=r,
         )
@@ -293,14 +293,11 @@ def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
 
 
 def _loss_of(message: Any) -> str | None:
-    """The loss a LossService message asks for (Compute, stream and chunked-header messages)."""
+    """The loss a LossService message asks for (Compute and chunked-header messages)."""
     if isinstance(message, pb.ComputeRequest):
         return message.loss
     if type(message).__name__ == "RawRequest":  # budget.RawRequest: Compute parses it later
         return message.loss
-    inner = getattr(message, "request", None)  # ComputeStreamRequest
-    if isinstance(inner, pb.ComputeRequest):
-        return inner.loss
     if getattr(message, "header", None) is not None and message.WhichOneof("part") == "header":
         return message.header.request.loss  # ComputeChunkedRequest
     return None

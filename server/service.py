@@ -34,7 +34,6 @@ from .errors import (
     Internal,
     InvalidArgument,
     ServiceError,
-    Unavailable,
     abort,
     clip,
     to_service_error,
@@ -167,8 +166,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         stream_send_timeout_s: float = 60.0,
     ) -> None:
         self.watchdog = Watchdog()
-        self.computing = 0  # evaluations in progress, stream sessions' included (the drain waits)
-        self.draining = False
+        self.computing = 0  # evaluations in progress (the drain waits for them)
         self._busy_lock = threading.Condition()
         self.stream_idle_timeout_s = stream_idle_timeout_s  # header -> data, between frames
         self.stream_send_timeout_s = stream_send_timeout_s  # an answer left unread
@@ -330,18 +328,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
         _check_parsed(parsed)
         return parsed
 
-    def ComputeStream(
-        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[pb.ComputeStreamResponse]:
-        for message in request_iterator:
-            yield self._stream_one(message, context)
-
-    @handles_errors
-    def _stream_one(self, message: Any, context: grpc.ServicerContext) -> pb.ComputeStreamResponse:
-        if self.draining:  # a session's next call after SIGTERM: retried on the restarted server
-            raise Unavailable("this server is shutting down; retry the call on another replica")
-        return pb.ComputeStreamResponse(response=self.compute(message.request, context))
-
     def ComputeChunked(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
@@ -429,11 +415,6 @@ def method_handlers(servicer: LossServicer) -> grpc.GenericRpcHandler:
                 # The bytes as received: Compute parses them once their memory is reserved.
                 request_deserializer=RawRequest,
                 response_serializer=pb.ComputeResponse.SerializeToString,
-            ),
-            "ComputeStream": grpc.stream_stream_rpc_method_handler(
-                servicer.ComputeStream,
-                request_deserializer=safe_parser(pb.ComputeStreamRequest, servicer.limits),
-                response_serializer=pb.ComputeStreamResponse.SerializeToString,
             ),
             "ComputeChunked": chunked.method_handler(
                 servicer, safe_parser(pb.ComputeChunkedRequest, servicer.limits)

@@ -1,5 +1,4 @@
-"""The three transports give the same answers: unary ``Compute``, the ``ComputeStream`` session
-and chunked ``ComputeChunked``.
+"""The transports give the same answers: unary ``Compute`` and chunked ``ComputeChunked``.
 
 The server here sends its response data in 1000-byte chunks and puts every response tensor in
 chunks (``chunk_outboard_bytes=0``); clients send 999-byte chunks. So every tensor crosses chunk
@@ -25,7 +24,7 @@ from lossd.server.engine import Engine
 from lossd.server.service import LossServicer, method_handlers
 
 LIMIT = 4 << 20  # message limit and chunked limit of the test server, bytes
-TRANSPORTS = ("unary", "stream", "chunked")
+TRANSPORTS = ("unary", "chunked")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +108,7 @@ def run_step(module: RemoteLoss, args: list) -> tuple[torch.Tensor, list[torch.T
 
 
 @pytest.mark.parametrize("case", list(cases()))
-def test_stream_and_chunked_equal_unary_bitwise(endpoint: str, case: str) -> None:
+def test_chunked_equals_unary_bitwise(endpoint: str, case: str) -> None:
     loss, params, make = cases()[case]
     results = {}
     for transport in TRANSPORTS:
@@ -117,7 +116,7 @@ def test_stream_and_chunked_equal_unary_bitwise(endpoint: str, case: str) -> Non
             results[transport] = run_step(module, make())
     value, grads = results["unary"]
     assert grads and all(g is not None for g in grads)
-    for transport in ("stream", "chunked"):
+    for transport in ("chunked",):
         other_value, other_grads = results[transport]
         assert torch.equal(other_value, value), transport
         assert len(other_grads) == len(grads)
@@ -125,16 +124,16 @@ def test_stream_and_chunked_equal_unary_bitwise(endpoint: str, case: str) -> Non
             assert a.dtype == b.dtype and torch.equal(a, b), transport
 
 
-def test_auto_picks_stream_below_threshold_and_chunks_above(endpoint: str) -> None:
+def test_auto_picks_unary_below_threshold_and_chunks_above(endpoint: str) -> None:
     loss, params, make = cases()["cross_entropy"]
     args = make()  # 300x50 float32 + 300 int64 = 62,400 bytes
     with RemoteLoss(loss, endpoint=endpoint, chunk_threshold=100_000, **params) as module:
         assert module.transport.mode == "auto"
         run_step(module, args)
-        assert module.transport._session is not None and module.transport._chunked is None
+        assert module.transport._chunked is None
     with RemoteLoss(loss, endpoint=endpoint, chunk_threshold=50_000, **params) as module:
         value, _ = run_step(module, make())
-        assert module.transport._chunked is not None and module.transport._session is None
+        assert module.transport._chunked is not None
     with remote(endpoint, loss, "unary", **params) as module:
         assert torch.equal(run_step(module, make())[0], value)
     transport = RemoteLoss(loss, endpoint=endpoint, chunk_threshold=1000).transport
@@ -146,7 +145,7 @@ def test_auto_picks_stream_below_threshold_and_chunks_above(endpoint: str) -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("transport", ["stream", "chunked"])
+@pytest.mark.parametrize("transport", ["chunked"])
 def test_16_bit_dtypes_travel_as_16_bit(endpoint: str, dtype: torch.dtype, transport: str) -> None:
     g = torch.Generator().manual_seed(7)
     pred = torch.randn(123, 9, generator=g).to(dtype)
@@ -198,7 +197,7 @@ def test_errors_carry_the_same_codes_in_order_on_every_transport(endpoint: str) 
     calls = [
         ("cross_entropy", {}, [logits(), good]),
         ("cross_entropy", {}, [logits(), bad]),  # INVALID_ARGUMENT naming args[1]
-        ("cross_entropy", {}, [logits(), good]),  # the stream reopens and goes on
+        ("cross_entropy", {}, [logits(), good]),  # and the next call goes on
         ("no_such_loss", {}, [logits(), good]),  # NOT_FOUND
         ("cross_entropy", {"label_smoothing": "lots"}, [logits(), good]),  # INVALID_ARGUMENT
         (
@@ -228,7 +227,7 @@ def test_errors_carry_the_same_codes_in_order_on_every_transport(endpoint: str) 
         "ok",
     ]
     assert unary[1][1] == "args[1]"
-    for transport in ("stream", "chunked"):
+    for transport in ("chunked",):
         got = outcomes[transport]
         assert [o[0] for o in got] == codes, transport
         for mine, theirs in zip(got, unary):

@@ -209,16 +209,12 @@ class ComputeResponse(_message.Message):
     def __init__(self, loss: _Optional[_Union[Value, _Mapping]] = ..., grads: _Optional[_Iterable[_Union[Gradient, _Mapping]]] = ..., components: _Optional[_Union[ValueMap, _Mapping]] = ..., non_finite: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., lossd_version: _Optional[str] = ..., request_id: _Optional[str] = ..., audited: _Optional[bool] = ...) -> None: ...
 
 class ComputeStreamRequest(_message.Message):
-    __slots__ = ("request",)
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
-    request: ComputeRequest
-    def __init__(self, request: _Optional[_Union[ComputeRequest, _Mapping]] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ComputeStreamResponse(_message.Message):
-    __slots__ = ("response",)
-    RESPONSE_FIELD_NUMBER: _ClassVar[int]
-    response: ComputeResponse
-    def __init__(self, response: _Optional[_Union[ComputeResponse, _Mapping]] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ParamInfo(_message.Message):
     __slots__ = ("name", "type", "required", "default_value", "nullable", "choices", "minimum", "minimum_exclusive", "maximum", "maximum_exclusive", "doc")

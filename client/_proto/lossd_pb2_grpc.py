@@ -40,11 +40,6 @@ class LossServiceStub:
                 request_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeResponse.FromString,
                 _registered_method=True)
-        self.ComputeStream = channel.stream_stream(
-                '/lossd.v1.LossService/ComputeStream',
-                request_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeStreamRequest.SerializeToString,
-                response_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeStreamResponse.FromString,
-                _registered_method=True)
         self.ListLosses = channel.unary_unary(
                 '/lossd.v1.LossService/ListLosses',
                 request_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ListLossesRequest.SerializeToString,
@@ -74,16 +69,9 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ComputeStream(self, request_iterator, context):
-        """A long-lived session for training loops: one response per request, in order, with
-        the same semantics as Compute. An error ends the stream with its status.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def ListLosses(self, request, context):
-        """Lists every loss in the registry.
+        """(ComputeStream, a long-lived session, was removed: the name is not to be reused.)
+        Lists every loss in the registry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,11 +101,6 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.Compute,
                     request_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeRequest.FromString,
                     response_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeResponse.SerializeToString,
-            ),
-            'ComputeStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.ComputeStream,
-                    request_deserializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeStreamRequest.FromString,
-                    response_serializer=lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeStreamResponse.SerializeToString,
             ),
             'ListLosses': grpc.unary_unary_rpc_method_handler(
                     servicer.ListLosses,
@@ -163,33 +146,6 @@ class LossService:
             '/lossd.v1.LossService/Compute',
             lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeRequest.SerializeToString,
             lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ComputeStream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/lossd.v1.LossService/ComputeStream',
-            lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeStreamRequest.SerializeToString,
-            lossd_dot_client_dot___proto_dot_lossd__pb2.ComputeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Hand framing of the stream transports' messages (torch-free).
+"""Hand framing of ``ComputeChunked``'s data messages (torch-free).
 
 Data chunks of ``ComputeChunked`` are framed and parsed by hand, as valid protobuf (the
 ``data`` field, length-delimited): upb would otherwise copy every chunk into and out of a
@@ -15,7 +15,6 @@ from .._proto import lossd_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"]
 METHOD_CHUNKED = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['ComputeChunked'].name}"
-METHOD_STREAM = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['ComputeStream'].name}"
 DEFAULT_CHUNK_BYTES = 1 << 20  # measured best on loopback (bench/RESULTS.md)
 ALIGN = 64  # tensors inside the assembled buffer start on cache-line boundaries
 _LENGTH_DELIMITED = 2  # protobuf wire type of bytes and message fields
@@ -55,17 +54,11 @@ if field_tag(pb.ComputeChunkedResponse, "data") != DATA_TAG:  # one parser serve
     raise ImportError(
         "ComputeChunkedRequest.data and ComputeChunkedResponse.data must share a number"
     )
-STREAM_REQUEST_TAG = field_tag(pb.ComputeStreamRequest, "request")
-
-
-def frame(tag: bytes, payload: bytes | memoryview) -> bytes:
-    """A serialized message holding only the field of ``tag`` (one copy, no message object)."""
-    return b"".join((tag, varint(len(payload)), payload))
 
 
 def frame_data(chunk: memoryview) -> bytes:
-    """A serialized chunk message holding only ``data``."""
-    return frame(DATA_TAG, chunk)
+    """A serialized chunk message holding only ``data`` (one copy, no message object)."""
+    return b"".join((DATA_TAG, varint(len(chunk)), chunk))
 
 
 def chunk_parser(full: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

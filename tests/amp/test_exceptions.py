@@ -14,7 +14,7 @@ from lossd.client import LossdError, RemoteLoss
 from lossd.client.errors import LossdIndexError, LossdValueError
 
 
-@pytest.mark.parametrize("transport", ["unary", "stream", "chunked"])
+@pytest.mark.parametrize("transport", ["unary", "chunked"])
 def test_except_valueerror_catches_mmdets_avg_factor_with_reduction_sum(endpoint, transport):
     pred, target = torch.randn(4, 3), torch.randint(0, 3, (4,))
     with RemoteLoss("FocalLoss", endpoint=endpoint, transport=transport) as crit:

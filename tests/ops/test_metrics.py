@@ -82,27 +82,6 @@ def test_metrics_count_good_and_bad_calls():
     assert_promtool_accepts(text)
 
 
-def test_stream_messages_are_counted_per_loss():
-    with running() as server:
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        stream = channel.stream_stream(
-            "/lossd.v1.LossService/ComputeStream",
-            request_serializer=pb.ComputeStreamRequest.SerializeToString,
-            response_deserializer=pb.ComputeStreamResponse.FromString,
-        )
-        responses = list(
-            stream(iter([pb.ComputeStreamRequest(request=_mse()) for _ in range(3)]), timeout=30)
-        )
-        channel.close()
-        m = samples(server.metrics.exposition().decode())
-    assert len(responses) == 3
-    labels = {"grpc_method": "ComputeStream", "grpc_type": "bidi_stream"}
-    assert value(m, "grpc_server_msg_received_total", **labels) == 3
-    assert value(m, "grpc_server_msg_sent_total", **labels) == 3
-    assert value(m, "grpc_server_handled_total", grpc_code="OK", **labels) == 1
-    assert value(m, "lossd_requests_total", loss="mse", grpc_code="OK") == 3
-
-
 def test_audit_and_device_memory_collectors_read_their_sources_at_scrape_time():
     stats = {
         "queue_depth": 3,
@@ -234,7 +213,6 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
         },
         "grpc_method": {
             "Compute",
-            "ComputeStream",
             "ComputeChunked",
             "ListLosses",
             "DescribeLoss",

@@ -16,7 +16,8 @@ import torch
 from lossd.client import LossClient, LossdError
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
-from lossd.client.functional import build_request
+from lossd.client.functional import build_request, remote_loss
+from lossd.client.transport import Transport
 from lossd.client.wire import codec
 from lossd.server import probe
 from lossd.server.app import create_server
@@ -157,14 +158,18 @@ def _mtls_client(target: str, pki, who: str) -> LossClient:
     return LossClient(target, timeout=20, tls_ca=pki.ca, tls_cert=cert, tls_key=key, retries=0)
 
 
-def _stream_code(client: LossClient) -> grpc.StatusCode:
-    """The status of one Compute on a ComputeStream session (the role check runs per stream too)."""
-    messages = iter([pb.ComputeStreamRequest(request=_mse())])
+def _chunked_code(client: LossClient) -> grpc.StatusCode:
+    """The status of one ComputeChunked call (the role check runs for streaming RPCs too)."""
     try:
-        for _ in client.stub.ComputeStream(messages, timeout=20):
-            pass
-    except grpc.RpcError as error:
-        return error.code()
+        remote_loss(
+            client,
+            "mse",
+            {},
+            (torch.ones(4), torch.zeros(4)),
+            transport=Transport(client, "chunked"),
+        )
+    except LossdError as error:
+        return error.code
     return grpc.StatusCode.OK
 
 
@@ -191,12 +196,12 @@ def test_certificate_roles_give_each_client_certificate_exactly_its_roles(pki, t
                     seen[who, "audit"] = _raw(client.channel, AUDIT_PROBE, None)
                 except grpc.RpcError as error:
                     seen[who, "audit"] = error.code()
-                seen[who, "stream"] = _stream_code(client)
+                seen[who, "chunked"] = _chunked_code(client)
             finally:
                 client.close()
         assert seen["trainer-7", "compute"] == pytest.approx(1.0)
         assert seen["trainer-7", "audit"] == grpc.StatusCode.PERMISSION_DENIED
-        assert seen["trainer-7", "stream"] == grpc.StatusCode.OK
+        assert seen["trainer-7", "chunked"] == grpc.StatusCode.OK
         assert seen["auditor-1", "compute"] == (
             grpc.StatusCode.PERMISSION_DENIED,
             "principal 'auditor-1' lacks the 'compute' role that /lossd.v1.LossService/Compute needs",
@@ -204,14 +209,14 @@ def test_certificate_roles_give_each_client_certificate_exactly_its_roles(pki, t
         assert (
             seen["auditor-1", "audit"] == "auditor-1:audit-read"
         )  # the handler sees the certificate's principal
-        assert seen["auditor-1", "stream"] == grpc.StatusCode.PERMISSION_DENIED
+        assert seen["auditor-1", "chunked"] == grpc.StatusCode.PERMISSION_DENIED
         assert seen["stranger", "compute"] == (
             grpc.StatusCode.PERMISSION_DENIED,
             "client certificate 'stranger' is not listed in --tls-client-roles",
         )
         assert (
             seen["stranger", "audit"]
-            == seen["stranger", "stream"]
+            == seen["stranger", "chunked"]
             == grpc.StatusCode.PERMISSION_DENIED
         )
         # Probes stay open to any certificate the CA signed.

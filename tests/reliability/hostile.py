@@ -792,37 +792,7 @@ def _varint(n: int) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# ComputeStream and ComputeChunked: hostile sequences of frames
-
-STREAM_KINDS = ("valid", "mutated", "raw", "raw_inner", "empty")
-
-
-def draw_stream(data: st.DataObject) -> tuple[list[bytes], list[str]]:
-    """1..5 serialized ComputeStreamRequests for one ComputeStream: valid calls, mutated ones,
-    bytes that are not a ComputeStreamRequest, or a valid wrapper around bytes that are not a
-    ComputeRequest, and empty messages."""
-    frames: list[bytes] = []
-    done: list[str] = []
-    for _ in range(data.draw(st.integers(1, 5), label="stream length")):
-        kind = data.draw(st.sampled_from(STREAM_KINDS), label="stream item")
-        APPLIED[f"stream:{kind}"] += 1
-        if kind in ("valid", "mutated"):
-            request, what = draw_request(data, max_mutations=0 if kind == "valid" else 2)
-            payload = request.SerializeToString()  # framed by hand, as the client does: no copy
-            frames.append(b"\x0a" + _varint(len(payload)) + payload)
-            done.append(f"{kind}: {'; '.join(what)}")
-        elif kind == "raw":
-            payload, what = draw_raw_bytes(data)
-            frames.append(payload)
-            done.append(f"raw: {what}")
-        elif kind == "raw_inner":  # field 1 (request), length-delimited, holding the raw bytes
-            payload, what = draw_raw_bytes(data)
-            frames.append(b"\x0a" + _varint(len(payload)) + payload)
-            done.append(f"raw request: {what}")
-        else:
-            frames.append(b"")
-            done.append("empty message")
-    return frames, done
+# ComputeChunked: hostile sequences of frames
 
 
 def to_chunked(request: pb.ComputeRequest) -> tuple[pb.ChunkedRequestHeader, list[bytes]]:

@@ -12,7 +12,7 @@ together). Each client process mixes, at random:
 - bad calls (unknown loss, undecodable bytes, byte counts that disagree with shapes, class
   indices out of range, terabyte shape claims, rank 9), whose status must be the one the same
   request gets locally;
-- over unary Compute, a ComputeStream session and ComputeChunked; half the valid calls carry an
+- over unary Compute and ComputeChunked; half the valid calls carry an
   audit run id (``load-<client>``) and must come back ``audited``.
 
 The report (JSON on stdout): requests, unexpected errors (must be 0; the first few are shown),
@@ -190,7 +190,6 @@ def client_main(
         request_serializer=lambda b: b,
         response_deserializer=pb.ComputeResponse.FromString,
     )
-    session = wire.StreamSession(channel, timeout=120)
     chunked = wire.chunked_method(channel)
     latencies: list[int] = []
     counts: dict[str, int] = {}
@@ -212,13 +211,7 @@ def client_main(
                 step += 1
                 request.audit.run_id = f"{RUN_PREFIX}{index}"
                 request.audit.step = step
-        transport = (
-            "chunked"
-            if c.chunked_ok and rng.random() < 0.7
-            else rng.choice(("unary", "unary", "stream"))
-            if request is not None
-            else "unary"
-        )
+        transport = "chunked" if c.chunked_ok and rng.random() < 0.7 else "unary"
         t0 = time.perf_counter_ns()
         response = error = None
         try:
@@ -226,8 +219,6 @@ def client_main(
                 response = unary(
                     request.SerializeToString() if request is not None else c.payload, timeout=120
                 )
-            elif transport == "stream":
-                response = session.compute(request)
             else:
                 outboard = codec.Outboard(64 << 10)
                 header = pb.ComputeRequest()
@@ -256,7 +247,6 @@ def client_main(
             latencies.append(elapsed)
             if response.audited:
                 audited.append(request.request_id)
-    session.close()
     channel.close()
     out.put(
         {

@@ -493,18 +493,20 @@ def test_a_sigstopped_server_ends_a_default_call_at_the_deadline(tmp_path, monke
         assert 2.5 < took < 10, took
 
 
-def test_a_drain_ends_idle_stream_sessions_at_once_and_their_next_call_is_retried(tmp_path):
+def test_a_drain_with_an_idle_client_ends_at_once_and_its_next_call_is_retried(tmp_path):
     port = free_port()
     server = _serve(tmp_path, port, "--grace-seconds", "60").start()
     crit = RemoteLoss("mse", endpoint=f"127.0.0.1:{port}", run_id="train")
     second = None
     try:
         crit.step = 0
-        crit(torch.ones(4, requires_grad=True), torch.zeros(4)).backward()  # a session is open
+        crit(
+            torch.ones(4, requires_grad=True), torch.zeros(4)
+        ).backward()  # the client is connected
         start = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0
-        assert time.monotonic() - start < 10, "the drain waited out the grace for an idle session"
+        assert time.monotonic() - start < 10, "the drain waited out the grace for an idle client"
         second = _serve(tmp_path, port).start()
         crit.step = 1
         crit(torch.ones(4, requires_grad=True), torch.zeros(4)).backward()  # not CANCELLED
