@@ -186,7 +186,6 @@ def create_server(config: ServerConfig) -> RunningServer:
         options=channel_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_STREAMS + PROBE_RESERVE,
     )
-    metrics.bind_server(server)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     services = [SERVICE_NAME]
     if audit_store is not None:

@@ -2,14 +2,21 @@
 
 - ``MetricsInterceptor`` emits the go-grpc-prometheus names (``grpc_server_started_total``,
   ``grpc_server_handled_total``, ``grpc_server_handling_seconds``, ``grpc_server_msg_*``) for
-  every RPC, plus in-flight calls, refusals by reason and per-loss request counts.
+  every RPC, plus in-flight calls, refusals by reason, per-loss request counts and the bytes
+  each answered evaluation moved, chunks included, counted from the messages as they travel.
 - ``Metrics.after_compute`` (an ``after_compute`` hook) records per-loss phase latencies
-  (decode, compute, encode), bytes received and sent, and non-finite results.
+  (decode, compute, encode) and non-finite results.
+- Every series is declared once (``SERIES``, ``AUDIT_SERIES``, ``DEVICE_SERIES``): the metrics
+  are built from the declarations and the README's table is generated from them.
 - Collectors read the audit writer's queue depth and write latency (``AuditRecorder.stats()``)
   and the CUDA allocator at scrape time.
 
 Label values are bounded: method names come from the registered handlers, loss names from the
 registry (anything else is ``unregistered``); never a request or run id.
+
+The interceptor is lossd's own: py-grpc-prometheus reads ``servicer_context._state`` and counts
+no started or handled streaming RPC, and grpcio-observability exports OpenTelemetry names
+(``grpc.server.call.*``) and pins grpcio to one exact release.
 
 Each server process has its own registry. lossd serves with threads in one process, so
 prometheus-client's multiprocess mode is not needed; several replicas are several scrape
@@ -18,9 +25,9 @@ targets, which Prometheus aggregates.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -36,10 +43,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from prometheus_client.registry import Collector
 
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.wire import framing
 
 from . import registry as loss_registry
 from ._handlers import rewrap
-from .limits import CONCURRENCY_LIMIT, REFUSAL_ATTRIBUTE
+from .budget import RawRequest
+from .limits import REFUSAL_ATTRIBUTE
 from .version import __version__
 
 # gRPC status codes as go-grpc-prometheus spells them (Go's codes.Code.String()).
@@ -83,6 +92,172 @@ LATENCY_BUCKETS = (
 )
 PHASES = ("decode", "compute", "encode")
 UNREGISTERED = "unregistered"
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+
+@dataclass(frozen=True)
+class Series:
+    """One exported series, declared once: the metric is built from it and the README lists it."""
+
+    name: str  # as exported: counters end in _total
+    kind: str  # counter, gauge, histogram or summary
+    labels: tuple[str, ...]
+    help: str
+
+
+# The series Metrics registers itself, by attribute name.
+SERIES: dict[str, Series] = {
+    "started": Series(
+        "grpc_server_started_total", "counter", GRPC_LABELS, "RPCs started on the server."
+    ),
+    "handled": Series(
+        "grpc_server_handled_total",
+        "counter",
+        (*GRPC_LABELS, "grpc_code"),
+        "RPCs completed on the server, regardless of success or failure.",
+    ),
+    "handling": Series(
+        "grpc_server_handling_seconds",
+        "histogram",
+        GRPC_LABELS,
+        "Response latency of RPCs handled by the server, in seconds.",
+    ),
+    "msg_received": Series(
+        "grpc_server_msg_received_total",
+        "counter",
+        GRPC_LABELS,
+        "Stream messages received by the server.",
+    ),
+    "msg_sent": Series(
+        "grpc_server_msg_sent_total", "counter", GRPC_LABELS, "Stream messages sent by the server."
+    ),
+    "inflight": Series("lossd_inflight_requests", "gauge", (), "RPCs being handled right now."),
+    "rejected": Series(
+        "lossd_rejected_requests_total",
+        "counter",
+        ("reason",),
+        "Calls refused because of the request or the caller, by reason.",
+    ),
+    "requests": Series(
+        "lossd_requests_total",
+        "counter",
+        ("loss", "grpc_code"),
+        "Loss evaluations asked for (Compute and ComputeChunked calls), by loss and status code.",
+    ),
+    "phase": Series(
+        "lossd_phase_seconds",
+        "histogram",
+        ("loss", "phase"),
+        "Server-side duration of each phase of a successful evaluation, in seconds.",
+    ),
+    "received": Series(
+        "lossd_received_bytes_total",
+        "counter",
+        ("loss",),
+        "Request bytes of answered evaluations, as they travelled (chunks included).",
+    ),
+    "sent": Series(
+        "lossd_sent_bytes_total",
+        "counter",
+        ("loss",),
+        "Response bytes of answered evaluations, as they travelled (chunks included).",
+    ),
+    "non_finite": Series(
+        "lossd_non_finite_results_total",
+        "counter",
+        ("loss",),
+        "Evaluations whose value or gradients hold NaN or Inf.",
+    ),
+    "build_info": Series(
+        "lossd_build_info",
+        "gauge",
+        ("version", "torch_version", "device"),
+        "Always 1; the labels say what is serving.",
+    ),
+}
+
+# Read from AuditRecorder.stats() at scrape time, by stats key (the summary takes two keys).
+AUDIT_SERIES: dict[str, Series] = {
+    "queue_depth": Series(
+        "lossd_audit_queue_depth", "gauge", (), "Audit records waiting to be written."
+    ),
+    "queue_capacity": Series(
+        "lossd_audit_queue_capacity",
+        "gauge",
+        (),
+        "Audit records the queue holds before calls block.",
+    ),
+    "last_write_seconds": Series(
+        "lossd_audit_last_write_seconds",
+        "gauge",
+        (),
+        "Duration of the latest audit write, in seconds.",
+    ),
+    "records_written": Series(
+        "lossd_audit_records_written_total", "counter", (), "Audit records committed."
+    ),
+    "records_dropped": Series(
+        "lossd_audit_records_dropped_total",
+        "counter",
+        (),
+        "Audit records that could not be written.",
+    ),
+    "records_refused": Series(
+        "lossd_audit_records_refused_total",
+        "counter",
+        (),
+        "Audited calls failed UNAVAILABLE because the queue stayed full or the commit timed out.",
+    ),
+    "queue_blocked": Series(
+        "lossd_audit_queue_blocked_total",
+        "counter",
+        (),
+        "Audited calls that found the queue full and had to wait for room.",
+    ),
+    "capture_skipped": Series(
+        "lossd_audit_capture_skipped_total",
+        "counter",
+        (),
+        "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached.",
+    ),
+    "checkpoints_signed": Series(
+        "lossd_audit_checkpoints_signed_total",
+        "counter",
+        (),
+        "Chain heads this server signed and stored (periodic, at shutdown, on request).",
+    ),
+    "write_seconds": Series(
+        "lossd_audit_write_seconds",
+        "summary",
+        (),
+        "Audit write latency (per committed batch), in seconds.",
+    ),
+}
+
+# Read from the CUDA allocator at scrape time, by probe key.
+DEVICE_SERIES: dict[str, Series] = {
+    "allocated": Series(
+        "lossd_device_memory_allocated_bytes",
+        "gauge",
+        ("device",),
+        "Device memory held by tensors, in bytes.",
+    ),
+    "reserved": Series(
+        "lossd_device_memory_reserved_bytes",
+        "gauge",
+        ("device",),
+        "Device memory reserved by the caching allocator, in bytes.",
+    ),
+    "total": Series(
+        "lossd_device_memory_total_bytes", "gauge", ("device",), "Device memory in total, in bytes."
+    ),
+}
+
+
+def _declare(series: Series, registry: CollectorRegistry) -> Any:
+    kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+    extra = {"buckets": LATENCY_BUCKETS} if series.kind == "histogram" else {}
+    return kinds[series.kind](series.name, series.help, series.labels, registry=registry, **extra)
 
 
 class Metrics:
@@ -97,102 +272,21 @@ class Metrics:
         memory_probe: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
-        self.started = Counter(
-            "grpc_server_started_total", "RPCs started on the server.", grpc_labels, registry=r
-        )
-        self.handled = Counter(
-            "grpc_server_handled_total",
-            "RPCs completed on the server, regardless of success or failure.",
-            (*grpc_labels, "grpc_code"),
-            registry=r,
-        )
-        self.handling = Histogram(
-            "grpc_server_handling_seconds",
-            "Response latency of RPCs handled by the server, in seconds.",
-            grpc_labels,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.msg_received = Counter(
-            "grpc_server_msg_received_total",
-            "Stream messages received by the server.",
-            grpc_labels,
-            registry=r,
-        )
-        self.msg_sent = Counter(
-            "grpc_server_msg_sent_total",
-            "Stream messages sent by the server.",
-            grpc_labels,
-            registry=r,
-        )
-        self.inflight = Gauge(
-            "lossd_inflight_requests", "RPCs being handled right now.", registry=r
-        )
-        self.rejected = Counter(
-            "lossd_rejected_requests_total",
-            "Calls refused because of the request or the caller, by reason.",
-            ("reason",),
-            registry=r,
-        )
-        self.requests = Counter(
-            "lossd_requests_total",
-            "Loss evaluations asked for (Compute and ComputeChunked calls), by loss and status code.",
-            ("loss", "grpc_code"),
-            registry=r,
-        )
-        self.phase = Histogram(
-            "lossd_phase_seconds",
-            "Server-side duration of each phase of a successful evaluation, in seconds.",
-            ("loss", "phase"),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.received = Counter(
-            "lossd_received_bytes_total", "Request bytes of evaluated calls.", ("loss",), registry=r
-        )
-        self.sent = Counter(
-            "lossd_sent_bytes_total", "Response bytes of evaluated calls.", ("loss",), registry=r
-        )
-        self.non_finite = Counter(
-            "lossd_non_finite_results_total",
-            "Evaluations whose value or gradients hold NaN or Inf.",
-            ("loss",),
-            registry=r,
-        )
-        info = Gauge(
-            "lossd_build_info",
-            "Always 1; the labels say what is serving.",
-            ("version", "torch_version", "device"),
-            registry=r,
-        )
-        info.labels(__version__, _torch_version(), device).set(1)
+        for key, series in SERIES.items():  # self.started, self.handled, ... as SERIES names them
+            setattr(self, key, _declare(series, self.registry))
+        self.build_info.labels(__version__, _torch_version(), device).set(1)
         if audit_stats is not None:
-            r.register(AuditCollector(audit_stats))
+            self.registry.register(AuditCollector(audit_stats))
         if memory_probe is None and device.startswith("cuda"):
             memory_probe = cuda_memory_probe(device)
         if memory_probe is not None:
-            r.register(DeviceMemoryCollector(device, memory_probe))
+            self.registry.register(DeviceMemoryCollector(device, memory_probe))
         self._loss_names = frozenset(s.name for s in loss_registry.all_specs())
-        self._server_state: Any = None
 
     # -- wiring ---------------------------------------------------------------------------
 
     def interceptor(self) -> MetricsInterceptor:
         return MetricsInterceptor(self)
-
-    def bind_server(self, server: grpc.Server) -> None:
-        """Let the interceptor see gRPC's concurrency count, to count calls gRPC refuses for it."""
-        state = getattr(
-            server, "_state", None
-        )  # private, read-only; absent → those refusals go uncounted
-        if (
-            state is not None
-            and hasattr(state, "active_rpc_count")
-            and hasattr(state, "maximum_concurrent_rpcs")
-        ):
-            self._server_state = state
 
     def serve_http(self, host: str, port: int) -> tuple[Any, int]:
         """Serve ``/metrics`` over HTTP on a daemon thread; returns (server, bound port)."""
@@ -214,19 +308,8 @@ class Metrics:
             PHASES, (timings.decode_ns, timings.compute_ns, timings.encode_ns), strict=True
         ):
             self.phase.labels(loss, phase).observe(ns / 1e9)
-        self.received.labels(loss).inc(event.request_bytes)
-        self.sent.labels(loss).inc(event.response.ByteSize())
         if event.result.non_finite:
             self.non_finite.labels(loss).inc()
-
-    def _concurrency_exceeded(self) -> bool:
-        # Read under the same server lock, just after gRPC computed the same condition.
-        state = self._server_state
-        return (
-            state is not None
-            and state.maximum_concurrent_rpcs is not None
-            and state.active_rpc_count >= state.maximum_concurrent_rpcs
-        )
 
     def _finish(
         self,
@@ -245,32 +328,11 @@ class Metrics:
 def catalogue() -> list[tuple[str, str, tuple[str, ...], str]]:
     """Every series a server can export: (name, type, label names, help), for the README.
 
-    Read from the declarations themselves (a Metrics with every optional source attached), so
-    the documentation cannot drift from what is served.
+    Read from the same declarations the metrics are built from, so the documentation cannot
+    drift from what is served.
     """
-    audit = AuditCollector(dict)
-    list(audit.collect())  # learns the keys it reads
-    metrics = Metrics(
-        device="cuda:0",
-        audit_stats=lambda: dict.fromkeys(audit.keys, 1),
-        memory_probe=lambda: {"allocated": 1, "reserved": 1, "total": 1},
-    )
-    rows = []
-    for family in metrics.registry.collect():
-        labels: list[str] = []
-        for sample in family.samples:
-            labels += [k for k in sample.labels if k not in labels and k not in ("le", "quantile")]
-        suffix = "_total" if family.type == "counter" else ""
-        rows.append((family.name + suffix, family.type, tuple(labels), family.documentation))
-    # Labelled series have no samples until first used: take their label names from the declarations.
-    declared = {
-        m._name + ("_total" if m._type == "counter" else ""): tuple(m._labelnames)
-        for m in vars(metrics).values()
-        if isinstance(m, (Counter, Gauge, Histogram))
-    }
-    return sorted(
-        (name, kind, declared.get(name) or labels, doc) for name, kind, labels, doc in rows
-    )
+    every = [*SERIES.values(), *AUDIT_SERIES.values(), *DEVICE_SERIES.values()]
+    return sorted((s.name, s.kind, s.labels, s.help) for s in every)
 
 
 def grpc_type(handler: Any) -> str:
@@ -293,18 +355,45 @@ def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
 
 
 def _loss_of(message: Any) -> str | None:
-    """The loss a LossService message asks for (Compute and chunked-header messages)."""
+    """The loss a LossService message asks for (a Compute request or a chunked header)."""
     if isinstance(message, pb.ComputeRequest):
         return message.loss
-    if type(message).__name__ == "RawRequest":  # budget.RawRequest: Compute parses it later
+    if isinstance(message, RawRequest):  # unary Compute, parsed once its memory is reserved
         return message.loss
-    if getattr(message, "header", None) is not None and message.WhichOneof("part") == "header":
-        return message.header.request.loss  # ComputeChunkedRequest
+    if isinstance(message, pb.ComputeChunkedRequest) and message.WhichOneof("part") == "header":
+        return message.header.request.loss
     return None
 
 
+def wire_size(message: Any) -> int:
+    """Bytes of one message as it travelled: serialized bytes, a hand-parsed data chunk (its
+    payload plus the tag and length framing.py stripped), or a parsed protobuf message."""
+    if isinstance(message, bytes):
+        return len(message)
+    if isinstance(message, RawRequest):
+        return len(message.data)
+    if isinstance(message, memoryview):
+        return framing.frame_size(len(message))
+    size = getattr(message, "ByteSize", None)  # never a malformed request: those fail first
+    return size() if size is not None else 0
+
+
+@dataclass
+class _Call:
+    """What one LossService call asked for and how many bytes it moved."""
+
+    loss: str | None = None
+    received: int = 0
+    sent: int = 0
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Outermost interceptor: sees every call that reaches a registered handler."""
+    """Outermost interceptor: sees every call that reaches a registered handler.
+
+    Calls that gRPC itself refuses before any handler runs (past ``maximum_concurrent_rpcs``,
+    which lossd sets --max-concurrent-rpcs plus the probes' reserve above its own limit) are not
+    seen here; lossd's own refusals at --max-concurrent-rpcs are.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
@@ -315,12 +404,6 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return None  # unknown method: UNIMPLEMENTED, and no label from a client-chosen name
         service, _, method = details.method.lstrip("/").partition("/")
         labels = (grpc_type(handler), service, method)
-        m = self.m
-        if m._concurrency_exceeded():
-            # gRPC refuses this call with RESOURCE_EXHAUSTED without running any handler.
-            m.started.labels(*labels).inc()
-            m._finish(labels, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0, CONCURRENCY_LIMIT)
-            return handler
         counts_losses = service == "lossd.v1.LossService"
         return rewrap(
             handler, lambda behavior: self._observe(behavior, handler, labels, counts_losses)
@@ -330,41 +413,39 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         self, behavior: Callable, handler: Any, labels: tuple[str, str, str], counts_losses: bool
     ) -> Callable:
         m = self.m
-        pending: collections.deque[str] = collections.deque()  # losses asked for, not yet answered
 
-        def asked(message: Any) -> Any:
+        def asked(call: _Call, message: Any) -> Any:
             if counts_losses:
+                call.received += wire_size(message)
                 loss = _loss_of(message)
                 if loss is not None:
-                    pending.append(m.loss_label(loss))
+                    call.loss = m.loss_label(loss)
             return message
 
-        def answered(code: grpc.StatusCode) -> None:
-            if pending:
-                m.requests.labels(pending.popleft(), CODE_NAMES.get(code, "Unknown")).inc()
-
-        def requests_of(request: Any) -> Any:
+        def requests_of(call: _Call, request: Any) -> Any:
             if not handler.request_streaming:
-                return asked(request)
+                return asked(call, request)
 
             def counted() -> Iterator[Any]:
                 for message in request:
                     m.msg_received.labels(*labels).inc()
-                    yield asked(message)
+                    yield asked(call, message)
 
             return counted()
 
-        def begin() -> float:
+        def begin() -> tuple[_Call, float]:
             m.started.labels(*labels).inc()
             m.inflight.inc()
-            return time.perf_counter()
+            return _Call(), time.perf_counter()
 
-        def end(context: grpc.ServicerContext, start: float, failed: bool) -> None:
+        def end(call: _Call, context: grpc.ServicerContext, start: float, failed: bool) -> None:
             code = _status(context, failed)
             m.inflight.dec()
-            if code is not grpc.StatusCode.OK or not handler.response_streaming:
-                answered(code)
-            pending.clear()
+            if call.loss is not None:
+                m.requests.labels(call.loss, CODE_NAMES.get(code, "Unknown")).inc()
+                if code is grpc.StatusCode.OK:
+                    m.received.labels(call.loss).inc(call.received)
+                    m.sent.labels(call.loss).inc(call.sent)
             m._finish(
                 labels, code, time.perf_counter() - start, getattr(context, REFUSAL_ATTRIBUTE, None)
             )
@@ -372,28 +453,29 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler.response_streaming:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = begin()
+                call, start = begin()
                 failed = True
                 try:
-                    for response in behavior(requests_of(request), context):
+                    for response in behavior(requests_of(call, request), context):
                         m.msg_sent.labels(*labels).inc()
-                        answered(grpc.StatusCode.OK)
+                        call.sent += wire_size(response) if counts_losses else 0
                         yield response
                     failed = False
                 finally:
-                    end(context, start, failed)
+                    end(call, context, start, failed)
 
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            start = begin()
+            call, start = begin()
             failed = True
             try:
-                response = behavior(requests_of(request), context)
+                response = behavior(requests_of(call, request), context)
+                call.sent += wire_size(response) if counts_losses else 0
                 failed = False
                 return response
             finally:
-                end(context, start, failed)
+                end(call, context, start, failed)
 
         return unary
 
@@ -403,17 +485,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 
 class AuditCollector(Collector):
-    """Reads the audit writer's ``stats()`` at scrape time.
-
-    Known keys (others are ignored, missing ones are not exported): ``queue_depth``,
-    ``queue_capacity``, ``records_written``, ``records_dropped``, ``records_refused``,
-    ``queue_blocked``, ``capture_skipped``, ``checkpoints_signed``, ``write_seconds_sum``,
-    ``write_seconds_count``, ``last_write_seconds``.
-    """
+    """Reads the audit writer's ``stats()`` at scrape time (``AUDIT_SERIES``, by key; the
+    summary reads ``write_seconds_sum`` and ``write_seconds_count``). Unknown keys are ignored,
+    missing ones are not exported."""
 
     def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         self.stats = stats
-        self.keys: set[str] = set()  # the stats keys it knows, filled in by each collect()
 
     def describe(self) -> list:
         return []  # values are read at scrape time only
@@ -423,59 +500,20 @@ class AuditCollector(Collector):
             stats = dict(self.stats() or {})
         except Exception:  # noqa: BLE001 - a failing probe must not break the whole scrape
             stats = {}
-        gauges = {
-            "queue_depth": ("lossd_audit_queue_depth", "Audit records waiting to be written."),
-            "queue_capacity": (
-                "lossd_audit_queue_capacity",
-                "Audit records the queue holds before calls block.",
-            ),
-            "last_write_seconds": (
-                "lossd_audit_last_write_seconds",
-                "Duration of the latest audit write, in seconds.",
-            ),
-        }
-        self.keys = {*gauges}  # what catalogue() feeds to list every series
-        for key, (name, doc) in gauges.items():
-            if _number(stats.get(key)):
-                yield GaugeMetricFamily(name, doc, value=float(stats[key]))
-        counters = {
-            "records_written": ("lossd_audit_records_written", "Audit records committed."),
-            "records_dropped": (
-                "lossd_audit_records_dropped",
-                "Audit records that could not be written.",
-            ),
-            "records_refused": (
-                "lossd_audit_records_refused",
-                "Audited calls failed UNAVAILABLE because the queue stayed full or the commit timed out.",
-            ),
-            "queue_blocked": (
-                "lossd_audit_queue_blocked",
-                "Audited calls that found the queue full and had to wait for room.",
-            ),
-            "capture_skipped": (
-                "lossd_audit_capture_skipped",
-                "Inputs of audited calls recorded by digest only because --audit-capture-max-mb was reached.",
-            ),
-            "checkpoints_signed": (
-                "lossd_audit_checkpoints_signed",
-                "Chain heads this server signed and stored (periodic, at shutdown, on request).",
-            ),
-        }
-        self.keys |= {*counters, "write_seconds_count", "write_seconds_sum"}
-        for key, (name, doc) in counters.items():
-            if _number(stats.get(key)):
-                yield CounterMetricFamily(name, doc, value=float(stats[key]))
-        if _number(stats.get("write_seconds_count")) and _number(stats.get("write_seconds_sum")):
-            yield SummaryMetricFamily(
-                "lossd_audit_write_seconds",
-                "Audit write latency (per committed batch), in seconds.",
-                count_value=float(stats["write_seconds_count"]),
-                sum_value=float(stats["write_seconds_sum"]),
-            )
+        for key, series in AUDIT_SERIES.items():
+            if series.kind == "summary":
+                count, total = stats.get(f"{key}_count"), stats.get(f"{key}_sum")
+                if _number(count) and _number(total):
+                    yield SummaryMetricFamily(
+                        series.name, series.help, count_value=float(count), sum_value=float(total)
+                    )
+            elif _number(stats.get(key)):
+                family = GaugeMetricFamily if series.kind == "gauge" else CounterMetricFamily
+                yield family(series.name, series.help, value=float(stats[key]))
 
 
 class DeviceMemoryCollector(Collector):
-    """Device memory in use, read from the allocator at scrape time."""
+    """Device memory in use, read from the allocator at scrape time (``DEVICE_SERIES``)."""
 
     def __init__(self, device: str, probe: Callable[[], Mapping[str, float]]) -> None:
         self.device = device
@@ -489,20 +527,9 @@ class DeviceMemoryCollector(Collector):
             values = dict(self.probe())
         except Exception:  # noqa: BLE001
             return
-        docs = {
-            "allocated": (
-                "lossd_device_memory_allocated_bytes",
-                "Device memory held by tensors, in bytes.",
-            ),
-            "reserved": (
-                "lossd_device_memory_reserved_bytes",
-                "Device memory reserved by the caching allocator, in bytes.",
-            ),
-            "total": ("lossd_device_memory_total_bytes", "Device memory in total, in bytes."),
-        }
-        for key, (name, doc) in docs.items():
+        for key, series in DEVICE_SERIES.items():
             if _number(values.get(key)):
-                family = GaugeMetricFamily(name, doc, labels=["device"])
+                family = GaugeMetricFamily(series.name, series.help, labels=list(series.labels))
                 family.add_metric([self.device], float(values[key]))
                 yield family
 

@@ -61,6 +61,11 @@ def frame_data(chunk: memoryview) -> bytes:
     return b"".join((DATA_TAG, varint(len(chunk)), chunk))
 
 
+def frame_size(payload: int) -> int:
+    """Bytes of the data message that carries ``payload`` bytes."""
+    return len(DATA_TAG) + len(varint(payload)) + payload
+
+
 def chunk_parser(full: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """Deserializer: a data-only chunk becomes a zero-copy memoryview, anything else ``full(data)``."""
     size = len(DATA_TAG)

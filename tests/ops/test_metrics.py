@@ -10,9 +10,11 @@ import grpc
 import pytest
 import torch
 
-from lossd.client import LossClient, LossdError
+from lossd.client import LossClient, LossdError, RemoteLoss
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.functional import build_request
+from lossd.client.transport import Transport
+from lossd.client.wire import framing
 from lossd.server.metrics import Metrics
 from tests.support.opskit import running, samples, scrape, value
 
@@ -82,6 +84,81 @@ def test_metrics_count_good_and_bad_calls():
     assert_promtool_accepts(text)
 
 
+def _chunked_bytes(request, outboard, response, external, chunk_bytes: int) -> tuple[int, ...]:
+    """(request bytes, response bytes, request messages, response messages) of one ComputeChunked
+    call, as they travel: each side's header message, then its data messages."""
+    sent_refs = framing.refs(outboard.tensors)
+    header = pb.ComputeChunkedRequest(
+        header=pb.ChunkedRequestHeader(request=request, tensors=sent_refs)
+    )
+    frames_in = list(framing.iter_frames(outboard.tensors, chunk_bytes))
+    back = list(external.items())
+    answer = pb.ComputeChunkedResponse(
+        header=pb.ChunkedResponseHeader(response=response, tensors=framing.refs(back))
+    )
+    frames_out = list(framing.iter_frames(back, framing.DEFAULT_CHUNK_BYTES))  # the server's
+    return (
+        header.ByteSize() + sum(map(len, frames_in)),
+        answer.ByteSize() + sum(map(len, frames_out)),
+        1 + len(frames_in),
+        1 + len(frames_out),
+    )
+
+
+def test_every_transport_is_counted_exactly_with_its_bytes():
+    """Unary, chunked and auto (small: unary; large: chunked) calls, then a RemoteLoss that
+    closes normally: exact call, message and byte counts, the chunked payload included, and no
+    call counted Canceled or as a refusal."""
+    totals = dict.fromkeys(("received", "sent", "msgs_in", "msgs_out", "unary", "chunked"), 0)
+    with running(metrics_port=-1) as server:
+        target = f"127.0.0.1:{server.port}"
+        client = LossClient(target, timeout=60)
+        try:
+            for mode, n in (("unary", 16), ("chunked", 16), ("auto", 16), ("auto", 1 << 20)):
+                transport = Transport(client, mode)
+                args = (torch.randn(n), torch.randn(n))  # auto: 8 MiB goes chunked, 128 B unary
+                outboard = transport.outboard(list(zip(("args[0]", "args[1]"), args)))
+                request = build_request("mse", {}, args, {}, ["args[0]"], outboard=outboard)
+                response, external = transport.send(request, outboard)
+                transport.close()
+                if outboard is None:
+                    totals["unary"] += 1
+                    totals["received"] += request.ByteSize()
+                    totals["sent"] += response.ByteSize()
+                    continue
+                totals["chunked"] += 1
+                moved = _chunked_bytes(request, outboard, response, external, transport.chunk_bytes)
+                for key, amount in zip(("received", "sent", "msgs_in", "msgs_out"), moved):
+                    totals[key] += amount
+        finally:
+            client.close()
+        with RemoteLoss("l1", endpoint=target, transport="chunked", timeout=60) as crit:
+            leaf = torch.randn(8, requires_grad=True)
+            crit(leaf, torch.zeros(8)).backward()
+        m = samples(server.metrics.exposition().decode())
+    assert (totals["unary"], totals["chunked"]) == (2, 2)
+    service = {"grpc_service": "lossd.v1.LossService"}
+    chunked = {"grpc_method": "ComputeChunked", "grpc_type": "bidi_stream", **service}
+    unary = {"grpc_method": "Compute", "grpc_type": "unary", **service}
+    assert value(m, "grpc_server_started_total", **unary) == 2
+    assert value(m, "grpc_server_handled_total", grpc_code="OK", **unary) == 2
+    assert value(m, "grpc_server_started_total", **chunked) == 3
+    assert value(m, "grpc_server_handled_total", grpc_code="OK", **chunked) == 3
+    assert value(m, "grpc_server_handled_total", grpc_code="Canceled") == 0
+    assert value(m, "grpc_server_handled_total", **service) == 6  # and DescribeLoss, OK
+    assert value(m, "lossd_rejected_requests_total") == 0
+    assert value(m, "lossd_requests_total", loss="mse", grpc_code="OK") == 4
+    assert value(m, "lossd_requests_total", loss="l1", grpc_code="OK") == 1
+    assert value(m, "lossd_received_bytes_total", loss="mse") == totals["received"]
+    assert value(m, "lossd_sent_bytes_total", loss="mse") == totals["sent"]
+    assert totals["sent"] > 4 << 20  # the 4 MiB gradient that went back in chunks
+    # Then the l1 call's: a header and one data message per input; back, a header holding its
+    # small gradient (the server sends tensors of 64 KiB and more in chunks).
+    assert value(m, "grpc_server_msg_received_total", **chunked) == totals["msgs_in"] + 3
+    assert value(m, "grpc_server_msg_sent_total", **chunked) == totals["msgs_out"] + 1
+    assert value(m, "lossd_inflight_requests") == 0
+
+
 def test_audit_and_device_memory_collectors_read_their_sources_at_scrape_time():
     stats = {
         "queue_depth": 3,
@@ -133,7 +210,8 @@ def test_phase_hook_uses_registered_names_only():
 
 def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_file):
     from lossd.server import registry
-    from lossd.server.metrics import CODE_NAMES, CONCURRENCY_LIMIT, REFUSALS
+    from lossd.server.limits import CONCURRENCY_LIMIT
+    from lossd.server.metrics import CODE_NAMES, REFUSALS
     from tests.support.opskit import TOKENS
 
     good = [
