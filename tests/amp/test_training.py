@@ -265,4 +265,4 @@ def test_accumulation_micro_batches_are_marked_with_one_assignment(endpoint):
                 (crit(model(x), y) / 4).backward()
     with AuditClient(endpoint) as audit:
         marks = sorted((r["step"], r["micro_batch"], r["rank"]) for r in audit.records(run_id))
-    assert marks == [(s, i, -1) for s in range(2) for i in range(4)]  # no process group: -1
+    assert marks == [(s, i, None) for s in range(2) for i in range(4)]  # no process group: unknown
