@@ -36,7 +36,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from torch import Tensor
 
-from lossd.client.wire import codec
+from lossd.client.wire import codec, framing
 
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
@@ -335,15 +335,10 @@ def prescan(data: bytes, descriptor: Any, limits: codec.DecodeLimits) -> None:
 
 
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while pos < end and shift < 70:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-    raise InvalidArgument("a truncated varint")
+    parsed = framing.read_varint(data, pos, end)
+    if parsed is None:
+        raise InvalidArgument("a truncated varint")
+    return parsed
 
 
 def _scan(

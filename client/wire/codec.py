@@ -239,21 +239,13 @@ def encode_value(
         msg.string_value = obj
     elif isinstance(obj, Tensor):
         encode_tensor(obj, msg.tensor_value, outboard=outboard, path=path)
-    elif isinstance(obj, tuple):
-        msg.tuple_value.SetInParent()
+    elif isinstance(obj, (tuple, list)):
+        items = msg.tuple_value if isinstance(obj, tuple) else msg.list_value
+        items.SetInParent()  # an empty sequence is still a tuple or a list
         for i, item in enumerate(obj):
             encode_value(
                 item,
-                msg.tuple_value.items.add(),
-                outboard=outboard,
-                path=f"{path}[{i}]" if outboard else path,
-            )
-    elif isinstance(obj, list):
-        msg.list_value.SetInParent()
-        for i, item in enumerate(obj):
-            encode_value(
-                item,
-                msg.list_value.items.add(),
+                items.items.add(),
                 outboard=outboard,
                 path=f"{path}[{i}]" if outboard else path,
             )

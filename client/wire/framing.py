@@ -32,9 +32,12 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
+def read_varint(data: bytes, pos: int, end: int | None = None) -> tuple[int, int] | None:
+    """(value, position after it) of the varint at ``pos``; None when it is cut short or runs
+    past ten bytes. ``end``: where ``data`` stops counting (default its length)."""
+    end = len(data) if end is None else end
     result = shift = 0
-    while pos < len(data) and shift < 64:
+    while pos < end and shift < 64:
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -72,7 +75,7 @@ def chunk_parser(full: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
     def parse(data: bytes) -> Any:
         if data[:size] == DATA_TAG:
-            parsed = _read_varint(data, size)
+            parsed = read_varint(data, size)
             if parsed is not None and parsed[0] + parsed[1] == len(data):
                 return memoryview(data)[parsed[1] :]
         return full(data)
