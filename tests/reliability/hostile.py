@@ -244,6 +244,15 @@ def _decode(t: pb.Tensor) -> torch.Tensor | None:
         return None
 
 
+def _pick_decoded(
+    data: st.DataObject, req: pb.ComputeRequest
+) -> tuple[str, pb.Tensor, torch.Tensor] | None:
+    """A tensor of the request, drawn, with its decoded value (None: none, or undecodable)."""
+    path, t = _pick(data, tensor_slots(req), "tensor") or (None, None)
+    old = None if t is None else _decode(t)
+    return None if old is None else (path, t, old)
+
+
 def _fill(data: st.DataObject, tensor: torch.Tensor, values: tuple) -> torch.Tensor:
     """Overwrite a few elements (or all) of ``tensor`` with special values, cast to its dtype."""
     flat = tensor.reshape(-1).clone()
@@ -332,12 +341,10 @@ def m_dtype_enum(data: st.DataObject, req: pb.ComputeRequest) -> str:
 
 def m_retype(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """Same shape, another valid dtype: floats where indices are expected and the reverse."""
-    path, t = _pick(data, tensor_slots(req), "tensor") or (None, None)
-    if t is None:
+    picked = _pick_decoded(data, req)
+    if picked is None:
         return ""
-    old = _decode(t)
-    if old is None:
-        return ""
+    path, t, old = picked
     new = data.draw(st.sampled_from(VALID_ENUMS), label="new dtype")
     target = codec.torch_dtype(new)
     if target.is_floating_point:
@@ -353,12 +360,10 @@ def m_retype(data: st.DataObject, req: pb.ComputeRequest) -> str:
 
 def m_special_values(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """NaN/Inf in floats; negative, huge and off-by-one indices in integers."""
-    path, t = _pick(data, tensor_slots(req), "tensor") or (None, None)
-    if t is None:
+    picked = _pick_decoded(data, req)
+    if picked is None:
         return ""
-    old = _decode(t)
-    if old is None:
-        return ""
+    path, t, old = picked
     new = _fill(data, old, SPECIAL_FLOATS if old.is_floating_point() else SPECIAL_INTS)
     codec.encode_tensor(new, t)
     return f"{path}: special values"
