@@ -12,6 +12,10 @@ setup_context
 extra_repr
 diff_tensors
 
+# prometheus_client's Collector protocol (server/metrics.py): the registry calls them
+collect
+describe
+
 # Public result fields: read by callers (crit.last_result), not by lossd itself
 timings_ns
 
