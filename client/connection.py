@@ -60,6 +60,10 @@ class ConnectionOptions:
             allows (4 times when there is no deadline), so a restart within the deadline costs
             no failed step. Retries keep the request id, so the audit trail records the
             evaluation once.
+        shm: co-located shared memory for chunked calls (large tensors written once into a
+            memfd, gradients read in place; README "Unix-domain socket"). None (default, or
+            ``$LOSSD_SHM``): over a ``unix:`` endpoint; True: also over loopback TCP (the server
+            needs ``--shm loopback``); False: never. A server that declines it gets the data frames.
     """
 
     endpoint: str | Sequence[str] | None = None
@@ -72,6 +76,7 @@ class ConnectionOptions:
     tls_key: str | None = None
     tls_server_name: str | None = None
     retries: int | None = None
+    shm: bool | None = None
 
     def __post_init__(self) -> None:
         env = os.environ
@@ -90,6 +95,9 @@ class ConnectionOptions:
             "tls_ca": self.tls_ca or env.get("LOSSD_TLS_CA") or None,
             "tls_cert": self.tls_cert or env.get("LOSSD_TLS_CERT") or None,
             "tls_key": self.tls_key or env.get("LOSSD_TLS_KEY") or None,
+            "shm": self.shm
+            if self.shm is not None or not env.get("LOSSD_SHM")
+            else env["LOSSD_SHM"].lower() in ("1", "true", "yes", "on"),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)  # frozen: set once, here

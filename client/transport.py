@@ -19,11 +19,13 @@ from typing import Any
 import grpc
 from torch import Tensor
 
+from . import shm
 from ._proto import lossd_pb2 as pb
 from .errors import LossdError, from_rpc_error
 from .wire import codec
 from .wire.assembler import Assembler
 from .wire.framing import (
+    ALIGN,
     DEFAULT_CHUNK_BYTES,
     METHOD_CHUNKED,
     chunk_parser,
@@ -56,21 +58,32 @@ def chunked_compute(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_bytes: int,
     metadata: Any = None,
+    regions: shm.Regions | None = None,
 ) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
-    """One evaluation over ComputeChunked. Raises grpc.RpcError like a unary call would."""
+    """One evaluation over ComputeChunked. Raises grpc.RpcError like a unary call would.
+    ``regions``: the inputs are in shared memory (client/shm.py), so no data frames are sent."""
     header = pb.ComputeChunkedRequest(
         header=pb.ChunkedRequestHeader(request=request, tensors=refs(outboard.tensors))
     )
+    if regions is not None:
+        metadata = (*(metadata or ()), (shm.METADATA_KEY, regions.handle))
 
     def messages() -> Iterator[bytes]:
         yield header.SerializeToString()
-        yield from iter_frames(outboard.tensors, chunk_bytes)
+        if regions is None:
+            yield from iter_frames(outboard.tensors, chunk_bytes)
 
     answers = method(messages(), timeout=timeout, metadata=metadata)
     first = next(answers, None)
     if not isinstance(first, pb.ComputeChunkedResponse) or first.WhichOneof("part") != "header":
         answers.cancel()
         raise _ProtocolError("expected a response header first")
+    if regions is not None and (shm.ACCEPTED_KEY, "in,out") in (answers.initial_metadata() or ()):
+        answers.cancel()  # the answer's large tensors are in OUT; no data frames follow
+        try:
+            return first.header.response, regions.answer(first.header.tensors)
+        except ValueError as exc:
+            raise _ProtocolError(str(exc)) from None
     assembler = Assembler(first.header.tensors, max_bytes, "response.tensors")
     while not assembler.complete:
         chunk = next(answers, None)
@@ -128,6 +141,25 @@ class Transport:
         self.chunk_bytes = chunk_bytes
         self._chunked: Any = None
         self._lock = threading.Lock()
+        # Shared memory for chunked calls: over a unix: endpoint by default, loopback TCP only
+        # when the caller opted in (ConnectionOptions.shm); False once the server declined.
+        opted = getattr(getattr(client, "options", None), "shm", None)
+        self.shm = (
+            opted is not False
+            and shm.available()
+            and shm.local_target(getattr(client, "target", ""), bool(opted))
+        )
+
+    def _regions(self, outboard: codec.Outboard) -> shm.Regions | None:
+        """The shared-memory regions for this call, or None to send the data."""
+        if not self.shm:
+            return None
+        try:
+            room = sum(-(-flat.numel() // ALIGN) * ALIGN for _, flat in outboard.tensors)
+            return shm.Regions(outboard.tensors, room)
+        except OSError:  # no memfds here (a sandbox, a seccomp filter): send the data
+            self.shm = False
+            return None
 
     def wants_chunks(self, tensors: Sequence[tuple[str, Tensor]]) -> bool:
         if self.mode == "chunked":
@@ -154,7 +186,7 @@ class Transport:
         if outboard is None:
             return client.compute(request), None
 
-        def attempt(remaining: float | None) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
+        def chunked(remaining: float | None, regions: shm.Regions | None) -> Any:
             return chunked_compute(
                 self._chunked_method(),
                 request,
@@ -163,7 +195,27 @@ class Transport:
                 chunk_bytes=self.chunk_bytes,
                 max_bytes=1 << 62,  # the client asked for these gradients; the server bounds them
                 metadata=client.metadata,
+                regions=regions,
             )
+
+        def attempt(remaining: float | None) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
+            regions = self._regions(outboard)
+            if regions is None:
+                return chunked(remaining, None)
+            try:
+                return chunked(remaining, regions)
+            except grpc.RpcError as error:
+                # Not accepted (turned off, another pid namespace, over --shm-max-mb): from now
+                # on this transport sends the data.
+                details = error.details() or ""
+                if error.code() != grpc.StatusCode.FAILED_PRECONDITION or not details.startswith(
+                    "shared memory:"
+                ):
+                    raise
+                self.shm = False
+            finally:
+                regions.close()
+            return chunked(remaining, None)
 
         try:
             # A retry resends the whole call, maybe to another replica, with the same request id.

@@ -161,6 +161,8 @@ def create_server(config: ServerConfig) -> RunningServer:
         budget=MemoryBudget(config.memory_budget_bytes),  # ...and --memory-budget-mb their memory
         stream_idle_timeout_s=config.stream_idle_timeout_s,
         stream_send_timeout_s=config.stream_send_timeout_s,
+        shm_mode=config.shm,  # the co-located shared-memory path (server/shm.py)
+        shm_max_bytes=config.shm_max_mb << 20,
     )
     admission = AdmissionInterceptor(config.max_concurrent_rpcs)
     server = grpc.server(

@@ -24,9 +24,12 @@ def receive(
     requests: Iterator[Any],
     max_bytes: int,
     reserve: Callable[[pb.ChunkedRequestHeader, int], None] | None = None,
+    shared: Callable[[pb.ChunkedRequestHeader], dict[str, Any]] | None = None,
 ) -> tuple[pb.ComputeRequest, dict[str, Any]]:
     """Read the header and every data chunk; return the request and its tensors' bytes by path.
-    ``reserve(header, listed bytes)`` runs after the header, before any data is allocated or read."""
+    ``reserve(header, listed bytes)`` runs after the header, before any data is allocated or read.
+    ``shared(header)``: the tensors' bytes from the caller's shared memory (server/shm.py), when
+    it handed some over: then no data chunks follow the header."""
     first = next(requests, None)
     if first is None:
         raise InvalidArgument(
@@ -47,6 +50,14 @@ def receive(
         if listed > max_bytes:
             Assembler(header.tensors, max_bytes)  # refuses it, naming --max-message-mb
         reserve(header, listed)
+    if shared is not None:
+        tensors = shared(header)  # checks the listed sizes as Assembler does
+        if next(requests, None) is not None:
+            raise InvalidArgument(
+                "expected the stream to end after the header: its data is in shared memory",
+                field="data",
+            )
+        return header.request, tensors
     assembler = Assembler(header.tensors, max_bytes)
     while not assembler.complete:
         message = next(requests, None)
@@ -79,14 +90,16 @@ def _check_parsed(message: Any) -> None:
 
 
 def answer(
-    response: pb.ComputeResponse, outboard: codec.Outboard, chunk_bytes: int
+    response: pb.ComputeResponse, outboard: codec.Outboard, chunk_bytes: int, frames: bool = True
 ) -> Iterator[bytes]:
-    """The serialized response stream: the header, then the outboard tensors' bytes in chunks."""
+    """The serialized response stream: the header, then the outboard tensors' bytes in chunks
+    (``frames=False``: the header alone, the bytes having gone into the caller's shared memory)."""
     header = pb.ComputeChunkedResponse(
         header=pb.ChunkedResponseHeader(response=response, tensors=framing.refs(outboard.tensors))
     )
     yield header.SerializeToString()
-    yield from framing.iter_frames(outboard.tensors, chunk_bytes)
+    if frames:
+        yield from framing.iter_frames(outboard.tensors, chunk_bytes)
 
 
 def method_handler(servicer: Any, parse_header: Any) -> grpc.RpcMethodHandler:

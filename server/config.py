@@ -135,6 +135,17 @@ class ServerConfig:
         min=0,
         note="(0 never)",
     )
+    shm: str = _setting(
+        "unix",
+        "co-located shared memory for ComputeChunked (memfds, server/shm.py): unix accepts it on calls over the --unix socket, loopback also from loopback TCP (clients opt in with shm=True), none never; a call it does not accept falls back to sending the data",
+        choices=("unix", "loopback", "none"),
+    )
+    shm_max_mb: int = _setting(
+        1024,
+        "largest shared-memory region (inputs, or room for the answer) a caller may hand over, in MiB; larger ones fall back to sending the data",
+        min=1,
+        note="(MiB)",
+    )
     max_rank: int = _setting(8, "largest tensor rank accepted", min=0)
     max_elements: int = _setting(1 << 28, "largest tensor accepted, in elements", min=0)
     max_total_elements: int = _setting(1 << 29, "most tensor elements in one request", min=0)

@@ -18,7 +18,7 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
-from . import chunked, registry
+from . import chunked, registry, shm
 from .budget import (
     MemoryBudget,
     RawRequest,
@@ -31,6 +31,7 @@ from .budget import (
 from .engine import Engine, Evaluation
 from .errors import (
     Cancelled,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     ServiceError,
@@ -164,7 +165,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         budget: MemoryBudget | None = None,
         stream_idle_timeout_s: float = 30.0,
         stream_send_timeout_s: float = 60.0,
+        shm_mode: str = "unix",
+        shm_max_bytes: int = 1 << 30,
     ) -> None:
+        self.shm_mode = shm_mode  # --shm: which connections may hand over shared memory
+        self.shm_max_bytes = shm_max_bytes  # --shm-max-mb: the largest region accepted
         self.watchdog = Watchdog()
         self.computing = 0  # evaluations in progress (the drain waits for them)
         self._busy_lock = threading.Condition()
@@ -333,10 +338,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> Iterator[bytes]:
         watch = self.watchdog.watch(context)
         with contextlib.ExitStack() as hold:  # the memory reserved, until the answer is sent
-            response, outboard = self._chunked_one(
+            response, outboard, regions = self._chunked_one(
                 self._timed(request_iterator, watch), context, hold
             )
-            for message in chunked.answer(response, outboard, self.chunk_bytes):
+            frames = True
+            if regions is not None:  # the caller's shared memory: its answer goes there if it fits
+                frames = not regions.write(outboard.tensors)
+                accepted = "in" if frames else "in,out"
+                context.send_initial_metadata(((shm.ACCEPTED_KEY, accepted),))
+            for message in chunked.answer(response, outboard, self.chunk_bytes, frames=frames):
                 # gRPC resumes this generator once the message is sent: a caller that does not
                 # read its answer is cut off after --stream-send-timeout-s.
                 with watch.waiting(
@@ -371,8 +381,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
         request_iterator: Iterator[Any],
         context: grpc.ServicerContext,
         hold: contextlib.ExitStack,
-    ) -> tuple[pb.ComputeResponse, codec.Outboard]:
+    ) -> tuple[pb.ComputeResponse, codec.Outboard, shm.Regions | None]:
         reservation: list[Reservation] = []
+        regions: list[shm.Regions] = []
+        handle = shm.handle_of(context)
+        shared = None
+        if handle is not None:
+            if not shm.accepts(self.shm_mode, context):
+                raise FailedPrecondition(
+                    f"shared memory: not accepted on this connection (--shm {self.shm_mode}); send the data instead"
+                )
+
+            def shared(header: pb.ChunkedRequestHeader) -> dict[str, Any]:
+                regions.append(
+                    shm.Regions(handle, header.tensors, self.shm_max_bytes, self.max_chunked_bytes)
+                )
+                return regions[0].inputs()
 
         def reserve(header: pb.ChunkedRequestHeader, listed: int) -> None:
             # Before the buffer that assembles the data is allocated (and before any data is read).
@@ -382,12 +406,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     hold.enter_context(self.budget.held(size, context, "receiving the request"))
                 )
 
-        request, external = chunked.receive(request_iterator, self.max_chunked_bytes, reserve)
+        request, external = chunked.receive(
+            request_iterator, self.max_chunked_bytes, reserve, shared
+        )
         outboard = codec.Outboard(self.chunk_outboard_bytes)  # large gradients go back in chunks
         held = reservation[0] if reservation else None
-        return self.compute(
-            request, context, external=external, outboard=outboard, held=held
-        ), outboard
+        response = self.compute(request, context, external=external, outboard=outboard, held=held)
+        return response, outboard, (regions[0] if regions else None)
 
     @handles_errors
     def ListLosses(

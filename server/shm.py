@@ -1,0 +1,183 @@
+"""The co-located shared-memory fast path of ``ComputeChunked`` (server side).
+
+A client on this host may, instead of sending a chunked request's data frames, hand over two
+memfds (anonymous shared memory: no name in /dev/shm, freed by the kernel once neither process
+holds them, so a SIGKILL of either side leaves nothing behind). It sends the usual header and
+the metadata ``lossd-shm: PID:IN_FD:OUT_FD:TOKEN``:
+
+- IN holds the listed tensors' bytes in the Assembler's layout (64-byte aligned, in header
+  order), sealed against writes, shrinking and growing, so what the server digests and audits
+  is what it computes on. It is mapped copy-on-write: zero-copy reads, and a loss that writes to
+  an input writes to a private page.
+- OUT (sealed against shrinking and growing, so the server never faults on it) receives the
+  response's large tensors, in the same layout, when they fit; the client reads them in place.
+
+The server opens them as ``/proc/PID/fd/N``, which the kernel allows only to processes that may
+trace the client (its own user, or root), and accepts them only if they are memfds named
+``lossd-TOKEN-in``/``-out`` that its own user created, mode 0600, of the sizes the header implies
+and at most ``--shm-max-mb``. A handle that is malformed or names anything else is
+INVALID_ARGUMENT; one it cannot reach (another pid namespace, shared memory turned off, a region
+over the bound) is FAILED_PRECONDITION, on which the client falls back to sending data frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import re
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.wire.framing import ALIGN
+
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+METADATA_KEY = "lossd-shm"
+ACCEPTED_KEY = "lossd-shm-accepted"  # initial metadata: "in", or "in,out" when OUT holds the answer
+MODES = ("unix", "loopback", "none")
+_HANDLE = re.compile(r"([1-9]\d{0,9}):(\d{1,9}):(\d{1,9}):([0-9a-f]{32})")
+_IN_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_OUT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """The aligned offsets of tensors of ``sizes`` bytes and the region's size (as Assembler)."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // ALIGN) * ALIGN
+    return offsets, end
+
+
+def handle_of(context: Any) -> str | None:
+    if context is None:
+        return None
+    for key, value in context.invocation_metadata() or ():
+        if key == METADATA_KEY:
+            return value
+    return None
+
+
+def accepts(mode: str, context: Any) -> bool:
+    """Whether a call on ``context``'s connection may use shared memory under ``--shm mode``."""
+    peer = context.peer() if context is not None else ""
+    if mode == "none":
+        return False
+    if peer.startswith("unix:"):
+        return True
+    return mode == "loopback" and (peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]"))
+
+
+class Regions:
+    """The caller's two regions, opened and checked; ``inputs`` are views of IN."""
+
+    def __init__(
+        self, handle: str, listed: Sequence[pb.ChunkedTensor], max_bytes: int, max_request: int
+    ) -> None:
+        seen: set[str] = set()
+        for i, ref in enumerate(listed):
+            if ref.size_bytes < 0 or ref.path in seen:
+                raise InvalidArgument(
+                    f"expected distinct paths and sizes >= 0, got {ref.path!r} of {ref.size_bytes}",
+                    field=f"header.tensors[{i}]",
+                )
+            seen.add(ref.path)
+        if sum(ref.size_bytes for ref in listed) > max_request:
+            raise ResourceExhausted(
+                f"chunked tensors of {sum(ref.size_bytes for ref in listed)} bytes exceed the limit of {max_request} bytes (--max-message-mb)"
+            )
+        match = _HANDLE.fullmatch(handle)
+        if match is None:
+            raise InvalidArgument(
+                "expected PID:IN_FD:OUT_FD:TOKEN (32 hex digits)", field=METADATA_KEY
+            )
+        pid, in_fd, out_fd, token = match.groups()
+        self.paths = [ref.path for ref in listed]
+        self.offsets, size = layout([ref.size_bytes for ref in listed])
+        self.sizes = [ref.size_bytes for ref in listed]
+        self.out: mmap.mmap | None = None
+        self.out_size = 0
+        fd = _open(pid, in_fd, f"lossd-{token}-in", os.O_RDONLY)
+        try:
+            _check(fd, "IN", _IN_SEALS, max_bytes, exact=size)
+            self._in = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE) if size else None
+        finally:
+            os.close(fd)
+        fd = _open(pid, out_fd, f"lossd-{token}-out", os.O_RDWR)
+        try:
+            self.out_size = _check(fd, "OUT", _OUT_SEALS, max_bytes)
+            if self.out_size:
+                self.out = mmap.mmap(fd, self.out_size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    def inputs(self) -> dict[str, Tensor]:
+        if self._in is None:
+            return {path: torch.empty(0, dtype=torch.uint8) for path in self.paths}
+        buffer = torch.frombuffer(self._in, dtype=torch.uint8)  # copy-on-write, never shared
+        return {
+            path: buffer[off : off + size]
+            for path, off, size in zip(self.paths, self.offsets, self.sizes)
+        }
+
+    def write(self, tensors: Sequence[tuple[str, Tensor]]) -> bool:
+        """Put the response's outboard tensors (flat uint8) into OUT; False when they don't fit."""
+        offsets, size = layout([flat.numel() for _, flat in tensors])
+        if self.out is None or size > self.out_size:
+            return False
+        out = torch.frombuffer(self.out, dtype=torch.uint8)
+        for (_, flat), off in zip(tensors, offsets):
+            out[off : off + flat.numel()].copy_(flat)
+        del out
+        with contextlib.suppress(BufferError):
+            self.out.close()  # the client reads it now; nothing of ours points into it
+        self.out = None
+        return True
+
+
+def _open(pid: str, fd: str, name: str, flags: int) -> int:
+    proc = f"/proc/{pid}/fd/{fd}"
+    try:
+        target = os.readlink(proc)
+        opened = os.open(proc, flags | os.O_CLOEXEC)
+    except OSError as exc:  # another pid namespace, the caller gone, not ours to trace
+        raise FailedPrecondition(
+            f"shared memory: cannot open the caller's region ({exc.strerror}); send the data instead"
+        ) from None
+    if target != f"/memfd:{name} (deleted)":
+        os.close(opened)
+        raise InvalidArgument(
+            f"the handle does not name a lossd region ({name})", field=METADATA_KEY
+        )
+    return opened
+
+
+def _check(fd: int, which: str, seals: int, max_bytes: int, exact: int | None = None) -> int:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise InvalidArgument(
+            f"region {which} must be a memfd of the server's user, mode 0600", field=METADATA_KEY
+        )
+    try:
+        have = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        have = 0
+    if have & seals != seals:
+        raise InvalidArgument(f"region {which} is not sealed as required", field=METADATA_KEY)
+    if st.st_size > max_bytes:
+        raise FailedPrecondition(
+            f"shared memory: region {which} of {st.st_size} bytes exceeds --shm-max-mb; send the data instead"
+        )
+    if exact is not None and st.st_size != exact:
+        raise InvalidArgument(
+            f"region {which} holds {st.st_size} bytes, the header lists {exact} (aligned)",
+            field=METADATA_KEY,
+        )
+    return st.st_size
