@@ -23,10 +23,47 @@ def resolve_endpoint(endpoint: str | list[str] | tuple[str, ...] | None) -> str:
     if endpoint is None:
         endpoint = os.environ.get("LOSSD_ENDPOINT") or DEFAULT_ENDPOINT
     if isinstance(endpoint, (list, tuple)):
+        for one in endpoint:
+            check_endpoint(one)
         return "ipv4:" + ",".join(endpoint) if len(endpoint) > 1 else endpoint[0]
+    if not endpoint.startswith(_GRPC_SCHEMES):
+        for one in endpoint.split(","):
+            check_endpoint(one)
     if "," in endpoint and ":" in endpoint and not endpoint.startswith(("ipv4:", "ipv6:", "dns:")):
         return "ipv4:" + endpoint
     return endpoint
+
+
+# gRPC target forms passed through as they are (their syntax is gRPC's to check).
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """``host:port`` (``[v6]:port``) with a port in 1..65535; a URL or a missing port (which gRPC
+    would silently take as 443) is refused with a ValueError saying what to write instead."""
+    from .errors import LossdValueError
+
+    def refuse(why: str) -> None:
+        raise LossdValueError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"endpoint {endpoint!r}: {why}; write host:port, e.g. 127.0.0.1:50051 "
+            "(or a gRPC target such as dns:///lossd:50051 or unix:/path/lossd.sock)",
+            field="endpoint",
+        )
+
+    if not isinstance(endpoint, str) or not endpoint.strip():
+        refuse("empty")
+    if "://" in endpoint and not endpoint.startswith(_GRPC_SCHEMES):
+        refuse(f"a URL scheme ({endpoint.split('://')[0]}://) is not a gRPC address")
+    if endpoint.startswith(_GRPC_SCHEMES):
+        return
+    host, sep, port = endpoint.rpartition(":")
+    if host.count(":") and not host.startswith("["):
+        refuse("an IPv6 address needs brackets, as in [::1]:50051")
+    if not sep or not host:
+        refuse("no port (gRPC would silently use 443)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        refuse(f"port {port!r} is not in 1..65535")
 
 
 def channel_credentials(

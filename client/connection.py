@@ -200,7 +200,7 @@ class LossClient:
                 lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata)
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, request_id) from None
+            raise from_rpc_error(error, request_id, self.target) from None
 
     def retrying(self, attempt: Callable[[float | None], Any]) -> Any:
         """``attempt(seconds left)`` until it does not fail UNAVAILABLE (or server-CANCELLED).

@@ -68,7 +68,9 @@ UPSTREAM_CLASSES: dict[str, type[LossdError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError, request_id: str | None = None) -> LossdError:
+def from_rpc_error(
+    error: grpc.RpcError, request_id: str | None = None, target: str | None = None
+) -> LossdError:
     """Convert a grpc.RpcError, keeping the field named in a google.rpc.BadRequest detail and
     the upstream exception class named in a google.rpc.ErrorInfo detail."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
@@ -95,4 +97,18 @@ def from_rpc_error(error: grpc.RpcError, request_id: str | None = None) -> Lossd
         pass
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         details += " (the server's limit is `lossd serve --max-message-mb`; the client's is RemoteLoss(max_message_mb=...))"
+    if code == grpc.StatusCode.UNAVAILABLE and _unreachable(details):
+        where = f" at {target}" if target else ""
+        details += (
+            f" (no lossd server is answering{where}: start one with `lossd serve`, or point the "
+            "client at one with endpoint=... or $LOSSD_ENDPOINT)"
+        )
     return cls(code, details, field=field, request_id=request_id)
+
+
+def _unreachable(details: str) -> bool:
+    text = details.lower()
+    return any(
+        s in text
+        for s in ("connection refused", "failed to connect", "connect failed", "name resolution")
+    )

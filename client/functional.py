@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 from torch import Tensor
 from torch._C import _functorch
@@ -28,7 +29,7 @@ from torch.autograd import forward_ad
 from ._proto import lossd_pb2 as pb
 from .amp import caller_autocast
 from .connection import LossClient
-from .errors import LossdError
+from .errors import LossdError, LossdTypeError
 from .transport import Transport
 from .wire import codec
 
@@ -45,6 +46,36 @@ class RemoteResult:
     timings_ns: dict[str, int] = field(default_factory=dict)
     lossd_version: str = ""
     audited: bool = False
+
+
+def _numpy_path(value: Any, path: str) -> str | None:
+    if isinstance(value, np.ndarray):
+        return path
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _numpy_path(item, f"{path}[{i}]")
+            if found:
+                return found
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _numpy_path(item, f"{path}.{key}")
+            if found:
+                return found
+    return None
+
+
+def reject_numpy(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """A numpy array where upstream takes a tensor: a TypeError (as torch's loss would raise)
+    that is a LossdError too, naming the argument and the fix."""
+    where = _numpy_path(list(args), "args") or _numpy_path(dict(kwargs), "kwargs")
+    if where is None:
+        return
+    raise LossdTypeError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{name}: {where} is a numpy array; lossd losses take torch tensors, as upstream does: "
+        "pass torch.from_numpy(array) (or torch.as_tensor(array))",
+        field=where,
+    )
 
 
 def build_request(
@@ -368,6 +399,7 @@ def remote_loss(
     naming lossd).
     """
     kwargs = dict(kwargs or {})
+    reject_numpy(name, args, kwargs)
     tensors = list(codec.call_tensors(args, kwargs))
     device = tensors[0][1].device if tensors else torch.device("cpu")
     wrapped = [p for p, t in tensors if _functorch.is_functorch_wrapped_tensor(t)]

@@ -10,7 +10,7 @@ from torch import nn
 from ._proto import lossd_pb2 as pb
 from .audit import StepCounter, current_run, make_context
 from .connection import ConnectionOptions, LossClient
-from .functional import COMPILE_BREAK, RemoteResult, remote_loss
+from .functional import COMPILE_BREAK, RemoteResult, reject_numpy, remote_loss
 from .schema import check_call, check_params
 from .transport import DEFAULT_CHUNK_THRESHOLD, Transport
 from .wire import codec
@@ -87,6 +87,7 @@ class RemoteLoss(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # One DescribeLoss per client: a misspelled parameter or a target of the wrong dtype or
         # shape fails before any tensor travels (the server checks everything again).
+        reject_numpy(self.name, args, kwargs)  # before any RPC: a TypeError naming the argument
         info = self.client.describe(self.name)
         if not self._params_checked:
             check_params(info, self.params)

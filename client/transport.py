@@ -221,7 +221,7 @@ class Transport:
             # A retry resends the whole call, maybe to another replica, with the same request id.
             return client.retrying(attempt)
         except grpc.RpcError as error:
-            raise from_rpc_error(error, request.request_id) from None
+            raise from_rpc_error(error, request.request_id, client.target) from None
         except (_ProtocolError, codec.DecodeError) as exc:
             raise LossdError(
                 grpc.StatusCode.INTERNAL,

@@ -22,7 +22,7 @@ from ._malloc import IdleTrimmer, set_mmap_threshold
 from .audit import AuditRecorder, audit_signer, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .budget import MemoryBudget
-from .config import ServerConfig
+from .config import ServerConfig, SettingError
 from .engine import Engine
 from .limits import (
     PROBE_RESERVE,
@@ -185,7 +185,12 @@ def create_server(config: ServerConfig) -> RunningServer:
             admission,
             DeadlineInterceptor(),
         ],
-        options=channel_options(config.max_message_bytes),
+        # No SO_REUSEPORT unless asked: a second server on a used port would silently split the
+        # calls (and the audit trail) with the first.
+        options=[
+            *channel_options(config.max_message_bytes),
+            ("grpc.so_reuseport", int(config.reuse_port)),
+        ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs + PROBE_STREAMS + PROBE_RESERVE,
     )
     server.add_generic_rpc_handlers((method_handlers(servicer),))
@@ -205,9 +210,12 @@ def create_server(config: ServerConfig) -> RunningServer:
         )
 
     def add_port(address: str) -> int:
-        if credentials is not None:
-            return server.add_secure_port(address, credentials)
-        return server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                return server.add_secure_port(address, credentials)
+            return server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises "Failed to bind" where older versions returned 0
+            return 0
 
     def give_up() -> None:
         server.stop(0)
@@ -220,7 +228,11 @@ def create_server(config: ServerConfig) -> RunningServer:
         port = add_port(f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}")
         if port == 0:
             give_up()
-            raise OSError(f"could not bind {host}:{config.port}")
+            raise SettingError(
+                f"--port {config.port}: cannot bind {host}:{config.port}: it is in use (another "
+                "lossd serve?) or not an address of this machine; stop the other server, pick "
+                "another --port (0: any free one), or share it on purpose with --reuse-port"
+            )
     unix = None
     if config.unix:
         try:
@@ -235,11 +247,14 @@ def create_server(config: ServerConfig) -> RunningServer:
             metrics_http, metrics_port = metrics.serve_http(
                 config.metrics_host or config.host, config.metrics_port
             )
-        except OSError:
+        except OSError as exc:
             give_up()
             if unix is not None:
                 unix.remove()
-            raise
+            raise SettingError(
+                f"--metrics-port {config.metrics_port}: cannot serve /metrics on "
+                f"{config.metrics_host or config.host}: {exc.strerror or exc}"
+            ) from None
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
@@ -278,6 +293,14 @@ def serve(config: ServerConfig) -> None:
     elif tcp_exposed:
         for line in exposure_notes(config):
             log.warning("%s", line)
+    metrics_host = config.metrics_host or config.host
+    if config.metrics_port >= 0 and not is_loopback(metrics_host):
+        log.warning(
+            "/metrics is served on %s, beyond loopback, without authentication: anyone who can "
+            "reach it reads this server's load and loss names; bind --metrics-host 127.0.0.1 "
+            "unless a scraper on another machine needs it",
+            metrics_host,
+        )
     running = create_server(config)
     log.info(
         "lossd %s (torch %s) on %s, device %s; settings:\n%s",

@@ -77,6 +77,10 @@ class ServerConfig:
         "",
         "also serve on this Unix-domain socket (clients: endpoint='unix:PATH'); created mode 0600, removed at a clean exit, a stale one (no server answering) replaced, a live one refused; with --port -1 the only listener",
     )
+    reuse_port: bool = _setting(
+        False,
+        "share --port with other processes bound with SO_REUSEPORT (calls, and their audit records, are split between them); off, a port already in use stops lossd serve",
+    )
     device: str = _setting(
         "auto",
         "auto (CUDA when torch sees it), cpu, cuda or cuda:N",

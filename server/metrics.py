@@ -25,10 +25,12 @@ targets, which Prometheus aggregates.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import make_server
 
 import grpc
 from prometheus_client import (
@@ -37,7 +39,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
@@ -289,8 +290,41 @@ class Metrics:
         return MetricsInterceptor(self)
 
     def serve_http(self, host: str, port: int) -> tuple[Any, int]:
-        """Serve ``/metrics`` over HTTP on a daemon thread; returns (server, bound port)."""
-        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` over HTTP on a daemon thread; returns (server, bound port).
+
+        Each connection has ``HTTP_TIMEOUT_S`` to send its request and take the answer, and at
+        most ``HTTP_MAX_CONNECTIONS`` are served at once (more wait in the listen backlog), so
+        idle or slow connections cannot pile up threads."""
+        from prometheus_client.exposition import (
+            ThreadingWSGIServer,
+            _get_best_family,
+            _SilentHandler,
+            make_wsgi_app,
+        )
+
+        slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+
+        class Server(ThreadingWSGIServer):
+            def process_request(self, request: Any, client_address: Any) -> None:
+                slots.acquire()
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
+        class Handler(_SilentHandler):
+            timeout = HTTP_TIMEOUT_S  # socket timeout for reading the request and writing
+
+        Server.address_family, addr = _get_best_family(host, port)
+        httpd = make_server(addr, port, make_wsgi_app(self.registry), Server, handler_class=Handler)
+        threading.Thread(target=httpd.serve_forever, name="lossd-metrics", daemon=True).start()
         return httpd, httpd.server_port
 
     def exposition(self) -> bytes:
@@ -385,6 +419,10 @@ class _Call:
     loss: str | None = None
     received: int = 0
     sent: int = 0
+
+
+HTTP_TIMEOUT_S = 10.0
+HTTP_MAX_CONNECTIONS = 8
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

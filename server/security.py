@@ -127,8 +127,14 @@ class TokenTable:
     def load(cls, path: str | Path) -> TokenTable:
         path = Path(path)
         data = _read_mapping(path, "--auth-tokens")
-        if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("%s is readable by other users; chmod 600 it (or store sha256: keys)", path)
+        raw = isinstance(data, Mapping) and any(
+            not str(key).startswith("sha256:") for key in data
+        )  # a file of sha256: digests holds no usable secret
+        if raw and os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "%s holds raw tokens and is readable by other users; chmod 600 it (or store sha256: keys)",
+                path,
+            )
         return cls.parse(data, str(path))
 
     @classmethod

@@ -6,11 +6,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -516,3 +521,103 @@ def test_a_drain_with_an_idle_client_ends_at_once_and_its_next_call_is_retried(t
         server.stop()
         if second is not None:
             second.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up and client errors
+
+
+def test_a_second_server_on_a_port_in_use_refuses_to_start(tmp_path):
+    port = free_port()
+    with _serve(tmp_path / "a", port):
+        second = subprocess.run(
+            [sys.executable, "-m", "lossd.server.cli", "serve", "--port", str(port),
+             "--device", "cpu", "--audit", "none", "--data-dir", str(tmp_path / "b")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"--port {port}" in second.stderr and "in use" in second.stderr
+        assert "--reuse-port" in second.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "lossd.server.cli", "serve", "--port", "99999"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--port" in bad.stderr and "65535" in bad.stderr
+
+
+def test_metrics_beyond_loopback_warn_and_idle_metrics_connections_time_out(tmp_path, monkeypatch):
+    from lossd.server import metrics as metrics_module
+
+    with _serve(tmp_path, 0, "--metrics-port", "0", "--metrics-host", "0.0.0.0") as proc:
+        proc.metrics_url()
+        for _ in range(100):  # stderr is read by a thread
+            if any("beyond loopback" in line for line in proc.stderr_lines):
+                break
+            time.sleep(0.05)
+        assert any("beyond loopback" in line for line in proc.stderr_lines), proc.stderr_lines
+    monkeypatch.setattr(metrics_module, "HTTP_TIMEOUT_S", 1.0)
+    with running(metrics_port=0) as server:
+        idle = []
+        for _ in range(3 * metrics_module.HTTP_MAX_CONNECTIONS):  # connect, send nothing
+            conn = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
+            idle.append(conn)
+        try:
+            start = time.monotonic()
+            assert idle[0].recv(1) == b"", "the server kept an idle connection open"
+            assert time.monotonic() - start < 5
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            assert "lossd_" in urllib.request.urlopen(url, timeout=15).read().decode()
+        finally:
+            for conn in idle:
+                conn.close()
+
+
+def test_client_errors_name_the_endpoint_the_argument_and_the_fix():
+    for endpoint, why in (
+        ("http://127.0.0.1:50051", "URL scheme"),
+        ("127.0.0.1", "no port"),
+        ("127.0.0.1:99999", "1..65535"),
+    ):
+        with pytest.raises(LossdError) as caught:
+            LossClient(endpoint)
+        assert isinstance(caught.value, ValueError) and why in caught.value.details
+        assert endpoint in caught.value.details
+    # Nothing listening: UNAVAILABLE with a hint naming the endpoint and `lossd serve`.
+    endpoint = f"127.0.0.1:{free_port()}"
+    client = LossClient(endpoint, timeout=3)
+    try:
+        with pytest.raises(LossdError) as caught:
+            client.compute(build_request("mse", {}, (torch.ones(2), torch.zeros(2)), {}))
+    finally:
+        client.close()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE, caught.value
+    assert endpoint in caught.value.details and "lossd serve" in caught.value.details
+    # A numpy array: a LossdError that is a TypeError, naming the argument and the fix.
+    crit = RemoteLoss("mse", endpoint=endpoint)
+    with pytest.raises(TypeError) as caught:
+        crit(np.ones(3, dtype=np.float32), torch.zeros(3))
+    crit.close()
+    assert isinstance(caught.value, LossdError) and caught.value.field == "args[0]"
+    assert "torch.from_numpy" in caught.value.details
+
+
+def test_the_token_file_warning_fires_only_for_raw_tokens(tmp_path, caplog):
+    import hashlib
+    import json
+
+    from lossd.server.security import TokenTable
+
+    digest = "sha256:" + hashlib.sha256(b"a-long-enough-token-123").hexdigest()
+    digests = tmp_path / "digests.json"
+    digests.write_text(json.dumps({digest: {"principal": "a", "roles": ["compute"]}}))
+    raw = tmp_path / "raw.json"
+    raw.write_text(
+        json.dumps({"a-long-enough-token-123": {"principal": "a", "roles": ["compute"]}})
+    )
+    for path in (digests, raw):
+        path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="lossd.security"):
+        TokenTable.load(digests)
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+        TokenTable.load(raw)
+    assert any("readable by other users" in r.getMessage() for r in caplog.records)
