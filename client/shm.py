@@ -11,7 +11,6 @@ memfds on this platform, a server that does not accept them) falls back to the d
 from __future__ import annotations
 
 import fcntl
-import mmap
 import os
 import secrets
 import sys
@@ -95,9 +94,10 @@ class Regions:
             raise ValueError(f"the answer lists {size} bytes, more than the {self.out_size} given")
         if not size:
             return {ref.path: torch.empty(0, dtype=torch.uint8) for ref in listed}
-        buffer = torch.frombuffer(
-            mmap.mmap(self.out_fd, size, flags=mmap.MAP_PRIVATE), dtype=torch.uint8
-        )
+        # Copy-on-write, mapped by torch from our own descriptor: it keeps no fd open (Python's
+        # mmap would hold one per answer for as long as its gradients live).
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{self.out_fd}", False, size)
+        buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
         return {ref.path: buffer[off : off + ref.size_bytes] for ref, off in zip(listed, offsets)}
 
     def close(self) -> None:

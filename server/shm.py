@@ -102,12 +102,13 @@ class Regions:
         self.paths = [ref.path for ref in listed]
         self.offsets, size = layout([ref.size_bytes for ref in listed])
         self.sizes = [ref.size_bytes for ref in listed]
+        self._in: Tensor | None = None
         self.out: mmap.mmap | None = None
         self.out_size = 0
         fd = _open(pid, in_fd, f"lossd-{token}-in", os.O_RDONLY)
         try:
             _check(fd, "IN", _IN_SEALS, max_bytes, exact=size)
-            self._in = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE) if size else None
+            self._in = _private_map(fd, size) if size else None
         finally:
             os.close(fd)
         fd = _open(pid, out_fd, f"lossd-{token}-out", os.O_RDWR)
@@ -121,7 +122,7 @@ class Regions:
     def inputs(self) -> dict[str, Tensor]:
         if self._in is None:
             return {path: torch.empty(0, dtype=torch.uint8) for path in self.paths}
-        buffer = torch.frombuffer(self._in, dtype=torch.uint8)  # copy-on-write, never shared
+        buffer = self._in
         return {
             path: buffer[off : off + size]
             for path, off, size in zip(self.paths, self.offsets, self.sizes)
@@ -140,6 +141,14 @@ class Regions:
             self.out.close()  # the client reads it now; nothing of ours points into it
         self.out = None
         return True
+
+
+def _private_map(fd: int, size: int) -> Tensor:
+    """A copy-on-write mapping of ``fd`` as a uint8 tensor. torch maps it by path and keeps no
+    file descriptor (Python's mmap would hold a dup of it for as long as any view lives); the
+    path is this process's own descriptor, already checked, so the caller cannot swap it."""
+    storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def _open(pid: str, fd: str, name: str, flags: int) -> int:
