@@ -20,7 +20,8 @@ from torch import Tensor
 from ..errors import InvalidArgument
 from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
-from .yolox import TARGET, _plain_int, check_target, simota_losses
+from ._detection import plain_int
+from .yolox import TARGET, check_target, simota_losses
 
 GIOU_EPS = 1e-7
 TANH_OFFSET = 0.549306  # atanh(0.5): a zero logit decodes to exactly the anchor size
@@ -220,7 +221,7 @@ def yolofastest_loss(
         ``netspresso_trainer.losses.detection.yolo.YOLOFastestLoss`` (netspresso-trainer 1.4.1),
         a subclass of its YOLOXLoss. dog-qiuqiu, Yolo-FastestV2 (2021).
     """
-    num_classes = _plain_int(require_key(target, "num_classes", "target"), "target.num_classes", 0)
+    num_classes = plain_int(require_key(target, "num_classes", "target"), "target.num_classes", 0)
     pred = require_key(out, "pred", "out")
     num_levels = len(pred) if isinstance(pred, (list, tuple)) else 0
     level_anchors, notes = _anchor_tensors(anchors, max(num_levels, 1))

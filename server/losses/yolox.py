@@ -22,6 +22,7 @@ from .._reduction import reduce_loss
 from ..errors import InvalidArgument, upstream_raises
 from ..registry import INT_DTYPES, Form, Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices
+from ._detection import plain_int
 
 REG_WEIGHT = 5.0
 CENTER_RADIUS = 1.5
@@ -195,28 +196,13 @@ def _level_list(value: list[Tensor], num_classes: int) -> list[Tensor]:
     return levels
 
 
-def _plain_int(value: Any, field: str, minimum: int) -> int:
-    if (
-        isinstance(value, Tensor)
-        and value.numel() == 1
-        and not value.is_floating_point()
-        and value.dtype != torch.bool
-    ):
-        value = int(value.item())
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument.expected(field, "an int", type(value).__name__)
-    if value < minimum:
-        raise InvalidArgument.expected(field, f"an int >= {minimum}", value)
-    return value
-
-
 def check_target(target: Mapping[str, Any], batch: int) -> tuple[list[dict], int, int]:
     """``target['gt']`` (one ``{'boxes', 'labels'}`` per image), ``img_size`` and ``num_classes``,
     checked as upstream needs them; returns ``(images, img_size, num_classes)``."""
     # Declared (TARGET, in both heads' specs): the keys, B entries of {'labels' (n,) integer,
     # 'boxes' (n, 4) float}. Checked here: the scalars, and what reads the values.
-    num_classes = _plain_int(target["num_classes"], "target.num_classes", 0)
-    img_size = _plain_int(target["img_size"], "target.img_size", 1)
+    num_classes = plain_int(target["num_classes"], "target.num_classes", 0)
+    img_size = plain_int(target["img_size"], "target.img_size", 1)
     if batch == 0:
         # Upstream takes max() over the per-image GT counts: ValueError on an empty batch.
         raise InvalidArgument.expected("out.pred[0]", "at least one image", "batch size 0")
@@ -240,7 +226,7 @@ def check_target(target: Mapping[str, Any], batch: int) -> tuple[list[dict], int
 def _check_inputs(
     out: Mapping[str, Any], target: Mapping[str, Any]
 ) -> tuple[list[Tensor], list[dict], int, int]:
-    num_classes = _plain_int(target["num_classes"], "target.num_classes", 0)
+    num_classes = plain_int(target["num_classes"], "target.num_classes", 0)
     levels = _level_list(out["pred"], num_classes)
     images, img_size, num_classes = check_target(target, levels[0].shape[0])
     return levels, images, img_size, num_classes
