@@ -22,6 +22,7 @@ from .._reduction import reduce_loss
 from ..errors import InvalidArgument, LossNotFound, ServiceError
 from ..registry import REQUIRED, Form, Input, LossOutput, LossSpec, Param
 from .fat import cross_entropy
+from .fat._torch import LABEL_SMOOTHING
 
 _UPSTREAM = "netspresso-trainer==1.4.1"
 
@@ -441,14 +442,7 @@ SPECS = (
                 nullable=True,
                 doc="deprecated torch argument; False gives per-pixel losses",
             ),
-            Param(
-                "label_smoothing",
-                "float",
-                0.0,
-                minimum=0.0,
-                maximum=1.0,
-                doc="mix with the uniform distribution",
-            ),
+            LABEL_SMOOTHING,
         ),
         reference=f"netspresso_trainer.losses.segmentation.SegCrossEntropyLoss ({_UPSTREAM})",
         example='RemoteLoss("seg_cross_entropy", ignore_index=255)({"pred": logits}, {"target": labels})',

@@ -103,6 +103,16 @@ def _gen(seed: int) -> torch.Generator:
 
 _REDUCTION = Param("reduction", "str", "mean", choices=REDUCTIONS, doc="'none' | 'mean' | 'sum'")
 
+# torch CrossEntropyLoss's label_smoothing, declared by fat's and NetsPresso's cross_entropy.
+LABEL_SMOOTHING = Param(
+    "label_smoothing",
+    "float",
+    0.0,
+    minimum=0.0,
+    maximum=1.0,
+    doc="mix with the uniform distribution",
+)
+
 
 def _pair_inputs(input_doc: str, target_doc: str, **target_rules: Any) -> tuple[Input, Input]:
     """Float input and target; by default broadcasting together, as torch's pointwise losses."""

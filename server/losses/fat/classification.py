@@ -18,6 +18,7 @@ from ._torch import (
     _NETSPRESSO,
     _REDUCTION,
     _TORCH,
+    LABEL_SMOOTHING,
     _broadcast_weight,
     _class_weight,
     _empty_mean_note,
@@ -464,14 +465,7 @@ SPECS = (
                 choices=REDUCTIONS,
                 doc="'none' | 'mean' | 'sum' (NetsPresso form: always 'mean')",
             ),
-            Param(
-                "label_smoothing",
-                "float",
-                0.0,
-                minimum=0.0,
-                maximum=1.0,
-                doc="mix with the uniform distribution",
-            ),
+            LABEL_SMOOTHING,
         ),
         reference=f"torch.nn.CrossEntropyLoss ({_TORCH}) via {_FAT}; "
         f"netspresso_trainer.losses.common.CrossEntropyLoss ({_NETSPRESSO})",
