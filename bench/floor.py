@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-message-mb", type=int, default=256)
     parser.add_argument("--max-concurrent-rpcs", type=int, default=64)
+    parser.add_argument("--unix", default="", help="also listen on this Unix-domain socket")
     args = parser.parse_args()
     limit = args.max_message_mb << 20
     server = grpc.server(
@@ -91,6 +92,8 @@ def main() -> int:
     )
     server.add_generic_rpc_handlers((handlers(),))
     port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if args.unix:
+        server.add_insecure_port(f"unix:{args.unix}")
     server.start()
     print(f"floor listening on {args.host}:{port}", flush=True)
     stop = threading.Event()

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from . import workloads
+from .colocated import colocated
+from .colocated import render as render_colocated
 from .floor import FloorClient
 from .measure import (
     KB,
@@ -36,7 +38,9 @@ from .report import (
     SECTION_TITLES,
     best_remote,
     ms_text,
+    render_machine,
     render_sections,
+    render_targets,
     size_text,
     targets,
     write_results,
@@ -68,6 +72,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="one --huge-mb request (1 GiB) with defaults but --max-message-mb",
     )
     p.add_argument("--huge-mb", type=int, default=1024)
+    p.add_argument(
+        "--colocated",
+        action="store_true",
+        help="the co-located rows: a Unix-socket echo, local, lossd over a Unix socket, and through shared memory (bench/colocated.py)",
+    )
     p.add_argument(
         "--rows",
         action="store_true",
@@ -140,8 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     import lossd.server.losses  # noqa: F401 - registers every loss
     from lossd.server import registry
 
-    named = {part for part in ("rows", "concurrency", "memory", "huge") if getattr(opts, part)}
-    parts = named or ({"rows", "memory"} if opts.quick else {"rows", "concurrency", "memory"})
+    named = {
+        part
+        for part in ("rows", "concurrency", "memory", "huge", "colocated")
+        if getattr(opts, part)
+    }
+    parts = named or (
+        {"rows", "memory", "colocated"}
+        if opts.quick
+        else {"rows", "concurrency", "memory", "colocated"}
+    )
     sizes = (
         [int(s) * KB for s in opts.sizes.split(",")]
         if opts.sizes
@@ -188,12 +205,27 @@ def main(argv: list[str] | None = None) -> int:
                 result["memory"] = memory(opts, workdir)
             if "huge" in parts:
                 result["huge"] = huge(opts, workdir)
+            if "colocated" in parts:
+                result["colocated"] = colocated(opts, workdir, losses[:1], sizes)
     finally:
         if pool is not None:
             pool.close()
     result["seconds"] = time.perf_counter() - t_start
     result["targets"] = targets(result)
     sections = render_sections(result)
+    if "colocated" in result:
+        body, found = render_colocated(result["colocated"])
+        result["targets"] += found
+        sections["colocated"] = "\n".join(
+            [
+                f"`{result['command']}` ({result['started']}). " + render_machine(result),
+                "Same host, over Unix-domain sockets (bench/colocated.py says what each column is); "
+                "times in ms.",
+                "",
+                body,
+                *render_targets(found),
+            ]
+        )
     print()
     for name, body in sections.items():
         print(f"## {SECTION_TITLES[name]}\n\n{body}\n")

@@ -281,4 +281,5 @@ SECTION_TITLES = {
     "concurrency": "Concurrency: server designs",
     "memory": "Server memory",
     "huge": "A 1 GiB request",
+    "colocated": "Co-located: Unix socket and shared memory",
 }

@@ -1,0 +1,145 @@
+"""Co-located rows (``python -m bench --colocated``): the same host, over a Unix-domain socket.
+
+Columns, measured interleaved call by call as the main table's (bench/measure.py):
+``echo_unix`` (the trivial handler's unary echo of the same bytes over a Unix socket), ``local``
+(the server's engine in this process), ``unix`` (``RemoteLoss`` over the socket, transport
+``auto``, shared memory off: unary below 4 MiB, chunked data frames above) and ``shm`` (the same
+with shared memory on, the default for ``unix:`` endpoints: from 1 MB the call is forced chunked,
+so its tensors travel in memfds). Ratios: ``unix / (echo_unix + local)`` for small calls (issue 14:
+<= 1.2 x) and ``shm / local`` for large ones (<= 1.3 x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from . import workloads
+from .floor import FloorClient
+from .measure import KB, LOCAL_THREAD, MB, stats
+from .report import ms_text, size_text
+from .servers import START_TIMEOUT_S, floor_server, lossd_server
+
+SMALL = 64 * KB
+LARGE = 64 * MB
+
+
+def colocated(
+    opts: argparse.Namespace, workdir: Path, losses: list[str], sizes: list[int]
+) -> list[dict[str, Any]]:
+    floor_sock, lossd_sock = workdir / "floor.sock", workdir / "lossd.sock"
+    floor_proc = floor_server(opts)
+    floor_proc.argv = [*floor_proc.argv, "--unix", str(floor_sock)]
+    lossd_proc = lossd_server(opts, workdir)
+    lossd_proc.argv = [*lossd_proc.argv, "--port", "-1", "--unix", str(lossd_sock)]
+    lossd_proc.timeout = START_TIMEOUT_S
+    floor_proc.start()
+    lossd_proc.start()
+    rows = []
+    try:
+        floor = FloorClient(f"unix:{floor_sock}")
+        for loss in losses:
+            for size in sizes:
+                cap = (workloads.QUICK_MAX_SIZE if opts.quick else workloads.MAX_SIZE).get(loss)
+                if cap is not None and size > cap:
+                    continue
+                row = _row(workloads.build(loss, size), floor, f"unix:{lossd_sock}", opts)
+                rows.append(row)
+                print(
+                    f"{loss:>14} {size_text(size):>7}  echo_unix {ms_text(row.get('echo_unix'))}  "
+                    f"local {ms_text(row.get('local'))}  unix {ms_text(row.get('unix'))}  shm {ms_text(row.get('shm'))}",
+                    flush=True,
+                )
+        floor.close()
+    finally:
+        floor_proc.stop()
+        lossd_proc.stop()
+    return rows
+
+
+def _row(
+    w: workloads.Workload, floor: FloorClient, address: str, opts: argparse.Namespace
+) -> dict[str, Any]:
+    import numpy as np
+
+    from lossd.client import RemoteLoss
+    from lossd.server.engine import Engine
+
+    row: dict[str, Any] = {"loss": w.loss, "size": w.size, "shape": w.shape,
+                           "request_bytes": w.request_bytes, "grad_bytes": w.grad_bytes}  # fmt: skip
+    payload = np.random.bytes(w.request_bytes)
+    engine = Engine(opts.device if opts.device != "auto" else "cpu")
+    local_args = workloads.to_device(w.args, engine.device)
+    paths = workloads.grad_paths(local_args, w.args)
+
+    def evaluate() -> int:
+        t0 = time.perf_counter_ns()
+        engine.evaluate(w.loss, w.params, local_args, {}, paths)
+        return time.perf_counter_ns() - t0
+
+    modules = {
+        "unix": RemoteLoss(
+            w.loss, endpoint=address, max_message_mb=opts.max_message_mb, shm=False, **w.params
+        )
+    }
+    if w.size >= 1 * MB:
+        modules["shm"] = RemoteLoss(w.loss, endpoint=address, max_message_mb=opts.max_message_mb, transport="chunked", **w.params)  # fmt: skip
+    cells = {"echo_unix": lambda: floor.echo(payload, w.grad_bytes),
+             "local": lambda: LOCAL_THREAD.submit(evaluate).result()}  # fmt: skip
+    for name, module in modules.items():
+
+        def remote(module: RemoteLoss = module) -> None:
+            w.fresh()
+            module(*w.args, **w.kwargs).backward()
+
+        cells[name] = remote
+    times: dict[str, list[float]] = {name: [] for name in cells}
+    try:
+        for fn in cells.values():
+            fn()  # warm-up
+        min_n = 3 if w.size >= 16 * MB else 5
+        deadline = time.perf_counter() + opts.budget * len(cells)
+        rounds = 0
+        while rounds < opts.max_n and (rounds < min_n or time.perf_counter() < deadline):
+            for name, fn in cells.items():
+                t0 = time.perf_counter_ns()
+                inner = fn()
+                times[name].append(
+                    (inner if name == "local" else time.perf_counter_ns() - t0) / 1e9
+                )
+            rounds += 1
+        if "shm" in modules:
+            row["shm_used"] = modules["shm"].transport.shm
+    finally:
+        for module in modules.values():
+            module.close()
+    for name, values in times.items():
+        row[name] = stats(values)
+    return row
+
+
+def render(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """The co-located table and its targets."""
+    cols = ["loss", "payload", "req MB", "echo_unix p50", "local p50", "unix p50/p99", "shm p50/p99",
+            "unix / (echo_unix + local)", "shm / local", "shm MB/s"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    found = []
+    for row in rows:
+        echo, local = row["echo_unix"]["p50"], row["local"]["p50"]
+        small = row["unix"]["p50"] / (echo + local)
+        shm = row.get("shm")
+        shm_ratio = f"{shm['p50'] / local:.2f}" if shm else "–"
+        mbs = f"{(row['request_bytes'] + row['grad_bytes']) / shm['p50'] / MB:.0f}" if shm else "–"
+        both = lambda c: f"{ms_text(c)} / {ms_text(c, 'p99')}" if c else "–"  # noqa: E731
+        lines.append("| " + " | ".join([row["loss"], size_text(row["size"]), f"{row['request_bytes'] / MB:.3f}",
+                     ms_text(row["echo_unix"]), ms_text(row["local"]), both(row["unix"]), both(shm),
+                     f"{small:.2f}", shm_ratio, mbs]) + " |")  # fmt: skip
+        name = f"{row['loss']} {size_text(row['size'])}"
+        if row["size"] <= SMALL:
+            found.append({"target": f"{name} over a Unix socket <= 1.2 x (unix echo + local)", "value": small, "met": small <= 1.2})  # fmt: skip
+        if row["size"] >= LARGE and shm:
+            r = shm["p50"] / local
+            found.append({"target": f"{name} through shared memory <= 1.3 x local", "value": r, "met": r <= 1.3})  # fmt: skip
+    return "\n".join(lines), found
