@@ -27,7 +27,7 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.audit import AuditClient, Progress, export, parse_steps, plot
 from lossd.client.errors import LossdError
 
-from .signing import Checkpoint, load_public_key
+from .signing import Checkpoint, checkpoint_message, checkpoint_of, load_public_key
 
 FAILING = {
     pb.VERIFY_STATUS_DEVIATION,
@@ -281,14 +281,7 @@ def _given_checkpoint(args: argparse.Namespace) -> pb.AuditCheckpoint | None | s
             f"checkpoint {args.checkpoint} is not signed by the key in {args.public_key} "
             f"(key {key_id(public)}; the checkpoint names key {cp.key_id}): it proves nothing"
         )
-    return pb.AuditCheckpoint(
-        run_id=cp.run_id,
-        records=cp.records,
-        head_sha256=cp.head_sha256,
-        time_unix_ns=cp.time_unix_ns,
-        key_id=cp.key_id,
-        signature=cp.signature,
-    )
+    return checkpoint_message(cp)
 
 
 def cmd_verify(client: AuditClient, args: argparse.Namespace) -> int:
@@ -398,14 +391,7 @@ def cmd_plot(client: AuditClient, args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(client: AuditClient, args: argparse.Namespace) -> int:
     message = client.checkpoint(args.run)
-    cp = Checkpoint(
-        message.run_id,
-        message.records,
-        message.head_sha256,
-        message.time_unix_ns,
-        message.key_id,
-        message.signature,
-    )
+    cp = checkpoint_of(message)
     _write(args.output, cp.to_json() + "\n")
     print(
         f"checkpoint of run {cp.run_id!r}: {cp.records} records, head {cp.head_sha256[:16]}..., "

@@ -23,7 +23,15 @@ from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..service import handles_errors, handles_stream_errors, safe_parser
 from .chain import ChainWalk, Report, newest_signed
 from .records import UNKNOWN, Row, value_scalar
-from .signing import Checkpoint, Signer, public_pem, raw_public, sign_and_store
+from .signing import (
+    Checkpoint,
+    Signer,
+    checkpoint_message,
+    checkpoint_of,
+    public_pem,
+    raw_public,
+    sign_and_store,
+)
 from .store import Selector, Store
 from .verify import (
     CHAIN_BROKEN,
@@ -103,28 +111,6 @@ def to_message(row: Row) -> pb.AuditRecord:
             captured=i["captured"],
         )
     return record
-
-
-def checkpoint_message(cp: Checkpoint) -> pb.AuditCheckpoint:
-    return pb.AuditCheckpoint(
-        run_id=cp.run_id,
-        records=cp.records,
-        head_sha256=cp.head_sha256,
-        time_unix_ns=cp.time_unix_ns,
-        key_id=cp.key_id,
-        signature=cp.signature,
-    )
-
-
-def checkpoint_of(message: pb.AuditCheckpoint) -> Checkpoint:
-    return Checkpoint(
-        message.run_id,
-        message.records,
-        message.head_sha256,
-        message.time_unix_ns,
-        message.key_id,
-        message.signature,
-    )
 
 
 def chain_message(report: Report) -> pb.AuditChainReport:

@@ -23,13 +23,15 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from lossd.client._proto import lossd_pb2 as pb
 
 from .store import AuditStoreError, Store, StoredCheckpoint
 
@@ -123,6 +125,15 @@ class Checkpoint:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{source}: not a lossd checkpoint ({exc})") from None
+
+
+def checkpoint_message(cp: Checkpoint) -> pb.AuditCheckpoint:
+    """The wire form (``AuditCheckpoint`` has the dataclass's fields, by name)."""
+    return pb.AuditCheckpoint(**{f.name: getattr(cp, f.name) for f in fields(Checkpoint)})
+
+
+def checkpoint_of(message: pb.AuditCheckpoint) -> Checkpoint:
+    return Checkpoint(**{f.name: getattr(message, f.name) for f in fields(Checkpoint)})
 
 
 class Signer:
