@@ -297,7 +297,12 @@ IDLE_WAIT_S = 4.0  # past the server's default --trim-memory-idle-s of 2 s
 
 
 def run(
-    duration: float, clients: int, max_requests: int, data_dir: str | None = None, workers: int = 4
+    duration: float,
+    clients: int,
+    max_requests: int,
+    data_dir: str | None = None,
+    workers: int = 4,
+    memory_budget_mb: int = 0,
 ) -> dict[str, Any]:
     """Start a server, load it, check the audit trail, stop it; return the report."""
     data = Path(data_dir or tempfile.mkdtemp(prefix="lossd-load-"))
@@ -311,8 +316,16 @@ def run(
         str(workers),
         "--log-level",
         "WARNING",
+        "--memory-budget-mb",
+        str(memory_budget_mb),
     )
-    report: dict[str, Any] = {"duration_s": duration, "clients": clients}
+    from lossd.server.budget import default_budget_mb
+
+    report: dict[str, Any] = {
+        "duration_s": duration,
+        "clients": clients,
+        "memory_budget_mb": memory_budget_mb or default_budget_mb(),
+    }
     with server:
         pid = server.proc.pid
         baseline = rss_kib(pid)[0]
@@ -410,8 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-dir", default=None, help="server data dir (the audit DB); default a temp dir"
     )
+    parser.add_argument(
+        "--memory-budget-mb", type=int, default=0, help="the server's budget (default: its own)"
+    )
     args = parser.parse_args(argv)
-    report = run(args.duration, args.clients, args.max_requests, args.data_dir, args.workers)
+    report = run(
+        args.duration,
+        args.clients,
+        args.max_requests,
+        args.data_dir,
+        args.workers,
+        args.memory_budget_mb,
+    )
     print(json.dumps(report, indent=2))
     ok = (
         report["requests"] > 0
