@@ -11,7 +11,16 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument
+from ..registry import Input
 from ._checks import check_class_indices, require_key, require_tensor
+
+# The target of detr_loss and yolov9_loss: its layout is checked by ground_truth and image_hw.
+GT_TARGET = Input(
+    "target",
+    kind="structure",
+    doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy pixels, 'labels': Tensor[n_i] int in [0, C)}] * B, "
+    "'img_size': int or (H, W), 'num_classes': int C}",
+)
 
 
 def plain_int(value: Any, field: str, minimum: int) -> int:

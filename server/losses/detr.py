@@ -22,6 +22,7 @@ from ..errors import InvalidArgument
 from ..registry import REQUIRED, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
 from ._detection import (
+    GT_TARGET,
     check_xyxy,
     cxcywh_to_xyxy,
     first_bad,
@@ -593,12 +594,7 @@ SPECS = (
                 "[{'pred_logits', 'pred_boxes'}] or None, 'dn_aux_pred': [...] or None, "
                 "'dn_meta': {'dn_positive_idx', 'dn_num_group', ...} or None}",
             ),
-            Input(
-                "target",
-                kind="structure",
-                doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy pixels, 'labels': Tensor[n_i] int in [0, C)}] * B, "
-                "'img_size': int or (H, W), 'num_classes': int C}",
-            ),
+            GT_TARGET,
         ),
         params=(
             Param(

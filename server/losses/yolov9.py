@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import InvalidArgument
 from ..registry import REQUIRED, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
-from ._detection import ground_truth, image_hw, plain_int, sequence
+from ._detection import GT_TARGET, ground_truth, image_hw, plain_int, sequence
 
 TOPK = 10
 IOU_FACTOR = 6.0
@@ -349,12 +349,7 @@ SPECS = (
                 doc="{'pred': [Tensor[B, 4 * reg_max + C, H_l, W_l]] per level (side-major DFL "
                 "bin logits, then class logits), or {'outputs': [...], 'aux_outputs': ignored}}",
             ),
-            Input(
-                "target",
-                kind="structure",
-                doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy pixels, 'labels': Tensor[n_i] int in [0, C)}] * B, "
-                "'img_size': int or (H, W), 'num_classes': int C}",
-            ),
+            GT_TARGET,
         ),
         params=(
             Param(
