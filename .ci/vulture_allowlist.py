@@ -16,6 +16,9 @@ diff_tensors
 collect
 describe
 
+# socketserver class attributes read by the standard library (the metrics HTTP server)
+address_family
+
 # Public result fields: read by callers (crit.last_result), not by lossd itself
 timings_ns
 
