@@ -82,6 +82,18 @@ def safe_parser(
     return parse
 
 
+def unary_handler(
+    method: Callable[..., Any], request: type, response: type, *, stream: bool = False
+) -> grpc.RpcMethodHandler:
+    """A unary-request handler for ``method``, its request parsed by :func:`safe_parser`."""
+    make = grpc.unary_stream_rpc_method_handler if stream else grpc.unary_unary_rpc_method_handler
+    return make(
+        method,
+        request_deserializer=safe_parser(request),
+        response_serializer=response.SerializeToString,
+    )
+
+
 def _check_parsed(request: Any) -> None:
     if isinstance(request, Malformed):
         if request.error is not None:
@@ -444,15 +456,11 @@ def method_handlers(servicer: LossServicer) -> grpc.GenericRpcHandler:
             "ComputeChunked": chunked.method_handler(
                 servicer, safe_parser(pb.ComputeChunkedRequest, servicer.limits)
             ),
-            "ListLosses": grpc.unary_unary_rpc_method_handler(
-                servicer.ListLosses,
-                request_deserializer=safe_parser(pb.ListLossesRequest),
-                response_serializer=pb.ListLossesResponse.SerializeToString,
+            "ListLosses": unary_handler(
+                servicer.ListLosses, pb.ListLossesRequest, pb.ListLossesResponse
             ),
-            "DescribeLoss": grpc.unary_unary_rpc_method_handler(
-                servicer.DescribeLoss,
-                request_deserializer=safe_parser(pb.DescribeLossRequest),
-                response_serializer=pb.DescribeLossResponse.SerializeToString,
+            "DescribeLoss": unary_handler(
+                servicer.DescribeLoss, pb.DescribeLossRequest, pb.DescribeLossResponse
             ),
         },
     )

@@ -20,7 +20,7 @@ from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
 from ..errors import FailedPrecondition, InvalidArgument, Unavailable
-from ..service import handles_errors, handles_stream_errors, safe_parser
+from ..service import handles_errors, handles_stream_errors, unary_handler
 from .chain import ChainWalk, Report, newest_signed
 from .records import UNKNOWN, Row, value_scalar
 from .signing import (
@@ -265,30 +265,18 @@ def audit_method_handlers(servicer: AuditServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
         AUDIT_SERVICE_NAME,
         {
-            "ListRuns": grpc.unary_unary_rpc_method_handler(
-                servicer.ListRuns,
-                request_deserializer=safe_parser(pb.ListRunsRequest),
-                response_serializer=pb.ListRunsResponse.SerializeToString,
+            "ListRuns": unary_handler(servicer.ListRuns, pb.ListRunsRequest, pb.ListRunsResponse),
+            "GetRecords": unary_handler(
+                servicer.GetRecords, pb.GetRecordsRequest, pb.GetRecordsResponse, stream=True
             ),
-            "GetRecords": grpc.unary_stream_rpc_method_handler(
-                servicer.GetRecords,
-                request_deserializer=safe_parser(pb.GetRecordsRequest),
-                response_serializer=pb.GetRecordsResponse.SerializeToString,
+            "VerifyRun": unary_handler(
+                servicer.VerifyRun, pb.VerifyRunRequest, pb.VerifyRunResponse, stream=True
             ),
-            "VerifyRun": grpc.unary_stream_rpc_method_handler(
-                servicer.VerifyRun,
-                request_deserializer=safe_parser(pb.VerifyRunRequest),
-                response_serializer=pb.VerifyRunResponse.SerializeToString,
+            "Checkpoint": unary_handler(
+                servicer.Checkpoint, pb.CheckpointRequest, pb.CheckpointResponse
             ),
-            "Checkpoint": grpc.unary_unary_rpc_method_handler(
-                servicer.Checkpoint,
-                request_deserializer=safe_parser(pb.CheckpointRequest),
-                response_serializer=pb.CheckpointResponse.SerializeToString,
-            ),
-            "GetPublicKey": grpc.unary_unary_rpc_method_handler(
-                servicer.GetPublicKey,
-                request_deserializer=safe_parser(pb.GetPublicKeyRequest),
-                response_serializer=pb.GetPublicKeyResponse.SerializeToString,
+            "GetPublicKey": unary_handler(
+                servicer.GetPublicKey, pb.GetPublicKeyRequest, pb.GetPublicKeyResponse
             ),
         },
     )
