@@ -158,3 +158,11 @@ def test_a_unix_setting_the_server_cannot_use_exits_2_with_one_line(argv, line):
 def test_a_token_over_a_unix_socket_does_not_warn_of_cleartext(recwarn):
     LossClient("unix:/run/lossd.sock", token="t" * 20).close()
     assert not [w for w in recwarn if "without TLS" in str(w.message)]
+
+
+def test_lossd_health_probes_the_socket_of_a_server_without_a_tcp_port(unix_server, capsys):
+    from lossd.server import probe
+
+    env = {"LOSSD_PORT": "-1", "LOSSD_UNIX": unix_server.unix.path}
+    assert probe.main([], env=env) == 0
+    assert capsys.readouterr().out.strip() == f"{unix_server.address}: SERVING"
