@@ -1,6 +1,7 @@
 """Checks and box helpers shared by the NetsPresso detection losses (``detr_loss``,
 ``yolov9_loss``): the ``target = {'gt': [...], 'img_size': ..., 'num_classes': C}`` layout every
-NetsPresso detector passes, and the xyxy / cxcywh conversions of ``transform_bbox``."""
+NetsPresso detector passes, and the xyxy / cxcywh conversions of ``transform_bbox``; and the
+aligned cxcywh box areas of ``yolox_loss`` and ``yolofastest_loss``."""
 
 from __future__ import annotations
 
@@ -109,6 +110,19 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """``transform_bbox(boxes, 'cxcywh -> xyxy')``."""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def aligned_areas_cxcywh(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Areas of row-aligned ``(K, 4)`` cxcywh boxes: ``pred``'s, ``target``'s and their
+    intersection's (zero where they do not overlap), in YOLOX's ``IOUloss`` order of operations
+    (shared by ``yolox_loss`` and ``yolofastest_loss``)."""
+    top_left = torch.max(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)
+    bottom_right = torch.min(pred[:, :2] + pred[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2)
+    area_p = torch.prod(pred[:, 2:], 1)
+    area_g = torch.prod(target[:, 2:], 1)
+    overlaps = (top_left < bottom_right).to(top_left.dtype).prod(dim=1)
+    area_i = torch.prod(bottom_right - top_left, 1) * overlaps
+    return area_p, area_g, area_i
 
 
 def check_xyxy(boxes: Tensor, field: str, why: str) -> None:

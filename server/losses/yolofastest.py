@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import InvalidArgument
 from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
-from ._detection import plain_int
+from ._detection import aligned_areas_cxcywh, plain_int
 from .yolox import TARGET, check_target, simota_losses
 
 GIOU_EPS = 1e-7
@@ -35,12 +35,7 @@ def giou_cxcywh(pred: Tensor, target: Tensor, eps: float = GIOU_EPS) -> Tensor:
     Each corner is computed afresh where it is used, as upstream does: reusing one tensor would
     sum the gradient contributions in another order and differ from upstream in the last bit.
     """
-    top_left = torch.max(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)
-    bottom_right = torch.min(pred[:, :2] + pred[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2)
-    area_p = torch.prod(pred[:, 2:], 1)
-    area_g = torch.prod(target[:, 2:], 1)
-    overlaps = (top_left < bottom_right).to(top_left.dtype).prod(dim=1)
-    area_i = torch.prod(bottom_right - top_left, 1) * overlaps
+    area_p, area_g, area_i = aligned_areas_cxcywh(pred, target)
     area_u = area_p + area_g - area_i
     iou = area_i / (area_u + eps)
     enclose_tl = torch.min(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)

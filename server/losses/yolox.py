@@ -22,7 +22,7 @@ from .._reduction import reduce_loss
 from ..errors import InvalidArgument, upstream_raises
 from ..registry import INT_DTYPES, Form, Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices
-from ._detection import plain_int
+from ._detection import aligned_areas_cxcywh, plain_int
 
 REG_WEIGHT = 5.0
 CENTER_RADIUS = 1.5
@@ -55,12 +55,7 @@ def pairwise_iou_cxcywh(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
 def aligned_iou_cxcywh(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     """IoU of row-aligned ``(K, 4)`` cxcywh boxes with ``eps`` added to the union."""
-    top_left = torch.max(pred[:, :2] - pred[:, 2:] / 2, target[:, :2] - target[:, 2:] / 2)
-    bottom_right = torch.min(pred[:, :2] + pred[:, 2:] / 2, target[:, :2] + target[:, 2:] / 2)
-    area_p = torch.prod(pred[:, 2:], 1)
-    area_g = torch.prod(target[:, 2:], 1)
-    overlaps = (top_left < bottom_right).to(top_left.dtype).prod(dim=1)
-    area_i = torch.prod(bottom_right - top_left, 1) * overlaps
+    area_p, area_g, area_i = aligned_areas_cxcywh(pred, target)
     return area_i / (area_p + area_g - area_i + eps)
 
 
