@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._proto import lossd_pb2 as pb
-from .wire.framing import ALIGN
+from .wire.framing import layout
 
 METADATA_KEY = "lossd-shm"
 ACCEPTED_KEY = "lossd-shm-accepted"
@@ -44,14 +44,6 @@ def local_target(target: str, opted_in: bool) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def _layout(sizes: Sequence[int]) -> tuple[list[int], int]:
-    offsets, end = [], 0
-    for size in sizes:
-        offsets.append(end)
-        end += -(-size // ALIGN) * ALIGN
-    return offsets, end
-
-
 def _memfd(name: str, size: int) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
@@ -69,7 +61,7 @@ class Regions:
 
     def __init__(self, tensors: Sequence[tuple[str, Tensor]], answer_bytes: int) -> None:
         token = secrets.token_hex(16)
-        offsets, size = _layout([flat.numel() for _, flat in tensors])
+        offsets, size = layout([flat.numel() for _, flat in tensors])
         self.in_fd = _memfd(f"lossd-{token}-in", size)
         self.out_fd = -1
         try:
@@ -89,7 +81,7 @@ class Regions:
 
     def answer(self, listed: Sequence[pb.ChunkedTensor]) -> dict[str, Tensor]:
         """The answer's tensors, as copy-on-write views of OUT (zero-copy reads)."""
-        offsets, size = _layout([ref.size_bytes for ref in listed])
+        offsets, size = layout([ref.size_bytes for ref in listed])
         if size > self.out_size or any(ref.size_bytes < 0 for ref in listed):
             raise ValueError(f"the answer lists {size} bytes, more than the {self.out_size} given")
         if not size:

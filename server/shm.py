@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lossd.client._proto import lossd_pb2 as pb
-from lossd.client.wire.framing import ALIGN
+from lossd.client.wire.framing import layout
 
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
@@ -45,15 +45,6 @@ MODES = ("unix", "loopback", "none")
 _HANDLE = re.compile(r"([1-9]\d{0,9}):(\d{1,9}):(\d{1,9}):([0-9a-f]{32})")
 _IN_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _OUT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-
-
-def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
-    """The aligned offsets of tensors of ``sizes`` bytes and the region's size (as Assembler)."""
-    offsets, end = [], 0
-    for size in sizes:
-        offsets.append(end)
-        end += -(-size // ALIGN) * ALIGN
-    return offsets, end
 
 
 def handle_of(context: Any) -> str | None:

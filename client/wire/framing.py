@@ -20,6 +20,15 @@ ALIGN = 64  # tensors inside the assembled buffer start on cache-line boundaries
 _LENGTH_DELIMITED = 2  # protobuf wire type of bytes and message fields
 
 
+def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """The aligned offsets of tensors of ``sizes`` bytes and the region's size (as Assembler)."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // ALIGN) * ALIGN
+    return offsets, end
+
+
 def varint(n: int) -> bytes:
     out = bytearray()
     while True:
