@@ -127,6 +127,15 @@ _REDUCTION = Param(
 _LOSS_WEIGHT = Param("loss_weight", "float", 1.0, doc="multiplier of the reduced loss")
 
 
+_REDUCTION_OVERRIDE = Input(
+    "reduction_override",
+    kind="str",
+    optional=True,
+    choices=REDUCTIONS,
+    doc="replaces the constructor's reduction for this call",
+)
+
+
 def _tail_inputs(
     weight_doc: str, weight_dtypes: tuple[str, ...] = FLOAT_DTYPES
 ) -> tuple[Input, ...]:
@@ -139,13 +148,7 @@ def _tail_inputs(
             optional=True,
             doc="divide the sum by avg_factor + float32 eps (mean only; an error with sum)",
         ),
-        Input(
-            "reduction_override",
-            kind="str",
-            optional=True,
-            choices=REDUCTIONS,
-            doc="replaces the constructor's reduction for this call",
-        ),
+        _REDUCTION_OVERRIDE,
     )
 
 

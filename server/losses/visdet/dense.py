@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._reduction import REDUCTIONS
 from ...errors import InvalidArgument
 from ...registry import ANY_DTYPES, Input, LossOutput, LossSpec, Param
 from ._mmdet import (
     _LOSS_WEIGHT,
     _REDUCTION,
+    _REDUCTION_OVERRIDE,
     _UPSTREAM,
     _call_reduction,
     _gen,
@@ -37,16 +37,6 @@ def _avg_factor_input() -> Input:
         optional=True,
         doc="a number or a one-element tensor (kept a tensor: upstream's float32 avg_factor + eps); "
         "divides the sum (mean only; an error with sum)",
-    )
-
-
-def _reduction_override_input() -> Input:
-    return Input(
-        "reduction_override",
-        kind="str",
-        optional=True,
-        choices=REDUCTIONS,
-        doc="replaces the constructor's reduction for this call",
     )
 
 
@@ -248,7 +238,7 @@ SPECS = (
             ),
             Input("weight", optional=True, doc="element weight broadcast against the loss"),
             _avg_factor_input(),
-            _reduction_override_input(),
+            _REDUCTION_OVERRIDE,
         ),
         params=(
             Param("alpha", "float", 2.0, doc="exponent of the prediction's modulating factor"),
@@ -278,7 +268,7 @@ SPECS = (
                 doc="(n, *) masks, cast to float32 (float targets get a gradient)",
             ),
             Input("weight", shape=("n",), optional=True, doc="(n,) per-mask weight"),
-            _reduction_override_input(),
+            _REDUCTION_OVERRIDE,
             _avg_factor_input(),
         ),
         params=(
