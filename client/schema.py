@@ -582,7 +582,13 @@ def check_param(rule: Any, value: Any, where: str, nullable: bool) -> Any:
         if nullable:
             return None
         raise SchemaError.expected(where, f"{rule.type} (None is not allowed)", "None")
-    value = coerce_kind(rule.type, value, where)
+    return check_scalar(rule, rule.type, value, where)
+
+
+def check_scalar(rule: Any, kind: str, value: Any, where: str) -> Any:
+    """``value`` as a ``kind`` (int, str, bool, ...), then within ``rule``'s choices and range
+    (a Param, a ParamRule or a scalar Input); returns it in canonical form."""
+    value = coerce_kind(kind, value, where)
     if rule.choices and value not in rule.choices:
         allowed = ", ".join(repr(c) for c in rule.choices)
         raise SchemaError.expected(where, f"one of {allowed}", repr(value))

@@ -36,7 +36,7 @@ from lossd.client.schema import (
     SchemaError,
     check_param,
     check_range,
-    coerce_kind,
+    check_scalar,
     is_number,
     type_name,
 )
@@ -99,13 +99,6 @@ class Param:
 def _check_range(spec: Param | Input, value: Any, where: str) -> None:
     try:
         check_range(spec, value, where)
-    except SchemaError as exc:
-        raise InvalidArgument(exc.message, field=exc.field) from None
-
-
-def _coerce_type(kind: str, value: Any, where: str) -> Any:
-    try:
-        return coerce_kind(kind, value, where)
     except SchemaError as exc:
         raise InvalidArgument(exc.message, field=exc.field) from None
 
@@ -325,12 +318,10 @@ def check_input(spec: Input, value: Any, where: str, checker: Checker | None) ->
         _check_range(spec, value, where)
         return value
     if spec.kind in ("int", "str", "bool"):
-        value = _coerce_type(spec.kind, value, where)
-        if spec.choices and value not in spec.choices:
-            allowed = ", ".join(repr(c) for c in spec.choices)
-            raise InvalidArgument.expected(where, f"one of {allowed}", repr(value))
-        _check_range(spec, value, where)
-        return value
+        try:
+            return check_scalar(spec, spec.kind, value, where)
+        except SchemaError as exc:
+            raise InvalidArgument(exc.message, field=exc.field) from None
     try:
         checker.check(spec.schema, value, spec.name, where)
     except SchemaError as exc:
