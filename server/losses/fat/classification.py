@@ -412,6 +412,11 @@ _CE_TARGET = (
 )
 
 
+# bce's and bce_with_logits' weight.
+_ELEMENT_WEIGHT = Param(
+    "weight", "tensor", None, nullable=True, doc="element weight broadcast to the input's shape"
+)
+
 SPECS = (
     LossSpec(
         name="cross_entropy",
@@ -522,13 +527,7 @@ SPECS = (
             ),
         ),
         params=(
-            Param(
-                "weight",
-                "tensor",
-                None,
-                nullable=True,
-                doc="element weight broadcast to the input's shape",
-            ),
+            _ELEMENT_WEIGHT,
             _REDUCTION,
         ),
         reference=f"torch.nn.BCELoss ({_TORCH}) via {_FAT}",
@@ -544,13 +543,7 @@ SPECS = (
             "float logits [*]", "float targets of the input's shape", same_shape="input"
         ),
         params=(
-            Param(
-                "weight",
-                "tensor",
-                None,
-                nullable=True,
-                doc="element weight broadcast to the input's shape",
-            ),
+            _ELEMENT_WEIGHT,
             _REDUCTION,
             Param(
                 "pos_weight",
