@@ -618,6 +618,9 @@ _QFL_TARGET = (
     ),
 )
 
+# FocalLoss and QualityFocalLoss take the same activated parameter.
+_ACTIVATED = Param("activated", "bool", False, doc="pred are probabilities (mmdet 3.3.0 behaviour)")
+
 SPECS = (
     LossSpec(
         name="CrossEntropyLoss",
@@ -703,7 +706,7 @@ SPECS = (
             Param("alpha", "float", 0.25, doc="weight of positives (1 - alpha for negatives)"),
             _REDUCTION,
             _LOSS_WEIGHT,
-            Param("activated", "bool", False, doc="pred are probabilities (mmdet 3.3.0 behaviour)"),
+            _ACTIVATED,
         ),
         reference="mmdet.models.losses.FocalLoss (mmdet 3.3.0; visdet f72e8d1 accepts index targets only); "
         "Lin et al., Focal Loss for Dense Object Detection, ICCV 2017",
@@ -737,7 +740,7 @@ SPECS = (
             Param("beta", "float", 2.0, doc="modulating exponent on |score - sigmoid(pred)|"),
             _REDUCTION,
             _LOSS_WEIGHT,
-            Param("activated", "bool", False, doc="pred are probabilities (mmdet 3.3.0 behaviour)"),
+            _ACTIVATED,
         ),
         reference="mmdet.models.losses.QualityFocalLoss (mmdet 3.3.0; visdet f72e8d1 accepts the pair target only); "
         "Li et al., Generalized Focal Loss, NeurIPS 2020",
