@@ -190,11 +190,12 @@ def _example_boxes(dtype):
     return (_boxes(6, gen, dtype), _boxes(6, gen, dtype)), {}, {}
 
 
+# IoULoss and GIoULoss: aligned boxes, then the MMDetection forward tail.
 _BOX_INPUTS = (
     Input("pred", shape=("N", "*", 4), differentiable=True, doc="(N, 4) boxes, x1y1x2y2 absolute"),
     Input("target", same_shape="pred", differentiable=True, doc="(N, 4) boxes aligned with pred"),
+    *_tail_inputs("(N,) per-box weight, or (N, 4) averaged over the last dim"),
 )
-_BOX_WEIGHT_DOC = "(N,) per-box weight, or (N, 4) averaged over the last dim"
 
 SPECS = (
     LossSpec(
@@ -202,10 +203,7 @@ SPECS = (
         fn=iou_loss,
         families=("visdet",),
         summary="IoU loss of aligned x1y1x2y2 boxes: 1 - IoU, 1 - IoU^2 or -ln IoU.",
-        inputs=(
-            *_BOX_INPUTS,
-            *_tail_inputs(_BOX_WEIGHT_DOC),
-        ),
+        inputs=_BOX_INPUTS,
         params=(
             Param("linear", "bool", False, doc="deprecated: True means mode='linear'"),
             Param("eps", "float", 1e-6, doc="lower clamp of the IoU"),
@@ -222,10 +220,7 @@ SPECS = (
         fn=giou_loss,
         families=("visdet",),
         summary="Generalized IoU loss 1 - GIoU of aligned x1y1x2y2 boxes.",
-        inputs=(
-            *_BOX_INPUTS,
-            *_tail_inputs(_BOX_WEIGHT_DOC),
-        ),
+        inputs=_BOX_INPUTS,
         params=(
             Param("eps", "float", 1e-6, doc="lower clamp of union and enclosing area"),
             _REDUCTION,
