@@ -18,7 +18,7 @@ from typing import Any
 
 from . import workloads
 from .floor import FloorClient
-from .measure import KB, LOCAL_THREAD, MB, stats
+from .measure import KB, MB, local_cell, stats
 from .report import ms_text, size_text
 from .servers import START_TIMEOUT_S, floor_server, lossd_server
 
@@ -65,20 +65,10 @@ def _row(
     import numpy as np
 
     from lossd.client import RemoteLoss
-    from lossd.server.engine import Engine
 
     row: dict[str, Any] = {"loss": w.loss, "size": w.size, "shape": w.shape,
                            "request_bytes": w.request_bytes, "grad_bytes": w.grad_bytes}  # fmt: skip
     payload = np.random.bytes(w.request_bytes)
-    engine = Engine(opts.device if opts.device != "auto" else "cpu")
-    local_args = workloads.to_device(w.args, engine.device)
-    paths = workloads.grad_paths(local_args, w.args)
-
-    def evaluate() -> int:
-        t0 = time.perf_counter_ns()
-        engine.evaluate(w.loss, w.params, local_args, {}, paths)
-        return time.perf_counter_ns() - t0
-
     modules = {
         "unix": RemoteLoss(
             w.loss, endpoint=address, max_message_mb=opts.max_message_mb, shm=False, **w.params
@@ -87,7 +77,7 @@ def _row(
     if w.size >= 1 * MB:
         modules["shm"] = RemoteLoss(w.loss, endpoint=address, max_message_mb=opts.max_message_mb, transport="chunked", **w.params)  # fmt: skip
     cells = {"echo_unix": lambda: floor.echo(payload, w.grad_bytes),
-             "local": lambda: LOCAL_THREAD.submit(evaluate).result()}  # fmt: skip
+             "local": local_cell(w, opts)}  # fmt: skip
     for name, module in modules.items():
 
         def remote(module: RemoteLoss = module) -> None:

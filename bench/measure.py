@@ -80,6 +80,27 @@ def torch_threads_of(server_args: list[str]) -> int:
     return ServerConfig().torch_threads  # the server's default
 
 
+def local_cell(w: workloads.Workload, opts: argparse.Namespace) -> Callable[[], int]:
+    """The ``local`` column: the server's engine on ``w`` in this process; each call returns the
+    evaluation's own nanoseconds."""
+    from lossd.server.engine import Engine
+
+    engine = Engine(opts.device if opts.device != "auto" else "cpu")
+    local_args = workloads.to_device(w.args, engine.device)
+    paths = workloads.grad_paths(local_args, w.args)
+
+    def evaluate() -> int:
+        t0 = time.perf_counter_ns()
+        engine.evaluate(w.loss, w.params, local_args, {}, paths)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter_ns() - t0
+
+    # Like the server, evaluate on a pool thread (not the main thread: under load, OpenMP regions
+    # started from the main thread of a busy process were up to 10x slower); time it there.
+    return lambda: LOCAL_THREAD.submit(evaluate).result()
+
+
 def run_row(
     w: workloads.Workload,
     floor: FloorClient,
@@ -90,7 +111,6 @@ def run_row(
     """Every column of one row, measured interleaved: one call of each column per round, so
     every column sees the same machine (other jobs' load moves all of them, not one)."""
     from lossd.client import RemoteLoss
-    from lossd.server.engine import Engine
 
     min_n, max_n = (3 if w.size >= 16 * MB else 5), opts.max_n
     row: dict[str, Any] = {
@@ -114,20 +134,7 @@ def run_row(
         cells["pingpong"] = session.round_trip
         closers.append(session.close)
 
-    engine = Engine(opts.device if opts.device != "auto" else "cpu")
-    local_args = workloads.to_device(w.args, engine.device)
-    paths = workloads.grad_paths(local_args, w.args)
-
-    def evaluate() -> int:
-        t0 = time.perf_counter_ns()
-        engine.evaluate(w.loss, w.params, local_args, {}, paths)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter_ns() - t0
-
-    # Like the server, evaluate on a pool thread (not the main thread: under load, OpenMP regions
-    # started from the main thread of a busy process were up to 10x slower); time it there.
-    cells["local"] = lambda: LOCAL_THREAD.submit(evaluate).result()
+    cells["local"] = local_cell(w, opts)
     for transport in transports:
         if transport == "chunked" and w.size < 1 * MB:
             continue
