@@ -70,6 +70,12 @@ def _xyxy(cx, cy, w, h) -> list[float]:
     return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
 
 
+def _image(*gts: tuple[tuple, int]) -> dict:
+    """One image's ground truth from (cx, cy, w, h) boxes and their labels; none: no boxes."""
+    boxes = torch.tensor([_xyxy(*box) for box, _ in gts], dtype=torch.float64).reshape(-1, 4)
+    return {"boxes": boxes, "labels": torch.tensor([label for _, label in gts], dtype=torch.int64)}
+
+
 def _expected(levels, img_size, fg: list[tuple], use_l1: bool = True) -> dict[str, float]:
     """Loss terms from the formulas, given the matched anchors.
 
@@ -118,18 +124,9 @@ def _three_images() -> tuple[list[torch.Tensor], dict, list[tuple]]:
     _designate(levels, img, 2, 0, 6, 1, (9.6, 50.4, 17.0, 19.0))  # IoU ~0.90 with C
     target = {
         "gt": [
-            {
-                "boxes": torch.tensor([_xyxy(*GT_A)], dtype=torch.float64),
-                "labels": torch.tensor([1]),
-            },
-            {
-                "boxes": torch.zeros(0, 4, dtype=torch.float64),
-                "labels": torch.zeros(0, dtype=torch.int64),
-            },
-            {
-                "boxes": torch.tensor([_xyxy(*GT_B), _xyxy(*GT_C)], dtype=torch.float64),
-                "labels": torch.tensor([0, 2]),
-            },
+            _image((GT_A, 1)),
+            _image(),
+            _image((GT_B, 0), (GT_C, 2)),
         ],
         "img_size": img,
         "num_classes": NUM_CLASSES,
@@ -392,14 +389,8 @@ def test_gradcheck(level: int) -> None:
     levels[0][0, 5 + 1, 1, 1] = 0.0
     target = {
         "gt": [
-            {
-                "boxes": torch.tensor([_xyxy(*GT_A)], dtype=torch.float64),
-                "labels": torch.tensor([1]),
-            },
-            {
-                "boxes": torch.zeros(0, 4, dtype=torch.float64),
-                "labels": torch.zeros(0, dtype=torch.int64),
-            },
+            _image((GT_A, 1)),
+            _image(),
         ],
         "img_size": img,
         "num_classes": NUM_CLASSES,
