@@ -18,6 +18,13 @@ from lossd.client.wire import framing
 from lossd.server.metrics import Metrics
 from tests.support.opskit import running, samples, scrape, value
 
+# The grpc_server_* labels of unary Compute calls.
+UNARY_COMPUTE = {
+    "grpc_service": "lossd.v1.LossService",
+    "grpc_method": "Compute",
+    "grpc_type": "unary",
+}
+
 
 def _mse(n: int = 8) -> pb.ComputeRequest:
     return build_request("mse", {}, (torch.randn(n), torch.randn(n)), {})
@@ -53,11 +60,7 @@ def test_metrics_count_good_and_bad_calls():
         text = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
 
     m = samples(text)
-    compute = {
-        "grpc_service": "lossd.v1.LossService",
-        "grpc_method": "Compute",
-        "grpc_type": "unary",
-    }
+    compute = UNARY_COMPUTE
     assert value(m, "grpc_server_started_total", **compute) == 7
     assert value(m, "grpc_server_handled_total", grpc_code="OK", **compute) == 4
     assert value(m, "grpc_server_handled_total", grpc_code="NotFound", **compute) == 1
@@ -254,11 +257,7 @@ def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_fil
     ]
 
     m = samples(text)
-    compute = {
-        "grpc_method": "Compute",
-        "grpc_service": "lossd.v1.LossService",
-        "grpc_type": "unary",
-    }
+    compute = UNARY_COMPUTE
     assert value(m, "grpc_server_started_total", **compute) == 7
     assert value(m, "grpc_server_handled_total", **compute) == 7
     assert value(m, "grpc_server_handled_total", grpc_code="OK", **compute) == 3
