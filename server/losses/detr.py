@@ -34,7 +34,7 @@ from ._detection import (
 )
 from .netspresso import _sigmoid_focal_elementwise
 
-#: The matcher types upstream's ``eval(matcher.type)`` can name in its module. lossd never
+#: The matcher types upstream can name (it evaluates ``matcher.type`` as code in its module). lossd never
 #: evaluates client text: the type is looked up by name.
 MATCHER_TYPES = ("HungarianMatcher",)
 TERMS = ("labels", "boxes", "cardinality", "focal", "vfl")
