@@ -168,6 +168,10 @@ def _make_kl_div_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
 
 
 _REGRESSION_TARGET = "float targets, the input's shape (integer ones promoted, as in torch)"
+# mse, l1 and smooth_l1 take the same forward: an integer target is promoted as torch promotes it.
+_REGRESSION_INPUTS = _pair_inputs(
+    "float predictions [*]", _REGRESSION_TARGET, broadcasts_with="input", promote_with="input"
+)
 
 
 SPECS = (
@@ -176,12 +180,7 @@ SPECS = (
         fn=mse,
         families=("fat",),
         summary="Mean squared error (torch MSELoss).",
-        inputs=_pair_inputs(
-            "float predictions [*]",
-            _REGRESSION_TARGET,
-            broadcasts_with="input",
-            promote_with="input",  # an integer target, promoted as torch promotes it
-        ),
+        inputs=_REGRESSION_INPUTS,
         params=(_REDUCTION,),
         reference=f"torch.nn.MSELoss ({_TORCH}) via {_FAT}",
         example='RemoteLoss("mse")(pred, target)',
@@ -192,12 +191,7 @@ SPECS = (
         fn=l1,
         families=("fat",),
         summary="Mean absolute error (torch L1Loss).",
-        inputs=_pair_inputs(
-            "float predictions [*]",
-            _REGRESSION_TARGET,
-            broadcasts_with="input",
-            promote_with="input",  # an integer target, promoted as torch promotes it
-        ),
+        inputs=_REGRESSION_INPUTS,
         params=(_REDUCTION,),
         reference=f"torch.nn.L1Loss ({_TORCH}) via {_FAT}",
         example='RemoteLoss("l1")(pred, target)',
@@ -208,12 +202,7 @@ SPECS = (
         fn=smooth_l1,
         families=("fat",),
         summary="Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
-        inputs=_pair_inputs(
-            "float predictions [*]",
-            _REGRESSION_TARGET,
-            broadcasts_with="input",
-            promote_with="input",  # an integer target, promoted as torch promotes it
-        ),
+        inputs=_REGRESSION_INPUTS,
         params=(
             _REDUCTION,
             Param(

@@ -621,6 +621,11 @@ _QFL_TARGET = (
 # FocalLoss and QualityFocalLoss take the same activated parameter.
 _ACTIVATED = Param("activated", "bool", False, doc="pred are probabilities (mmdet 3.3.0 behaviour)")
 
+# FocalLoss's and QualityFocalLoss's pred: the same logits (or probabilities when activated).
+_FOCAL_PRED_INPUT = Input(
+    "pred", forms=_FOCAL_PRED, differentiable=True, doc="(N, C) logits (probabilities if activated)"
+)
+
 SPECS = (
     LossSpec(
         name="CrossEntropyLoss",
@@ -680,12 +685,7 @@ SPECS = (
         families=("visdet",),
         summary="Sigmoid focal loss (RetinaNet) on (N, C) logits with index, one-hot/soft or probability inputs.",
         inputs=(
-            Input(
-                "pred",
-                forms=_FOCAL_PRED,
-                differentiable=True,
-                doc="(N, C) logits (probabilities if activated)",
-            ),
+            _FOCAL_PRED_INPUT,
             Input(
                 "target",
                 forms=_FOCAL_TARGET,
@@ -719,12 +719,7 @@ SPECS = (
         families=("visdet",),
         summary="Quality Focal Loss (GFL): sigmoid BCE against IoU quality scores, summed over classes.",
         inputs=(
-            Input(
-                "pred",
-                forms=_FOCAL_PRED,
-                differentiable=True,
-                doc="(N, C) logits (probabilities if activated)",
-            ),
+            _FOCAL_PRED_INPUT,
             Input(
                 "target",
                 kind="structure",
