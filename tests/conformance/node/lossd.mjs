@@ -24,11 +24,22 @@ const definition = protoLoader.loadSync("lossd/v1/lossd.proto", {
 });
 export const lossd = grpc.loadPackageDefinition(definition).lossd.v1;
 
-// Standard messages (health, reflection, google.rpc) and descriptor.proto, read with protobufjs.
-const standard = new protobuf.Root().loadSync(path.join(here, "protos", "standard.proto"), {
-  keepCase: true,
-});
-export const std = (name) => standard.lookupType(`conformance.${name}`);
+// Standard messages (health, reflection, google.rpc) from the npm packages that publish their
+// .proto files, and descriptor.proto, read with protobufjs.
+const standardProtos = {
+  "grpc/health/v1/health.proto": "grpc-health-check/proto/health/v1/health.proto",
+  "grpc/reflection/v1/reflection.proto": "@grpc/reflection/build/proto/grpc/reflection/v1/reflection.proto",
+  "grpc/reflection/v1alpha/reflection.proto":
+    "@grpc/reflection/build/proto/grpc/reflection/v1alpha/reflection.proto",
+  "google/rpc/status.proto": "google-proto-files/google/rpc/status.proto",
+  "google/rpc/error_details.proto": "google-proto-files/google/rpc/error_details.proto",
+};
+const standard = new protobuf.Root();
+// Imports between them (google/protobuf/any.proto, ...) are protobufjs's bundled common types.
+standard.resolvePath = (origin, target) =>
+  standardProtos[target] ? require.resolve(standardProtos[target]) : protobuf.util.path.resolve(origin, target);
+standard.loadSync(Object.keys(standardProtos), { keepCase: true });
+export const std = (name) => standard.lookupType(name);
 const descriptorRoot = protobuf.loadSync(
   require.resolve("protobufjs/google/protobuf/descriptor.proto"),
 );
@@ -64,8 +75,8 @@ export function serverStream(service, method, request) {
 // Standard services by method path, with protobufjs messages.
 
 export function healthCheck(service = "") {
-  const Req = std("HealthCheckRequest");
-  const Res = std("HealthCheckResponse");
+  const Req = std("grpc.health.v1.HealthCheckRequest");
+  const Res = std("grpc.health.v1.HealthCheckResponse");
   return new Promise((resolve, reject) =>
     raw.makeUnaryRequest(
       "/grpc.health.v1.Health/Check",
@@ -79,8 +90,8 @@ export function healthCheck(service = "") {
 }
 
 export function reflect(version, request) {
-  const Req = std("ServerReflectionRequest");
-  const Res = std("ServerReflectionResponse");
+  const Req = std(`grpc.reflection.${version}.ServerReflectionRequest`);
+  const Res = std(`grpc.reflection.${version}.ServerReflectionResponse`);
   return new Promise((resolve, reject) => {
     const call = raw.makeBidiStreamRequest(
       `/grpc.reflection.${version}.ServerReflection/ServerReflectionInfo`,
@@ -101,9 +112,9 @@ export function reflect(version, request) {
 export function badRequest(error) {
   const [bin] = error.metadata?.get("grpc-status-details-bin") ?? [];
   if (!bin) return null;
-  const status = std("Status").decode(bin);
+  const status = std("google.rpc.Status").decode(bin);
   const any = status.details.find((d) => d.type_url === "type.googleapis.com/google.rpc.BadRequest");
-  return any ? std("BadRequest").decode(any.value) : null;
+  return any ? std("google.rpc.BadRequest").decode(any.value) : null;
 }
 
 // ---------------------------------------------------------------------------------------------
