@@ -426,29 +426,22 @@ def test_giou_far_apart_approaches_two():
     assert 1.99 < got.item() < 2.0
 
 
-def test_giou_eps_clamps_union_and_enclosure():
-    # two zero-area boxes side by side: union 0 -> eps = 0.5, enclosure 1: GIoU = 0 - (1 - 0.5) / 1
-    got = value(
-        call(
-            "GIoULoss",
-            boxes([0.0, 0.0, 0.0, 1.0]),
-            boxes([1.0, 0.0, 1.0, 1.0]),
-            eps=0.5,
-            reduction="none",
-        )
-    )
-    assert_close(got, torch.tensor([1.5], dtype=F64))
-    # stacked on one vertical line: the enclosure (area 0) is clamped too: GIoU = 0 - (0.5 - 0.5) / 0.5
-    got = value(
-        call(
-            "GIoULoss",
-            boxes([0.0, 0.0, 0.0, 1.0]),
-            boxes([0.0, 2.0, 0.0, 3.0]),
-            eps=0.5,
-            reduction="none",
-        )
-    )
-    assert_close(got, torch.tensor([1.0], dtype=F64))
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # two zero-area boxes side by side: union 0 -> eps = 0.5, enclosure 1:
+        # GIoU = 0 - (1 - 0.5) / 1
+        ([1.0, 0.0, 1.0, 1.0], 1.5),
+        # stacked on one vertical line: the enclosure (area 0) is clamped too:
+        # GIoU = 0 - (0.5 - 0.5) / 0.5
+        ([0.0, 2.0, 0.0, 3.0], 1.0),
+    ],
+    ids=["side-by-side", "stacked"],
+)
+def test_giou_eps_clamps_union_and_enclosure(target, expected):
+    pred = boxes([0.0, 0.0, 0.0, 1.0])
+    got = value(call("GIoULoss", pred, boxes(target), eps=0.5, reduction="none"))
+    assert_close(got, torch.tensor([expected], dtype=F64))
 
 
 @pytest.mark.parametrize(
