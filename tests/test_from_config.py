@@ -147,36 +147,27 @@ def test_visdet_type_dict_builds_that_loss(endpoint):
     torch.testing.assert_close(crit(x, y), 2.0 * F.smooth_l1_loss(x, y))
 
 
+# The sigmoid focal classification loss that RetinaNet, FCOS and ATSS configs share.
+FOCAL_CLS = {
+    "type": "FocalLoss",
+    "use_sigmoid": True,
+    "gamma": 2.0,
+    "alpha": 0.25,
+    "loss_weight": 1.0,
+}
+
 DETECTORS = {
     "RetinaNet": {
-        "loss_cls": {
-            "type": "FocalLoss",
-            "use_sigmoid": True,
-            "gamma": 2.0,
-            "alpha": 0.25,
-            "loss_weight": 1.0,
-        },
+        "loss_cls": FOCAL_CLS,
         "loss_bbox": {"type": "SmoothL1Loss", "beta": 1.0, "loss_weight": 1.0},
     },
     "FCOS": {
-        "loss_cls": {
-            "type": "FocalLoss",
-            "use_sigmoid": True,
-            "gamma": 2.0,
-            "alpha": 0.25,
-            "loss_weight": 1.0,
-        },
+        "loss_cls": FOCAL_CLS,
         "loss_bbox": {"type": "IoULoss", "mode": "log", "loss_weight": 1.0},
         "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
     },
     "ATSS": {
-        "loss_cls": {
-            "type": "FocalLoss",
-            "use_sigmoid": True,
-            "gamma": 2.0,
-            "alpha": 0.25,
-            "loss_weight": 1.0,
-        },
+        "loss_cls": FOCAL_CLS,
         "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
         "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
     },
