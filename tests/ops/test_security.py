@@ -104,14 +104,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
     with running(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca) as server:
         _add_probes(server)
         target = f"127.0.0.1:{server.port}"
-        good = LossClient(
-            target,
-            timeout=20,
-            tls_ca=pki.ca,
-            tls_cert=pki.client_cert,
-            tls_key=pki.client_key,
-            retries=0,
-        )
+        good = _mtls_client(target, pki, "trainer-7")
         try:
             assert _loss(good.compute(_mse())) == pytest.approx(1.0)
             # Without tokens the principal is the client certificate's common name.
@@ -137,16 +130,14 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_a_foreign_one(
                 client.close()
         assert codes == dict.fromkeys(refused, grpc.StatusCode.UNAVAILABLE)
         # Refused handshakes leave the server healthy for good clients.
-        assert (
-            probe.check(
-                target,
-                tls_ca=pki.ca,
-                tls_cert=pki.client_cert,
-                tls_key=pki.client_key,
-                tls_server_name="localhost",
-            )
-            == "SERVING"
-        )
+        assert _mtls_probe(target, pki, pki.client_cert, pki.client_key) == "SERVING"
+
+
+def _mtls_probe(target: str, pki, cert: str, key: str) -> str:
+    """The health status `lossd health` reads over mTLS with this client certificate."""
+    return probe.check(
+        target, tls_ca=pki.ca, tls_cert=cert, tls_key=key, tls_server_name="localhost"
+    )
 
 
 def _mtls_client(target: str, pki, who: str) -> LossClient:
@@ -220,16 +211,7 @@ def test_certificate_roles_give_each_client_certificate_exactly_its_roles(pki, t
             == grpc.StatusCode.PERMISSION_DENIED
         )
         # Probes stay open to any certificate the CA signed.
-        assert (
-            probe.check(
-                target,
-                tls_ca=pki.ca,
-                tls_cert=pki.stranger_cert,
-                tls_key=pki.stranger_key,
-                tls_server_name="localhost",
-            )
-            == "SERVING"
-        )
+        assert _mtls_probe(target, pki, pki.stranger_cert, pki.stranger_key) == "SERVING"
 
 
 @pytest.mark.parametrize(
