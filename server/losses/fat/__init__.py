@@ -25,21 +25,7 @@ from . import classification, regression
 from .classification import bce, bce_with_logits, cross_entropy, nll, sqr_hinge
 from .regression import kl_div, l1, mse, smooth_l1
 
-_BY_NAME = {s.name: s for s in (*classification.SPECS, *regression.SPECS)}
-SPECS = tuple(
-    _BY_NAME[name]
-    for name in (
-        "cross_entropy",
-        "nll",
-        "mse",
-        "l1",
-        "smooth_l1",
-        "bce",
-        "bce_with_logits",
-        "kl_div",
-        "sqr_hinge",
-    )
-)
+SPECS = (*classification.SPECS, *regression.SPECS)
 
 __all__ = [
     "SPECS",
