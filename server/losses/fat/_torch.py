@@ -97,6 +97,15 @@ def _empty_mean_note(loss_name: str) -> list[str]:
     ]
 
 
+def _noted_result(
+    loss: Tensor, loss_name: str, reduction: str, elements: Tensor, notes: list[str]
+) -> Tensor | LossOutput:
+    """The loss, with ``notes`` and the NaN note of ``mean`` over an empty ``elements``."""
+    if reduction == "mean" and elements.numel() == 0:
+        notes = notes + _empty_mean_note(loss_name)
+    return _result(loss, notes)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -24,6 +24,7 @@ from ._torch import (
     _empty_mean_note,
     _gen,
     _legacy_reduction,
+    _noted_result,
     _pair_inputs,
     _result,
 )
@@ -207,8 +208,7 @@ def bce(
     # kernel: a RuntimeError on CPU, a device-side assert on CUDA).
     weight = _broadcast_weight(weight, "weight", input)
     loss = F.binary_cross_entropy(input, target, weight=weight, reduction=reduction)
-    notes = _empty_mean_note("bce") if reduction == "mean" and input.numel() == 0 else []
-    return _result(loss, notes)
+    return _noted_result(loss, "bce", reduction, input, [])
 
 
 def bce_with_logits(
@@ -246,10 +246,7 @@ def bce_with_logits(
     loss = F.binary_cross_entropy_with_logits(
         input, target, weight=weight, reduction=reduction, pos_weight=pos_weight
     )
-    notes = (
-        _empty_mean_note("bce_with_logits") if reduction == "mean" and input.numel() == 0 else []
-    )
-    return _result(loss, notes)
+    return _noted_result(loss, "bce_with_logits", reduction, input, [])
 
 
 def sqr_hinge(input: Tensor, target: Tensor) -> Tensor | LossOutput:

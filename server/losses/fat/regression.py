@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,10 +15,9 @@ from ._torch import (
     _FAT,
     _REDUCTION,
     _TORCH,
-    _empty_mean_note,
     _gen,
+    _noted_result,
     _pair_inputs,
-    _result,
 )
 
 KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -37,6 +37,20 @@ def _pair(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
     return input, target, [note]
 
 
+def _torch_pointwise(
+    loss_fn: Callable[..., Tensor],
+    loss_name: str,
+    input: Tensor,
+    target: Tensor,
+    reduction: str,
+    **options: float,
+) -> Tensor | LossOutput:
+    """mse, l1 and smooth_l1: torch's element-wise loss of the (broadcast) pair, with its notes."""
+    input, target, notes = _pair(input, target)
+    loss = loss_fn(input, target, reduction=reduction, **options)
+    return _noted_result(loss, loss_name, reduction, input, notes)
+
+
 def mse(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
     """Mean squared error ``(input - target)^2``.
 
@@ -52,33 +66,18 @@ def mse(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | L
     Reference:
         ``torch.nn.MSELoss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
-    input, target, notes = _pair(input, target)
-    loss = F.mse_loss(input, target, reduction=reduction)
-    if reduction == "mean" and input.numel() == 0:
-        notes += _empty_mean_note("mse")
-    return _result(loss, notes)
+    return _torch_pointwise(F.mse_loss, "mse", input, target, reduction)
 
 
 def l1(input: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor | LossOutput:
     """Mean absolute error ``|input - target|``.
 
-    Args:
-        input (Tensor[*]): float predictions.
-        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
-            as in torch, with a note); receives a gradient.
-        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
-
-    Returns:
-        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+    Takes and returns what :func:`mse` does: ``input`` and ``target`` Tensor[*], ``reduction``.
 
     Reference:
         ``torch.nn.L1Loss`` (torch 2.13) as built by fat's ``LossFactory`` (giovannipollo/fat@9abd3cf).
     """
-    input, target, notes = _pair(input, target)
-    loss = F.l1_loss(input, target, reduction=reduction)
-    if reduction == "mean" and input.numel() == 0:
-        notes += _empty_mean_note("l1")
-    return _result(loss, notes)
+    return _torch_pointwise(F.l1_loss, "l1", input, target, reduction)
 
 
 def smooth_l1(
@@ -86,26 +85,15 @@ def smooth_l1(
 ) -> Tensor | LossOutput:
     """Smooth L1 (Huber-like): ``0.5 * d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 * beta``.
 
-    Args:
-        input (Tensor[*]): float predictions.
-        target (Tensor[*]): float targets, the input's shape (a broadcastable shape is accepted
-            as in torch, with a note); receives a gradient.
-        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. Default: ``'mean'``.
-        beta (float): >= 0, where the loss turns from quadratic to linear; ``0`` is exactly the
-            L1 loss (torch switches to it). Default: ``1.0``.
-
-    Returns:
-        Tensor: the loss; NaN for ``mean`` over an empty input, as in torch.
+    Takes and returns what :func:`mse` does (``input`` and ``target`` Tensor[*], ``reduction``),
+    and ``beta`` (float): >= 0, where the loss turns from quadratic to linear; ``0`` is exactly
+    the L1 loss (torch switches to it). Default: ``1.0``.
 
     Reference:
         ``torch.nn.SmoothL1Loss`` (torch 2.13) as built by fat's ``LossFactory``
         (giovannipollo/fat@9abd3cf); Girshick, "Fast R-CNN", ICCV 2015.
     """
-    input, target, notes = _pair(input, target)
-    loss = F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
-    if reduction == "mean" and input.numel() == 0:
-        notes += _empty_mean_note("smooth_l1")
-    return _result(loss, notes)
+    return _torch_pointwise(F.smooth_l1_loss, "smooth_l1", input, target, reduction, beta=beta)
 
 
 def kl_div(
@@ -145,9 +133,7 @@ def kl_div(
                 )
     else:
         loss = reduce_loss(pointwise, reduction)
-        if reduction == "mean" and pointwise.numel() == 0:
-            notes += _empty_mean_note("kl_div")
-    return _result(loss, notes)
+    return _noted_result(loss, "kl_div", reduction, pointwise, notes)
 
 
 def _make_regression_example(seed: int, params: dict) -> Any:
@@ -174,45 +160,34 @@ _REGRESSION_INPUTS = _pair_inputs(
 )
 
 
+def _pointwise_spec(
+    fn: Callable[..., Any],
+    torch_class: str,
+    summary: str,
+    seed: int,
+    extra: tuple[Param, ...] = (),
+    example_params: dict[str, float] | None = None,
+) -> LossSpec:
+    """mse, l1 and smooth_l1 are declared alike: one forward, a reduction (and ``extra``), the
+    torch class fat builds, an example call with ``example_params``."""
+    example_params = example_params or {}
+    given = "".join(f", {key}={value!r}" for key, value in example_params.items())
+    return LossSpec(
+        name=fn.__name__,
+        fn=fn,
+        families=("fat",),
+        summary=summary,
+        inputs=_REGRESSION_INPUTS,
+        params=(_REDUCTION, *extra),
+        reference=f"torch.nn.{torch_class} ({_TORCH}) via {_FAT}",
+        example=f'RemoteLoss("{fn.__name__}"{given})(pred, target)',
+        make_example=_make_regression_example(seed, example_params),
+    )
+
+
+_BETA = Param("beta", "float", 1.0, minimum=0.0, doc="quadratic-to-linear threshold; 0 gives L1")
+
 SPECS = (
-    LossSpec(
-        name="mse",
-        fn=mse,
-        families=("fat",),
-        summary="Mean squared error (torch MSELoss).",
-        inputs=_REGRESSION_INPUTS,
-        params=(_REDUCTION,),
-        reference=f"torch.nn.MSELoss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("mse")(pred, target)',
-        make_example=_make_regression_example(3003, {}),
-    ),
-    LossSpec(
-        name="l1",
-        fn=l1,
-        families=("fat",),
-        summary="Mean absolute error (torch L1Loss).",
-        inputs=_REGRESSION_INPUTS,
-        params=(_REDUCTION,),
-        reference=f"torch.nn.L1Loss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("l1")(pred, target)',
-        make_example=_make_regression_example(3004, {}),
-    ),
-    LossSpec(
-        name="smooth_l1",
-        fn=smooth_l1,
-        families=("fat",),
-        summary="Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
-        inputs=_REGRESSION_INPUTS,
-        params=(
-            _REDUCTION,
-            Param(
-                "beta", "float", 1.0, minimum=0.0, doc="quadratic-to-linear threshold; 0 gives L1"
-            ),
-        ),
-        reference=f"torch.nn.SmoothL1Loss ({_TORCH}) via {_FAT}",
-        example='RemoteLoss("smooth_l1", beta=0.5)(pred, target)',
-        make_example=_make_regression_example(3005, {"beta": 0.5}),
-    ),
     LossSpec(
         name="kl_div",
         fn=kl_div,
@@ -235,5 +210,15 @@ SPECS = (
         reference=f"torch.nn.KLDivLoss ({_TORCH}) via {_FAT}",
         example='RemoteLoss("kl_div")(log_probs, target_probs)',
         make_example=_make_kl_div_example,
+    ),
+    _pointwise_spec(mse, "MSELoss", "Mean squared error (torch MSELoss).", 3003),
+    _pointwise_spec(l1, "L1Loss", "Mean absolute error (torch L1Loss).", 3004),
+    _pointwise_spec(
+        smooth_l1,
+        "SmoothL1Loss",
+        "Smooth L1 / Huber-like loss with threshold beta (torch SmoothL1Loss).",
+        3005,
+        extra=(_BETA,),
+        example_params={"beta": 0.5},
     ),
 )
