@@ -21,6 +21,8 @@ import torch
 from . import workloads
 from .colocated import colocated
 from .colocated import render as render_colocated
+from .cpu import cpu
+from .cpu import render as render_cpu
 from .floor import FloorClient
 from .measure import (
     KB,
@@ -77,6 +79,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the co-located rows: a Unix-socket echo, local, lossd over a Unix socket, and through shared memory (bench/colocated.py)",
     )
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="per-call CPU of small calls, client and server, lossd vs a bare echo (bench/cpu.py)",
+    )
+    p.add_argument("--cpu-calls", type=int, default=500, help="calls per block of --cpu")
     p.add_argument(
         "--rows",
         action="store_true",
@@ -151,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     named = {
         part
-        for part in ("rows", "concurrency", "memory", "huge", "colocated")
+        for part in ("rows", "concurrency", "memory", "huge", "colocated", "cpu")
         if getattr(opts, part)
     }
     parts = named or (
-        {"rows", "memory", "colocated"}
+        {"rows", "memory", "colocated", "cpu"}
         if opts.quick
-        else {"rows", "concurrency", "memory", "colocated"}
+        else {"rows", "concurrency", "memory", "colocated", "cpu"}
     )
     sizes = (
         [int(s) * KB for s in opts.sizes.split(",")]
@@ -207,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["huge"] = huge(opts, workdir)
             if "colocated" in parts:
                 result["colocated"] = colocated(opts, workdir, losses[:1], sizes)
+            if "cpu" in parts:
+                result["cpu"] = cpu(opts, workdir)
     finally:
         if pool is not None:
             pool.close()
@@ -226,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 *render_targets(found),
             ]
         )
+    if "cpu" in result:
+        sections["cpu"] = render_cpu(result)
     print()
     for name, body in sections.items():
         print(f"## {SECTION_TITLES[name]}\n\n{body}\n")

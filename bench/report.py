@@ -282,4 +282,5 @@ SECTION_TITLES = {
     "memory": "Server memory",
     "huge": "A 1 GiB request",
     "colocated": "Co-located: Unix socket and shared memory",
+    "cpu": "Per-call CPU of small calls",
 }

@@ -1,0 +1,149 @@
+"""Per-call CPU of small calls (``python -m bench --cpu``): what lossd itself costs each side.
+
+For each small call (<= 64 KB), sequential calls from this process, in blocks:
+
+- ``lossd``: ``RemoteLoss`` forward + ``.backward()`` (unary ``Compute``) against ``lossd serve``;
+- ``echo``: the trivial handler's unary echo of the same bytes (bench/floor.py), the gRPC floor;
+- ``local``: the server's engine on the same inputs in this process (the loss's own compute).
+
+Client CPU is ``time.process_time()`` over a block (every thread of this process, gRPC's own
+included) / calls; server CPU is the server process's utime + stime from /proc over the same
+block / calls. CPU time, not wall-clock: on the shared 2-core box other jobs move wall times by
+up to 2x, CPU time much less. Each cell is the median of ``ROUNDS`` blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.support.serverproc import cpu_seconds
+
+from . import workloads
+from .floor import FloorClient
+from .measure import local_cell
+from .report import render_machine
+from .servers import floor_server, lossd_server
+
+ROUNDS = 3
+
+
+def _cross_entropy_64x10() -> workloads.Workload:
+    """The issue's 64x10 cross_entropy (2.5 KB of logits)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 10, generator=gen).requires_grad_()
+    target = torch.randint(0, 10, (64,), generator=gen)
+    return workloads.Workload("cross_entropy", 3 << 10, [logits, target], {}, {}, "64x10 f32")
+
+
+def cases() -> list[workloads.Workload]:
+    kb = 1 << 10
+    return [
+        _cross_entropy_64x10(),
+        workloads.build("cross_entropy", kb),  # 16x16
+        workloads.build("cross_entropy", 64 * kb),
+        workloads.build("FocalLoss", kb),  # 3x80
+        workloads.build("GIoULoss", kb),  # 32x4
+    ]
+
+
+def _block(fn: Callable[[], Any], pid: int | None, calls: int) -> tuple[float, float]:
+    """(client ms, server ms) per call over ``calls`` calls of ``fn`` (no server: 0)."""
+    server0, client0 = cpu_seconds(pid) if pid else 0.0, time.process_time()
+    for _ in range(calls):
+        fn()
+    client = time.process_time() - client0
+    server = cpu_seconds(pid) - server0 if pid else 0.0
+    return 1e3 * client / calls, 1e3 * server / calls
+
+
+def cpu(opts: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    floor_proc = floor_server(opts).start()
+    lossd_proc = lossd_server(opts, workdir).start()
+    floor = FloorClient(floor_proc.address)
+    rows = []
+    try:
+        for w in cases():
+            rows.append(_row(w, opts, floor, floor_proc.pid, lossd_proc))
+            print(_line(rows[-1]), flush=True)
+    finally:
+        floor.close()
+        floor_proc.stop()
+        lossd_proc.stop()
+    return rows
+
+
+def _row(
+    w: workloads.Workload, opts: argparse.Namespace, floor: FloorClient, floor_pid: int, lossd: Any
+) -> dict[str, Any]:
+    from lossd.client import RemoteLoss
+
+    payload = os.urandom(w.request_bytes)
+    module = RemoteLoss(w.loss, endpoint=lossd.address, transport="unary", **w.params)
+
+    def remote() -> None:
+        w.fresh()
+        module(*w.args, **w.kwargs).backward()
+
+    cells = {
+        "echo": (lambda: floor.echo(payload, w.grad_bytes), floor_pid),
+        "local": (local_cell(w, opts), None),
+        "lossd": (remote, lossd.pid),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cells}
+    try:
+        for fn, _ in cells.values():
+            for _ in range(20):  # warm-up: connection, DescribeLoss, first-call costs
+                fn()
+        for _ in range(ROUNDS):
+            for name, (fn, pid) in cells.items():
+                samples[name].append(_block(fn, pid, opts.cpu_calls))
+    finally:
+        module.close()
+    row: dict[str, Any] = {"loss": w.loss, "shape": w.shape, "calls": opts.cpu_calls}
+    for name, values in samples.items():
+        row[name] = {
+            "client_ms": statistics.median(c for c, _ in values),
+            "server_ms": statistics.median(s for _, s in values),
+        }
+    return row
+
+
+def _line(row: dict[str, Any]) -> str:
+    echo, lossd = row["echo"], row["lossd"]
+    return (
+        f"cpu {row['loss']:>14} {row['shape']:>12}  local {row['local']['client_ms']:.3f}  "
+        f"client ms echo {echo['client_ms']:.3f} lossd {lossd['client_ms']:.3f}  "
+        f"server ms echo {echo['server_ms']:.3f} lossd {lossd['server_ms']:.3f}"
+    )
+
+
+def render(result: dict[str, Any]) -> str:
+    """The per-call CPU section."""
+    lines = [
+        f"`{result['command']}` ({result['started']}). " + render_machine(result),
+        f"CPU ms per call, median of {ROUNDS} blocks of {result['cpu'][0]['calls'] if result['cpu'] else 0} "
+        "sequential calls (bench/cpu.py says how each is measured). `own` = lossd - echo: what lossd "
+        "adds to a bare gRPC call of the same bytes (on the server, the loss's own compute included: "
+        "`local` is the engine's evaluation in this process, for reference).",
+        "",
+        "| loss | input | local | client: echo / lossd / own | server: echo / lossd / own |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["cpu"]:
+        echo, lossd, local = row["echo"], row["lossd"], row["local"]["client_ms"]
+        client = lossd["client_ms"] - echo["client_ms"]
+        server = lossd["server_ms"] - echo["server_ms"]
+        lines.append(
+            f"| {row['loss']} | {row['shape']} | {local:.3f} | {echo['client_ms']:.3f} / "
+            f"{lossd['client_ms']:.3f} / {client:.3f} | {echo['server_ms']:.3f} / "
+            f"{lossd['server_ms']:.3f} / {server:.3f} |"
+        )
+    return "\n".join(lines)
