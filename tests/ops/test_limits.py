@@ -150,42 +150,36 @@ def test_a_call_whose_deadline_passed_in_the_queue_never_computes():
         _still_serving(server)
 
 
+def _refusal(server, request, **options) -> LossdError:
+    """The error a fresh client gets for ``request``."""
+    client = LossClient(f"127.0.0.1:{server.port}", timeout=30, retries=0, **options)
+    try:
+        with pytest.raises(LossdError) as caught:
+            client.compute(request)
+    finally:
+        client.close()
+    return caught.value
+
+
 def test_an_oversized_message_is_resource_exhausted_and_names_the_setting():
     with running(max_message_mb=1, metrics_port=-1) as server:
         big = build_request("mse", {}, (torch.ones(300_000), torch.zeros(300_000)), {})  # 2.4 MB
         assert big.ByteSize() > 1 << 20
-        client = LossClient(f"127.0.0.1:{server.port}", timeout=30, max_message_mb=64, retries=0)
-        try:
-            with pytest.raises(LossdError) as caught:
-                client.compute(big)
-        finally:
-            client.close()
-        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-message-mb" in caught.value.details
+        refused = _refusal(server, big, max_message_mb=64)
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-message-mb" in refused.details
         # The client refuses before sending when its own limit is lower, naming both knobs.
-        small = LossClient(f"127.0.0.1:{server.port}", timeout=30, max_message_mb=1, retries=0)
-        try:
-            with pytest.raises(LossdError) as caught:
-                small.compute(big)
-        finally:
-            small.close()
-        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert (
-            "max_message_mb" in caught.value.details and "--max-message-mb" in caught.value.details
-        )
+        refused = _refusal(server, big, max_message_mb=1)
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_message_mb" in refused.details and "--max-message-mb" in refused.details
         _still_serving(server)
 
 
 def test_an_element_cap_is_resource_exhausted_and_names_the_flag():
     with running(max_elements=100, metrics_port=-1) as server:
-        client = LossClient(f"127.0.0.1:{server.port}", timeout=30, retries=0)
-        try:
-            with pytest.raises(LossdError) as caught:
-                client.compute(_mse(101))
-        finally:
-            client.close()
-        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-elements" in caught.value.details and caught.value.field == "args[0].shape"
+        refused = _refusal(server, _mse(101))
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-elements" in refused.details and refused.field == "args[0].shape"
         _still_serving(server)
 
 
