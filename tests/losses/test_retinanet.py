@@ -173,6 +173,13 @@ def test_components_add_up_and_are_detached():
     assert result.components["box"] > 0 and result.components["cls"] > 0
 
 
+def _one_box_loss(anchors, logits, deltas, box: list[float], label: int):
+    """retinanet_loss of one image (one level) with one ground-truth box."""
+    out = {"anchors": anchors, "cls_logits": [logits], "bbox_regression": [deltas]}
+    gt = {"boxes": torch.tensor([box], dtype=torch.float64), "labels": torch.tensor([label])}
+    return retinanet_loss(out, {"gt": [gt]})
+
+
 def test_tied_low_quality_matches_are_all_foreground():
     # The GT overlaps anchors 0 and 1 equally (IoU 1/3 < 0.4): both become foreground.
     anchors = torch.tensor(
@@ -183,16 +190,7 @@ def test_tied_low_quality_matches_are_all_foreground():
     deltas = torch.tensor(
         [[[0.2, 0.1, 0.0, -0.3], [-0.5, 0.0, 0.4, 0.0], [9.0, 9.0, 9.0, 9.0]]], dtype=torch.float64
     )
-    out = {"anchors": anchors, "cls_logits": [logits], "bbox_regression": [deltas]}
-    target = {
-        "gt": [
-            {
-                "boxes": torch.tensor([[5.0, 0.0, 15.0, 10.0]], dtype=torch.float64),
-                "labels": torch.tensor([1]),
-            }
-        ]
-    }
-    result = retinanet_loss(out, target)
+    result = _one_box_loss(anchors, logits, deltas, [5.0, 0.0, 15.0, 10.0], 1)
 
     def fl(x: float, t: float) -> float:  # focal term, alpha .25, gamma 2
         p = 1 / (1 + math.exp(-x))
@@ -235,16 +233,7 @@ def test_gt_overlapping_no_anchor_makes_every_zero_iou_anchor_foreground():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0]], dtype=torch.float64)
     logits = torch.tensor([[[0.3, -0.2], [1.0, 2.0]]], dtype=torch.float64)
     deltas = torch.zeros(1, 2, 4, dtype=torch.float64)
-    out = {"anchors": anchors, "cls_logits": [logits], "bbox_regression": [deltas]}
-    target = {
-        "gt": [
-            {
-                "boxes": torch.tensor([[100.0, 100.0, 110.0, 120.0]], dtype=torch.float64),
-                "labels": torch.tensor([0]),
-            }
-        ]
-    }
-    result = retinanet_loss(out, target)
+    result = _one_box_loss(anchors, logits, deltas, [100.0, 100.0, 110.0, 120.0], 0)
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
     p = torch.sigmoid(logits[0])
     ce = F.binary_cross_entropy_with_logits(logits[0], t, reduction="none")
@@ -311,12 +300,17 @@ def test_inputs_are_not_mutated():
         torch.testing.assert_close(g["labels"], h["labels"], rtol=0, atol=0)
 
 
-def test_zero_anchors_and_no_boxes_gives_zero():
-    out = {
+def _no_anchors(images: int) -> dict:
+    """A head output with no anchors, for ``images`` images and 3 classes."""
+    return {
         "anchors": torch.zeros(0, 4, dtype=torch.float64),
-        "cls_logits": [torch.zeros(2, 0, 3, dtype=torch.float64)],
-        "bbox_regression": [torch.zeros(2, 0, 4, dtype=torch.float64)],
+        "cls_logits": [torch.zeros(images, 0, 3, dtype=torch.float64)],
+        "bbox_regression": [torch.zeros(images, 0, 4, dtype=torch.float64)],
     }
+
+
+def test_zero_anchors_and_no_boxes_gives_zero():
+    out = _no_anchors(2)
     empty = {
         "boxes": torch.zeros(0, 4, dtype=torch.float64),
         "labels": torch.zeros(0, dtype=torch.int64),
@@ -397,21 +391,13 @@ def test_invalid_inputs_raise_invalid_argument(change, field):
 
 
 def test_boxes_with_no_anchors_is_invalid():
-    out = {
-        "anchors": torch.zeros(0, 4, dtype=torch.float64),
-        "cls_logits": [torch.zeros(1, 0, 3, dtype=torch.float64)],
-        "bbox_regression": [torch.zeros(1, 0, 4, dtype=torch.float64)],
-    }
-    target = {
-        "gt": [
-            {
-                "boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64),
-                "labels": torch.tensor([0]),
-            }
-        ]
+    out = _no_anchors(1)
+    gt = {
+        "boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64),
+        "labels": torch.tensor([0]),
     }
     with pytest.raises(InvalidArgument, match="anchor"):
-        retinanet_loss(out, target)
+        retinanet_loss(out, {"gt": [gt]})
 
 
 # ---------------------------------------------------------------------------------------------
