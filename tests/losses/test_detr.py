@@ -22,6 +22,7 @@ from lossd.server.errors import InvalidArgument
 from lossd.server.losses.detr import RT_DETR_MATCHER, RT_DETR_WEIGHTS, detr_loss
 from lossd.server.losses.netspresso import criteria_list
 from tests.support.golden import GOLDEN, GOLDEN_TOL, load_golden
+from tests.support.losskit import run_example
 
 C = 3
 GOLDEN_CASE = GOLDEN / "netspresso" / "detr_loss__default.pt"
@@ -569,9 +570,7 @@ def test_spec_and_example():
     with pytest.raises(InvalidArgument, match="matcher"):
         spec.canonical_params({})
     for dtype in (torch.float32, torch.float64):
-        args, kwargs, params = spec.make_example(dtype)
-        r = spec.fn(*args, **kwargs, **spec.canonical_params(params))
-        assert r.value.dtype == dtype and torch.isfinite(r.value)
+        run_example(spec, dtype)
 
 
 def test_config_entry_builds_through_from_config(endpoint):

@@ -15,7 +15,7 @@ import lossd.server.losses  # noqa: F401  (registers the specs)
 from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.pidnet import pidnet_loss
-from tests.support.losskit import GOLDEN_TOL, call
+from tests.support.losskit import GOLDEN_TOL, call, run_example
 
 LOGIT_08 = math.log(4.0)  # sigmoid(log 4) == 0.8
 
@@ -349,6 +349,4 @@ def test_spec_registered_and_example_runs() -> None:
     assert spec.fn is pidnet_loss and spec.families == ("netspresso",)
     assert spec.param("ignore_index").default == -100 and spec.param("weight").default is None
     for dtype in (torch.float32, torch.float64):
-        args, kwargs, params = spec.make_example(dtype)
-        r = spec.fn(*args, **kwargs, **spec.canonical_params(params))
-        assert r.value.dtype == dtype and torch.isfinite(r.value) and r.value > 0
+        assert run_example(spec, dtype).value > 0

@@ -17,7 +17,7 @@ from lossd.server import registry
 from lossd.server.errors import InvalidArgument
 from lossd.server.losses.yolox import yolox_loss
 from lossd.server.registry import LossOutput
-from tests.support.losskit import call
+from tests.support.losskit import call, run_example
 
 NUM_CLASSES = 3
 TINY = -5.0  # tw = th = -5: boxes of width stride * e^-5, IoU ~1e-5 with any GT
@@ -417,10 +417,7 @@ def test_spec_registered_and_example_runs() -> None:
     with pytest.raises(InvalidArgument, match="l1_activate_epoch"):
         spec.canonical_params({})
     for dtype in (torch.float32, torch.float64):
-        args, kwargs, params = spec.make_example(dtype)
-        r = spec.fn(*args, **kwargs, **spec.canonical_params(params))
-        assert r.value.dtype == dtype and torch.isfinite(r.value)
-        c = r.components
+        c = run_example(spec, dtype).components
         assert c["iou"] > 0 and c["l1"] > 0  # the example has matched anchors and L1 on
     # The example is built so that generic gradchecks of it agree with autograd.
     args, kwargs, params = spec.make_example(torch.float64)

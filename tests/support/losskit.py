@@ -82,6 +82,14 @@ def call(name: str, *args, **params):
     return spec.fn(*(bound.get(i.name) for i in spec.inputs[: len(args)]), **canonical)
 
 
+def run_example(spec: LossSpec, dtype: torch.dtype) -> LossOutput:
+    """The spec's own example at ``dtype``, run directly: its value is finite and of that dtype."""
+    args, kwargs, params = spec.make_example(dtype)
+    result = spec.fn(*args, **kwargs, **spec.canonical_params(params))
+    assert result.value.dtype == dtype and torch.isfinite(result.value)
+    return result
+
+
 def differentiable_paths(spec: LossSpec, args: Any, kwargs: dict) -> list[str]:
     """Paths of the floating-point tensors of a call that its declaration marks differentiable
     (``args[12].pred`` is under the 13th input, ``kwargs.weight[0]`` under ``weight``)."""
