@@ -49,6 +49,10 @@ class Trail:
                 assert client.compute(request).audited
         return run_id
 
+    def write_run_with_rows(self) -> tuple[str, list[Row]]:
+        run_id = self.write_run()
+        return run_id, self.rows(run_id)
+
     def rows(self, run_id: str) -> list[Row]:
         raw = sql(
             self.db,
@@ -123,8 +127,7 @@ def fails(capsys: pytest.CaptureFixture) -> tuple[list[str], str]:
 def test_an_untouched_run_verifies_and_extends_its_checkpoint(
     trail: Trail, capsys: pytest.CaptureFixture
 ) -> None:
-    run_id = trail.write_run()
-    rows = trail.rows(run_id)
+    run_id, rows = trail.write_run_with_rows()
     assert [r.seq for r in rows] == list(range(1, STEPS + 1))
     assert rows[0].prev_sha256 == GENESIS
     assert all(b.prev_sha256 == a.record_sha256 for a, b in zip(rows, rows[1:]))
@@ -144,8 +147,7 @@ def test_an_untouched_run_verifies_and_extends_its_checkpoint(
 def test_a_deleted_middle_record_is_named_by_its_gap(
     trail: Trail, capsys: pytest.CaptureFixture
 ) -> None:
-    run_id = trail.write_run()
-    rows = trail.rows(run_id)
+    run_id, rows = trail.write_run_with_rows()
     gone = rows[5]
     sql(trail.db, "DELETE FROM audit_records WHERE id = ?", (gone.id,))
     assert trail.verify(run_id) == 1
@@ -179,8 +181,7 @@ def test_a_truncated_tail_is_caught_against_the_checkpoint(
 
 
 def test_a_reordered_pair_is_named(trail: Trail, capsys: pytest.CaptureFixture) -> None:
-    run_id = trail.write_run()
-    rows = trail.rows(run_id)
+    run_id, rows = trail.write_run_with_rows()
     a, b = rows[3], rows[4]  # seq 4 and 5 swap places
     sql(trail.db, "UPDATE audit_records SET seq = -1 WHERE id = ?", (a.id,))
     sql(trail.db, "UPDATE audit_records SET seq = ? WHERE id = ?", (a.seq, b.id))
@@ -196,8 +197,7 @@ def test_a_reordered_pair_is_named(trail: Trail, capsys: pytest.CaptureFixture) 
 def test_a_value_edited_with_its_digest_recomputed_is_named(
     trail: Trail, capsys: pytest.CaptureFixture
 ) -> None:
-    run_id = trail.write_run()
-    rows = trail.rows(run_id)
+    run_id, rows = trail.write_run_with_rows()
     row = rows[7]
     form = json.loads(row.value)
     form["tensor"]["data"][0] *= 0.5  # a "better" loss
@@ -217,8 +217,7 @@ def test_a_value_edited_with_its_digest_recomputed_is_named(
 
 
 def test_an_inserted_forged_record_is_named(trail: Trail, capsys: pytest.CaptureFixture) -> None:
-    run_id = trail.write_run()
-    rows = trail.rows(run_id)
+    run_id, rows = trail.write_run_with_rows()
     forged = Row(**{**rows[4].as_dict(), "request_id": "forged-" + uuid.uuid4().hex, "id": 0})
     forged.prev_sha256 = rows[3].record_sha256  # links to seq 4 as the real seq 5 does
     forged.record_sha256 = forged.digest()
@@ -298,8 +297,7 @@ def test_a_store_rewritten_from_scratch_is_caught_against_the_checkpoint(
 def test_the_server_will_not_sign_a_broken_chain(
     trail: Trail, capsys: pytest.CaptureFixture
 ) -> None:
-    run_id = trail.write_run()
-    rows = trail.rows(run_id)
+    run_id, rows = trail.write_run_with_rows()
     sql(trail.db, "DELETE FROM audit_records WHERE id = ?", (rows[2].id,))
     out = trail.tmp / "refused.json"
     assert cli.main(["checkpoint", run_id, "-o", str(out), "--endpoint", trail.endpoint]) == 2
