@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..errors import InvalidArgument
-from ..registry import REQUIRED, Input, LossOutput, LossSpec, Param
+from ..registry import REQUIRED, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
 from ._detection import (
     GT_TARGET,
@@ -32,7 +32,7 @@ from ._detection import (
     sequence,
     xyxy_to_cxcywh,
 )
-from .netspresso import _sigmoid_focal_elementwise
+from .netspresso import _sigmoid_focal_elementwise, model_output
 
 #: The matcher types upstream can name (it evaluates ``matcher.type`` as code in its module). lossd never
 #: evaluates client text: the type is looked up by name.
@@ -586,13 +586,10 @@ SPECS = (
         families=("netspresso",),
         summary="RT-DETR loss: Hungarian matching (scipy), weighted VFL/focal/CE + L1 + GIoU over the last, auxiliary and denoising decoder layers.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                differentiable=True,
-                doc="{'pred': Tensor[B, Q, 4 + K] (cxcywh normalised | logits), 'aux_pred': "
+            model_output(
+                "{'pred': Tensor[B, Q, 4 + K] (cxcywh normalised | logits), 'aux_pred': "
                 "[{'pred_logits', 'pred_boxes'}] or None, 'dn_aux_pred': [...] or None, "
-                "'dn_meta': {'dn_positive_idx', 'dn_num_group', ...} or None}",
+                "'dn_meta': {'dn_positive_idx', 'dn_num_group', ...} or None}"
             ),
             GT_TARGET,
         ),

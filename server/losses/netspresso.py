@@ -27,6 +27,12 @@ from .fat._torch import LABEL_SMOOTHING
 _UPSTREAM = "netspresso-trainer==1.4.1"
 
 
+def model_output(doc: str, *forms: Form) -> Input:
+    """The ``out`` argument of a NetsPresso criterion: the model's output dict, whose tensors get
+    the gradient; ``forms`` declare its layout (none: the criterion checks it)."""
+    return Input("out", kind="structure", forms=forms, differentiable=True, doc=doc)
+
+
 def _sigmoid_focal_elementwise(pred: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
     """Element-wise sigmoid focal loss, same operations and order as upstream/torchvision."""
     prob = torch.sigmoid(pred)
@@ -351,12 +357,9 @@ SPECS = (
         families=("netspresso",),
         summary="Sigmoid focal loss on same-shape logits and float targets (NetsPresso SigmoidFocalLoss).",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=(Form(kind="dict", keys=(("pred", Form(label="float logits")),)),),
-                differentiable=True,
-                doc="{'pred': Tensor[*] float logits}",
+            model_output(
+                "{'pred': Tensor[*] float logits}",
+                Form(kind="dict", keys=(("pred", Form(label="float logits")),)),
             ),
             Input(
                 "target",
@@ -409,12 +412,9 @@ SPECS = (
         summary="Segmentation cross-entropy: logits resized bilinearly (align_corners=False) to the "
         "label size, then torch CrossEntropyLoss (NetsPresso SegCrossEntropyLoss).",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=(Form(kind="dict", keys=(("pred", Form(shape=("B", "C", "h", "w"))),)),),
-                differentiable=True,
-                doc="{'pred': Tensor[B, C, h, w] float logits}",
+            model_output(
+                "{'pred': Tensor[B, C, h, w] float logits}",
+                Form(kind="dict", keys=(("pred", Form(shape=("B", "C", "h", "w"))),)),
             ),
             Input(
                 "target",
@@ -454,12 +454,7 @@ SPECS = (
         families=("netspresso",),
         summary="NetsPresso model.losses: weighted sum of criteria called on the same (out, target).",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                differentiable=True,
-                doc="model output dict passed to every criterion",
-            ),
+            model_output("model output dict passed to every criterion"),
             Input(
                 "target",
                 kind="structure",

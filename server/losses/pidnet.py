@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import InvalidArgument
 from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices, require_key, require_tensor
+from .netspresso import model_output
 
 IGNORE_INDEX_NONE_VALUE = -100
 EXTRA_P_WEIGHT = 0.4
@@ -236,13 +237,10 @@ SPECS = (
         summary="PIDNet loss: 0.4*CE(P branch) + CE(main) + 20*balanced BCE(D branch) + boundary-aware CE, "
         "outputs resized bilinearly to the labels.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=_OUT,
-                differentiable=True,
-                doc="{'pred': Tensor[B, C, h, w], 'extra_p': Tensor[B, C, h', w'] or None, "
+            model_output(
+                "{'pred': Tensor[B, C, h, w], 'extra_p': Tensor[B, C, h', w'] or None, "
                 "'extra_d': Tensor[B, 1, h'', w'']} float logits",
+                *_OUT,
             ),
             Input(
                 "target",

@@ -19,7 +19,7 @@ from .._reduction import reduce_loss
 from ..errors import InvalidArgument
 from ..registry import INT_DTYPES, Form, Input, LossOutput, LossSpec
 from ._checks import check_class_indices
-from .netspresso import _sigmoid_focal_elementwise
+from .netspresso import _sigmoid_focal_elementwise, model_output
 
 FG_IOU_THRESH = 0.5
 BG_IOU_THRESH = 0.4
@@ -306,13 +306,10 @@ SPECS = (
         families=("netspresso",),
         summary="RetinaNet loss: IoU anchor matching, focal classification (alpha .25, gamma 2) + L1 on encoded boxes.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=(_OUT,),
-                differentiable=True,
-                doc="{'anchors': Tensor[A, 4] xyxy, 'cls_logits': [Tensor[B, A_l, C]] per level, "
+            model_output(
+                "{'anchors': Tensor[A, 4] xyxy, 'cls_logits': [Tensor[B, A_l, C]] per level, "
                 "'bbox_regression': [Tensor[B, A_l, 4]] per level}; sum(A_l) == A",
+                _OUT,
             ),
             Input(
                 "target",

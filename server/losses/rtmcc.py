@@ -20,6 +20,7 @@ from torch import Tensor
 from ..errors import InvalidArgument
 from ..registry import Form, Input, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
+from .netspresso import model_output
 
 SIMCC_SPLIT_RATIO = 2.0
 INPUT_SIZE = (256, 256)
@@ -201,12 +202,8 @@ SPECS = (
         summary="RTMPose SimCC loss: KL of 10x-softened x/y bin logits against gaussian labels "
         "(sigma 5.66, 512 bins each), weighted by the raw visibility, summed, / K.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=(_OUT,),
-                differentiable=True,
-                doc="{'pred': Tensor[N, K, 1024] float SimCC logits, 512 x-bins then 512 y-bins}",
+            model_output(
+                "{'pred': Tensor[N, K, 1024] float SimCC logits, 512 x-bins then 512 y-bins}", _OUT
             ),
             Input(
                 "target",

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgument
-from ..registry import Form, Input, LossOutput, LossSpec, Param
+from ..registry import Form, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
 from ._detection import aligned_areas_cxcywh, plain_int
-from .yolox import TARGET, check_target, simota_losses
+from .netspresso import model_output
+from .yolox import TARGET_INPUT, check_target, concat_levels, simota_losses
 
 GIOU_EPS = 1e-7
 TANH_OFFSET = 0.549306  # atanh(0.5): a zero logit decodes to exactly the anchor size
@@ -154,13 +155,7 @@ def _decode(levels: list[Tensor], anchors: list[Tensor], img_size: int):
         strides.append(
             torch.full((grid.shape[1],), float(stride), device=out.device, dtype=out.dtype)
         )
-    return (
-        torch.cat(decoded, 1),
-        torch.cat(raw, 1),
-        torch.cat(xs),
-        torch.cat(ys),
-        torch.cat(strides),
-    )
+    return concat_levels(decoded, raw, xs, ys, strides)
 
 
 def yolofastest_loss(
@@ -288,21 +283,12 @@ SPECS = (
         summary="YOLO-Fastest loss: anchor-based decoding, YOLOX's SimOTA assignment, "
         "5*GIoU + objectness BCE + IoU-soft class BCE, / num_fg.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=(_OUT,),
-                differentiable=True,
-                doc="{'pred': [Tensor[B, A, 5 + C, H_l, W_l] or Tensor[B, A * (5 + C), H_l, W_l]] per level, "
+            model_output(
+                "{'pred': [Tensor[B, A, 5 + C, H_l, W_l] or Tensor[B, A * (5 + C), H_l, W_l]] per level, "
                 "channels tx, ty, tw, th, obj, cls_0..C-1}",
+                _OUT,
             ),
-            Input(
-                "target",
-                kind="structure",
-                forms=(TARGET,),
-                doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy absolute, 'labels': Tensor[n_i] int in [0, C)}] * B, "
-                "'img_size': int image width, 'num_classes': int C}",
-            ),
+            TARGET_INPUT,
         ),
         params=(
             Param(

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InvalidArgument
-from ..registry import REQUIRED, Input, LossOutput, LossSpec, Param
+from ..registry import REQUIRED, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
 from ._detection import GT_TARGET, ground_truth, image_hw, plain_int, sequence
+from .netspresso import model_output
 
 TOPK = 10
 IOU_FACTOR = 6.0
@@ -342,12 +343,9 @@ SPECS = (
         families=("netspresso",),
         summary="YOLOv9 loss: task-aligned assignment (CIoU^6 * p^0.5, top 10), 0.5*BCE + 1.5*DFL over reg_max bins + 7.5*CIoU.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                differentiable=True,
-                doc="{'pred': [Tensor[B, 4 * reg_max + C, H_l, W_l]] per level (side-major DFL "
-                "bin logits, then class logits), or {'outputs': [...], 'aux_outputs': ignored}}",
+            model_output(
+                "{'pred': [Tensor[B, 4 * reg_max + C, H_l, W_l]] per level (side-major DFL "
+                "bin logits, then class logits), or {'outputs': [...], 'aux_outputs': ignored}}"
             ),
             GT_TARGET,
         ),

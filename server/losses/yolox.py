@@ -23,6 +23,7 @@ from ..errors import InvalidArgument, upstream_raises
 from ..registry import INT_DTYPES, Form, Input, LossOutput, LossSpec, Param
 from ._checks import check_class_indices
 from ._detection import aligned_areas_cxcywh, plain_int
+from .netspresso import model_output
 
 REG_WEIGHT = 5.0
 CENTER_RADIUS = 1.5
@@ -94,6 +95,19 @@ def _decode_levels(
         strides.append(
             torch.full((height * width,), float(stride), device=level.device, dtype=level.dtype)
         )
+    return concat_levels(decoded, raw, xs, ys, strides)
+
+
+def concat_levels(
+    decoded: list[Tensor],
+    raw: list[Tensor],
+    xs: list[Tensor],
+    ys: list[Tensor],
+    strides: list[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A decode's per-level pieces joined over the levels, as both SimOTA heads (yolox_loss,
+    yolofastest_loss) return them: outputs and raw regression along the anchors, then the grid
+    column, grid row and stride of every anchor."""
     return (
         torch.cat(decoded, 1),
         torch.cat(raw, 1),
@@ -496,6 +510,14 @@ TARGET = Form(
         ),
     ),
 )
+# The target argument both SimOTA heads declare.
+TARGET_INPUT = Input(
+    "target",
+    kind="structure",
+    forms=(TARGET,),
+    doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy absolute, 'labels': Tensor[n_i] int in [0, C)}] * B, "
+    "'img_size': int image width, 'num_classes': int C}",
+)
 
 SPECS = (
     LossSpec(
@@ -504,20 +526,11 @@ SPECS = (
         families=("netspresso",),
         summary="YOLOX loss: SimOTA assignment, 5*IoU + objectness BCE + IoU-soft class BCE (+ L1 on raw offsets), / num_fg.",
         inputs=(
-            Input(
-                "out",
-                kind="structure",
-                forms=(_OUT,),
-                differentiable=True,
-                doc="{'pred': [Tensor[B, 5 + C, H_l, W_l]] per level, channels tx, ty, tw, th, obj, cls_0..C-1}",
+            model_output(
+                "{'pred': [Tensor[B, 5 + C, H_l, W_l]] per level, channels tx, ty, tw, th, obj, cls_0..C-1}",
+                _OUT,
             ),
-            Input(
-                "target",
-                kind="structure",
-                forms=(TARGET,),
-                doc="{'gt': [{'boxes': Tensor[n_i, 4] float xyxy absolute, 'labels': Tensor[n_i] int in [0, C)}] * B, "
-                "'img_size': int image width, 'num_classes': int C}",
-            ),
+            TARGET_INPUT,
         ),
         params=(
             Param(
