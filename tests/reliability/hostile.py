@@ -244,13 +244,20 @@ def _decode(t: pb.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _pick_decoded(
-    data: st.DataObject, req: pb.ComputeRequest
-) -> tuple[str, pb.Tensor, torch.Tensor] | None:
-    """A tensor of the request, drawn, with its decoded value (None: none, or undecodable)."""
+def _replace_decoded(
+    data: st.DataObject,
+    req: pb.ComputeRequest,
+    rewrite: Callable[[torch.Tensor], tuple[torch.Tensor, str]],
+) -> str:
+    """Replace a drawn tensor of the request by ``rewrite(its decoded value)``, which returns the
+    new value and what it did ("": no tensor, or an undecodable one)."""
     path, t = _pick(data, tensor_slots(req), "tensor") or (None, None)
     old = None if t is None else _decode(t)
-    return None if old is None else (path, t, old)
+    if old is None:
+        return ""
+    new, what = rewrite(old)
+    codec.encode_tensor(new, t)
+    return f"{path}: {what}"
 
 
 def _fill(data: st.DataObject, tensor: torch.Tensor, values: tuple) -> torch.Tensor:
@@ -341,32 +348,32 @@ def m_dtype_enum(data: st.DataObject, req: pb.ComputeRequest) -> str:
 
 def m_retype(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """Same shape, another valid dtype: floats where indices are expected and the reverse."""
-    picked = _pick_decoded(data, req)
-    if picked is None:
-        return ""
-    path, t, old = picked
-    new = data.draw(st.sampled_from(VALID_ENUMS), label="new dtype")
-    target = codec.torch_dtype(new)
-    if target.is_floating_point:
-        converted = old.to(torch.float64).to(target) if old.dtype != torch.bool else old.to(target)
-    elif target == torch.bool:
-        converted = old != 0
-    else:
-        info = torch.iinfo(target)
-        converted = old.to(torch.float64).nan_to_num(0.0).clamp(info.min, info.max).to(target)
-    codec.encode_tensor(converted, t)
-    return f"{path}: {old.dtype} -> {target}"
+
+    def retype(old: torch.Tensor) -> tuple[torch.Tensor, str]:
+        new = data.draw(st.sampled_from(VALID_ENUMS), label="new dtype")
+        target = codec.torch_dtype(new)
+        if target.is_floating_point:
+            converted = (
+                old.to(torch.float64).to(target) if old.dtype != torch.bool else old.to(target)
+            )
+        elif target == torch.bool:
+            converted = old != 0
+        else:
+            info = torch.iinfo(target)
+            converted = old.to(torch.float64).nan_to_num(0.0).clamp(info.min, info.max).to(target)
+        return converted, f"{old.dtype} -> {target}"
+
+    return _replace_decoded(data, req, retype)
 
 
 def m_special_values(data: st.DataObject, req: pb.ComputeRequest) -> str:
     """NaN/Inf in floats; negative, huge and off-by-one indices in integers."""
-    picked = _pick_decoded(data, req)
-    if picked is None:
-        return ""
-    path, t, old = picked
-    new = _fill(data, old, SPECIAL_FLOATS if old.is_floating_point() else SPECIAL_INTS)
-    codec.encode_tensor(new, t)
-    return f"{path}: special values"
+
+    def special(old: torch.Tensor) -> tuple[torch.Tensor, str]:
+        values = SPECIAL_FLOATS if old.is_floating_point() else SPECIAL_INTS
+        return _fill(data, old, values), "special values"
+
+    return _replace_decoded(data, req, special)
 
 
 def m_random_bytes(data: st.DataObject, req: pb.ComputeRequest) -> str:
