@@ -22,7 +22,7 @@ from ..registry import Form, LossOutput, LossSpec, Param
 from ._checks import require_key, require_tensor
 from ._detection import aligned_areas_cxcywh, plain_int
 from .netspresso import model_output
-from .yolox import TARGET_INPUT, check_target, concat_levels, simota_losses
+from .yolox import TARGET_INPUT, check_target, concat_levels, level_outputs, simota_losses
 
 GIOU_EPS = 1e-7
 TANH_OFFSET = 0.549306  # atanh(0.5): a zero logit decodes to exactly the anchor size
@@ -260,19 +260,9 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
 
 
 # Level shapes depend on the anchors parameter and num_classes: _levels checks them.
-_OUT = Form(
-    kind="dict",
-    keys=(
-        (
-            "pred",
-            Form(
-                kind="list",
-                each=(Form(shape=("B", "?", "?", "?", "?")), Form(shape=("B", "?", "?", "?"))),
-                min_items=1,
-                label="a list with one (B, A, 5 + C, H_l, W_l) or (B, A * (5 + C), H_l, W_l) tensor per level",
-            ),
-        ),
-    ),
+_OUT = level_outputs(
+    (Form(shape=("B", "?", "?", "?", "?")), Form(shape=("B", "?", "?", "?"))),
+    "a list with one (B, A, 5 + C, H_l, W_l) or (B, A * (5 + C), H_l, W_l) tensor per level",
 )
 
 SPECS = (

@@ -472,19 +472,17 @@ def _make_example(dtype: torch.dtype) -> tuple[tuple, dict, dict]:
     )
 
 
-_OUT = Form(
-    kind="dict",
-    keys=(
-        (
-            "pred",
-            Form(
-                kind="list",
-                each=Form(shape=("B", "?", "?", "?")),
-                min_items=1,
-                label="a list with one (B, 5 + C, H_l, W_l) tensor per level",
-            ),
-        ),
-    ),
+def level_outputs(each: Form | tuple[Form, ...], label: str) -> Form:
+    """``{'pred': [one tensor per level]}``, the out dict of both SimOTA heads (yolox_loss,
+    yolofastest_loss); each level is one of the ``each`` forms."""
+    return Form(
+        kind="dict",
+        keys=(("pred", Form(kind="list", each=each, min_items=1, label=label)),),
+    )
+
+
+_OUT = level_outputs(
+    Form(shape=("B", "?", "?", "?")), "a list with one (B, 5 + C, H_l, W_l) tensor per level"
 )
 # The target of YOLOX's SimOTA heads (yolox_loss, yolofastest_loss; check_target checks the
 # rest: the scalars, class indices, box validity).
