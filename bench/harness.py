@@ -19,6 +19,10 @@ from typing import Any
 import torch
 
 from . import workloads
+from .bulk import FULL_SIZES as BULK_FULL_SIZES
+from .bulk import QUICK_SIZES as BULK_QUICK_SIZES
+from .bulk import bulk
+from .bulk import render as render_bulk
 from .colocated import colocated
 from .colocated import render as render_colocated
 from .cpu import cpu
@@ -85,6 +89,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="per-call CPU of small calls, client and server, lossd vs a bare echo (bench/cpu.py)",
     )
     p.add_argument("--cpu-calls", type=int, default=500, help="calls per block of --cpu")
+    p.add_argument(
+        "--bulk",
+        action="store_true",
+        help="the cross-host bulk rows: lossd's chunked gRPC against a bare gRPC echo of its framing and Arrow Flight (bench/bulk.py)",
+    )
     p.add_argument(
         "--rows",
         action="store_true",
@@ -159,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     named = {
         part
-        for part in ("rows", "concurrency", "memory", "huge", "colocated", "cpu")
+        for part in ("rows", "concurrency", "memory", "huge", "colocated", "cpu", "bulk")
         if getattr(opts, part)
     }
     parts = named or (
-        {"rows", "memory", "colocated", "cpu"}
+        {"rows", "memory", "colocated", "cpu", "bulk"}
         if opts.quick
-        else {"rows", "concurrency", "memory", "colocated", "cpu"}
+        else {"rows", "concurrency", "memory", "colocated", "cpu", "bulk"}
     )
     sizes = (
         [int(s) * KB for s in opts.sizes.split(",")]
@@ -217,20 +226,36 @@ def main(argv: list[str] | None = None) -> int:
                 result["colocated"] = colocated(opts, workdir, losses[:1], sizes)
             if "cpu" in parts:
                 result["cpu"] = cpu(opts, workdir)
+            if "bulk" in parts:
+                bulk_sizes = BULK_QUICK_SIZES if opts.quick else BULK_FULL_SIZES
+                result["bulk"] = bulk(opts, workdir, bulk_sizes)
     finally:
         if pool is not None:
             pool.close()
     result["seconds"] = time.perf_counter() - t_start
     result["targets"] = targets(result)
     sections = render_sections(result)
-    if "colocated" in result:
-        body, found = render_colocated(result["colocated"])
+    extra = {
+        "colocated": (
+            render_colocated,
+            "Same host, over Unix-domain sockets (bench/colocated.py says what each column is); "
+            "times in ms.",
+        ),
+        "bulk": (
+            render_bulk,
+            "Loopback TCP, `mse` calls (bench/bulk.py says what each column is); times in ms, "
+            "p50, with MB/s of request + gradient bytes.",
+        ),
+    }
+    for name, (render, blurb) in extra.items():
+        if name not in result:
+            continue
+        body, found = render(result[name])
         result["targets"] += found
-        sections["colocated"] = "\n".join(
+        sections[name] = "\n".join(
             [
                 f"`{result['command']}` ({result['started']}). " + render_machine(result),
-                "Same host, over Unix-domain sockets (bench/colocated.py says what each column is); "
-                "times in ms.",
+                blurb,
                 "",
                 body,
                 *render_targets(found),

@@ -283,4 +283,5 @@ SECTION_TITLES = {
     "huge": "A 1 GiB request",
     "colocated": "Co-located: Unix socket and shared memory",
     "cpu": "Per-call CPU of small calls",
+    "bulk": "Cross-host bulk path",
 }
