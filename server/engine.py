@@ -282,7 +282,8 @@ def _non_finite(tensor: Tensor) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return False
     # A finite sum proves every element finite (NaN and +-inf propagate), in one reduction; only a
-    # non-finite sum (which finite values can also overflow to) needs the element-wise check.
-    if math.isfinite(float(tensor.sum(dtype=torch.float64))):
+    # non-finite sum (which finite values can also overflow to) needs the element-wise check. In
+    # the tensor's own dtype: a float64 sum of 8M float32 took 30-70 ms here, its own 1.6 ms.
+    if math.isfinite(float(tensor.sum())):
         return False
     return not bool(torch.isfinite(tensor).all())
