@@ -16,23 +16,15 @@ from lossd.client.schema import SchemaError, check_indices
 from ..errors import InvalidArgument
 
 
-def check_class_indices(
-    target: Tensor,
-    num_classes: int,
-    field: str,
-    *,
-    ignore_index: int | None = None,
-    allow_background: bool = False,
-    upstream: str | None = None,
-) -> None:
-    """Indices must lie in [0, num_classes) (or == num_classes as background), or equal ignore_index.
-    ``upstream``: the exception class upstream raises for an index out of range, when known.
-    The rule a declared ``index_of`` applies (lossd.client.schema.check_indices), for indices
-    a declaration cannot reach (nested under a condition, or counted from another value)."""
+def check_class_indices(target: Tensor, num_classes: int, field: str, **rules: Any) -> None:
+    """:func:`lossd.client.schema.check_indices` (the rule a declared ``index_of`` applies, with
+    its ``ignore_index``, ``allow_background`` and ``upstream`` keywords), raising
+    InvalidArgument: for indices a declaration cannot reach (nested under a condition, or
+    counted from another value)."""
     try:
-        check_indices(target, num_classes, field, ignore_index, allow_background, upstream or "")
+        check_indices(target, num_classes, field, **rules)
     except SchemaError as exc:
-        raise InvalidArgument(exc.message, field=exc.field, upstream=upstream) from None
+        raise InvalidArgument(exc.message, field=exc.field, upstream=exc.upstream or None) from None
 
 
 def require_key(mapping: Any, key: str, field: str) -> Any:
