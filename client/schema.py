@@ -557,9 +557,20 @@ def coerce_kind(kind: str, value: Any, where: str) -> Any:
     raise SchemaError.expected(where, words.get(kind, kind), type_name(value))
 
 
-def check_range(rule: Any, value: Any, where: str) -> None:
-    """``rule`` has ``minimum``, ``maximum`` and their ``*_exclusive`` flags (a Param, an
-    Input, a ParamRule)."""
+@dataclass(frozen=True, kw_only=True)
+class Bounds:
+    """The values a declaration allows (a Param, a scalar Input, a ParamRule): one of
+    ``choices`` when given, and within ``minimum``..``maximum``, ends included unless exclusive."""
+
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    minimum_exclusive: bool = False
+    maximum_exclusive: bool = False
+
+
+def check_range(rule: Bounds, value: Any, where: str) -> None:
+    """``value`` within ``rule``'s minimum and maximum (numbers only)."""
     if not is_number(value):
         return
     if isinstance(value, float) and math.isnan(value):
@@ -585,7 +596,7 @@ def check_param(rule: Any, value: Any, where: str, nullable: bool) -> Any:
     return check_scalar(rule, rule.type, value, where)
 
 
-def check_scalar(rule: Any, kind: str, value: Any, where: str) -> Any:
+def check_scalar(rule: Bounds, kind: str, value: Any, where: str) -> Any:
     """``value`` as a ``kind`` (int, str, bool, ...), then within ``rule``'s choices and range
     (a Param, a ParamRule or a scalar Input); returns it in canonical form."""
     value = coerce_kind(kind, value, where)
@@ -597,15 +608,10 @@ def check_scalar(rule: Any, kind: str, value: Any, where: str) -> Any:
 
 
 @dataclass(frozen=True)
-class ParamRule:
+class ParamRule(Bounds):
     """The checkable part of a parameter's declaration, as DescribeLoss sends it."""
 
     type: str
-    choices: tuple[Any, ...] = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    minimum_exclusive: bool = False
-    maximum_exclusive: bool = False
 
     @classmethod
     def from_info(cls, info: pb.ParamInfo) -> ParamRule:

@@ -31,6 +31,7 @@ from lossd.client.schema import FLOAT_DTYPES as FLOAT_DTYPES
 from lossd.client.schema import INDEX_DTYPES as INDEX_DTYPES
 from lossd.client.schema import INT_DTYPES as INT_DTYPES
 from lossd.client.schema import (
+    Bounds,
     Checker,
     Schema,
     SchemaError,
@@ -60,18 +61,13 @@ INPUT_KINDS = ("tensor", "structure", "number", "int", "str", "bool", "any")
 
 
 @dataclass(frozen=True)
-class Param:
+class Param(Bounds):
     """A constructor parameter, with its type, default and allowed range or choices."""
 
     name: str
     type: str
     default: Any = REQUIRED
     doc: str = ""
-    choices: tuple[Any, ...] = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    minimum_exclusive: bool = False
-    maximum_exclusive: bool = False
     nullable: bool = False
     # A tensor given as a tensor must have this input's dtype: torch refuses a class weight of
     # another dtype ("expected scalar type Float but found Double"). A list of numbers has no
@@ -104,7 +100,7 @@ def _check_range(spec: Param | Input, value: Any, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class Input:
+class Input(Bounds):
     """A forward argument.
 
     A tensor argument declares its dtypes, its symbolic shape and its relations to earlier
@@ -124,11 +120,6 @@ class Input:
     optional: bool = False
     default: Any = None
     doc: str = ""
-    choices: tuple[Any, ...] = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    minimum_exclusive: bool = False
-    maximum_exclusive: bool = False
     # The keyword callers use, when the function cannot use it: upstream forwards may reuse a
     # constructor parameter's name (mmdet CrossEntropyLoss's call-time ``ignore_index``).
     keyword: str | None = None
