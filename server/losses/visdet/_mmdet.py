@@ -152,5 +152,14 @@ def _tail_inputs(
     )
 
 
+def _broadcast_pair(pred_doc: str, target_doc: str) -> tuple[Input, Input]:
+    """A float prediction and a float target that broadcasts with it, both receiving gradients
+    (MSELoss, GaussianFocalLoss)."""
+    return (
+        Input("pred", differentiable=True, doc=pred_doc),
+        Input("target", broadcasts_with="pred", differentiable=True, doc=target_doc),
+    )
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -21,6 +21,7 @@ from ._mmdet import (
     _REDUCTION,
     _REDUCTION_OVERRIDE,
     _UPSTREAM,
+    _broadcast_pair,
     _call_reduction,
     _gen,
     _optional_avg_factor,
@@ -229,12 +230,9 @@ SPECS = (
         summary="Gaussian focal loss (CenterNet): focal loss of heat-map probabilities against a "
         "gaussian target whose exact 1s are the positives.",
         inputs=(
-            Input("pred", differentiable=True, doc="(B, C, H, W) probabilities (sigmoid heat-map)"),
-            Input(
-                "target",
-                broadcasts_with="pred",
-                differentiable=True,
-                doc="(B, C, H, W) gaussian heat-map, exactly 1 at object centres",
+            *_broadcast_pair(
+                "(B, C, H, W) probabilities (sigmoid heat-map)",
+                "(B, C, H, W) gaussian heat-map, exactly 1 at object centres",
             ),
             Input("weight", optional=True, doc="element weight broadcast against the loss"),
             _avg_factor_input(),

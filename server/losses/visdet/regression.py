@@ -14,6 +14,7 @@ from ._mmdet import (
     _LOSS_WEIGHT,
     _REDUCTION,
     _UPSTREAM,
+    _broadcast_pair,
     _call_reduction,
     _gen,
     _same_shape,
@@ -267,13 +268,7 @@ SPECS = (
         families=("visdet",),
         summary="Squared error (pred - target)^2 with MMDetection weighting and reduction.",
         inputs=(
-            Input("pred", differentiable=True, doc="float predictions"),
-            Input(
-                "target",
-                broadcasts_with="pred",
-                differentiable=True,
-                doc="float targets broadcastable with pred",
-            ),
+            *_broadcast_pair("float predictions", "float targets broadcastable with pred"),
             *_tail_inputs("weight broadcast against the element-wise loss"),
         ),
         params=(_REDUCTION, _LOSS_WEIGHT),
