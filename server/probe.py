@@ -96,15 +96,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"lossd health: {exc}", file=sys.stderr)
         return 2
     try:
-        status = check(
-            args.endpoint,
-            args.service,
-            args.timeout,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_server_name=args.tls_server_name,
-        )
+        status = check(**vars(args))  # the probe's flags are check's parameters
     except grpc.RpcError as error:
         print(
             f"lossd health: {args.endpoint}: {error.code().name}: {error.details()}",
