@@ -54,11 +54,11 @@ Dim = str | int
 Shape = tuple[Dim, ...]
 
 
-@dataclass(frozen=True)
-class Form:
-    """One accepted layout of a value; see the module docstring."""
+@dataclass(frozen=True, kw_only=True)
+class TensorRules:
+    """A tensor's dtypes, symbolic shape, relations to earlier values and value rules: what a
+    tensor Form declares, and what a registry Input declares directly for its single form."""
 
-    kind: str = "tensor"
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     shape: Shape = ("*",)
     same_shape: str | None = None
@@ -68,13 +68,20 @@ class Form:
     # Integer tensors are accepted too, and promoted as torch's type promotion does
     # against this earlier value (torch's mse/l1/smooth_l1 take an integer target).
     promote_with: str | None = None
-    shapes: tuple[tuple[str, Shape], ...] = ()
     index_of: str | None = None
     index_background: bool = False
     # Parameter (or input) names whose first non-None value is the ignored index; an int is a
     # literal fallback (visdet's ``ignore_index=None`` means -100).
     index_ignore: tuple[str | int, ...] = ()
     values: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Form(TensorRules):
+    """One accepted layout of a value; see the module docstring."""
+
+    kind: str = "tensor"
+    shapes: tuple[tuple[str, Shape], ...] = ()
     # The exception class upstream raises when a value rule (index_of, values) fails there.
     upstream: str = ""
     items: tuple[Schema, ...] = ()

@@ -20,7 +20,8 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from lossd.client.schema import (
     Checker,
     Schema,
     SchemaError,
+    TensorRules,
     check_param,
     check_range,
     check_scalar,
@@ -100,7 +102,7 @@ def _check_range(spec: Param | Input, value: Any, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class Input(Bounds):
+class Input(Bounds, TensorRules):
     """A forward argument.
 
     A tensor argument declares its dtypes, its symbolic shape and its relations to earlier
@@ -114,8 +116,6 @@ class Input(Bounds):
 
     name: str
     kind: str = "tensor"
-    dtypes: tuple[str, ...] = FLOAT_DTYPES
-    shape: tuple[str | int, ...] = ("*",)
     differentiable: bool = False
     optional: bool = False
     default: Any = None
@@ -123,16 +123,6 @@ class Input(Bounds):
     # The keyword callers use, when the function cannot use it: upstream forwards may reuse a
     # constructor parameter's name (mmdet CrossEntropyLoss's call-time ``ignore_index``).
     keyword: str | None = None
-    # Relations and value rules of a single tensor form (see Form).
-    same_shape: str | None = None
-    broadcast_to: str | None = None
-    broadcasts_with: str | None = None
-    same_dtype: str | None = None
-    promote_with: str | None = None
-    index_of: str | None = None
-    index_background: bool = False
-    index_ignore: tuple[str | int, ...] = ()
-    values: tuple[float, float] | None = None
     forms: tuple[Form, ...] = ()
 
     @property
@@ -143,28 +133,14 @@ class Input(Bounds):
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"Input {self.name}: kind {self.kind!r} not in {INPUT_KINDS}")
 
-    @property
+    @cached_property
     def schema(self) -> Schema:
         """The accepted layouts (empty: checked as a scalar kind, or by the loss itself)."""
         if self.forms:
             return self.forms
         if self.kind != "tensor":
             return ()
-        return (
-            Form(
-                dtypes=self.dtypes,
-                shape=self.shape,
-                same_shape=self.same_shape,
-                broadcast_to=self.broadcast_to,
-                broadcasts_with=self.broadcasts_with,
-                same_dtype=self.same_dtype,
-                promote_with=self.promote_with,
-                index_of=self.index_of,
-                index_background=self.index_background,
-                index_ignore=self.index_ignore,
-                values=self.values,
-            ),
-        )
+        return (Form(**{f.name: getattr(self, f.name) for f in fields(TensorRules)}),)
 
 
 @dataclass
