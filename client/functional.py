@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch._C import _functorch
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import forward_ad
 
 from ._proto import lossd_pb2 as pb
@@ -49,6 +50,8 @@ class RemoteResult:
 
 
 def _numpy_path(value: Any, path: str) -> str | None:
+    if isinstance(value, Tensor):
+        return None
     if isinstance(value, np.ndarray):
         return path
     if isinstance(value, (list, tuple)):
@@ -156,7 +159,23 @@ def _like(value: Any, device: torch.device) -> Any:
     return codec.map_tensors(value, lambda t: t.to(device))
 
 
-class _RemoteLossFunction(torch.autograd.Function):
+class _PositionalFunction(torch.autograd.Function):
+    """A Function whose ``forward`` takes positional arguments without defaults.
+
+    torch's ``apply`` binds the arguments of a Function that has ``setup_context`` to its
+    ``forward``'s signature on every call (``inspect.signature``, for the defaults: ~0.1 ms per
+    apply, two applies per training step); for such a forward the binding is the identity, so
+    outside functorch transforms it is skipped. Under a transform torch's own ``apply`` runs.
+    """
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+
+
+class _RemoteLossFunction(_PositionalFunction):
     """Autograd node whose forward is the RPC; ``call`` carries everything but the tensors.
 
     Its backward is ``_RemoteGrad`` (itself differentiable: double backward), its ``jvp`` gives
@@ -220,7 +239,7 @@ class _RemoteLossFunction(torch.autograd.Function):
         )
 
 
-class _RemoteGrad(torch.autograd.Function):
+class _RemoteGrad(_PositionalFunction):
     """The gradients of a remote loss with respect to its inputs, given ``grad_output``.
 
     A scalar loss's gradients came back with the value: they are scaled by ``grad_output``

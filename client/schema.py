@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ._proto import lossd_pb2 as pb
 from .errors import LossdError
+from .signature import call_signature, remember
 from .wire import codec
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -748,6 +749,7 @@ class _Declared:
 
     defaults: dict[str, Any]
     inputs: tuple[tuple[int, str, str, Schema], ...]  # position, keyword, declared name, schema
+    passed: set = field(default_factory=set)  # call signatures already checked (signature.py)
 
 
 _DECLARED: dict[int, tuple[pb.LossInfo, _Declared]] = {}
@@ -782,6 +784,9 @@ def check_call(
     the rest, and everything again.
     """
     declared = _declared(info)
+    signature = call_signature(params, args, kwargs)
+    if signature is not None and signature in declared.passed:
+        return  # the same parameters, layout, dtypes and shapes passed: nothing else is read
     checker = Checker({**declared.defaults, **params}, values=False)
     for index, key, name, schema in declared.inputs:
         if key in kwargs:
@@ -796,3 +801,4 @@ def check_call(
             checker.check(schema, value, name, where)
         except SchemaError as exc:
             raise _refuse(exc.field, exc.message) from None
+    remember(declared.passed, signature)

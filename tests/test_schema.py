@@ -154,6 +154,33 @@ def test_client_derives_the_structural_checks_from_describe_loss():
     check_call(info, {}, [torch.randn(4, 3), torch.tensor([0, 1, 2, 9])], {})
 
 
+def test_a_call_signature_that_passed_is_not_checked_again_and_any_other_is():
+    info = messages.loss_info(registry.get("FocalLoss"))
+    checks = []
+    original = Checker.check
+
+    def counted(self, *args):
+        checks.append(args[2])
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checker, "check", counted)
+        check_call(info, {}, [torch.randn(4, 3), torch.tensor([0, 1, 2, 3])], {})
+        passed = len(checks)
+        check_call(info, {}, [torch.randn(4, 3), torch.tensor([3, 2, 1, 0])], {})
+        assert len(checks) == passed  # same layout, dtypes and shapes: remembered
+        # Another shape, dtype or parameter is checked, and refused where it is wrong.
+        for target, params in (
+            (torch.tensor([0, 1]), {}),
+            (torch.tensor([0, 1, 2, 3], dtype=torch.int32), {}),
+            (torch.tensor([0, 1]), {"gamma": 3.0}),
+        ):
+            with pytest.raises(Exception) as caught:  # noqa: PT011 - the client's LossdError
+                check_call(info, params, [torch.randn(4, 3), target], {})
+            assert caught.value.field == "args[1]"
+        assert len(checks) > passed
+
+
 def test_schema_errors_carry_the_field():
     checker = Checker()
     with pytest.raises(SchemaError) as info:
