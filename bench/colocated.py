@@ -18,7 +18,7 @@ from typing import Any
 
 from . import workloads
 from .floor import FloorClient
-from .measure import KB, MB, local_cell, stats
+from .measure import KB, MB, local_cell, remote_cell, stats
 from .report import ms_text, size_text
 from .servers import START_TIMEOUT_S, floor_server, lossd_server
 
@@ -79,12 +79,7 @@ def _row(
     cells = {"echo_unix": lambda: floor.echo(payload, w.grad_bytes),
              "local": local_cell(w, opts)}  # fmt: skip
     for name, module in modules.items():
-
-        def remote(module: RemoteLoss = module) -> None:
-            w.fresh()
-            module(*w.args, **w.kwargs).backward()
-
-        cells[name] = remote
+        cells[name] = remote_cell(w, module)
     times: dict[str, list[float]] = {name: [] for name in cells}
     try:
         for fn in cells.values():

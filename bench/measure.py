@@ -101,6 +101,16 @@ def local_cell(w: workloads.Workload, opts: argparse.Namespace) -> Callable[[], 
     return lambda: LOCAL_THREAD.submit(evaluate).result()
 
 
+def remote_cell(w: workloads.Workload, module: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """A remote column: ``module`` (a RemoteLoss) forward and backward on fresh leaves of ``w``."""
+
+    def remote() -> None:
+        w.fresh()
+        module(*w.args, **w.kwargs).backward()
+
+    return remote
+
+
 def run_row(
     w: workloads.Workload,
     floor: FloorClient,
@@ -143,12 +153,7 @@ def run_row(
             w.loss, endpoint=lossd_address, max_message_mb=opts.max_message_mb, **kwargs, **w.params
         )
         closers.append(module.close)
-
-        def remote(module: RemoteLoss = module) -> None:
-            w.fresh()
-            module(*w.args, **w.kwargs).backward()
-
-        cells[transport] = remote
+        cells[transport] = remote_cell(w, module)
 
     times: dict[str, list[float]] = {name: [] for name in cells}
     try:
