@@ -125,6 +125,18 @@ def chain_message(report: Report) -> pb.AuditChainReport:
     )
 
 
+def _extent(summary: Any) -> dict[str, int]:
+    """The record count and the step and time ranges a run's summary and each of its sessions
+    report alike (AuditRun, AuditSession)."""
+    return {
+        "records": summary.records,
+        "first_step": summary.first_step,
+        "last_step": summary.last_step,
+        "first_time_unix_ns": summary.first_time_ns,
+        "last_time_unix_ns": summary.last_time_ns,
+    }
+
+
 class AuditServicer(pb_grpc.AuditServiceServicer):
     def __init__(
         self, store: Store, signer: Signer | None = None, recorder: Any = None, bounded: Any = None
@@ -144,23 +156,9 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         for r in self.store.list_runs(request.limit):
             response.runs.add(
                 run_id=r.run_id,
-                records=r.records,
-                first_step=r.first_step,
-                last_step=r.last_step,
-                first_time_unix_ns=r.first_time_ns,
-                last_time_unix_ns=r.last_time_ns,
                 losses=list(r.losses),
-                sessions=[
-                    pb.AuditSession(
-                        session=s.session,
-                        records=s.records,
-                        first_step=s.first_step,
-                        last_step=s.last_step,
-                        first_time_unix_ns=s.first_time_ns,
-                        last_time_unix_ns=s.last_time_ns,
-                    )
-                    for s in r.sessions
-                ],
+                sessions=[pb.AuditSession(session=s.session, **_extent(s)) for s in r.sessions],
+                **_extent(r),
             )
         return response
 
