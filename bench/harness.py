@@ -58,6 +58,17 @@ QUICK_SIZES = [1 * KB, 64 * KB, 1 * MB, 64 * MB]
 FULL_SIZES = [1 * KB, 16 * KB, 64 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]
 LOSSES = ["cross_entropy", "FocalLoss", "GIoULoss", "yolox_loss", "yolov9_loss", "detr_loss"]
 
+# The parts of a run, each selected by its own flag (none named: the mode's default set).
+PARTS = {
+    "rows": "run the latency/bandwidth table (the default when no part is named)",
+    "concurrency": "run the server-design comparison (threads/processes/asyncio)",
+    "memory": "run the server memory measurement",
+    "huge": "one --huge-mb request (1 GiB) with defaults but --max-message-mb",
+    "colocated": "the co-located rows: a Unix-socket echo, local, lossd over a Unix socket, and through shared memory (bench/colocated.py)",
+    "cpu": "per-call CPU of small calls, client and server, lossd vs a bare echo (bench/cpu.py)",
+    "bulk": "the cross-host bulk rows: lossd's chunked gRPC against a bare gRPC echo of its framing and Arrow Flight (bench/bulk.py)",
+}
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
@@ -66,39 +77,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="1 KB..64 MB, short budgets, fewer calls (under 2 minutes)",
     )
-    p.add_argument(
-        "--concurrency",
-        action="store_true",
-        help="run the server-design comparison (threads/processes/asyncio)",
-    )
-    p.add_argument("--memory", action="store_true", help="run the server memory measurement")
-    p.add_argument(
-        "--huge",
-        action="store_true",
-        help="one --huge-mb request (1 GiB) with defaults but --max-message-mb",
-    )
+    for part, what in PARTS.items():
+        p.add_argument(f"--{part}", action="store_true", help=what)
     p.add_argument("--huge-mb", type=int, default=1024)
-    p.add_argument(
-        "--colocated",
-        action="store_true",
-        help="the co-located rows: a Unix-socket echo, local, lossd over a Unix socket, and through shared memory (bench/colocated.py)",
-    )
-    p.add_argument(
-        "--cpu",
-        action="store_true",
-        help="per-call CPU of small calls, client and server, lossd vs a bare echo (bench/cpu.py)",
-    )
     p.add_argument("--cpu-calls", type=int, default=500, help="calls per block of --cpu")
-    p.add_argument(
-        "--bulk",
-        action="store_true",
-        help="the cross-host bulk rows: lossd's chunked gRPC against a bare gRPC echo of its framing and Arrow Flight (bench/bulk.py)",
-    )
-    p.add_argument(
-        "--rows",
-        action="store_true",
-        help="run the latency/bandwidth table (the default when no part is named)",
-    )
     p.add_argument(
         "--write-results",
         action="store_true",
@@ -166,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import lossd.server.losses  # noqa: F401 - registers every loss
     from lossd.server import registry
 
-    named = {
-        part
-        for part in ("rows", "concurrency", "memory", "huge", "colocated", "cpu", "bulk")
-        if getattr(opts, part)
-    }
+    named = {part for part in PARTS if getattr(opts, part)}
     parts = named or (
         {"rows", "memory", "colocated", "cpu", "bulk"}
         if opts.quick
