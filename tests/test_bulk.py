@@ -4,10 +4,8 @@ huge-page assembly buffer, large calls equal to local torch, and the buffer free
 from __future__ import annotations
 
 import gc
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
@@ -15,23 +13,11 @@ from lossd.client import RemoteLoss
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.wire import codec, framing
 from lossd.client.wire.assembler import HUGE_PAGES_MIN_BYTES, Assembler, empty_bytes
-from lossd.server.app import channel_options
 from lossd.server.engine import Engine
-from lossd.server.service import LossServicer, method_handlers
+from lossd.server.service import LossServicer
+from tests.support.wirekit import ALL_DTYPES, in_process
 
 LIMIT = 64 << 20
-DTYPES = [
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-]
 
 
 def _random(dtype: torch.dtype, numel: int, seed: int) -> torch.Tensor:
@@ -47,7 +33,7 @@ def _random(dtype: torch.dtype, numel: int, seed: int) -> torch.Tensor:
 def test_every_dtype_round_trips_bitwise_through_frames_and_a_huge_page_buffer() -> None:
     originals = {
         f"args[{i}]": _random(dtype, (HUGE_PAGES_MIN_BYTES // 8) + 13 * i + 1, i).reshape(-1, 1)
-        for i, dtype in enumerate(DTYPES)
+        for i, dtype in enumerate(ALL_DTYPES)
     }
     outboard = codec.Outboard(0)
     messages = {
@@ -97,12 +83,8 @@ def test_a_large_buffer_is_given_back_when_its_last_view_goes() -> None:
 @pytest.fixture(scope="module")
 def endpoint():
     servicer = LossServicer(Engine("cpu"), codec.DecodeLimits(), max_chunked_bytes=LIMIT)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(LIMIT))
-    server.add_generic_rpc_handlers((method_handlers(servicer),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+    with in_process(servicer, LIMIT) as address:
+        yield address
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

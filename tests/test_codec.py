@@ -9,19 +9,7 @@ import torch
 
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.wire import codec
-
-ALL_DTYPES = [
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.uint8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-]
+from tests.support.wirekit import ALL_DTYPES
 
 
 def _sample(dtype: torch.dtype, shape=(3, 4)) -> torch.Tensor:

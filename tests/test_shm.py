@@ -29,13 +29,9 @@ from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
 from lossd.server.errors import InvalidArgument
 from tests.support.serverproc import ServerProcess
+from tests.support.wirekit import ALL_DTYPES
 
 pytestmark = pytest.mark.skipif(not client_shm.available(), reason="needs Linux memfds")
-
-DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-]  # fmt: skip
 
 
 @pytest.fixture()
@@ -74,7 +70,7 @@ def _shm_calls(monkeypatch) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_regions_round_trip_every_dtype_bit_for_bit(dtype):
     torch.manual_seed(0)
     values = (torch.randn(3, 1000) * 50).to(dtype)

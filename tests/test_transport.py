@@ -7,8 +7,6 @@ boundaries in both directions while the tensors stay small and the tests fast.
 
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import pytest
 import torch
@@ -21,7 +19,8 @@ from lossd.client.wire import codec, framing
 from lossd.client.wire.assembler import Assembler
 from lossd.server.app import channel_options
 from lossd.server.engine import Engine
-from lossd.server.service import LossServicer, method_handlers
+from lossd.server.service import LossServicer
+from tests.support.wirekit import in_process
 
 LIMIT = 4 << 20  # message limit and chunked limit of the test server, bytes
 TRANSPORTS = ("unary", "chunked")
@@ -36,12 +35,8 @@ def endpoint():
         chunk_bytes=1000,
         chunk_outboard_bytes=0,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(LIMIT))
-    server.add_generic_rpc_handlers((method_handlers(servicer),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+    with in_process(servicer, LIMIT) as address:
+        yield address
 
 
 def remote(endpoint: str, name: str, transport: str, **params) -> RemoteLoss:

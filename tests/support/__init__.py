@@ -5,6 +5,7 @@
 - ``losskit``: calling a loss as the server does, leaves and gradients, the golden runner;
 - ``opskit``: throwaway certificates and token files, in-process servers with settings,
   Prometheus parsing, the evaluation ``Gate``;
+- ``wirekit``: every dtype the wire carries, a bare in-process server of a servicer;
 - ``auditkit``, ``pgserver``: the audit tests' storage backends;
 - ``budget``: the reliability suite's hypothesis profiles.
 """
