@@ -23,3 +23,21 @@ def rewrap(handler: Any, wrap: Callable[[Callable], Callable]) -> Any:
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class Rewrapped:
+    """Rewrapped handlers by key, built once: an interceptor wraps the same registered handler in
+    the same way on every call of a method, so the wrapper (stateless: per-call state lives in
+    the call) is reused instead of rebuilt per call. At most ``limit`` are kept."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._built: dict[Any, Any] = {}
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        wrapped = self._built.get(key)
+        if wrapped is None:
+            wrapped = build()
+            if len(self._built) < self.limit:
+                self._built[key] = wrapped
+        return wrapped

@@ -356,7 +356,8 @@ def _scan(
                 f"more than {limits.max_items} values (refused before parsing the message)",
                 "--max-items",
             )
-        key, pos = _varint(data, pos, end)
+        key = data[pos]  # one-byte varints (tags below 16, lengths below 128) read inline
+        key, pos = (key, pos + 1) if key < 0x80 else _varint(data, pos, end)
         number, wire = key >> 3, key & 7
         if wire == _VARINT:
             _, pos = _varint(data, pos, end)
@@ -365,7 +366,8 @@ def _scan(
         elif wire == _FIXED32:
             pos += 4
         elif wire == _LENGTH:
-            length, pos = _varint(data, pos, end)
+            length = data[pos] if pos < end else 0x80
+            length, pos = (length, pos + 1) if length < 0x80 else _varint(data, pos, end)
             if pos + length > end:
                 raise InvalidArgument("a field runs past its end")
             nested = plan.get(number)
@@ -391,6 +393,9 @@ class RawRequest:
 
     @property
     def loss(self) -> str | None:
+        data = self.data
+        if len(data) > 1 and data[0] == 0x0A and data[1] < 0x80:  # the usual first field
+            return bytes(data[2 : 2 + min(data[1], 256)]).decode(errors="replace")
         pos, end = 0, len(self.data)
         try:
             for _ in range(16):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ._handlers import rewrap
+from ._handlers import Rewrapped, rewrap
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -66,6 +66,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self.draining = False
         self.probe_streams = 0
         self._lock = threading.Condition()
+        self._wrapped = Rewrapped()
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -76,8 +77,11 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             if not handler.response_streaming:
                 return handler  # Check: answered at once, outside every limit
             return rewrap(handler, self._probe_stream)
-        return rewrap(
-            handler, lambda behavior: self._admitted(behavior, handler.response_streaming)
+        return self._wrapped.get(
+            handler,
+            lambda: rewrap(
+                handler, lambda behavior: self._admitted(behavior, handler.response_streaming)
+            ),
         )
 
     def drain(self, timeout: float) -> bool:
@@ -181,11 +185,14 @@ def deadline_guard(event: ComputeEvent) -> None:
 class DeadlineInterceptor(grpc.ServerInterceptor):
     """Refuses unary-request calls whose caller is gone by the time a worker thread picks them up."""
 
+    def __init__(self) -> None:
+        self._wrapped = Rewrapped()
+
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or handler.request_streaming:
             return handler
-        return rewrap(handler, _guarded)
+        return self._wrapped.get(handler, lambda: rewrap(handler, _guarded))
 
 
 def _guarded(behavior: Callable) -> Callable:

@@ -90,7 +90,7 @@ def check_request_id(request_id: str) -> None:
         raise InvalidArgument.expected(
             "request_id", f"at most {MAX_REQUEST_ID_CHARS} characters", f"{len(request_id)}"
         )
-    bad = next((c for c in request_id if not c.isprintable()), None)
+    bad = None if request_id.isprintable() else next(c for c in request_id if not c.isprintable())
     if bad is not None:
         raise InvalidArgument.expected(
             "request_id", "printable characters (no NUL or control characters)", repr(bad)

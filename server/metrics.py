@@ -47,7 +47,7 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.wire import framing
 
 from . import registry as loss_registry
-from ._handlers import rewrap
+from ._handlers import Rewrapped, rewrap
 from .budget import RawRequest
 from .limits import REFUSAL_ATTRIBUTE
 from .version import __version__
@@ -283,6 +283,7 @@ class Metrics:
         if memory_probe is not None:
             self.registry.register(DeviceMemoryCollector(device, memory_probe))
         self._loss_names = frozenset(s.name for s in loss_registry.all_specs())
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -330,6 +331,15 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def labelled(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: prometheus-client validates the values and
+        takes a lock on every ``labels()``, a dozen times per call. Label values are bounded."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def loss_label(self, name: str) -> str:
         return name if name in self._loss_names else UNREGISTERED
 
@@ -341,9 +351,9 @@ class Metrics:
         for phase, ns in zip(
             PHASES, (timings.decode_ns, timings.compute_ns, timings.encode_ns), strict=True
         ):
-            self.phase.labels(loss, phase).observe(ns / 1e9)
+            self.labelled(self.phase, loss, phase).observe(ns / 1e9)
         if event.result.non_finite:
-            self.non_finite.labels(loss).inc()
+            self.labelled(self.non_finite, loss).inc()
 
     def _finish(
         self,
@@ -352,11 +362,11 @@ class Metrics:
         seconds: float,
         reason: str | None = None,
     ) -> None:
-        self.handled.labels(*labels, CODE_NAMES.get(code, "Unknown")).inc()
-        self.handling.labels(*labels).observe(seconds)
+        self.labelled(self.handled, *labels, CODE_NAMES.get(code, "Unknown")).inc()
+        self.labelled(self.handling, *labels).observe(seconds)
         reason = reason or REFUSALS.get(code)
         if reason is not None:
-            self.rejected.labels(reason).inc()
+            self.labelled(self.rejected, reason).inc()
 
 
 def catalogue() -> list[tuple[str, str, tuple[str, ...], str]]:
@@ -435,11 +445,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+        self._wrapped = Rewrapped()
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED, and no label from a client-chosen name
+        return self._wrapped.get((handler, details.method), lambda: self._wrap(handler, details))
+
+    def _wrap(self, handler: Any, details: grpc.HandlerCallDetails) -> Any:
         service, _, method = details.method.lstrip("/").partition("/")
         labels = (grpc_type(handler), service, method)
         counts_losses = service == "lossd.v1.LossService"
@@ -466,13 +480,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             def counted() -> Iterator[Any]:
                 for message in request:
-                    m.msg_received.labels(*labels).inc()
+                    m.labelled(m.msg_received, *labels).inc()
                     yield asked(call, message)
 
             return counted()
 
         def begin() -> tuple[_Call, float]:
-            m.started.labels(*labels).inc()
+            m.labelled(m.started, *labels).inc()
             m.inflight.inc()
             return _Call(), time.perf_counter()
 
@@ -480,10 +494,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             code = _status(context, failed)
             m.inflight.dec()
             if call.loss is not None:
-                m.requests.labels(call.loss, CODE_NAMES.get(code, "Unknown")).inc()
+                m.labelled(m.requests, call.loss, CODE_NAMES.get(code, "Unknown")).inc()
                 if code is grpc.StatusCode.OK:
-                    m.received.labels(call.loss).inc(call.received)
-                    m.sent.labels(call.loss).inc(call.sent)
+                    m.labelled(m.received, call.loss).inc(call.received)
+                    m.labelled(m.sent, call.loss).inc(call.sent)
             m._finish(
                 labels, code, time.perf_counter() - start, getattr(context, REFUSAL_ATTRIBUTE, None)
             )
@@ -495,7 +509,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 failed = True
                 try:
                     for response in behavior(requests_of(call, request), context):
-                        m.msg_sent.labels(*labels).inc()
+                        m.labelled(m.msg_sent, *labels).inc()
                         call.sent += wire_size(response) if counts_losses else 0
                         yield response
                     failed = False

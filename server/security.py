@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import grpc
 import yaml
 
-from ._handlers import rewrap
+from ._handlers import Rewrapped, rewrap
 from .config import SettingError
 from .errors import PermissionDenied, ServiceError, Unauthenticated, abort
 
@@ -281,6 +281,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             raise SettingError("--auth-tokens and --tls-client-roles both grant roles: use one")
         self.tokens = tokens
         self.certificate_roles = certificate_roles
+        self._wrapped = Rewrapped()
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -290,9 +291,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if role is None:
             return handler
         if self.certificate_roles is not None:
-            return _with_principal(handler, None, self._certificate_check(role, details.method))
+            return self._wrapped.get(
+                (handler, details.method),
+                lambda: _with_principal(
+                    handler, None, self._certificate_check(role, details.method)
+                ),
+            )
         if self.tokens is None:
-            return _with_principal(handler, None)
+            return self._wrapped.get(handler, lambda: _with_principal(handler, None))
         token = bearer_token(details.invocation_metadata)
         if not token:
             return _refusal(
@@ -316,7 +322,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 ),
                 details.method,
             )
-        return _with_principal(handler, principal)
+        return self._wrapped.get((handler, principal), lambda: _with_principal(handler, principal))
 
     def _certificate_check(
         self, role: str, method: str

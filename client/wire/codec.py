@@ -409,8 +409,13 @@ def join_key(path: str, key: str) -> str:
     return f"{path}.{key}" if _IDENT.match(key) else f"{path}[{key!r}]"
 
 
+_LEAVES = frozenset((bool, int, float, str, type(None)))  # hold no tensor: no walk, no ABC check
+
+
 def iter_tensors(obj: Any, path: str) -> Iterator[tuple[str, Tensor]]:
     """Every tensor inside a nested value, with its path, in a stable order."""
+    if type(obj) in _LEAVES:
+        return
     if isinstance(obj, Tensor):
         yield path, obj
     elif isinstance(obj, (list, tuple)):
@@ -430,6 +435,8 @@ def call_tensors(args: Any, kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Te
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     """Rebuild a nested value with every tensor replaced by ``fn(tensor)``."""
+    if type(obj) in _LEAVES:
+        return obj
     if isinstance(obj, Tensor):
         return fn(obj)
     if isinstance(obj, tuple):
