@@ -11,6 +11,8 @@ The framing and the ``Assembler`` are shared with the server (``lossd.client.wir
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -19,7 +21,7 @@ from typing import Any
 import grpc
 from torch import Tensor
 
-from . import shm
+from . import bulk, shm
 from ._proto import lossd_pb2 as pb
 from .errors import LossdError, from_rpc_error
 from .wire import codec
@@ -59,25 +61,35 @@ def chunked_compute(
     max_bytes: int,
     metadata: Any = None,
     regions: shm.Regions | None = None,
+    plane: bulk.Plane | None = None,
 ) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
     """One evaluation over ComputeChunked. Raises grpc.RpcError like a unary call would.
-    ``regions``: the inputs are in shared memory (client/shm.py), so no data frames are sent."""
+    ``regions``: the inputs are in shared memory (client/shm.py), so no data frames are sent.
+    ``plane``: the server's bulk data port (client/bulk.py), used once it announced one."""
     header = pb.ComputeChunkedRequest(
         header=pb.ChunkedRequestHeader(request=request, tensors=refs(outboard.tensors))
     )
+    sock = None
     if regions is not None:
         metadata = (*(metadata or ()), (shm.METADATA_KEY, regions.handle))
+    elif plane is not None and plane.usable and outboard.tensors:
+        try:
+            sock, ticket = plane.open(timeout)
+            metadata = (*(metadata or ()), (bulk.METADATA_KEY, ticket))
+        except OSError:  # not reachable from here (a firewall, another host): data frames
+            plane.off()
 
     def messages() -> Iterator[bytes]:
         yield header.SerializeToString()
-        if regions is None:
+        if regions is None and sock is None:
             yield from iter_frames(outboard.tensors, chunk_bytes)
 
     answers = method(messages(), timeout=timeout, metadata=metadata)
-    first = next(answers, None)
-    if not isinstance(first, pb.ComputeChunkedResponse) or first.WhichOneof("part") != "header":
-        answers.cancel()
-        raise _ProtocolError("expected a response header first")
+    if sock is not None:
+        return _bulk_answer(answers, sock, outboard, max_bytes)
+    first = _header_of(answers)
+    if plane is not None:
+        plane.learn(answers.initial_metadata())
     if regions is not None and (shm.ACCEPTED_KEY, "in,out") in (answers.initial_metadata() or ()):
         answers.cancel()  # the answer's large tensors are in OUT; no data frames follow
         try:
@@ -101,8 +113,53 @@ def chunked_compute(
     return first.header.response, assembler.tensors()
 
 
+def _header_of(answers: Any) -> Any:
+    first = next(answers, None)
+    if not isinstance(first, pb.ComputeChunkedResponse) or first.WhichOneof("part") != "header":
+        answers.cancel()
+        raise _ProtocolError("expected a response header first")
+    return first
+
+
+def _bulk_answer(
+    answers: Any, sock: socket.socket, outboard: codec.Outboard, max_bytes: int
+) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
+    """The rest of a call whose bytes go on ``sock``: ours are sent while the answer is awaited
+    (a refusal ends the call before the server read them), the answer's are read from it."""
+    sender = bulk.Sender(sock, outboard.tensors)
+    try:
+        first = _header_of(answers)
+        if (bulk.ACCEPTED_KEY, "1") not in (answers.initial_metadata() or ()):
+            answers.cancel()
+            raise _ProtocolError("the server answered without taking the bulk data connection")
+        sender.join()
+        assembler = Assembler(first.header.tensors, max_bytes, "response.tensors")
+        try:
+            if sender.error is not None:
+                raise sender.error
+            assembler.read_from(sock.recv_into)
+        except (OSError, codec.DecodeError) as exc:
+            next(answers, None)  # the server's status says why, when it failed
+            raise _ProtocolError(f"bulk data connection: {exc}") from None
+        if next(answers, None) is not None:
+            answers.cancel()
+            raise _ProtocolError("more messages after the answer's header")
+        return first.header.response, assembler.tensors()
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # ends the sender too, if the call failed
+        sock.close()
+        sender.join()
+
+
 class _ProtocolError(Exception):
     """The server broke the chunked protocol (a version mismatch); surfaces as INTERNAL."""
+
+
+def _declined(error: grpc.RpcError, what: str) -> bool:
+    """The server declined a fast path (``what``: its message prefix); the data frames remain."""
+    code = error.code() if hasattr(error, "code") else None
+    return code == grpc.StatusCode.FAILED_PRECONDITION and (error.details() or "").startswith(what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +206,9 @@ class Transport:
             and shm.available()
             and shm.local_target(getattr(client, "target", ""), bool(opted))
         )
+        options = getattr(client, "options", None)
+        tls = any(getattr(options, name, None) for name in ("tls", "tls_ca", "tls_cert", "tls_key"))
+        self.plane = bulk.Plane(getattr(client, "target", ""), tls)
 
     def _regions(self, outboard: codec.Outboard) -> shm.Regions | None:
         """The shared-memory regions for this call, or None to send the data."""
@@ -196,21 +256,25 @@ class Transport:
                 max_bytes=1 << 62,  # the client asked for these gradients; the server bounds them
                 metadata=client.metadata,
                 regions=regions,
+                plane=self.plane,
             )
 
         def attempt(remaining: float | None) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
             regions = self._regions(outboard)
             if regions is None:
-                return chunked(remaining, None)
+                try:
+                    return chunked(remaining, None)
+                except grpc.RpcError as error:
+                    if not _declined(error, "bulk:"):
+                        raise
+                    self.plane.off()  # the server did not take the data connection: frames
+                    return chunked(remaining, None)
             try:
                 return chunked(remaining, regions)
             except grpc.RpcError as error:
                 # Not accepted (turned off, another pid namespace, over --shm-max-mb): from now
                 # on this transport sends the data.
-                details = error.details() or ""
-                if error.code() != grpc.StatusCode.FAILED_PRECONDITION or not details.startswith(
-                    "shared memory:"
-                ):
+                if not _declined(error, "shared memory:"):
                     raise
                 self.shm = False
             finally:

@@ -22,6 +22,7 @@ from ._malloc import IdleTrimmer, set_mmap_threshold
 from .audit import AuditRecorder, audit_signer, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .budget import MemoryBudget
+from .bulk import BulkListener
 from .config import ServerConfig, SettingError
 from .engine import Engine
 from .limits import (
@@ -71,6 +72,7 @@ class RunningServer:
     audit_signer: Any = None  # the checkpoint signing key (audit.signing.Signer), with a store
     servicer: LossServicer | None = None
     unix: UnixListener | None = None  # the --unix socket, None without one
+    bulk: BulkListener | None = None  # the --bulk-port socket, None without one
 
     @property
     def address(self) -> str:
@@ -104,6 +106,8 @@ class RunningServer:
             self.server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         if self.unix is not None:
             self.unix.remove()
+        if self.bulk is not None:
+            self.bulk.close()
         # After the drain: calls in flight have had their records committed; flush the rest.
         self.close_audit()
         if self.trimmer is not None:
@@ -126,6 +130,23 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+def _bulk_listener(config: ServerConfig, credentials: Any) -> BulkListener | None:
+    if config.bulk_port < 0:
+        return None
+    if credentials is not None:
+        raise SettingError(
+            "--bulk-port carries tensors in the clear: it cannot be combined with TLS (drop "
+            "--bulk-port; chunked calls then send their data frames over TLS)"
+        )
+    try:
+        return BulkListener(config.host, config.bulk_port, config.stream_idle_timeout_s)
+    except OSError as exc:
+        raise SettingError(
+            f"--bulk-port {config.bulk_port}: cannot bind {config.host}:{config.bulk_port}: "
+            f"{exc.strerror or exc}"
+        ) from None
 
 
 def create_server(config: ServerConfig) -> RunningServer:
@@ -152,6 +173,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         hooks.append(
             recorder.after_compute
         )  # last: it answers `audited` once the record is committed
+    bulk_listener = _bulk_listener(config, credentials)
     servicer = LossServicer(
         engine,
         config.limits,
@@ -163,6 +185,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         stream_send_timeout_s=config.stream_send_timeout_s,
         shm_mode=config.shm,  # the co-located shared-memory path (server/shm.py)
         shm_max_bytes=config.shm_max_mb << 20,
+        bulk_listener=bulk_listener,
     )
     admission = AdmissionInterceptor(config.max_concurrent_rpcs)
     server = grpc.server(
@@ -219,6 +242,8 @@ def create_server(config: ServerConfig) -> RunningServer:
 
     def give_up() -> None:
         server.stop(0)
+        if bulk_listener is not None:
+            bulk_listener.close()
         if recorder is not None:
             recorder.close()
 
@@ -259,7 +284,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server, port, config, engine, health_servicer, metrics, metrics_port, metrics_http, recorder, audit_store, admission,
-        trimmer=trimmer.start(), audit_signer=signer, servicer=servicer, unix=unix,
+        trimmer=trimmer.start(), audit_signer=signer, servicer=servicer, unix=unix, bulk=bulk_listener,
     )  # fmt: skip
 
 
@@ -325,6 +350,8 @@ def serve(config: ServerConfig) -> None:
         metrics_host = config.metrics_host or config.host
         shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
         print(f"lossd metrics on http://{shown}:{running.metrics_port}/metrics", flush=True)
+    if running.bulk is not None:
+        print(f"lossd bulk data port {running.bulk.port}", flush=True)
     if running.audit_signer is not None:
         # Whoever keeps checkpoints needs this key to check them (also: lossd audit public-key).
         print(f"lossd {running.audit_signer.describe()}", flush=True)

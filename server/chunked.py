@@ -25,11 +25,13 @@ def receive(
     max_bytes: int,
     reserve: Callable[[pb.ChunkedRequestHeader, int], None] | None = None,
     shared: Callable[[pb.ChunkedRequestHeader], dict[str, Any]] | None = None,
+    fill: Callable[[Assembler], None] | None = None,
 ) -> tuple[pb.ComputeRequest, dict[str, Any]]:
     """Read the header and every data chunk; return the request and its tensors' bytes by path.
     ``reserve(header, listed bytes)`` runs after the header, before any data is allocated or read.
     ``shared(header)``: the tensors' bytes from the caller's shared memory (server/shm.py), when
-    it handed some over: then no data chunks follow the header."""
+    it handed some over: then no data chunks follow the header. ``fill(assembler)``: the bytes
+    come on the call's bulk data connection (server/bulk.py) instead of in data chunks."""
     first = next(requests, None)
     if first is None:
         raise InvalidArgument(
@@ -52,13 +54,13 @@ def receive(
         reserve(header, listed)
     if shared is not None:
         tensors = shared(header)  # checks the listed sizes as Assembler does
-        if next(requests, None) is not None:
-            raise InvalidArgument(
-                "expected the stream to end after the header: its data is in shared memory",
-                field="data",
-            )
+        _check_ended(requests, "its data is in shared memory")
         return header.request, tensors
     assembler = Assembler(header.tensors, max_bytes)
+    if fill is not None:
+        fill(assembler)
+        _check_ended(requests, "its data came on the bulk data connection")
+        return header.request, assembler.tensors()
     while not assembler.complete:
         message = next(requests, None)
         if message is None:
@@ -79,6 +81,11 @@ def receive(
             field="data",
         )
     return header.request, assembler.tensors()
+
+
+def _check_ended(requests: Iterator[Any], why: str) -> None:
+    if next(requests, None) is not None:
+        raise InvalidArgument(f"expected the stream to end after the header: {why}", field="data")
 
 
 def _check_parsed(message: Any) -> None:

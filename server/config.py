@@ -61,6 +61,11 @@ def _setting(
     return field(default=default, metadata={"help": help, "expected": expected, **rules})
 
 
+def _extra_port(help: str, note: str) -> Any:
+    """A port besides --port, off (-1) by default; 0 picks a free one."""
+    return _setting(-1, help, min=-1, max=65535, note=note)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = _setting(
@@ -150,6 +155,10 @@ class ServerConfig:
         min=1,
         note="(MiB)",
     )
+    bulk_port: int = _extra_port(
+        "a second TCP port (on --host) that carries ComputeChunked's tensor bytes on plain connections instead of gRPC data frames (server/bulk.py; 2-3x faster on loopback); clients learn it from their first chunked call and fall back to data frames on any doubt; -1 off, 0 a free one; plaintext, so not with TLS",
+        "(-1 off)",
+    )
     max_rank: int = _setting(8, "largest tensor rank accepted", min=0)
     max_elements: int = _setting(1 << 28, "largest tensor accepted, in elements", min=0)
     max_total_elements: int = _setting(1 << 29, "most tensor elements in one request", min=0)
@@ -161,12 +170,9 @@ class ServerConfig:
     reflection: bool = _setting(True, "serve gRPC server reflection")
     grace_seconds: float = _setting(10.0, "how long in-flight calls may finish on SIGTERM", min=0)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
-    metrics_port: int = _setting(
-        -1,
+    metrics_port: int = _extra_port(
         "port for Prometheus /metrics over HTTP; -1 disables it, 0 picks a free one and prints it",
-        min=-1,
-        max=65535,
-        note="(-1 disables it)",
+        "(-1 disables it)",
     )
     metrics_host: str = _setting("", "address for /metrics; empty: the same as --host")
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, serves TLS")

@@ -18,7 +18,7 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
-from . import chunked, registry, shm
+from . import bulk, chunked, registry, shm
 from .budget import (
     MemoryBudget,
     RawRequest,
@@ -179,7 +179,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         stream_send_timeout_s: float = 60.0,
         shm_mode: str = "unix",
         shm_max_bytes: int = 1 << 30,
+        bulk_listener: bulk.BulkListener | None = None,
     ) -> None:
+        self.bulk = bulk_listener  # --bulk-port: chunked calls' bytes on a plain TCP connection
         self.shm_mode = shm_mode  # --shm: which connections may hand over shared memory
         self.shm_max_bytes = shm_max_bytes  # --shm-max-mb: the largest region accepted
         self.watchdog = Watchdog()
@@ -350,14 +352,20 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> Iterator[bytes]:
         watch = self.watchdog.watch(context)
         with contextlib.ExitStack() as hold:  # the memory reserved, until the answer is sent
-            response, outboard, regions = self._chunked_one(
+            response, outboard, regions, conn = self._chunked_one(
                 self._timed(request_iterator, watch), context, hold
             )
-            frames = True
+            frames = conn is None
+            metadata = []
             if regions is not None:  # the caller's shared memory: its answer goes there if it fits
                 frames = not regions.write(outboard.tensors)
-                accepted = "in" if frames else "in,out"
-                context.send_initial_metadata(((shm.ACCEPTED_KEY, accepted),))
+                metadata.append((shm.ACCEPTED_KEY, "in" if frames else "in,out"))
+            if conn is not None:  # the caller's bulk data connection: the answer's bytes too
+                metadata.append((bulk.ACCEPTED_KEY, "1"))
+            elif self.bulk is not None:
+                metadata.append((bulk.PORT_KEY, str(self.bulk.port)))
+            if metadata:
+                context.send_initial_metadata(tuple(metadata))
             for message in chunked.answer(response, outboard, self.chunk_bytes, frames=frames):
                 # gRPC resumes this generator once the message is sent: a caller that does not
                 # read its answer is cut off after --stream-send-timeout-s.
@@ -366,6 +374,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     f"the caller read no answer for {self.stream_send_timeout_s:g} s (--stream-send-timeout-s)",
                 ):
                     yield message
+            if conn is not None:  # after the header, which lists these bytes
+                conn.settimeout(self.stream_send_timeout_s or None)
+                try:
+                    bulk.send_tensors(conn, outboard.tensors)
+                except OSError as exc:
+                    _fail(context, Cancelled(f"bulk: sending the answer failed: {exc}"), "bulk")
 
     def _timed(self, requests: Iterator[Any], watch: Any) -> Iterator[Any]:
         """``requests``, each one awaited at most --stream-idle-timeout-s (the header, then each
@@ -393,10 +407,38 @@ class LossServicer(pb_grpc.LossServiceServicer):
         request_iterator: Iterator[Any],
         context: grpc.ServicerContext,
         hold: contextlib.ExitStack,
-    ) -> tuple[pb.ComputeResponse, codec.Outboard, shm.Regions | None]:
+    ) -> tuple[pb.ComputeResponse, codec.Outboard, shm.Regions | None, Any]:
         reservation: list[Reservation] = []
         regions: list[shm.Regions] = []
+        conns: list[Any] = []
         handle = shm.handle_of(context)
+        ticket = bulk.ticket_of(context)
+        fill = None
+        if ticket is not None:
+            if handle is not None:
+                raise InvalidArgument(
+                    "a call hands over shared memory or a bulk ticket, not both",
+                    field=bulk.METADATA_KEY,
+                )
+            if self.bulk is None:
+                raise FailedPrecondition(
+                    "bulk: this server has no --bulk-port; send the data instead"
+                )
+
+            def fill(assembler: Any) -> None:
+                # After the header was checked and its memory reserved: only now is data read.
+                conn = self.bulk.claim(ticket)
+                hold.callback(conn.close)
+                conns.append(conn)
+                conn.settimeout(self.stream_idle_timeout_s or None)
+                try:
+                    assembler.read_from(conn.recv_into)
+                except OSError as exc:  # a stall past --stream-idle-timeout-s, or a reset
+                    raise Cancelled(
+                        f"bulk: the data connection failed after {assembler.received} of "
+                        f"{assembler.total} bytes: {exc}"
+                    ) from None
+
         shared = None
         if handle is not None:
             if not shm.accepts(self.shm_mode, context):
@@ -419,12 +461,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 )
 
         request, external = chunked.receive(
-            request_iterator, self.max_chunked_bytes, reserve, shared
+            request_iterator, self.max_chunked_bytes, reserve, shared, fill
         )
         outboard = codec.Outboard(self.chunk_outboard_bytes)  # large gradients go back in chunks
         held = reservation[0] if reservation else None
         response = self.compute(request, context, external=external, outboard=outboard, held=held)
-        return response, outboard, (regions[0] if regions else None)
+        return response, outboard, (regions[0] if regions else None), (conns[0] if conns else None)
 
     @handles_errors
     def ListLosses(

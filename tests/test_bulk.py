@@ -4,18 +4,25 @@ huge-page assembly buffer, large calls equal to local torch, and the buffer free
 from __future__ import annotations
 
 import gc
+import json
+import socket
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
-from lossd.client import RemoteLoss
+from lossd.client import LossdError, RemoteLoss, bulk
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.wire import codec, framing
 from lossd.client.wire.assembler import HUGE_PAGES_MIN_BYTES, Assembler, empty_bytes
-from lossd.server.engine import Engine
-from lossd.server.service import LossServicer
-from tests.support.wirekit import ALL_DTYPES, in_process
+from lossd.client.wire.audit import tensor_digest
+from lossd.server.app import _bulk_listener
+from lossd.server.config import ServerConfig, SettingError
+from tests.support.opskit import TOKENS, running
+from tests.support.serverproc import free_port
+from tests.support.wirekit import ALL_DTYPES
 
 LIMIT = 64 << 20
 
@@ -80,15 +87,8 @@ def test_a_large_buffer_is_given_back_when_its_last_view_goes() -> None:
     assert _rss_bytes() - before < 8 << 20  # unmapped, not kept in an arena
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    servicer = LossServicer(Engine("cpu"), codec.DecodeLimits(), max_chunked_bytes=LIMIT)
-    with in_process(servicer, LIMIT) as address:
-        yield address
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_a_bulk_call_equals_local_torch_bitwise(endpoint: str, dtype: torch.dtype) -> None:
+def test_a_bulk_call_in_data_frames_equals_local_torch_bitwise(bulk_server, dtype) -> None:
     g = torch.Generator().manual_seed(21)
     n = (12 << 20) // (2 * torch.empty(0, dtype=dtype).element_size())  # 12 MB up, 6 MB back
     pred = torch.randn(n, generator=g).to(dtype)
@@ -96,9 +96,236 @@ def test_a_bulk_call_equals_local_torch_bitwise(endpoint: str, dtype: torch.dtyp
     local = pred.clone().requires_grad_()
     expected = torch.nn.functional.mse_loss(local, target)
     expected.backward()
+    endpoint = f"127.0.0.1:{bulk_server.port}"
     with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=120) as module:
+        module.transport.plane.off()  # the data frames, at bulk sizes
         leaf = pred.clone().requires_grad_()
         value = module(leaf, target)
         value.backward()
     assert value.dtype == dtype and torch.equal(value.detach(), expected.detach())
     assert leaf.grad.dtype == dtype and torch.equal(leaf.grad, local.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# The bulk data connection (--bulk-port): client/bulk.py, server/bulk.py
+
+
+def test_every_dtype_round_trips_bitwise_over_a_data_connection() -> None:
+    originals = [_random(dtype, 5000 + 7 * i, 40 + i) for i, dtype in enumerate(ALL_DTYPES)]
+    flats = [(f"t{i}", t.view(torch.uint8)) for i, t in enumerate(originals)]
+    assembler = Assembler(framing.refs(flats), max_bytes=LIMIT)
+    left, right = socket.socketpair()
+    with left, right:
+        sender = bulk.Sender(left, flats)
+        assembler.read_from(right.recv_into)
+        sender.join()
+    assert sender.error is None and assembler.complete
+    for (path, flat), original in zip(flats, originals):
+        got = assembler.tensors()[path]
+        assert (got.data_ptr() - assembler.buffer.data_ptr()) % framing.ALIGN == 0
+        assert got.view(original.dtype).shape == original.shape
+        assert torch.equal(got, flat), path  # as bytes: NaN payloads must survive too
+
+
+def test_a_data_connection_that_ends_early_is_a_decode_error_naming_the_bytes() -> None:
+    flats = [("t", torch.zeros(1000, dtype=torch.uint8))]
+    assembler = Assembler(framing.refs(flats), max_bytes=LIMIT)
+    left, right = socket.socketpair()
+    with right:
+        left.sendall(b"x" * 600)
+        left.close()
+        with pytest.raises(codec.DecodeError, match="ended after 600 of 1000 bytes"):
+            assembler.read_from(right.recv_into)
+
+
+@pytest.mark.parametrize(
+    ("target", "tls", "host"),
+    [
+        ("127.0.0.1:50051", False, "127.0.0.1"),
+        ("[::1]:50051", False, "::1"),
+        ("ipv4:10.0.0.2:7000", False, "10.0.0.2"),
+        ("lossd.example:50051", True, None),  # TLS: never in the clear
+        ("ipv4:10.0.0.1:1,10.0.0.2:1", False, None),  # replicas: the port could be another's
+        ("unix:/tmp/lossd.sock", False, None),
+        ("dns:///lossd:50051", False, None),
+    ],
+)
+def test_the_data_plane_is_offered_only_to_one_plaintext_host(target, tls, host) -> None:
+    plane = bulk.Plane(target, tls)
+    assert plane.host == host
+    plane.learn([(bulk.PORT_KEY, "6000")])
+    assert plane.usable == (host is not None)
+
+
+@pytest.fixture(scope="module")
+def bulk_server():
+    with running(bulk_port=0, stream_idle_timeout_s=2.0) as server:
+        seen: list[dict[str, str]] = []
+        server.servicer.after_compute.append(
+            lambda event: seen.append(
+                {f"args[{i}]": tensor_digest(a) for i, a in enumerate(event.call.args)}
+            )
+        )
+        server.seen = seen
+        yield server
+
+
+def _claims(server, monkeypatch) -> list[str]:
+    """The tickets the server's bulk listener is asked for from now on."""
+    claimed: list[str] = []
+    claim = server.bulk.claim
+
+    def counting(ticket: str):
+        claimed.append(ticket)
+        return claim(ticket)
+
+    monkeypatch.setattr(server.bulk, "claim", counting)
+    return claimed
+
+
+def _mse_inputs(n: int, seed: int, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_after_the_first_call_the_bytes_go_on_the_data_connection_and_match_local(
+    bulk_server, monkeypatch, dtype
+) -> None:
+    claimed = _claims(bulk_server, monkeypatch)
+    pred, target = _mse_inputs(300_000, 3, dtype)
+    local = pred.clone().requires_grad_()
+    expected = torch.nn.functional.mse_loss(local, target)
+    expected.backward()
+    endpoint = f"127.0.0.1:{bulk_server.port}"
+    with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=60) as module:
+        assert module.transport.plane.port is None
+        for call in range(2):  # the first call's answer names the port; the second uses it
+            leaf = pred.clone().requires_grad_()
+            value = module(leaf, target)
+            value.backward()
+            assert torch.equal(value.detach(), expected.detach()) and value.dtype == dtype
+            assert torch.equal(leaf.grad, local.grad), call
+        assert module.transport.plane.port == bulk_server.bulk.port
+    assert len(claimed) == 1
+    # What the server computed on (and the audit recorder, a hook like this one, saw) is what
+    # was sent: the same digests.
+    assert bulk_server.seen[-1] == {
+        "args[0]": tensor_digest(pred),
+        "args[1]": tensor_digest(target),
+    }
+
+
+def _learned(server, **options) -> RemoteLoss:
+    module = RemoteLoss(
+        "mse", endpoint=f"127.0.0.1:{server.port}", transport="chunked", timeout=60, **options
+    )
+    module.transport.plane.learn([(bulk.PORT_KEY, str(server.bulk.port))])
+    return module
+
+
+def test_errors_and_limits_keep_their_codes_on_the_data_connection(bulk_server, monkeypatch):
+    claimed = _claims(bulk_server, monkeypatch)
+    with _learned(bulk_server) as module:
+        pred, _ = _mse_inputs(300_000, 4)
+        with pytest.raises(LossdError) as caught:  # a shape the loss refuses
+            module(pred.requires_grad_(), torch.zeros(299_999))
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        huge, target = _mse_inputs(bulk_server.config.max_message_bytes // 8 + 1, 5)
+        with pytest.raises(LossdError) as caught:  # over --max-message-mb: refused unread
+            module(huge, target)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-message-mb" in str(caught.value)
+        value = module(*_mse_inputs(300_000, 6))  # and the next call is served
+        assert value.numel() == 1
+    assert len(claimed) == 1  # the call over the limit was refused before its data was read
+
+
+def test_a_server_that_declines_or_cannot_be_reached_gets_data_frames(bulk_server, monkeypatch):
+    pred, target = _mse_inputs(300_000, 7)
+    expected = torch.nn.functional.mse_loss(pred, target)
+    with _learned(bulk_server) as module:  # the server turned its bulk port off since
+        monkeypatch.setattr(bulk_server.servicer, "bulk", None)
+        assert torch.equal(module(pred, target), expected)
+        assert not module.transport.plane.usable
+    monkeypatch.undo()
+    with _learned(bulk_server) as module:  # a port nothing listens on
+        module.transport.plane.learn([(bulk.PORT_KEY, str(free_port()))])
+        assert torch.equal(module(pred, target), expected)
+        assert not module.transport.plane.usable
+
+
+def test_a_ticket_without_its_connection_and_a_stalled_connection_end_the_call(bulk_server):
+    stub_call = grpc.insecure_channel(f"127.0.0.1:{bulk_server.port}")
+    header = pb.ComputeChunkedRequest(
+        header=pb.ChunkedRequestHeader(
+            request=pb.ComputeRequest(loss="mse"),
+            tensors=[pb.ChunkedTensor(path="args[0]", size_bytes=4000)],
+        )
+    ).SerializeToString()
+    method = stub_call.stream_stream(framing.METHOD_CHUNKED)
+    ticket = "0123456789abcdef" * 2
+    with pytest.raises(grpc.RpcError) as caught:  # nobody connected with this ticket
+        list(method(iter([header]), metadata=((bulk.METADATA_KEY, ticket),), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details().startswith("bulk:")
+    with pytest.raises(grpc.RpcError) as caught:  # not a ticket
+        list(method(iter([header]), metadata=((bulk.METADATA_KEY, "../x"),), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+        sock.sendall(ticket.encode() + b"x" * 100)  # 100 of the 4000 bytes, then nothing
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(method(iter([header]), metadata=((bulk.METADATA_KEY, ticket),), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        assert "after 100 of 4000 bytes" in caught.value.details()
+        assert time.monotonic() - t0 < 15  # --stream-idle-timeout-s 2, not forever
+    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+        # All 4000 listed bytes come, but the request has no tensor at args[0] to own them.
+        sock.sendall(ticket.encode() + b"x" * 4000)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(method(iter([header]), metadata=((bulk.METADATA_KEY, ticket),), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "args[0]" in caught.value.details()
+    stub_call.close()
+    assert torch.equal(  # still serving
+        RemoteLoss("mse", endpoint=f"127.0.0.1:{bulk_server.port}")(*_mse_inputs(10, 8)),
+        torch.nn.functional.mse_loss(*_mse_inputs(10, 8)),
+    )
+
+
+def test_unclaimed_and_garbage_connections_are_closed(bulk_server) -> None:
+    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+        sock.sendall(b"not a ticket at all, 32 bytes..")
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # closed by the server
+    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+        sock.sendall(b"f" * 32)  # a ticket no call names
+        sock.settimeout(15)
+        time.sleep(2.5)  # past --stream-idle-timeout-s: the next arrival expires it
+        with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as other:
+            other.sendall(b"e" * 32)
+            assert sock.recv(1) == b""
+
+
+def test_auth_applies_before_any_data_is_read(tmp_path, monkeypatch) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({TOKENS["compute"]: {"principal": "t", "roles": ["compute"]}}))
+    tokens.chmod(0o600)
+    with running(bulk_port=0, auth_tokens=str(tokens)) as server:
+        claimed = _claims(server, monkeypatch)
+        pred, target = _mse_inputs(300_000, 9)
+        with _learned(server, retries=0) as module:  # no token
+            with pytest.raises(LossdError) as caught:
+                module(pred, target)
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert claimed == []
+        with _learned(server, token=TOKENS["compute"]) as module:
+            assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
+        assert len(claimed) == 1
+
+
+def test_bulk_port_refuses_tls() -> None:
+    config = ServerConfig(bulk_port=0)
+    with pytest.raises(SettingError, match="--bulk-port carries tensors in the clear"):
+        _bulk_listener(config, credentials=object())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -92,6 +92,22 @@ class Assembler:
             self._filled += take
             pos += take
         self.received += len(data)
+
+    def read_from(self, read_into: Callable[[memoryview], int]) -> None:
+        """Receive every listed tensor straight into its place in the buffer: ``read_into(view)``
+        (``socket.recv_into``) fills a prefix of ``view`` and says how much; 0 is the end."""
+        view = memoryview(self._array)
+        for offset, size in zip(self.offsets, self.sizes):
+            pos, end = offset, offset + size
+            while pos < end:
+                got = read_into(view[pos:end])
+                if not got:
+                    raise DecodeError(
+                        "data",
+                        f"the data connection ended after {self.received} of {self.total} bytes",
+                    )
+                pos += got
+                self.received += got
 
     def tensors(self) -> dict[str, Tensor]:
         return {

@@ -1,0 +1,131 @@
+"""The bulk data plane of ``ComputeChunked`` over a plain TCP connection (server side; the
+protocol is described in lossd/client/bulk.py).
+
+``--bulk-port`` opens a second TCP port that carries nothing but tensor bytes. A connection
+writes a ticket (32 hex digits) and then waits: it is a pipe for whichever ComputeChunked call
+names that ticket in its ``lossd-bulk`` metadata. Everything else stays on gRPC: the call is
+authenticated, admitted, refused over its limits and has its memory reserved before any byte is
+read from the connection, its errors are its status, and the audit recorder sees the tensors
+computed on (views of the one request buffer, as with data frames).
+
+Bounds: at most ``MAX_PENDING`` connections wait for their call, each closed when no call claims
+it within --stream-idle-timeout-s, or when its ticket does not come within
+``GREETING_TIMEOUT_S``; a claimed connection's reads are bounded by --stream-idle-timeout-s and its
+writes by --stream-send-timeout-s, like the data frames'. Plaintext only: a server with TLS
+refuses --bulk-port (server/app.py), since the bytes would travel in the clear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import threading
+import time
+from typing import Any
+
+from lossd.client.bulk import ACCEPTED_KEY, METADATA_KEY, PORT_KEY, TICKET_CHARS, send_tensors
+
+from .errors import FailedPrecondition, InvalidArgument
+
+__all__ = ["ACCEPTED_KEY", "METADATA_KEY", "PORT_KEY", "BulkListener", "send_tensors", "ticket_of"]
+
+log = logging.getLogger("lossd.bulk")
+
+MAX_PENDING = 64
+GREETING_TIMEOUT_S = 10.0
+_TICKET = re.compile(rb"[0-9a-f]{%d}" % TICKET_CHARS)
+
+
+def ticket_of(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == METADATA_KEY:
+            if not isinstance(value, str) or not _TICKET.fullmatch(value.encode()):
+                raise InvalidArgument(
+                    f"expected {TICKET_CHARS} lowercase hex digits", field=METADATA_KEY
+                )
+            return value
+    return None
+
+
+class BulkListener:
+    """The --bulk-port socket and the connections waiting for their call."""
+
+    def __init__(self, host: str, port: int, idle_timeout_s: float) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=MAX_PENDING)
+        self.port: int = self._sock.getsockname()[1]
+        self.idle_timeout_s = idle_timeout_s if idle_timeout_s > 0 else 30.0
+        self._pending: dict[bytes, tuple[socket.socket, float]] = {}
+        self._cond = threading.Condition()
+        self._slots = threading.BoundedSemaphore(MAX_PENDING)
+        self._closed = False
+        threading.Thread(target=self._accept, name="lossd-bulk", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # too many connections waiting for their call
+                continue
+            threading.Thread(target=self._greet, args=(conn,), daemon=True).start()
+
+    def _greet(self, conn: socket.socket) -> None:
+        kept = False
+        try:
+            conn.settimeout(GREETING_TIMEOUT_S)
+            ticket = conn.recv(TICKET_CHARS, socket.MSG_WAITALL)
+            if _TICKET.fullmatch(ticket):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with self._cond:
+                    self._expire()
+                    if ticket not in self._pending and not self._closed:
+                        self._pending[ticket] = (conn, time.monotonic())
+                        self._cond.notify_all()
+                        kept = True
+        except OSError:
+            pass
+        finally:
+            if not kept:
+                conn.close()
+                self._slots.release()
+
+    def _expire(self) -> None:
+        """Close the connections no call claimed in time (the lock held)."""
+        now = time.monotonic()
+        for ticket, (conn, since) in list(self._pending.items()):
+            if now - since > self.idle_timeout_s:
+                del self._pending[ticket]
+                conn.close()
+                self._slots.release()
+
+    def claim(self, ticket: str) -> socket.socket:
+        """The connection that sent ``ticket``, waiting for it up to --stream-idle-timeout-s."""
+        key = ticket.encode()
+        deadline = time.monotonic() + self.idle_timeout_s
+        with self._cond:
+            while key not in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise FailedPrecondition(
+                        "bulk: no data connection came with this call's ticket within "
+                        f"{self.idle_timeout_s:g} s; send the data instead"
+                    )
+                self._cond.wait(left)
+            conn, _ = self._pending.pop(key)
+        self._slots.release()
+        return conn
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for conn, _ in self._pending.values():
+                conn.close()
+            self._pending.clear()
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self._sock.close()
