@@ -214,7 +214,7 @@ class _RemoteLossFunction(_PositionalFunction):
         call: _Call = ctx.call
         dtype = call.value_dtype
         pairs = [(p, t) for p, t in zip(call.paths, tangents) if t is not None]
-        if call.scalar:
+        if call.scalar and call.grads is not None:
             total = torch.zeros(call.value_shape, dtype=dtype, device=call.device)
             for path, tangent in pairs:
                 g = call.grads.get(path)
@@ -250,9 +250,11 @@ class _RemoteGrad(_PositionalFunction):
 
     @staticmethod
     def forward(call: _Call, grad_output: Tensor, *tensors: Tensor):
-        if call.scalar:
-            scale = grad_output.reshape(())
-            grads = {p: g.to(scale.device) * scale for p, g in call.grads.items()}
+        if call.scalar and call.grads is not None:
+            # Used once: the reference goes, so the answer's memory (a co-located call's shared
+            # region) is freed with the caller's backward, not when the graph is. A second
+            # backward (retain_graph=True) asks the server for the products instead.
+            grads, call.grads = _scaled(call.grads, grad_output), None
         elif _functorch.is_legacy_batchedtensor(grad_output):
             # gradcheck's check_batched_grad vmaps the backward with torch's legacy vmap, which
             # does not dispatch to ``vmap`` below: the batch arrives as a legacy batched tensor
@@ -302,7 +304,7 @@ class _RemoteGrad(_PositionalFunction):
             outs = _RemoteGrad.forward(call, grad_output, *tensors)
             return outs, tuple(None for _ in outs)
         batch = grad_output.movedim(in_dims[1], 0)
-        if call.scalar:
+        if call.scalar and call.grads is not None:
             scale = batch.reshape(-1)
             grads = {
                 p: g.to(scale.device)[None] * scale.reshape(-1, *[1] * g.dim())
@@ -328,6 +330,23 @@ class _ThirdOrder(torch.autograd.Function):
             "lossd computes derivatives of a remote loss up to the second order: a third "
             "derivative (differentiating a double backward) is not supported"
         )
+
+
+def _scaled(grads: dict[str, Tensor], grad_output: Tensor) -> dict[str, Tensor]:
+    """A scalar loss's gradients times ``grad_output``. When it is 1 (``loss.backward()``) they
+    are handed over as they came (``g * 1`` is bitwise ``g``), as fresh aliases AccumulateGrad
+    may keep rather than clone; a gradient moved to another device is scaled in place."""
+    scale = grad_output.reshape(())
+    plain = scale.device.type == "cpu" and not _functorch.is_functorch_wrapped_tensor(scale)
+    unit = plain and not _functorch.is_legacy_batchedtensor(scale) and bool(scale == 1)
+    out = {}
+    for path, g in grads.items():
+        moved = g.to(scale.device)
+        if moved is not g:
+            out[path] = moved.mul_(scale)
+        else:
+            out[path] = g.view_as(g) if unit else g * scale
+    return out
 
 
 def _like_input(grad: Tensor | None, tensor: Tensor) -> Tensor | None:
@@ -374,7 +393,7 @@ class _Call:
     result: RemoteResult | None = None
     transport: Transport | None = None
     outboard: codec.Outboard | None = None
-    grads: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] | None = field(default_factory=dict)  # None once a backward used them
     scalar: bool = True
     value_shape: torch.Size = field(default_factory=torch.Size)
     value_dtype: torch.dtype = torch.float32

@@ -14,10 +14,12 @@ import fcntl
 import os
 import secrets
 import sys
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ._proto import lossd_pb2 as pb
 from .wire.framing import layout
@@ -55,15 +57,77 @@ def _memfd(name: str, size: int) -> int:
     return fd
 
 
+class _Out:
+    """One OUT memfd and the storage its last answer was mapped into (weakly)."""
+
+    def __init__(self, token: str, size: int) -> None:
+        self.fd = _memfd(f"lossd-{token}-out", size)
+        self.size = size
+        self.mapped: StorageWeakRef | None = None
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _OUT_SEALS)
+        except BaseException:
+            self.close()
+            raise
+
+    def unreferenced(self) -> bool:
+        return self.mapped is None or self.mapped.expired()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # a live answer keeps its mapping: the pages go when it does
+        self.fd = -1
+
+
+class Pool:
+    """One transport's OUT regions, kept between its calls: their pages stay allocated, so the
+    server's copy into OUT is a memcpy, not a page allocation and a fault per 4 KiB (bench/
+    RESULTS.md, co-located, has the figures). A region is reused only once no tensor of its last
+    answer is alive: copy-on-write keeps only the pages the client wrote, so a live view would
+    see the next answer. IN is never reused: it is sealed against writes for good. ``token``
+    names this process's regions; the server accepts a handle only with it."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(16)
+        self._idle: list[_Out] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> _Out:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        found = None
+        for out in idle:
+            if found is None and out.size >= size and out.unreferenced():
+                found = out
+            else:
+                out.close()  # too small, or still read by its answer's tensors
+        return found if found is not None else _Out(self.token, size)
+
+    def give(self, out: _Out) -> None:
+        with self._lock:
+            self._idle.append(out)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for out in idle:
+            out.close()
+
+
 class Regions:
     """IN filled with ``tensors`` (flat uint8, in the header's order) and sealed; OUT with room
-    for ``answer_bytes`` (its pages cost nothing until the server writes them)."""
+    for ``answer_bytes``, from ``pool`` when given (a fresh region's pages cost nothing until the
+    server writes them)."""
 
-    def __init__(self, tensors: Sequence[tuple[str, Tensor]], answer_bytes: int) -> None:
-        token = secrets.token_hex(16)
+    def __init__(
+        self, tensors: Sequence[tuple[str, Tensor]], answer_bytes: int, pool: Pool | None = None
+    ) -> None:
+        self._pool = pool
+        token = pool.token if pool is not None else secrets.token_hex(16)
         offsets, size = layout([flat.numel() for _, flat in tensors])
         self.in_fd = _memfd(f"lossd-{token}-in", size)
-        self.out_fd = -1
+        self._out: _Out | None = None
+        self._answered = False
         try:
             for (_, flat), off in zip(tensors, offsets):
                 view = memoryview(flat.numpy())
@@ -71,29 +135,38 @@ class Regions:
                     done = os.pwrite(self.in_fd, view, off)
                     view, off = view[done:], off + done
             fcntl.fcntl(self.in_fd, fcntl.F_ADD_SEALS, _IN_SEALS)
-            self.out_size = answer_bytes
-            self.out_fd = _memfd(f"lossd-{token}-out", answer_bytes)
-            fcntl.fcntl(self.out_fd, fcntl.F_ADD_SEALS, _OUT_SEALS)
+            self._out = pool.take(answer_bytes) if pool is not None else _Out(token, answer_bytes)
         except BaseException:
             self.close()
             raise
+        self.out_fd = self._out.fd
         self.handle = f"{os.getpid()}:{self.in_fd}:{self.out_fd}:{token}"
 
     def answer(self, listed: Sequence[pb.ChunkedTensor]) -> dict[str, Tensor]:
         """The answer's tensors, as copy-on-write views of OUT (zero-copy reads)."""
+        out = self._out
         offsets, size = layout([ref.size_bytes for ref in listed])
-        if size > self.out_size or any(ref.size_bytes < 0 for ref in listed):
-            raise ValueError(f"the answer lists {size} bytes, more than the {self.out_size} given")
+        if out is None or size > out.size or any(ref.size_bytes < 0 for ref in listed):
+            raise ValueError(f"the answer lists {size} bytes, more than the OUT region holds")
         if not size:
+            self._answered = True
             return {ref.path: torch.empty(0, dtype=torch.uint8) for ref in listed}
         # Copy-on-write, mapped by torch from our own descriptor: it keeps no fd open (Python's
         # mmap would hold one per answer for as long as its gradients live).
-        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{self.out_fd}", False, size)
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{out.fd}", False, size)
+        out.mapped = StorageWeakRef(storage)
+        self._answered = True
         buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
         return {ref.path: buffer[off : off + ref.size_bytes] for ref, off in zip(listed, offsets)}
 
     def close(self) -> None:
-        for fd in (self.in_fd, self.out_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.in_fd = self.out_fd = -1
+        """Let go of IN; OUT goes back to the pool once the server answered in it (it writes
+        nothing after that; a call cut short might still be written to, so it is let go)."""
+        if self.in_fd >= 0:
+            os.close(self.in_fd)
+        self.in_fd = -1
+        out, self._out = self._out, None
+        if out is not None and self._pool is not None and self._answered:
+            self._pool.give(out)
+        elif out is not None:
+            out.close()

@@ -209,6 +209,7 @@ class Transport:
         options = getattr(client, "options", None)
         tls = any(getattr(options, name, None) for name in ("tls", "tls_ca", "tls_cert", "tls_key"))
         self.plane = bulk.Plane(getattr(client, "target", ""), tls)
+        self._pool = shm.Pool()  # the answer regions, reused between this transport's calls
 
     def _regions(self, outboard: codec.Outboard) -> shm.Regions | None:
         """The shared-memory regions for this call, or None to send the data."""
@@ -216,7 +217,7 @@ class Transport:
             return None
         try:
             room = sum(-(-flat.numel() // ALIGN) * ALIGN for _, flat in outboard.tensors)
-            return shm.Regions(outboard.tensors, room)
+            return shm.Regions(outboard.tensors, room, self._pool)
         except OSError:  # no memfds here (a sandbox, a seccomp filter): send the data
             self.shm = False
             return None
@@ -277,6 +278,7 @@ class Transport:
                 if not _declined(error, "shared memory:"):
                     raise
                 self.shm = False
+                self._pool.close()
             finally:
                 regions.close()
             return chunked(remaining, None)
@@ -302,3 +304,4 @@ class Transport:
     def close(self) -> None:
         with self._lock:
             self._chunked = None
+        self._pool.close()

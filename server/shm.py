@@ -45,6 +45,7 @@ MODES = ("unix", "loopback", "none")
 _HANDLE = re.compile(r"([1-9]\d{0,9}):(\d{1,9}):(\d{1,9}):([0-9a-f]{32})")
 _IN_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _OUT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 
 
 def handle_of(context: Any) -> str | None:
@@ -124,6 +125,9 @@ class Regions:
         offsets, size = layout([flat.numel() for _, flat in tensors])
         if self.out is None or size > self.out_size:
             return False
+        if size:  # map every page in one call: a fault per 4 KiB page costs ~2x the copy
+            with contextlib.suppress(OSError):  # before Linux 5.14: fault them in as we go
+                self.out.madvise(_MADV_POPULATE_WRITE, 0, size)
         out = torch.frombuffer(self.out, dtype=torch.uint8)
         for (_, flat), off in zip(tensors, offsets):
             out[off : off + flat.numel()].copy_(flat)
