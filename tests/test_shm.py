@@ -386,3 +386,49 @@ def test_audit_digests_and_the_memory_budget_apply_as_for_data_frames(sock_dir, 
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         tight.stop(0)
+
+
+def test_the_answer_region_is_reused_only_once_no_gradient_reads_it(unix_server):
+    """OUT is kept between calls (its pages stay allocated), but never rewritten while a tensor
+    of its last answer lives: that gradient keeps its values through later calls."""
+    made = []
+    original = client_shm._Out.__init__
+
+    def counting(self, *args):
+        made.append(1)
+        original(self, *args)
+
+    torch.manual_seed(4)
+    pred = torch.randn(1 << 19, requires_grad=True)
+    with RemoteLoss("mse", endpoint=unix_server.address, transport="chunked") as crit:
+        client_shm._Out.__init__ = counting
+        try:
+            for _ in range(3):  # the gradient freed before each next call: one region for all
+                pred.grad = None
+                crit(pred, torch.zeros(1 << 19)).backward()
+            assert len(made) == 1
+            kept = pred.grad  # alive through the next calls: the next one gets a new region
+            expected = kept.clone()
+            for target in (torch.ones(1 << 19), torch.full((1 << 19,), 3.0)):
+                pred.grad = None
+                crit(pred, target).backward()
+                assert torch.equal(pred.grad, 2 * (pred.detach() - target) / (1 << 19))
+            assert len(made) == 2 and torch.equal(kept, expected)  # the new one was reused
+        finally:
+            client_shm._Out.__init__ = original
+
+
+def test_backward_of_a_scalar_is_exact_once_twice_and_scaled(unix_server):
+    torch.manual_seed(5)
+    logits = torch.randn(4096, 100, requires_grad=True)
+    target = torch.randint(0, 100, (4096,))
+    local = F.cross_entropy(logits, target)
+    (expected,) = torch.autograd.grad(local, logits)
+    with RemoteLoss("cross_entropy", endpoint=unix_server.address, transport="chunked") as crit:
+        loss = crit(logits, target)
+        (once,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        (again,) = torch.autograd.grad(loss, logits, retain_graph=True)  # asked of the server
+        (scaled,) = torch.autograd.grad(loss, logits, grad_outputs=torch.tensor(0.75))
+    assert torch.equal(once, expected)  # grad_output 1: the server's gradient, bit for bit
+    assert torch.equal(again, expected)
+    assert torch.allclose(scaled, 0.75 * expected, rtol=1e-6, atol=0)
