@@ -80,6 +80,13 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": r <= 3,
             }
         )
+        out.append(
+            {
+                "target": f"peak RSS raise for one {mem['peak']['request_bytes'] >> 20} MB request stays <= 4.2x (issue 14)",
+                "value": r,
+                "met": r <= 4.2,
+            }
+        )
     if "drift" in mem:
         r = mem["drift"]["ratio"]
         out.append(
