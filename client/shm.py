@@ -11,6 +11,7 @@ memfds on this platform, a server that does not accept them) falls back to the d
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import secrets
 import sys
@@ -25,6 +26,7 @@ from ._proto import lossd_pb2 as pb
 from .wire.framing import layout
 
 METADATA_KEY = "lossd-shm"
+IDENTITY_KEY = "lossd-shm-host"
 ACCEPTED_KEY = "lossd-shm-accepted"
 MODE = 0o600
 _IN_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -32,7 +34,22 @@ _OUT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def available() -> bool:
-    return sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+    return sys.platform.startswith("linux") and hasattr(os, "memfd_create") and bool(identity())
+
+
+@functools.cache
+def identity() -> str:
+    """This kernel and this process's pid and user namespaces (boot id, namespace inodes), sent
+    with a handle: the server opens ``/proc/PID/fd/N`` only when its own are the same, so a PID
+    from another host, container or pid namespace is declined (data frames), never misread.
+    Empty where they cannot be read: no shared memory then."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        spaces = [os.readlink(f"/proc/self/ns/{ns}") for ns in ("pid", "user")]
+    except OSError:
+        return ""
+    return " ".join([boot, *spaces])
 
 
 def local_target(target: str, opted_in: bool) -> bool:

@@ -71,7 +71,11 @@ def chunked_compute(
     )
     sock = None
     if regions is not None:
-        metadata = (*(metadata or ()), (shm.METADATA_KEY, regions.handle))
+        metadata = (
+            *(metadata or ()),
+            (shm.METADATA_KEY, regions.handle),
+            (shm.IDENTITY_KEY, shm.identity()),
+        )
     elif plane is not None and plane.usable and outboard.tensors:
         try:
             sock, ticket = plane.open(timeout)

@@ -441,10 +441,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
         shared = None
         if handle is not None:
-            if not shm.accepts(self.shm_mode, context):
-                raise FailedPrecondition(
-                    f"shared memory: not accepted on this connection (--shm {self.shm_mode}); send the data instead"
-                )
+            refused = shm.refusal(self.shm_mode, context)
+            if refused:
+                raise FailedPrecondition(refused)
 
             def shared(header: pb.ChunkedRequestHeader) -> dict[str, Any]:
                 regions.append(

@@ -13,11 +13,13 @@ the metadata ``lossd-shm: PID:IN_FD:OUT_FD:TOKEN``:
   response's large tensors, in the same layout, when they fit; the client reads them in place.
 
 The server opens them as ``/proc/PID/fd/N``, which the kernel allows only to processes that may
-trace the client (its own user, or root), and accepts them only if they are memfds named
+trace the client (its own user, or root), only when the caller's ``lossd-shm-host`` (boot id,
+pid and user namespace: lossd.client.shm.identity) is its own, so a PID from another host,
+container or pid namespace is never looked up, and accepts them only if they are memfds named
 ``lossd-TOKEN-in``/``-out`` that its own user created, mode 0600, of the sizes the header implies
 and at most ``--shm-max-mb``. A handle that is malformed or names anything else is
-INVALID_ARGUMENT; one it cannot reach (another pid namespace, shared memory turned off, a region
-over the bound) is FAILED_PRECONDITION, on which the client falls back to sending data frames.
+INVALID_ARGUMENT; one it cannot reach (another namespace or user, shared memory turned off, a
+region over the bound) is FAILED_PRECONDITION, on which the client falls back to data frames.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.shm import IDENTITY_KEY, identity
 from lossd.client.wire.framing import layout
 
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -57,14 +60,24 @@ def handle_of(context: Any) -> str | None:
     return None
 
 
-def accepts(mode: str, context: Any) -> bool:
-    """Whether a call on ``context``'s connection may use shared memory under ``--shm mode``."""
+def refusal(mode: str, context: Any) -> str | None:
+    """Why a call on ``context``'s connection may not use shared memory under ``--shm mode``
+    (None: it may). Every reason starts "shared memory:", on which the client sends the data."""
     peer = context.peer() if context is not None else ""
-    if mode == "none":
-        return False
-    if peer.startswith("unix:"):
-        return True
-    return mode == "loopback" and (peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]"))
+    local = peer.startswith("unix:") or (
+        mode == "loopback" and (peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]"))
+    )
+    if mode == "none" or not local:
+        return (
+            f"shared memory: not accepted on this connection (--shm {mode}); send the data instead"
+        )
+    theirs = dict(context.invocation_metadata() or ()).get(IDENTITY_KEY)
+    if not theirs or theirs != identity():
+        return (
+            "shared memory: the caller runs on another host or in another pid or user namespace "
+            "(its regions cannot be opened from here); send the data instead"
+        )
+    return None
 
 
 class Regions:
@@ -165,7 +178,11 @@ def _open(pid: str, fd: str, name: str, flags: int) -> int:
 
 def _check(fd: int, which: str, seals: int, max_bytes: int, exact: int | None = None) -> int:
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    if st.st_uid != os.geteuid():  # a server run as root, a caller of another user
+        raise FailedPrecondition(
+            f"shared memory: region {which} belongs to another user; send the data instead"
+        )
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
         raise InvalidArgument(
             f"region {which} must be a memfd of the server's user, mode 0600", field=METADATA_KEY
         )

@@ -432,3 +432,53 @@ def test_backward_of_a_scalar_is_exact_once_twice_and_scaled(unix_server):
     assert torch.equal(once, expected)  # grad_output 1: the server's gradient, bit for bit
     assert torch.equal(again, expected)
     assert torch.allclose(scaled, 0.75 * expected, rtol=1e-6, atol=0)
+
+
+_NAMESPACED_CLIENT = textwrap.dedent(
+    """
+    import sys, torch
+    from lossd.client import RemoteLoss
+    pred = torch.arange(1 << 20, dtype=torch.float32).requires_grad_()
+    with RemoteLoss("mse", endpoint=sys.argv[1], transport="chunked", timeout=60) as crit:
+        offered = crit.transport.shm
+        loss = crit(pred, torch.zeros(1 << 20))
+        loss.backward()
+        exact = torch.equal(pred.grad, 2 * pred.detach() / (1 << 20))
+        print(offered, crit.transport.shm, exact, loss.item() == (pred.detach() ** 2).mean().item())
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a pid namespace (unshare)")
+def test_a_client_in_another_pid_namespace_is_declined_and_sends_the_data(sock_dir):
+    """Its PID means nothing (or another process) here: the server must not look it up."""
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
+        pytest.skip("unshare --pid is not allowed here")
+    with ServerProcess(
+        "--port", "-1", "--unix", os.path.join(sock_dir, "s"), "--audit", "none"
+    ) as server:
+        out = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+            + [_NAMESPACED_CLIENT, server.address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=os.getcwd(),
+        )
+    assert out.returncode == 0, out.stderr[-2000:]
+    # Offered, declined (FAILED_PRECONDITION "shared memory:"), then data frames: exact.
+    assert out.stdout.split() == ["True", "False", "True", "True"], out.stdout
+
+
+def test_an_identity_that_is_not_the_servers_is_declined(unix_server, monkeypatch):
+    monkeypatch.setattr(client_shm, "identity", lambda: "another-boot pid:[1] user:[1]")
+    pred = torch.randn(1 << 20, requires_grad=True)
+    with RemoteLoss("mse", endpoint=unix_server.address, transport="chunked") as crit:
+        assert crit.transport.shm
+        loss = crit(pred, torch.zeros(1 << 20))
+        assert not crit.transport.shm  # declined: data frames from now on
+    assert torch.allclose(loss, (pred.detach() ** 2).mean())
+    context = type(
+        "Ctx", (), {"peer": lambda self: "unix:", "invocation_metadata": lambda self: ()}
+    )
+    assert "another host" in server_shm.refusal("unix", context())  # no identity: declined too
