@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -89,10 +89,17 @@ def send_tensors(sock: socket.socket, tensors: Sequence[tuple[str, Tensor]]) -> 
 
 class Sender:
     """``send_tensors`` on a thread, so that the caller can read the answer (or its refusal)
-    meanwhile; ``error`` is what stopped it, if anything."""
+    meanwhile; ``error`` is what stopped it, if anything, after which ``on_error()`` runs (the
+    caller cancels its call rather than wait for an answer to bytes that will not come)."""
 
-    def __init__(self, sock: socket.socket, tensors: Sequence[tuple[str, Tensor]]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        tensors: Sequence[tuple[str, Tensor]],
+        on_error: Callable[[], object] = lambda: None,
+    ) -> None:
         self.error: OSError | None = None
+        self._on_error = on_error
         self._thread = threading.Thread(
             target=self._run, args=(sock, tensors), name="lossd-bulk-send", daemon=True
         )
@@ -103,6 +110,7 @@ class Sender:
             send_tensors(sock, tensors)
         except OSError as exc:
             self.error = exc
+            self._on_error()
 
     def join(self) -> None:
         self._thread.join()

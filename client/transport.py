@@ -130,9 +130,16 @@ def _bulk_answer(
 ) -> tuple[pb.ComputeResponse, dict[str, Tensor]]:
     """The rest of a call whose bytes go on ``sock``: ours are sent while the answer is awaited
     (a refusal ends the call before the server read them), the answer's are read from it."""
-    sender = bulk.Sender(sock, outboard.tensors)
+    sender = bulk.Sender(sock, outboard.tensors, answers.cancel)
     try:
-        first = _header_of(answers)
+        try:
+            first = _header_of(answers)
+        except grpc.RpcError:
+            if sender.error is None or answers.code() != grpc.StatusCode.CANCELLED:
+                raise
+            # The server closed the connection before taking the bytes (too many waiting, a
+            # reset on the way): data frames instead.
+            raise _BulkRefused(str(sender.error)) from None
         if (bulk.ACCEPTED_KEY, "1") not in (answers.initial_metadata() or ()):
             answers.cancel()
             raise _ProtocolError("the server answered without taking the bulk data connection")
@@ -154,6 +161,10 @@ def _bulk_answer(
             sock.shutdown(socket.SHUT_RDWR)  # ends the sender too, if the call failed
         sock.close()
         sender.join()
+
+
+class _BulkRefused(Exception):
+    """The bulk data connection broke before the server read the call's bytes."""
 
 
 class _ProtocolError(Exception):
@@ -272,8 +283,10 @@ class Transport:
                 except grpc.RpcError as error:
                     if not _declined(error, "bulk:"):
                         raise
-                    self.plane.off()  # the server did not take the data connection: frames
-                    return chunked(remaining, None)
+                except _BulkRefused:
+                    pass
+                self.plane.off()  # the server did not take the data connection: frames
+                return chunked(remaining, None)
             try:
                 return chunked(remaining, regions)
             except grpc.RpcError as error:

@@ -23,6 +23,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lossd.client.bulk import ACCEPTED_KEY, METADATA_KEY, PORT_KEY, TICKET_CHARS, send_tensors
@@ -35,6 +36,7 @@ log = logging.getLogger("lossd.bulk")
 
 MAX_PENDING = 64
 GREETING_TIMEOUT_S = 10.0
+CLAIM_POLL_S = 0.25  # how often a call waiting for its connection checks that it is still wanted
 _TICKET = re.compile(rb"[0-9a-f]{%d}" % TICKET_CHARS)
 
 
@@ -103,19 +105,20 @@ class BulkListener:
                 conn.close()
                 self._slots.release()
 
-    def claim(self, ticket: str) -> socket.socket:
-        """The connection that sent ``ticket``, waiting for it up to --stream-idle-timeout-s."""
+    def claim(self, ticket: str, active: Callable[[], bool] = lambda: True) -> socket.socket:
+        """The connection that sent ``ticket``, waiting for it up to --stream-idle-timeout-s, or
+        until the call is no longer ``active`` (its caller gave up on the connection)."""
         key = ticket.encode()
         deadline = time.monotonic() + self.idle_timeout_s
         with self._cond:
             while key not in self._pending:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if left <= 0 or self._closed or not active():
                     raise FailedPrecondition(
                         "bulk: no data connection came with this call's ticket within "
                         f"{self.idle_timeout_s:g} s; send the data instead"
                     )
-                self._cond.wait(left)
+                self._cond.wait(min(left, CLAIM_POLL_S))
             conn, _ = self._pending.pop(key)
         self._slots.release()
         return conn

@@ -427,7 +427,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
             def fill(assembler: Any) -> None:
                 # After the header was checked and its memory reserved: only now is data read.
-                conn = self.bulk.claim(ticket)
+                conn = self.bulk.claim(ticket, context.is_active)
                 hold.callback(conn.close)
                 conns.append(conn)
                 conn.settimeout(self.stream_idle_timeout_s or None)

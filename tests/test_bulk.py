@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -175,9 +176,9 @@ def _claims(server, monkeypatch) -> list[str]:
     claimed: list[str] = []
     claim = server.bulk.claim
 
-    def counting(ticket: str):
+    def counting(ticket: str, *rest):
         claimed.append(ticket)
-        return claim(ticket)
+        return claim(ticket, *rest)
 
     monkeypatch.setattr(server.bulk, "claim", counting)
     return claimed
@@ -329,3 +330,17 @@ def test_bulk_port_refuses_tls() -> None:
     config = ServerConfig(bulk_port=0)
     with pytest.raises(SettingError, match="--bulk-port carries tensors in the clear"):
         _bulk_listener(config, credentials=object())
+
+
+def test_a_connection_the_server_closes_unread_falls_back_without_waiting(bulk_server, monkeypatch):
+    full = threading.BoundedSemaphore(1)
+    full.acquire()  # as if MAX_PENDING connections were waiting: new ones are closed on arrival
+    monkeypatch.setattr(bulk_server.bulk, "_slots", full)
+    pred, target = _mse_inputs(4 << 20, 10)  # 32 MB: more than the socket buffers take unread
+    with _learned(bulk_server) as module:
+        t0 = time.monotonic()
+        assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
+        # Cancelled and resent as data frames at once, not after the server's 2 s wait for a
+        # connection that will never come.
+        assert time.monotonic() - t0 < bulk_server.config.stream_idle_timeout_s
+        assert not module.transport.plane.usable
