@@ -93,7 +93,8 @@ class RemoteLoss(nn.Module):
             check_params(info, self.params)
             self._params_checked = True
         check_call(info, self.params, args, kwargs)
-        value, self.last_result = remote_loss(
+        # remote_loss undecorated: this frame already runs outside torch.compile (recursively).
+        value, self.last_result = remote_loss.__wrapped__(
             self.client,
             self.name,
             self.params,
