@@ -166,17 +166,18 @@ class Checker:
     values: bool = True
     symbols: dict[str, tuple[Any, str]] = field(default_factory=dict)
     seen: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    pending: list[Callable[[], None]] = field(default_factory=list)
+    pending: list[tuple[Callable[..., None], Tensor, str, tuple]] = field(default_factory=list)
     # Values to promote (by declared path) to a dtype, as their form's ``promote_with`` says.
     promoted: dict[str, torch.dtype] = field(default_factory=dict)
+    ran: list[tuple[Callable[..., None], Tensor, str, tuple]] = field(default_factory=list)
 
     def check(self, schema: Schema, value: Any, path: str, where: str) -> None:
         """Check ``value`` (declared at ``path``, sent at ``where``) against ``schema``."""
         self._schema(schema, value, path, where)
         pending, self.pending = self.pending, []
-        if self.values:
-            for run in pending:
-                run()
+        for run, tensor, at, args in pending if self.values else ():
+            run(tensor, *args)
+            self.ran.append((run, tensor, at, args))  # server/registry.py's plans replay them
 
     def _fork(self) -> Checker:
         return Checker(
@@ -316,14 +317,11 @@ class Checker:
         if form.index_of is not None:
             size = self.symbols[form.index_of][0]
             ignore = self._ignore_index(form.index_ignore)
-            self.pending.append(
-                lambda: check_indices(
-                    value, size, where, ignore, form.index_background, form.upstream
-                )
-            )
+            args = (size, where, ignore, form.index_background, form.upstream)
+            self.pending.append((check_indices, value, where, args))
         if form.values is not None:
             lo, hi = form.values
-            self.pending.append(lambda: _check_values(value, lo, hi, where, what, form.upstream))
+            self.pending.append((_check_values, value, where, (lo, hi, where, what, form.upstream)))
 
     def _promotes(self, form: Form, value: Tensor, path: str, where: str) -> bool:
         """An integer tensor where ``promote_with`` allows it: promoted as torch does. (Not bool:
@@ -778,14 +776,11 @@ def _declared(info: pb.LossInfo) -> _Declared:
 def check_call(
     info: pb.LossInfo, params: Mapping[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> None:
-    """The structural checks of the loss's declared inputs, on the client, before sending.
-
-    Only what needs no tensor data (kinds, dtypes, shapes, relations, forms): the server checks
-    the rest, and everything again.
-    """
+    """The structural checks of the loss's declared inputs, on the client, before sending: only
+    what needs no tensor data (kinds, dtypes, shapes, relations, forms); the server checks the
+    rest, and everything again."""
     declared = _declared(info)
-    signature = call_signature(params, args, kwargs)
-    if signature is not None and signature in declared.passed:
+    if (signature := call_signature(params, args, kwargs)) in declared.passed:
         return  # the same parameters, layout, dtypes and shapes passed: nothing else is read
     checker = Checker({**declared.defaults, **params}, values=False)
     for index, key, name, schema in declared.inputs:

@@ -3,6 +3,9 @@ engine before the loss runs, and (their structural part) by the client from Desc
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
 import pytest
 import torch
@@ -154,9 +157,10 @@ def test_client_derives_the_structural_checks_from_describe_loss():
     check_call(info, {}, [torch.randn(4, 3), torch.tensor([0, 1, 2, 9])], {})
 
 
-def test_a_call_signature_that_passed_is_not_checked_again_and_any_other_is():
-    info = messages.loss_info(registry.get("FocalLoss"))
-    checks = []
+@contextlib.contextmanager
+def _counting_checks() -> Iterator[list[str]]:
+    """The declared paths Checker.check is called for, while the block runs."""
+    checks: list[str] = []
     original = Checker.check
 
     def counted(self, *args):
@@ -165,6 +169,12 @@ def test_a_call_signature_that_passed_is_not_checked_again_and_any_other_is():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Checker, "check", counted)
+        yield checks
+
+
+def test_a_call_signature_that_passed_is_not_checked_again_and_any_other_is():
+    info = messages.loss_info(registry.get("FocalLoss"))
+    with _counting_checks() as checks:
         check_call(info, {}, [torch.randn(4, 3), torch.tensor([0, 1, 2, 3])], {})
         passed = len(checks)
         check_call(info, {}, [torch.randn(4, 3), torch.tensor([3, 2, 1, 0])], {})
@@ -179,6 +189,30 @@ def test_a_call_signature_that_passed_is_not_checked_again_and_any_other_is():
                 check_call(info, params, [torch.randn(4, 3), target], {})
             assert caught.value.field == "args[1]"
         assert len(checks) > passed
+
+
+def test_a_remembered_call_signature_runs_the_value_checks_and_promotions_again():
+    spec = _spec(
+        Input("pred", shape=("N", "C")),
+        Input("target", forms=(INDEX,)),
+        Input("scale", forms=(Form(dtypes=("float32",), promote_with="pred", shape=("N",)),)),
+    )
+    good = [torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 3, 4])]
+    bad = [torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4])]
+    with pytest.raises(InvalidArgument) as cold:
+        bind_inputs(spec, list(bad), {})  # nothing remembered: checked in full
+    with _counting_checks() as checks:
+        first = bind_inputs(spec, list(good), {})  # passes: its signature is remembered
+        passed = len(checks)
+        again = bind_inputs(spec, list(good), {})
+        with pytest.raises(InvalidArgument) as warm:
+            bind_inputs(spec, list(bad), {})
+        assert len(checks) == passed  # the structural checks ran once
+        bind_inputs(spec, [torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1]), torch.arange(5)], {})
+        assert len(checks) > passed  # another shape: checked in full
+    assert (warm.value.field, warm.value.message) == (cold.value.field, cold.value.message)
+    assert first["scale"].dtype == again["scale"].dtype == torch.float32  # promoted both times
+    assert torch.equal(again["scale"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
 
 
 def test_schema_errors_carry_the_field():
