@@ -22,7 +22,7 @@ from lossd.client.wire.audit import tensor_digest
 from lossd.server.app import _bulk_listener
 from lossd.server.config import ServerConfig, SettingError
 from tests.support.opskit import TOKENS, running
-from tests.support.serverproc import free_port
+from tests.support.serverproc import ServerProcess, free_port
 from tests.support.wirekit import ALL_DTYPES
 
 LIMIT = 64 << 20
@@ -344,3 +344,31 @@ def test_a_connection_the_server_closes_unread_falls_back_without_waiting(bulk_s
         # connection that will never come.
         assert time.monotonic() - t0 < bulk_server.config.stream_idle_timeout_s
         assert not module.transport.plane.usable
+
+
+def test_the_memory_budget_is_reserved_before_any_byte_is_read(monkeypatch) -> None:
+    with running(bulk_port=0, memory_budget_mb=16) as server:
+        claimed = _claims(server, monkeypatch)
+        with _learned(server, retries=0) as module:
+            with pytest.raises(LossdError) as caught:  # 24 MB listed: can never fit in 16 MiB
+                module(*_mse_inputs(3 << 20, 11))
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--memory-budget-mb" in str(caught.value)
+            pred, target = _mse_inputs(100_000, 12)  # and one that fits is served
+            assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
+        assert len(claimed) == 1
+
+
+def test_lossd_serve_prints_the_bulk_port_and_serves_on_it(tmp_path) -> None:
+    flags = ("--bulk-port", "0", "--audit", "none", "--data-dir", str(tmp_path))
+    with ServerProcess(*flags, timeout=120) as server:
+        deadline = time.monotonic() + 30
+        while not any("bulk data port" in line for line in server.stdout_lines):
+            assert time.monotonic() < deadline, server.stdout_lines
+            time.sleep(0.05)
+        line = next(line for line in server.stdout_lines if "bulk data port" in line)
+        pred, target = _mse_inputs(300_000, 13)
+        with RemoteLoss("mse", endpoint=server.address, transport="chunked") as module:
+            for _ in range(2):
+                assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
+            assert module.transport.plane.port == int(line.split()[-1])
