@@ -9,8 +9,10 @@ tensor's memory, ``recv_into`` the aligned buffer): 1.6-2.1 GB/s for a third of 
 
 A server started with ``--bulk-port`` names that port in the initial metadata of its
 ComputeChunked answers. From then on a chunked call with data to send opens a connection to that
-port, writes a ticket it drew (32 hex digits), and sends the usual header over gRPC with the
-metadata ``lossd-bulk: TICKET`` and no data frames; its tensors' bytes go on the connection, in
+port, reads the server's id (16 hex digits, drawn at its start), writes a ticket it drew (32 hex
+digits), and sends the usual header over gRPC with the metadata ``lossd-bulk: TICKET:SERVER_ID``
+and no data frames (a call that reaches another server than its connection did, as behind a load
+balancer, is refused at once and resent as data frames); its tensors' bytes go on the connection, in
 the header's order, concatenated. The answer's header comes over gRPC, the answer's listed bytes
 on the connection, the status over gRPC: ids, limits, authentication, errors and audit are the
 chunked call's. Anything unusual (no port announced, TLS, a target that is not one host:port, a
@@ -30,6 +32,7 @@ METADATA_KEY = "lossd-bulk"
 PORT_KEY = "lossd-bulk-port"  # initial metadata of a chunked answer: the server's bulk port
 ACCEPTED_KEY = "lossd-bulk-accepted"  # initial metadata: the data came (and the answer's goes) here
 TICKET_CHARS = 32
+SERVER_ID_CHARS = 16
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -66,18 +69,22 @@ class Plane:
         self.host = None
 
     def open(self, timeout: float | None) -> tuple[socket.socket, str]:
-        """A connected data connection that has sent its ticket; raises OSError."""
+        """A data connection that has sent its ticket, and the call's ``lossd-bulk`` metadata
+        value (the ticket and the id of the server the connection reached); raises OSError."""
         ticket = secrets.token_hex(TICKET_CHARS // 2)
         limit = CONNECT_TIMEOUT_S if timeout is None else min(timeout, CONNECT_TIMEOUT_S)
         sock = socket.create_connection((self.host, self.port), timeout=limit)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server_id = sock.recv(SERVER_ID_CHARS, socket.MSG_WAITALL)
+            if len(server_id) != SERVER_ID_CHARS:
+                raise ConnectionError("the bulk port did not say which server it is")
             sock.sendall(ticket.encode())
             sock.settimeout(timeout)
         except BaseException:
             sock.close()
             raise
-        return sock, ticket
+        return sock, f"{ticket}:{server_id.decode('ascii', 'replace')}"
 
 
 def send_tensors(sock: socket.socket, tensors: Sequence[tuple[str, Tensor]]) -> None:

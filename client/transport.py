@@ -78,8 +78,8 @@ def chunked_compute(
         )
     elif plane is not None and plane.usable and outboard.tensors:
         try:
-            sock, ticket = plane.open(timeout)
-            metadata = (*(metadata or ()), (bulk.METADATA_KEY, ticket))
+            sock, named = plane.open(timeout)
+            metadata = (*(metadata or ()), (bulk.METADATA_KEY, named))
         except OSError:  # not reachable from here (a firewall, another host): data frames
             plane.off()
 

@@ -1,8 +1,9 @@
 """The bulk data plane of ``ComputeChunked`` over a plain TCP connection (server side; the
 protocol is described in lossd/client/bulk.py).
 
-``--bulk-port`` opens a second TCP port that carries nothing but tensor bytes. A connection
-writes a ticket (32 hex digits) and then waits: it is a pipe for whichever ComputeChunked call
+``--bulk-port`` opens a second TCP port that carries nothing but tensor bytes. The server greets
+each connection with its id (16 hex digits drawn at start-up); the connection writes a ticket (32
+hex digits) and then waits: it is a pipe for whichever ComputeChunked call
 names that ticket in its ``lossd-bulk`` metadata. Everything else stays on gRPC: the call is
 authenticated, admitted, refused over its limits and has its memory reserved before any byte is
 read from the connection, its errors are its status, and the audit recorder sees the tensors
@@ -20,13 +21,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from lossd.client.bulk import ACCEPTED_KEY, METADATA_KEY, PORT_KEY, TICKET_CHARS, send_tensors
+from lossd.client.bulk import (
+    ACCEPTED_KEY,
+    METADATA_KEY,
+    PORT_KEY,
+    SERVER_ID_CHARS,
+    TICKET_CHARS,
+    send_tensors,
+)
 
 from .errors import FailedPrecondition, InvalidArgument
 
@@ -38,16 +47,20 @@ MAX_PENDING = 64
 GREETING_TIMEOUT_S = 10.0
 CLAIM_POLL_S = 0.25  # how often a call waiting for its connection checks that it is still wanted
 _TICKET = re.compile(rb"[0-9a-f]{%d}" % TICKET_CHARS)
+_METADATA = re.compile(f"([0-9a-f]{{{TICKET_CHARS}}}):([0-9a-f]{{{SERVER_ID_CHARS}}})")
 
 
-def ticket_of(context: Any) -> str | None:
+def ticket_of(context: Any) -> tuple[str, str] | None:
+    """The call's (ticket, id of the server its connection reached), if it names one."""
     for key, value in context.invocation_metadata() or ():
         if key == METADATA_KEY:
-            if not isinstance(value, str) or not _TICKET.fullmatch(value.encode()):
+            match = _METADATA.fullmatch(value) if isinstance(value, str) else None
+            if match is None:
                 raise InvalidArgument(
-                    f"expected {TICKET_CHARS} lowercase hex digits", field=METADATA_KEY
+                    f"expected TICKET:SERVER_ID ({TICKET_CHARS} and {SERVER_ID_CHARS} lowercase hex digits)",
+                    field=METADATA_KEY,
                 )
-            return value
+            return match.group(1), match.group(2)
     return None
 
 
@@ -58,6 +71,7 @@ class BulkListener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=MAX_PENDING)
         self.port: int = self._sock.getsockname()[1]
+        self.server_id = secrets.token_hex(SERVER_ID_CHARS // 2)
         self.idle_timeout_s = idle_timeout_s if idle_timeout_s > 0 else 30.0
         self._pending: dict[bytes, tuple[socket.socket, float]] = {}
         self._cond = threading.Condition()
@@ -80,6 +94,7 @@ class BulkListener:
         kept = False
         try:
             conn.settimeout(GREETING_TIMEOUT_S)
+            conn.sendall(self.server_id.encode())
             ticket = conn.recv(TICKET_CHARS, socket.MSG_WAITALL)
             if _TICKET.fullmatch(ticket):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

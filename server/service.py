@@ -412,9 +412,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         regions: list[shm.Regions] = []
         conns: list[Any] = []
         handle = shm.handle_of(context)
-        ticket = bulk.ticket_of(context)
+        named = bulk.ticket_of(context)
         fill = None
-        if ticket is not None:
+        if named is not None:
+            ticket, server_id = named
             if handle is not None:
                 raise InvalidArgument(
                     "a call hands over shared memory or a bulk ticket, not both",
@@ -423,6 +424,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if self.bulk is None:
                 raise FailedPrecondition(
                     "bulk: this server has no --bulk-port; send the data instead"
+                )
+            if server_id != self.bulk.server_id:
+                raise FailedPrecondition(
+                    "bulk: the data connection reached another server (replicas behind one "
+                    "address?); send the data instead"
                 )
 
             def fill(assembler: Any) -> None:

@@ -256,6 +256,13 @@ def test_a_server_that_declines_or_cannot_be_reached_gets_data_frames(bulk_serve
         assert not module.transport.plane.usable
 
 
+def _greeted(server) -> socket.socket:
+    """A raw data connection that has read the server's greeting (its id)."""
+    sock = socket.create_connection(("127.0.0.1", server.bulk.port), timeout=30)
+    assert sock.recv(bulk.SERVER_ID_CHARS, socket.MSG_WAITALL) == server.bulk.server_id.encode()
+    return sock
+
+
 def test_a_ticket_without_its_connection_and_a_stalled_connection_end_the_call(bulk_server):
     stub_call = grpc.insecure_channel(f"127.0.0.1:{bulk_server.port}")
     header = pb.ComputeChunkedRequest(
@@ -266,26 +273,32 @@ def test_a_ticket_without_its_connection_and_a_stalled_connection_end_the_call(b
     ).SerializeToString()
     method = stub_call.stream_stream(framing.METHOD_CHUNKED)
     ticket = "0123456789abcdef" * 2
+    named = ((bulk.METADATA_KEY, f"{ticket}:{bulk_server.bulk.server_id}"),)
     with pytest.raises(grpc.RpcError) as caught:  # nobody connected with this ticket
-        list(method(iter([header]), metadata=((bulk.METADATA_KEY, ticket),), timeout=30))
+        list(method(iter([header]), metadata=named, timeout=30))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert caught.value.details().startswith("bulk:")
     with pytest.raises(grpc.RpcError) as caught:  # not a ticket
         list(method(iter([header]), metadata=((bulk.METADATA_KEY, "../x"),), timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+    with pytest.raises(grpc.RpcError) as caught:  # a connection to another server (a balancer)
+        other = ((bulk.METADATA_KEY, f"{ticket}:{'0' * bulk.SERVER_ID_CHARS}"),)
+        list(method(iter([header]), metadata=other, timeout=30))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another server" in caught.value.details()
+    with _greeted(bulk_server) as sock:
         sock.sendall(ticket.encode() + b"x" * 100)  # 100 of the 4000 bytes, then nothing
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
-            list(method(iter([header]), metadata=((bulk.METADATA_KEY, ticket),), timeout=30))
+            list(method(iter([header]), metadata=named, timeout=30))
         assert caught.value.code() == grpc.StatusCode.CANCELLED
         assert "after 100 of 4000 bytes" in caught.value.details()
         assert time.monotonic() - t0 < 15  # --stream-idle-timeout-s 2, not forever
-    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+    with _greeted(bulk_server) as sock:
         # All 4000 listed bytes come, but the request has no tensor at args[0] to own them.
         sock.sendall(ticket.encode() + b"x" * 4000)
         with pytest.raises(grpc.RpcError) as caught:
-            list(method(iter([header]), metadata=((bulk.METADATA_KEY, ticket),), timeout=30))
+            list(method(iter([header]), metadata=named, timeout=30))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "args[0]" in caught.value.details()
     stub_call.close()
@@ -296,15 +309,15 @@ def test_a_ticket_without_its_connection_and_a_stalled_connection_end_the_call(b
 
 
 def test_unclaimed_and_garbage_connections_are_closed(bulk_server) -> None:
-    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+    with _greeted(bulk_server) as sock:
         sock.sendall(b"not a ticket at all, 32 bytes..")
         sock.settimeout(10)
         assert sock.recv(1) == b""  # closed by the server
-    with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as sock:
+    with _greeted(bulk_server) as sock:
         sock.sendall(b"f" * 32)  # a ticket no call names
         sock.settimeout(15)
         time.sleep(2.5)  # past --stream-idle-timeout-s: the next arrival expires it
-        with socket.create_connection(("127.0.0.1", bulk_server.bulk.port)) as other:
+        with _greeted(bulk_server) as other:
             other.sendall(b"e" * 32)
             assert sock.recv(1) == b""
 
@@ -372,3 +385,15 @@ def test_lossd_serve_prints_the_bulk_port_and_serves_on_it(tmp_path) -> None:
             for _ in range(2):
                 assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
             assert module.transport.plane.port == int(line.split()[-1])
+
+
+def test_replicas_behind_one_address_fall_back_at_once(bulk_server) -> None:
+    """The connection reached another server than the call (a load balancer picks per
+    connection): that server's id does not match, the call is refused and resent as frames."""
+    pred, target = _mse_inputs(300_000, 14)
+    with running(bulk_port=0) as other, _learned(bulk_server) as module:
+        module.transport.plane.learn([(bulk.PORT_KEY, str(other.bulk.port))])
+        t0 = time.monotonic()
+        assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
+        assert time.monotonic() - t0 < bulk_server.config.stream_idle_timeout_s
+        assert not module.transport.plane.usable
