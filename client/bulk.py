@@ -66,7 +66,13 @@ class Plane:
                 self.port = int(value)
 
     def off(self) -> None:
+        """Never again: the server declined, or the port cannot be reached from here."""
         self.host = None
+
+    def forget(self) -> None:
+        """Until the server names its port again (its next chunked answer): it was restarting,
+        or had too many connections waiting."""
+        self.port = None
 
     def open(self, timeout: float | None) -> tuple[socket.socket, str]:
         """A data connection that has sent its ticket, and the call's ``lossd-bulk`` metadata
@@ -77,8 +83,8 @@ class Plane:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server_id = sock.recv(SERVER_ID_CHARS, socket.MSG_WAITALL)
-            if len(server_id) != SERVER_ID_CHARS:
-                raise ConnectionError("the bulk port did not say which server it is")
+            if len(server_id) != SERVER_ID_CHARS:  # closed at once: too many connections waiting
+                raise ConnectionRefusedError("the bulk port closed the connection unanswered")
             sock.sendall(ticket.encode())
             sock.settimeout(timeout)
         except BaseException:

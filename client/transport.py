@@ -80,6 +80,8 @@ def chunked_compute(
         try:
             sock, named = plane.open(timeout)
             metadata = (*(metadata or ()), (bulk.METADATA_KEY, named))
+        except ConnectionError:  # refused or reset (a restart, a busy server): frames until it
+            plane.forget()  # names the port again
         except OSError:  # not reachable from here (a firewall, another host): data frames
             plane.off()
 
@@ -283,9 +285,9 @@ class Transport:
                 except grpc.RpcError as error:
                     if not _declined(error, "bulk:"):
                         raise
+                    self.plane.off()  # the server declined the data connection: frames
                 except _BulkRefused:
-                    pass
-                self.plane.off()  # the server did not take the data connection: frames
+                    self.plane.forget()  # closed unread (a busy server): frames for now
                 return chunked(remaining, None)
             try:
                 return chunked(remaining, regions)

@@ -87,16 +87,18 @@ def written(server) -> int:
 # a. restart under a training loop
 
 
-@pytest.mark.parametrize("mode", ["unary", "chunked"])
+@pytest.mark.parametrize("mode", ["unary", "chunked", "bulk"])
 def test_server_killed_and_restarted_during_a_training_loop(tmp_path, mode):
     """SIGKILL mid-loop, a new server on the same port: every step completes within the
     client's deadline (every transport retries UNAVAILABLE with backoff, keeping the request
-    id) and the audit trail holds each step exactly once."""
+    id) and the audit trail holds each step exactly once. ``bulk``: chunked calls whose bytes
+    go on the --bulk-port connection (server/bulk.py), before and after the restart."""
     port, steps = free_port(), 40
-    first = serve(tmp_path, port=port).start()
+    flags = ("--bulk-port", str(free_port())) if mode == "bulk" else ()
+    first = serve(tmp_path, *flags, port=port).start()
     second = None
     client = LossClient(f"127.0.0.1:{port}", timeout=90, retries=60)
-    transport = Transport(client, mode)
+    transport = Transport(client, "chunked" if mode == "bulk" else mode)
     done: list[tuple[str, int, bool]] = []
     failures: list[BaseException] = []
 
@@ -128,7 +130,7 @@ def test_server_killed_and_restarted_during_a_training_loop(tmp_path, mode):
         first.proc.kill()  # no drain, no flush: the worst case
         first.proc.wait(30)
         killed_at = len(done)
-        second = serve(tmp_path, port=port).start()
+        second = serve(tmp_path, *flags, port=port).start()
         loop.join(120)
         assert not loop.is_alive(), "the training loop hung"
         assert not failures, f"a step failed across the restart: {failures[0]!r}"
@@ -140,6 +142,8 @@ def test_server_killed_and_restarted_during_a_training_loop(tmp_path, mode):
             "a step is missing or recorded twice"
         )
         assert sorted(r for r, _ in records) == sorted(r for r, _, _ in done)
+        # The data connection was still the path after the restart (no fallback to frames).
+        assert transport.plane.usable == (mode == "bulk")
     finally:
         transport.close()
         client.close()
