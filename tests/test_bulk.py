@@ -16,6 +16,7 @@ import torch
 
 from lossd.client import LossdError, RemoteLoss, bulk
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.functional import build_request
 from lossd.client.wire import codec, framing
 from lossd.client.wire.assembler import HUGE_PAGES_MIN_BYTES, Assembler, empty_bytes
 from lossd.client.wire.audit import tensor_digest
@@ -398,3 +399,36 @@ def test_replicas_behind_one_address_fall_back_at_once(bulk_server) -> None:
         assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
         assert time.monotonic() - t0 < bulk_server.config.stream_idle_timeout_s
         assert not module.transport.plane.usable
+
+
+def test_a_caller_killed_mid_upload_frees_its_memory_and_slot(bulk_server) -> None:
+    """The caller goes away with 1 MB of its 8 MB sent (its connection and its call both end, as
+    on SIGKILL): the server gives the reserved memory back and keeps serving."""
+    budget = bulk_server.servicer.budget
+    channel = grpc.insecure_channel(f"127.0.0.1:{bulk_server.port}")
+    method = channel.stream_stream(framing.METHOD_CHUNKED)
+    pred, target = _mse_inputs(1 << 20, 15)
+    outboard = codec.Outboard(0)
+    request = build_request("mse", {}, (pred, target), {}, [], outboard=outboard)
+    header = pb.ComputeChunkedRequest(
+        header=pb.ChunkedRequestHeader(request=request, tensors=framing.refs(outboard.tensors))
+    ).SerializeToString()
+    ticket = "a" * bulk.TICKET_CHARS
+    sock = _greeted(bulk_server)
+    sock.sendall(ticket.encode() + b"\0" * (1 << 20))
+    named = ((bulk.METADATA_KEY, f"{ticket}:{bulk_server.bulk.server_id}"),)
+    call = method(iter([header]), metadata=named, timeout=30)
+    deadline = time.monotonic() + 20
+    while budget.used < 8 << 20:  # the server reserved the listed bytes and is reading
+        assert time.monotonic() < deadline, "the server never reserved the request"
+        time.sleep(0.01)
+    sock.close()
+    call.cancel()
+    channel.close()
+    while budget.used:
+        assert time.monotonic() < deadline, f"{budget.used} bytes still reserved"
+        time.sleep(0.01)
+    assert torch.equal(
+        RemoteLoss("mse", endpoint=f"127.0.0.1:{bulk_server.port}")(pred, target),
+        torch.nn.functional.mse_loss(pred, target),
+    )
