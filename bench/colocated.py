@@ -128,3 +128,76 @@ def render(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             r = shm["p50"] / local
             found.append({"target": f"{name} through shared memory <= 1.3 x local", "value": r, "met": r <= 1.3})  # fmt: skip
     return "\n".join(lines), found
+
+
+def memory_peak(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The server's peak RSS for one ``--memory-mb`` cross_entropy request through shared memory
+    (``--memory``), split, from /proc/PID/status sampled every 2 ms, into the server's own
+    memory (RssAnon) and the caller's regions mapped into it (RssShmem: the same pages as the
+    client's, no copy of them)."""
+    import threading
+
+    from lossd.client import RemoteLoss
+
+    sock = workdir / "lossd-memory.sock"
+    proc = lossd_server(opts, workdir)
+    proc.argv = [*proc.argv, "--port", "-1", "--unix", str(sock)]
+    proc.timeout = START_TIMEOUT_S
+    proc.start()
+    try:
+        small = workloads.build("cross_entropy", 1 * KB)
+        with RemoteLoss("cross_entropy", endpoint=f"unix:{sock}") as module:
+            for _ in range(50):  # torch's and grpc's lazy start-up, out of the baseline
+                small.fresh()
+                module(*small.args).backward()
+        big = workloads.build("cross_entropy", opts.memory_mb * MB)
+        base, peak = _status(proc.pid), {"RssAnon": 0, "RssShmem": 0}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.002):
+                now = _status(proc.pid)
+                for key in peak:
+                    peak[key] = max(peak[key], now[key])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        with RemoteLoss(
+            "cross_entropy", endpoint=f"unix:{sock}", max_message_mb=opts.max_message_mb
+        ) as module:
+            sampler.start()
+            t0 = time.perf_counter()
+            module(*big.args).backward()
+            seconds = time.perf_counter() - t0
+            done.set()
+            sampler.join()
+            used = module.transport.shm
+        after = _status(proc.pid)
+    finally:
+        proc.stop()
+    req = big.request_bytes
+    return {
+        "request_bytes": req,
+        "shm_used": used,
+        "seconds": seconds,
+        "rss_before": base["VmRSS"],
+        "hwm_after": after["VmHWM"],
+        "raise": after["VmHWM"] - base["VmRSS"],
+        "ratio": (after["VmHWM"] - base["VmRSS"]) / req,
+        "anon_ratio": (peak["RssAnon"] - base["RssAnon"]) / req,
+        "shmem_ratio": (peak["RssShmem"] - base["RssShmem"]) / req,
+    }
+
+
+def memory_target(peak: dict[str, Any]) -> dict[str, Any]:
+    r = peak["ratio"]
+    return {"target": f"peak RSS raise for one {peak['request_bytes'] >> 20} MB request co-located (shared memory) <= 3.2x (issue 14)", "value": r, "met": r <= 3.2}  # fmt: skip
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon and RssShmem of a process, bytes."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem"):
+            values[key] = int(rest.split()[0]) << 10
+    return values

@@ -364,6 +364,12 @@ def memory(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if probe.returncode == 0:
         out["local_peak"] = json.loads(probe.stdout.strip().splitlines()[-1])
         out["local_peak"]["ratio"] = out["local_peak"]["raise"] / out["local_peak"]["request_bytes"]
+    from lossd.client import shm
+
+    if shm.available():  # the same request through shared memory, over a Unix socket
+        from .colocated import memory_peak
+
+        out["colocated_peak"] = memory_peak(opts, workdir)
     return out
 
 

@@ -92,6 +92,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": r <= 4.2,
             }
         )
+    if "colocated_peak" in mem:
+        from .colocated import memory_target
+
+        out.append(memory_target(mem["colocated_peak"]))
     if "drift" in mem:
         r = mem["drift"]["ratio"]
         out.append(
@@ -257,6 +261,15 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
                 f"{lp['raise'] / MB:.0f} MB = {lp['ratio']:.2f} x the request. That is torch's own working set for "
                 "cross_entropy forward + autograd.grad (log-softmax, the dense gradient of the log-softmax, the input "
                 "gradient); the server adds the request buffer (1 x) on top."
+            )
+        if "colocated_peak" in mem:
+            c = mem["colocated_peak"]
+            parts.append(
+                f"- the same request co-located (Unix socket, shared memory used: {c['shm_used']}): peak RSS rose "
+                f"{c['raise'] / MB:.0f} MB = {c['ratio']:.2f} x the request ({c['seconds']:.2f} s end to end). Of it, "
+                f"the server's own memory (RssAnon) peaked at +{c['anon_ratio']:.2f} x, torch's working set with no "
+                f"request buffer, and the caller's regions mapped into it (RssShmem, the client's pages, not copies) "
+                f"at +{c['shmem_ratio']:.2f} x: the input region (1 x) is mapped while torch's working set peaks."
             )
         parts += render_targets([t for t in all_targets if t["target"].startswith(("peak", "RSS"))])
         sections["memory"] = "\n".join(parts)
