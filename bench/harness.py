@@ -80,7 +80,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for part, what in PARTS.items():
         p.add_argument(f"--{part}", action="store_true", help=what)
     p.add_argument("--huge-mb", type=int, default=1024)
-    p.add_argument("--cpu-calls", type=int, default=500, help="calls per block of --cpu")
+    p.add_argument(
+        "--cpu-calls",
+        type=int,
+        default=None,
+        help="calls per block of --cpu (500; 200 with --quick)",
+    )
     p.add_argument(
         "--write-results",
         action="store_true",
@@ -136,6 +141,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     opts.max_n = opts.max_n or (150 if opts.quick else 2000)
     opts.throughput_seconds = opts.throughput_seconds or (2.0 if opts.quick else 8.0)
     opts.drift_calls = opts.drift_calls or (1000 if opts.quick else 10_000)
+    opts.cpu_calls = opts.cpu_calls or (200 if opts.quick else 500)
     return opts
 
 
