@@ -39,7 +39,16 @@ from lossd.client.bulk import (
 
 from .errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["ACCEPTED_KEY", "METADATA_KEY", "PORT_KEY", "BulkListener", "send_tensors", "ticket_of"]
+__all__ = [
+    "ACCEPTED_KEY",
+    "METADATA_KEY",
+    "MOVED_ATTRIBUTE",
+    "PORT_KEY",
+    "BulkListener",
+    "moved",
+    "send_tensors",
+    "ticket_of",
+]
 
 log = logging.getLogger("lossd.bulk")
 
@@ -48,6 +57,20 @@ GREETING_TIMEOUT_S = 10.0
 CLAIM_POLL_S = 0.25  # how often a call waiting for its connection checks that it is still wanted
 _TICKET = re.compile(rb"[0-9a-f]{%d}" % TICKET_CHARS)
 _METADATA = re.compile(f"([0-9a-f]{{{TICKET_CHARS}}}):([0-9a-f]{{{SERVER_ID_CHARS}}})")
+
+
+MOVED_ATTRIBUTE = "lossd_bulk_moved"  # [received, sent] on the call's data connection
+
+
+def moved(context: Any, received: int = 0, sent: int = 0) -> None:
+    """Adds to the bytes ``context``'s call moved on its data connection, which the metrics
+    interceptor counts with the bytes of its gRPC messages (``lossd_*_bytes_total``)."""
+    counts = getattr(context, MOVED_ATTRIBUTE, None)
+    if counts is None:
+        counts = [0, 0]
+        setattr(context, MOVED_ATTRIBUTE, counts)
+    counts[0] += received
+    counts[1] += sent
 
 
 def ticket_of(context: Any) -> tuple[str, str] | None:

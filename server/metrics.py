@@ -49,6 +49,7 @@ from lossd.client.wire import framing
 from . import registry as loss_registry
 from ._handlers import Rewrapped, rewrap
 from .budget import RawRequest
+from .bulk import MOVED_ATTRIBUTE
 from .limits import REFUSAL_ATTRIBUTE
 from .version import __version__
 
@@ -155,13 +156,13 @@ SERIES: dict[str, Series] = {
         "lossd_received_bytes_total",
         "counter",
         ("loss",),
-        "Request bytes of answered evaluations, as they travelled (chunks included).",
+        "Request bytes of answered evaluations, as they travelled (chunks and --bulk-port data included).",
     ),
     "sent": Series(
         "lossd_sent_bytes_total",
         "counter",
         ("loss",),
-        "Response bytes of answered evaluations, as they travelled (chunks included).",
+        "Response bytes of answered evaluations, as they travelled (chunks and --bulk-port data included).",
     ),
     "non_finite": Series(
         "lossd_non_finite_results_total",
@@ -496,8 +497,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             if call.loss is not None:
                 m.labelled(m.requests, call.loss, CODE_NAMES.get(code, "Unknown")).inc()
                 if code is grpc.StatusCode.OK:
-                    m.labelled(m.received, call.loss).inc(call.received)
-                    m.labelled(m.sent, call.loss).inc(call.sent)
+                    on_data_connection = getattr(context, MOVED_ATTRIBUTE, (0, 0))
+                    m.labelled(m.received, call.loss).inc(call.received + on_data_connection[0])
+                    m.labelled(m.sent, call.loss).inc(call.sent + on_data_connection[1])
             m._finish(
                 labels, code, time.perf_counter() - start, getattr(context, REFUSAL_ATTRIBUTE, None)
             )

@@ -380,6 +380,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                     bulk.send_tensors(conn, outboard.tensors)
                 except OSError as exc:
                     _fail(context, Cancelled(f"bulk: sending the answer failed: {exc}"), "bulk")
+                bulk.moved(context, sent=sum(flat.numel() for _, flat in outboard.tensors))
 
     def _timed(self, requests: Iterator[Any], watch: Any) -> Iterator[Any]:
         """``requests``, each one awaited at most --stream-idle-timeout-s (the header, then each
@@ -444,6 +445,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                         f"bulk: the data connection failed after {assembler.received} of "
                         f"{assembler.total} bytes: {exc}"
                     ) from None
+                bulk.moved(context, received=assembler.total)
 
         shared = None
         if handle is not None:

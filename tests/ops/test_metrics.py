@@ -162,6 +162,27 @@ def test_every_transport_is_counted_exactly_with_its_bytes():
     assert value(m, "lossd_inflight_requests") == 0
 
 
+def test_bytes_on_the_bulk_data_connection_are_counted_with_the_call():
+    """A chunked call whose tensors travel on --bulk-port's data connection counts them in
+    lossd_received/sent_bytes_total, like data frames: only its small header moves over gRPC."""
+    n = 1 << 18  # 1 MiB per input, forced chunked
+    tensor_bytes, gradient_bytes = 2 * 4 * n, 4 * n
+    with running(metrics_port=-1, bulk_port=0) as server:
+        endpoint = f"127.0.0.1:{server.port}"
+        with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=60) as crit:
+            crit(torch.randn(n, requires_grad=True), torch.randn(n)).backward()  # learns the port
+            before = samples(server.metrics.exposition().decode())
+            crit(torch.randn(n, requires_grad=True), torch.randn(n)).backward()
+            assert crit.transport.plane.port == server.bulk.port  # it went on the connection
+        after = samples(server.metrics.exposition().decode())
+
+    def grew(name: str) -> float:
+        return value(after, name, loss="mse") - value(before, name, loss="mse")
+
+    assert tensor_bytes < grew("lossd_received_bytes_total") < tensor_bytes + 4096
+    assert gradient_bytes < grew("lossd_sent_bytes_total") < gradient_bytes + 4096
+
+
 def test_audit_and_device_memory_collectors_read_their_sources_at_scrape_time():
     stats = {
         "queue_depth": 3,
