@@ -251,10 +251,7 @@ class _RemoteGrad(_PositionalFunction):
     @staticmethod
     def forward(call: _Call, grad_output: Tensor, *tensors: Tensor):
         if call.scalar and call.grads is not None:
-            # Used once: the reference goes, so the answer's memory (a co-located call's shared
-            # region) is freed with the caller's backward, not when the graph is. A second
-            # backward (retain_graph=True) asks the server for the products instead.
-            grads, call.grads = _scaled(call.grads, grad_output), None
+            grads = _scaled(call, grad_output)
         elif _functorch.is_legacy_batchedtensor(grad_output):
             # gradcheck's check_batched_grad vmaps the backward with torch's legacy vmap, which
             # does not dispatch to ``vmap`` below: the batch arrives as a legacy batched tensor
@@ -332,20 +329,24 @@ class _ThirdOrder(torch.autograd.Function):
         )
 
 
-def _scaled(grads: dict[str, Tensor], grad_output: Tensor) -> dict[str, Tensor]:
-    """A scalar loss's gradients times ``grad_output``. When it is 1 (``loss.backward()``) they
-    are handed over as they came (``g * 1`` is bitwise ``g``), as fresh aliases AccumulateGrad
-    may keep rather than clone; a gradient moved to another device is scaled in place."""
+def _scaled(call: _Call, grad_output: Tensor) -> dict[str, Tensor]:
+    """A scalar loss's gradients times ``grad_output``. When it is 1 (``loss.backward()``) the
+    gradients themselves are handed over (``g * 1`` is bitwise ``g``), as fresh aliases that
+    AccumulateGrad keeps rather than clones, and the call lets go of them: the caller may add
+    into what it kept in place, and a co-located answer region is free again once the caller's
+    backward is done. A later backward of the same graph asks the server for the products."""
     scale = grad_output.reshape(())
     plain = scale.device.type == "cpu" and not _functorch.is_functorch_wrapped_tensor(scale)
     unit = plain and not _functorch.is_legacy_batchedtensor(scale) and bool(scale == 1)
     out = {}
-    for path, g in grads.items():
+    for path, g in (call.grads or {}).items():
         moved = g.to(scale.device)
-        if moved is not g:
-            out[path] = moved.mul_(scale)
-        else:
-            out[path] = g.view_as(g) if unit else g * scale
+        if unit:
+            out[path] = moved if moved is not g else g.view_as(g)
+        else:  # a copy made by the move is scaled in place
+            out[path] = moved.mul_(scale) if moved is not g else g * scale
+    if unit:
+        call.grads = None
     return out
 
 
@@ -393,7 +394,7 @@ class _Call:
     result: RemoteResult | None = None
     transport: Transport | None = None
     outboard: codec.Outboard | None = None
-    grads: dict[str, Tensor] | None = field(default_factory=dict)  # None once a backward used them
+    grads: dict[str, Tensor] | None = field(default_factory=dict)  # None once handed over
     scalar: bool = True
     value_shape: torch.Size = field(default_factory=torch.Size)
     value_dtype: torch.dtype = torch.float32

@@ -429,9 +429,13 @@ def test_backward_of_a_scalar_is_exact_once_twice_and_scaled(unix_server):
         (once,) = torch.autograd.grad(loss, logits, retain_graph=True)
         (again,) = torch.autograd.grad(loss, logits, retain_graph=True)  # asked of the server
         (scaled,) = torch.autograd.grad(loss, logits, grad_outputs=torch.tensor(0.75))
+        twice = crit(logits, target)
+        twice.backward(retain_graph=True)  # .grad keeps the handed-over gradient itself...
+        twice.backward()  # ...and this one is added into it in place
     assert torch.equal(once, expected)  # grad_output 1: the server's gradient, bit for bit
     assert torch.equal(again, expected)
     assert torch.allclose(scaled, 0.75 * expected, rtol=1e-6, atol=0)
+    assert torch.equal(logits.grad, expected + expected)
 
 
 _NAMESPACED_CLIENT = textwrap.dedent(
