@@ -486,3 +486,20 @@ def test_an_identity_that_is_not_the_servers_is_declined(unix_server, monkeypatc
         "Ctx", (), {"peer": lambda self: "unix:", "invocation_metadata": lambda self: ()}
     )
     assert "another host" in server_shm.refusal("unix", context())  # no identity: declined too
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a region to another user")
+def test_a_region_of_another_user_is_declined_not_read():
+    """A server run as root may open anyone's descriptors: it still reads only its own user's."""
+    from lossd.server.errors import FailedPrecondition
+
+    flat = torch.zeros(4096, dtype=torch.uint8)
+    regions = client_shm.Regions([("args[0]", flat)], 4096)
+    try:
+        os.fchown(regions.in_fd, 65534, 65534)
+        with pytest.raises(
+            FailedPrecondition, match="^shared memory: region IN belongs to another"
+        ):
+            server_shm.Regions(regions.handle, framing.refs([("args[0]", flat)]), 1 << 30, 1 << 30)
+    finally:
+        regions.close()
