@@ -70,6 +70,11 @@ def _numpy_path(value: Any, path: str) -> str | None:
 def reject_numpy(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
     """A numpy array where upstream takes a tensor: a TypeError (as torch's loss would raise)
     that is a LossdError too, naming the argument and the fix."""
+    for value in (*args, *kwargs.values()):
+        if not isinstance(value, Tensor):
+            break
+    else:
+        return  # only tensors (the usual call): nothing to walk
     where = _numpy_path(list(args), "args") or _numpy_path(dict(kwargs), "kwargs")
     if where is None:
         return

@@ -106,19 +106,23 @@ def encode_tensor(
     wire, view_as = _DTYPES.get(tensor.dtype, (None, None))
     if wire is None:
         raise EncodeError(f"dtype {tensor.dtype} cannot travel (supported: {dtype_names()})")
+    # Each step only where it does something: a small call's CPU is mostly such per-op overhead.
     host = tensor.detach()
     if host.device.type != "cpu":
         host = host.cpu()
-    host = host.contiguous()
+    if not host.is_contiguous():
+        host = host.contiguous()
     if host.is_conj() or host.is_neg():
         host = host.resolve_conj().resolve_neg()
     msg = out if out is not None else pb.Tensor()
     msg.dtype = wire
     msg.shape[:] = host.shape
-    if outboard is not None and host.numel() * host.element_size() >= outboard.min_bytes:
+    numel = host.numel()
+    if outboard is not None and numel * host.element_size() >= outboard.min_bytes:
         outboard.tensors.append((path, host.reshape(-1).view(torch.uint8)))
         return msg
-    msg.data = host.view(view_as).numpy().tobytes() if host.numel() else b""
+    if numel:
+        msg.data = (host.view(view_as) if view_as is not host.dtype else host).numpy().tobytes()
     return msg
 
 
@@ -146,9 +150,9 @@ def decode_tensor(
             f"rank {len(shape)} exceeds the limit of {limits.max_rank}",
             "--max-rank",
         )
-    for i, size in enumerate(shape):
-        if size < 0:
-            raise DecodeError(f"{field}.shape[{i}]", f"expected a size >= 0, got {size}")
+    if shape and min(shape) < 0:
+        i, size = next((i, size) for i, size in enumerate(shape) if size < 0)
+        raise DecodeError(f"{field}.shape[{i}]", f"expected a size >= 0, got {size}")
     numel = math.prod(shape)  # Python ints: no overflow however large the claim
     if numel > limits.max_elements:
         raise LimitError(
@@ -157,11 +161,10 @@ def decode_tensor(
             "--max-elements",
         )
     # An empty tensor still gets strides from its other dims: [0, 2**40, 2**40] would overflow them.
-    spanned = math.prod(size for size in shape if size)
-    if numel == 0 and spanned > limits.max_elements:
+    if numel == 0 and math.prod(size for size in shape if size) > limits.max_elements:
         raise LimitError(
             f"{field}.shape",
-            f"an empty tensor whose other dims span {spanned} elements, over the per-tensor limit of {limits.max_elements}",
+            f"an empty tensor whose other dims span {math.prod(size for size in shape if size)} elements, over the per-tensor limit of {limits.max_elements}",
             "--max-elements",
         )
     itemsize = _ITEMSIZE[dtype]
@@ -181,15 +184,19 @@ def decode_tensor(
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    view_as = _DTYPES[dtype][1]
-    if isinstance(data, Tensor):
-        flat = data.view(view_as)  # zero-copy: the chunked transport's buffer is already ours
-    else:
-        flat = torch.from_numpy(np.frombuffer(data, dtype=_NUMPY[view_as]).copy())
-    tensor = flat.view(dtype) if view_as != dtype else flat
-    if dtype is torch.bool and bool((flat > 1).any()):
-        raise DecodeError(f"{field}.data", "expected bool bytes of 0 or 1, got other values")
-    return tensor.reshape(shape)
+    if dtype is torch.bool:
+        flat = data.view(torch.uint8) if isinstance(data, Tensor) else _fresh(data, torch.uint8)
+        if bool((flat > 1).any()):
+            raise DecodeError(f"{field}.data", "expected bool bytes of 0 or 1, got other values")
+        return flat.view(torch.bool).view(shape)
+    # A chunked tensor's bytes are a view of the transport's buffer, already ours: zero-copy.
+    flat = data.view(dtype) if isinstance(data, Tensor) else _fresh(data, dtype)
+    return flat.view(shape)
+
+
+def _fresh(data: bytes, dtype: torch.dtype) -> Tensor:
+    """A flat, writable CPU tensor of ``dtype`` holding a copy of ``data`` (one copy, one op)."""
+    return torch.frombuffer(bytearray(data), dtype=dtype)
 
 
 def tensor_bytes(tensor: Tensor) -> memoryview:
@@ -201,16 +208,6 @@ def tensor_bytes(tensor: Tensor) -> memoryview:
 
 
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPES}
-
-_NUMPY = {
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.int8: np.int8,
-    torch.uint8: np.uint8,
-    torch.int16: np.int16,
-    torch.int32: np.int32,
-    torch.int64: np.int64,
-}
 
 
 # --------------------------------------------------------------------------------------------
