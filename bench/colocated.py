@@ -84,9 +84,9 @@ def _row(
     try:
         for fn in cells.values():
             fn()  # warm-up
-        min_n = (
-            5  # the shm / local target is a ratio of medians: 3 calls under load swing it by 0.5
-        )
+        # At least 5 calls a cell: the shm / local target is a ratio of medians, and 3 calls under
+        # load swung it by 0.5 between runs.
+        min_n = 5
         deadline = time.perf_counter() + opts.budget * len(cells)
         rounds = 0
         while rounds < opts.max_n and (rounds < min_n or time.perf_counter() < deadline):
