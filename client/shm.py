@@ -107,11 +107,14 @@ class Pool:
     def __init__(self) -> None:
         self.token = secrets.token_hex(16)
         self._idle: list[_Out] = []
+        self._pid = os.getpid()
         self._lock = threading.Lock()
 
     def take(self, size: int) -> _Out:
         with self._lock:
             idle, self._idle = self._idle, []
+            if self._pid != os.getpid():  # a forked child: the parent may reuse these; never share
+                self._pid, idle = os.getpid(), [out for out in idle if out.close()]
         found = None
         for out in idle:
             if found is None and out.size >= size and out.unreferenced():

@@ -503,3 +503,26 @@ def test_a_region_of_another_user_is_declined_not_read():
             server_shm.Regions(regions.handle, framing.refs([("args[0]", flat)]), 1 << 30, 1 << 30)
     finally:
         regions.close()
+
+
+def test_a_forked_child_never_reuses_its_parents_answer_region(monkeypatch):
+    pool = client_shm.Pool()
+    flat = torch.zeros(4096, dtype=torch.uint8)
+    refs = framing.refs([("args[0]", flat)])
+
+    def call() -> int:
+        """One answered call; the inode of the OUT region it used."""
+        regions = client_shm.Regions([("args[0]", flat)], 4096, pool)
+        try:
+            regions.answer(refs)  # answered (no tensor of it kept): OUT goes back to the pool
+            return os.fstat(regions.out_fd).st_ino
+        finally:
+            regions.close()
+
+    try:
+        first = call()
+        assert call() == first  # the same process: reused
+        monkeypatch.setattr(os, "getpid", lambda: -1)  # as in a child after fork()
+        assert call() != first
+    finally:
+        pool.close()
