@@ -107,7 +107,7 @@ def encode_tensor(
     if wire is None:
         raise EncodeError(f"dtype {tensor.dtype} cannot travel (supported: {dtype_names()})")
     # Each step only where it does something: a small call's CPU is mostly such per-op overhead.
-    host = tensor.detach()
+    host = tensor.detach() if tensor.requires_grad else tensor  # numpy() refuses only these
     if host.device.type != "cpu":
         host = host.cpu()
     if not host.is_contiguous():
