@@ -114,7 +114,9 @@ class Pool:
         with self._lock:
             idle, self._idle = self._idle, []
             if self._pid != os.getpid():  # a forked child: the parent may reuse these; never share
-                self._pid, idle = os.getpid(), [out for out in idle if out.close()]
+                for out in idle:
+                    out.close()  # this process's copies of the descriptors only
+                self._pid, idle = os.getpid(), []
         found = None
         for out in idle:
             if found is None and out.size >= size and out.unreferenced():
