@@ -17,12 +17,18 @@ START_TIMEOUT_S = 120.0
 
 
 def lossd_server(
-    opts: argparse.Namespace, workdir: Path, workers: int | None = None, port: int = 0
+    opts: argparse.Namespace,
+    workdir: Path,
+    workers: int | None = None,
+    port: int = 0,
+    reuse_port: bool = False,
 ) -> ServerProcess:
-    """``lossd serve`` with the bench's settings (not yet started)."""
+    """``lossd serve`` with the bench's settings (not yet started); ``reuse_port`` for one of
+    several processes sharing ``port`` (lossd serve refuses a port in use without it)."""
     return ServerProcess(
         "--port",
         str(port),
+        *(["--reuse-port"] if reuse_port else []),
         "--workers",
         str(workers or opts.workers),
         "--max-message-mb",
@@ -96,7 +102,7 @@ def start_design(
             server = (
                 floor_server(opts, workers, port)
                 if side == "floor"
-                else lossd_server(opts, workdir, workers, port)
+                else lossd_server(opts, workdir, workers, port, reuse_port=procs > 1)
             )
             servers.append(server.start())
     except Exception:
