@@ -107,12 +107,15 @@ def test_an_idle_server_gives_back_what_large_calls_left_behind():
             after = rss_mib(proc.proc.pid)
             time.sleep(2.0)
             held[idle_s] = (before, after, rss_mib(proc.proc.pid))
+    # The calls must leave a few hundred MiB behind for the test to mean anything. Since receive
+    # buffers of 4 MiB and more are mappings of their own (unmapped when freed, f153193), less stays
+    # in glibc's arenas: CI measured 296-373 MiB left, so the floor is 200.
     before, after, idle = held["0"]
-    assert after - before > 300 and idle > after - 50, (
+    assert after - before > 200 and idle > after - 50, (
         held
     )  # without it the memory stays (the control)
     before, after, idle = held["0.5"]
-    assert after - before > 300 and idle - before < 0.4 * (after - before), held
+    assert after - before > 200 and idle - before < 0.4 * (after - before), held
 
 
 # --------------------------------------------------------------------------------------------
