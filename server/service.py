@@ -454,10 +454,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 raise FailedPrecondition(refused)
 
             def shared(header: pb.ChunkedRequestHeader) -> dict[str, Any]:
-                regions.append(
-                    shm.Regions(handle, header.tensors, self.shm_max_bytes, self.max_chunked_bytes)
+                region = shm.Regions(
+                    handle, header.tensors, self.shm_max_bytes, self.max_chunked_bytes
                 )
-                return regions[0].inputs()
+                hold.callback(region.close)  # also when the call fails
+                context.add_callback(region.close)  # and when its caller is gone mid-call
+                regions.append(region)
+                return region.inputs()
 
         def reserve(header: pb.ChunkedRequestHeader, listed: int) -> None:
             # Before the buffer that assembles the data is allocated (and before any data is read).

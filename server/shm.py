@@ -134,21 +134,34 @@ class Regions:
         }
 
     def write(self, tensors: Sequence[tuple[str, Tensor]]) -> bool:
-        """Put the response's outboard tensors (flat uint8) into OUT; False when they don't fit."""
+        """Put the response's outboard tensors (flat uint8) into OUT; False when they don't fit
+        (or when the call ended meanwhile and ``close`` let go of OUT)."""
         offsets, size = layout([flat.numel() for _, flat in tensors])
-        if self.out is None or size > self.out_size:
+        region = self.out
+        if region is None or size > self.out_size:
             return False
-        if size:  # map every page in one call: a fault per 4 KiB page costs ~2x the copy
-            with contextlib.suppress(OSError):  # before Linux 5.14: fault them in as we go
-                self.out.madvise(_MADV_POPULATE_WRITE, 0, size)
-        out = torch.frombuffer(self.out, dtype=torch.uint8)
+        try:
+            if size:  # map every page in one call: a fault per 4 KiB page costs ~2x the copy
+                with contextlib.suppress(OSError):  # before Linux 5.14: fault them in as we go
+                    region.madvise(_MADV_POPULATE_WRITE, 0, size)
+            out = torch.frombuffer(region, dtype=torch.uint8)
+        except ValueError:  # closed by the call's end, from gRPC's thread
+            return False
         for (_, flat), off in zip(tensors, offsets):
             out[off : off + flat.numel()].copy_(flat)
         del out
-        with contextlib.suppress(BufferError):
-            self.out.close()  # the client reads it now; nothing of ours points into it
-        self.out = None
+        self.close()  # the client reads it now; nothing of ours points into it
         return True
+
+    def close(self) -> None:
+        """Let go of both regions now. Python's mmap of OUT holds a dup of its descriptor, so
+        waiting for the garbage collector (a call that failed or was cancelled leaves its frame
+        in a traceback cycle) would keep a killed caller's memory alive in this process."""
+        self._in = None
+        out, self.out = self.out, None
+        if out is not None:
+            with contextlib.suppress(BufferError):  # a view still writes: freed with that view
+                out.close()
 
 
 def _private_map(fd: int, size: int) -> Tensor:

@@ -93,6 +93,27 @@ def test_regions_round_trip_every_dtype_bit_for_bit(dtype):
         regions.close()
 
 
+def test_a_call_that_ends_before_its_answer_lets_go_of_the_regions_at_once():
+    """A cancelled or failed call closes its regions from gRPC's callback and its ExitStack,
+    not when the garbage collector gets to a traceback cycle (CI once saw a killed client's
+    OUT descriptor still held 10 s later)."""
+    flat = _flat(torch.randn(4096))
+    tensors = [("args[0]", flat)]
+    regions = client_shm.Regions(tensors, flat.numel())
+    try:
+        held = _memfds()
+        served = server_shm.Regions(regions.handle, framing.refs(tensors), 1 << 30, 1 << 30)
+        assert _memfds() == held + 1  # Python's mmap of OUT keeps a dup of its descriptor
+        view = served.inputs()["args[0]"]
+        served.close()
+        served.close()  # gRPC's callback and the ExitStack may both come
+        assert _memfds() == held
+        assert torch.equal(view, flat)  # a view still in use keeps its own mapping
+        assert not served.write(tensors)  # nothing is written after the call ended
+    finally:
+        regions.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_remote_loss_through_shared_memory_equals_the_data_frames(unix_server, dtype, monkeypatch):
     seen = _shm_calls(monkeypatch)
