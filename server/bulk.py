@@ -109,8 +109,13 @@ class BulkListener:
             except OSError:
                 return  # closed
             if not self._slots.acquire(blocking=False):
-                conn.close()  # too many connections waiting for their call
-                continue
+                # Full: connections past their wait go first. Expiring only on a greeting
+                # would let MAX_PENDING stale tickets lock the port out for good.
+                with self._cond:
+                    self._expire()
+                if not self._slots.acquire(blocking=False):
+                    conn.close()  # too many connections waiting for their call
+                    continue
             threading.Thread(target=self._greet, args=(conn,), daemon=True).start()
 
     def _greet(self, conn: socket.socket) -> None:

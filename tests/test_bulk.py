@@ -324,6 +324,30 @@ def test_unclaimed_and_garbage_connections_are_closed(bulk_server) -> None:
             assert sock.recv(1) == b""
 
 
+def test_stale_connections_filling_every_slot_do_not_lock_the_port_out(monkeypatch) -> None:
+    monkeypatch.setattr("lossd.server.bulk.MAX_PENDING", 2)
+    listener = _bulk_listener(ServerConfig(bulk_port=0, stream_idle_timeout_s=0.5), None)
+    server = type("Server", (), {"bulk": listener})
+    try:
+        stale = [_greeted(server), _greeted(server)]
+        for sock, ticket in zip(stale, (b"a", b"b")):
+            sock.sendall(ticket * 32)  # tickets no call will ever name
+        deadline = time.monotonic() + 30
+        while len(listener._pending) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(listener._pending) == 2  # every slot held
+        time.sleep(1.0)  # past their wait (0.5 s); no greeting came meanwhile to expire them
+        with _greeted(server) as late:  # greeted, not closed on arrival
+            late.sendall(b"c" * 32)
+            for sock in stale:
+                sock.settimeout(10)
+                assert sock.recv(1) == b""  # the stale ones were closed to make room
+        for sock in stale:
+            sock.close()
+    finally:
+        listener.close()
+
+
 def test_auth_applies_before_any_data_is_read(tmp_path, monkeypatch) -> None:
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({TOKENS["compute"]: {"principal": "t", "roles": ["compute"]}}))
