@@ -93,11 +93,15 @@ class Plane:
         return sock, f"{ticket}:{server_id.decode('ascii', 'replace')}"
 
 
-def send_tensors(sock: socket.socket, tensors: Sequence[tuple[str, Tensor]]) -> None:
-    """The bytes of ``tensors`` (flat CPU uint8), concatenated, straight from their memory."""
+def send_tensors(sock: socket.socket, tensors: Sequence[tuple[str, Tensor]]) -> int:
+    """The bytes of ``tensors`` (flat CPU uint8), concatenated, straight from their memory;
+    returns how many were sent (all of them: ``sendall`` raises OSError otherwise)."""
+    sent = 0
     for _, flat in tensors:
         if flat.numel():
             sock.sendall(memoryview(flat.numpy()))
+            sent += flat.numel()
+    return sent
 
 
 class Sender:

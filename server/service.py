@@ -377,10 +377,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if conn is not None:  # after the header, which lists these bytes
                 conn.settimeout(self.stream_send_timeout_s or None)
                 try:
-                    bulk.send_tensors(conn, outboard.tensors)
+                    sent = bulk.send_tensors(conn, outboard.tensors)
                 except OSError as exc:
                     _fail(context, Cancelled(f"bulk: sending the answer failed: {exc}"), "bulk")
-                bulk.moved(context, sent=sum(flat.numel() for _, flat in outboard.tensors))
+                bulk.moved(context, sent=sent)
 
     def _timed(self, requests: Iterator[Any], watch: Any) -> Iterator[Any]:
         """``requests``, each one awaited at most --stream-idle-timeout-s (the header, then each

@@ -129,6 +129,19 @@ def test_every_dtype_round_trips_bitwise_over_a_data_connection() -> None:
         assert torch.equal(got, flat), path  # as bytes: NaN payloads must survive too
 
 
+def test_send_tensors_returns_the_bytes_it_sent_which_the_peer_receives() -> None:
+    """The server counts what send_tensors returns (lossd_sent_bytes_total), not a re-sum."""
+    flats = [("a", _random(torch.float64, 1000, 50).view(torch.uint8))]
+    flats += [("empty", torch.empty(0, dtype=torch.uint8)), ("b", torch.arange(77).byte())]
+    left, right = socket.socketpair()
+    with left, right:
+        sent = bulk.send_tensors(left, flats)
+        left.shutdown(socket.SHUT_WR)
+        got = b"".join(iter(lambda: right.recv(1 << 16), b""))
+    assert sent == 8000 + 77 == len(got)
+    assert got == b"".join(flat.numpy().tobytes() for _, flat in flats)
+
+
 def test_a_data_connection_that_ends_early_is_a_decode_error_naming_the_bytes() -> None:
     flats = [("t", torch.zeros(1000, dtype=torch.uint8))]
     assembler = Assembler(framing.refs(flats), max_bytes=LIMIT)
