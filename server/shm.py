@@ -48,7 +48,10 @@ MODES = ("unix", "loopback", "none")
 _HANDLE = re.compile(r"([1-9]\d{0,9}):(\d{1,9}):(\d{1,9}):([0-9a-f]{32})")
 _IN_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _OUT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+# A read populate of a shared shmem mapping maps its pages writable (shmem tracks no dirty
+# pages), 16 per fault by fault-around: 64 MB of kept OUT pages took 1,025 faults, and the copy
+# none, against 16,384 for MADV_POPULATE_WRITE.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 
 
 def handle_of(context: Any) -> str | None:
@@ -141,9 +144,9 @@ class Regions:
         if region is None or size > self.out_size:
             return False
         try:
-            if size:  # map every page in one call: a fault per 4 KiB page costs ~2x the copy
+            if size:  # map the pages in one call: a write fault per 4 KiB page costs ~2x the copy
                 with contextlib.suppress(OSError):  # before Linux 5.14: fault them in as we go
-                    region.madvise(_MADV_POPULATE_WRITE, 0, size)
+                    region.madvise(_MADV_POPULATE_READ, 0, size)
             out = torch.frombuffer(region, dtype=torch.uint8)
         except ValueError:  # closed by the call's end, from gRPC's thread
             return False
