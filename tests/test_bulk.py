@@ -185,6 +185,15 @@ def bulk_server():
         yield server
 
 
+@pytest.fixture(scope="module")
+def patient_bulk_server():
+    """A server that waits the default 30 s for a data connection: a call that falls back "at
+    once" is then told from one that waited by a margin no loaded machine's slowness can close
+    (with bulk_server's 2 s, a 32 MB call alone can take that long on two busy cores)."""
+    with running(bulk_port=0, stream_idle_timeout_s=30.0) as server:
+        yield server
+
+
 def _claims(server, monkeypatch) -> list[str]:
     """The tickets the server's bulk listener is asked for from now on."""
     claimed: list[str] = []
@@ -331,7 +340,14 @@ def test_unclaimed_and_garbage_connections_are_closed(bulk_server) -> None:
     with _greeted(bulk_server) as sock:
         sock.sendall(b"f" * 32)  # a ticket no call names
         sock.settimeout(15)
-        time.sleep(2.5)  # past --stream-idle-timeout-s: the next arrival expires it
+        # Its wait is timed from when the server took the ticket in (a thread that may run late
+        # on a busy machine), so the test waits for that, then past --stream-idle-timeout-s:
+        # the next arrival expires it.
+        deadline = time.monotonic() + 30
+        while b"f" * 32 not in bulk_server.bulk._pending:
+            assert time.monotonic() < deadline, "the server never took the ticket in"
+            time.sleep(0.01)
+        time.sleep(bulk_server.config.stream_idle_timeout_s + 0.5)
         with _greeted(bulk_server) as other:
             other.sendall(b"e" * 32)
             assert sock.recv(1) == b""
@@ -384,17 +400,19 @@ def test_bulk_port_refuses_tls() -> None:
         _bulk_listener(config, credentials=object())
 
 
-def test_a_connection_the_server_closes_unread_falls_back_without_waiting(bulk_server, monkeypatch):
+def test_a_connection_the_server_closes_unread_falls_back_without_waiting(
+    patient_bulk_server, monkeypatch
+):
     full = threading.BoundedSemaphore(1)
     full.acquire()  # as if MAX_PENDING connections were waiting: new ones are closed on arrival
-    monkeypatch.setattr(bulk_server.bulk, "_slots", full)
+    monkeypatch.setattr(patient_bulk_server.bulk, "_slots", full)
     pred, target = _mse_inputs(4 << 20, 10)  # 32 MB: more than the socket buffers take unread
-    with _learned(bulk_server) as module:
+    with _learned(patient_bulk_server) as module:
         t0 = time.monotonic()
         assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
-        # Cancelled and resent as data frames at once, not after the server's 2 s wait for a
+        # Cancelled and resent as data frames at once, not after the server's wait for a
         # connection that will never come.
-        assert time.monotonic() - t0 < bulk_server.config.stream_idle_timeout_s
+        assert time.monotonic() - t0 < patient_bulk_server.config.stream_idle_timeout_s
         assert module.transport.plane.usable  # transient: the frames' answer named it again
 
 
@@ -426,15 +444,15 @@ def test_lossd_serve_prints_the_bulk_port_and_serves_on_it(tmp_path) -> None:
             assert module.transport.plane.port == int(line.split()[-1])
 
 
-def test_replicas_behind_one_address_fall_back_at_once(bulk_server) -> None:
+def test_replicas_behind_one_address_fall_back_at_once(patient_bulk_server) -> None:
     """The connection reached another server than the call (a load balancer picks per
     connection): that server's id does not match, the call is refused and resent as frames."""
     pred, target = _mse_inputs(300_000, 14)
-    with running(bulk_port=0) as other, _learned(bulk_server) as module:
+    with running(bulk_port=0) as other, _learned(patient_bulk_server) as module:
         module.transport.plane.learn([(bulk.PORT_KEY, str(other.bulk.port))])
         t0 = time.monotonic()
         assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
-        assert time.monotonic() - t0 < bulk_server.config.stream_idle_timeout_s
+        assert time.monotonic() - t0 < patient_bulk_server.config.stream_idle_timeout_s
         assert not module.transport.plane.usable
 
 
