@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lossd.client import RemoteLoss
 from lossd.server import registry
 from lossd.server.losses import FAMILY_MODULES  # noqa: F401  (registers the losses)
+from tests.support.opskit import samples, scrape, value
 from tests.support.serverproc import ServerProcess
 
 
@@ -74,7 +75,8 @@ def test_list_losses_is_the_registry(proc):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_in_flight_calls_then_exits_cleanly(sig):
-    server = ServerProcess("--grace-seconds", "20").start()
+    server = ServerProcess("--grace-seconds", "20", "--metrics-port", "0").start()
+    url = server.metrics_url()
     results: list[object] = []
     x = torch.randn(2000, 1000)  # a call long enough to be in flight when the signal lands
 
@@ -88,8 +90,21 @@ def test_signal_drains_in_flight_calls_then_exits_cleanly(sig):
     threads = [threading.Thread(target=slow_call) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    # Signalled once all three calls have reached the server (one arriving after the signal
+    # is refused, as it should be) and before they are all answered, however slow this
+    # machine is to send them.
+    deadline = time.monotonic() + 60
+    while True:
+        m = samples(scrape(url))
+        started, handled = (
+            sum(value(m, name, grpc_method=method) for method in ("Compute", "ComputeChunked"))
+            for name in ("grpc_server_started_total", "grpc_server_handled_total")
+        )
+        if started == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
     code = server.stop(sig)
+    assert started == 3 and handled < 3, f"{started} calls started, {handled} answered"
     for t in threads:
         t.join(60)
     assert code == 0, "".join(server.stderr_lines[-20:])
