@@ -314,7 +314,13 @@ def test_authorised_calls_succeed_while_100_anonymous_watch_and_reflection_strea
             for _ in range(100)
         ]
         try:
-            time.sleep(1.0)  # every stream has reached the server
+            # Every stream has reached the server: it got its first answer (a Watch the status,
+            # a reflection session its list) or was refused (past the cap on probe streams).
+            for call in watches + reflections:
+                try:
+                    next(call)
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
             client = LossClient(target, token=TOKENS["compute"], timeout=30, retries=0)
             try:
                 for _ in range(3 * 8):
@@ -371,6 +377,18 @@ def _released(server, seconds: float) -> float:
     )
 
 
+class _HeldAtCancel(logging.Handler):
+    """(slots in use, bytes reserved) of a server each time its watchdog logs a cancel."""
+
+    def __init__(self, server) -> None:
+        super().__init__(logging.WARNING)
+        self.server = server
+        self.seen: list[tuple[int, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((self.server.admission.active, self.server.servicer.budget.used))
+
+
 @pytest.mark.parametrize("stall", ["after the header", "one byte short"])
 def test_a_stalled_chunked_upload_is_cancelled_and_releases_its_slot_and_memory(stall):
     settings = dict(stream_idle_timeout_s=1.0, max_concurrent_rpcs=4, metrics_port=-1)
@@ -385,20 +403,23 @@ def test_a_stalled_chunked_upload_is_cancelled_and_releases_its_slot_and_memory(
                 yield framing.frame_data(memoryview(data)[:-1])  # all but the last byte
             stop.wait(30)
 
+        # What the stream holds is read when the watchdog cancels it (it logs, then cancels):
+        # the stall is then certain, whenever a busy machine got the header through.
+        held = _HeldAtCancel(server)
+        logging.getLogger("lossd.watchdog").addHandler(held)
         channel, call = _chunked_call(f"127.0.0.1:{server.port}", messages())
         try:
-            time.sleep(0.3)
-            assert server.admission.active == 1
-            if stall == "one byte short":
-                assert server.servicer.budget.used > 16_000_000  # its memory is reserved...
             with pytest.raises(grpc.RpcError) as caught:
                 next(call)
-            assert caught.value.code() in (
-                grpc.StatusCode.CANCELLED,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-            assert _released(server, 5.0) < 5.0  # ...and given back within its timeout
+            assert caught.value.code() == grpc.StatusCode.CANCELLED, caught.value.details()
+            assert server.servicer.watchdog.cancelled == 1  # the idle timeout, not the deadline
+            slots, reserved = held.seen[0]
+            assert slots == 1
+            if stall == "one byte short":
+                assert reserved > 16_000_000  # its memory was reserved...
+            assert _released(server, 5.0) < 5.0  # ...and is given back once it is cancelled
         finally:
+            logging.getLogger("lossd.watchdog").removeHandler(held)
             stop.set()
             channel.close()
 
@@ -500,12 +521,16 @@ def test_a_sigstopped_server_ends_a_default_call_at_the_deadline(tmp_path, monke
             os.kill(server.proc.pid, signal.SIGCONT)
             crit.close()
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
-        assert 2.5 < took < 10, took
+        # At the 3 s deadline, not before; the upper bound only has to tell "ended" from "hung"
+        # (forever), so it leaves a busy machine's scheduling delays plenty of room.
+        assert 2.5 < took < 30, took
 
 
 def test_a_drain_with_an_idle_client_ends_at_once_and_its_next_call_is_retried(tmp_path):
     port = free_port()
-    server = _serve(tmp_path, port, "--grace-seconds", "60").start()
+    # A grace far longer than any slow exit (interpreter and torch teardown on a busy machine
+    # take seconds), so "ended at once" and "waited out the grace" stay far apart.
+    server = _serve(tmp_path, port, "--grace-seconds", "300").start()
     crit = RemoteLoss("mse", endpoint=f"127.0.0.1:{port}", run_id="train")
     second = None
     try:
@@ -515,8 +540,8 @@ def test_a_drain_with_an_idle_client_ends_at_once_and_its_next_call_is_retried(t
         ).backward()  # the client is connected
         start = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(30) == 0
-        assert time.monotonic() - start < 10, "the drain waited out the grace for an idle client"
+        assert server.proc.wait(120) == 0
+        assert time.monotonic() - start < 60, "the drain waited out the grace for an idle client"
         second = _serve(tmp_path, port).start()
         crit.step = 1
         crit(torch.ones(4, requires_grad=True), torch.zeros(4)).backward()  # not CANCELLED
