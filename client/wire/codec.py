@@ -190,13 +190,32 @@ def decode_tensor(
             raise DecodeError(f"{field}.data", "expected bool bytes of 0 or 1, got other values")
         return flat.view(torch.bool).view(shape)
     # A chunked tensor's bytes are a view of the transport's buffer, already ours: zero-copy.
-    flat = data.view(dtype) if isinstance(data, Tensor) else _fresh(data, dtype)
-    return flat.view(shape)
+    if isinstance(data, Tensor):
+        return data.view(dtype).view(shape)
+    if len(shape) == 1:
+        return _fresh(data, dtype)
+    as_numpy = _NUMPY.get(dtype)
+    if as_numpy is not None:  # numpy's reshape costs ~0.3 us, a torch view op 4-5 us
+        return torch.from_numpy(np.frombuffer(bytearray(data), dtype=as_numpy).reshape(shape))
+    return _fresh(data, dtype).view(shape)
 
 
 def _fresh(data: bytes, dtype: torch.dtype) -> Tensor:
     """A flat, writable CPU tensor of ``dtype`` holding a copy of ``data`` (one copy, one op)."""
     return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
+# The dtypes numpy holds as they are (not bfloat16), for decoding with a numpy reshape.
+_NUMPY = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+}
 
 
 def tensor_bytes(tensor: Tensor) -> memoryview:
