@@ -325,10 +325,15 @@ def _plan(descriptor: Any) -> dict[int, Any]:
     return plan
 
 
+def scan_budget(limits: codec.DecodeLimits) -> int:
+    """The most values (fields, at every depth) the pre-scan lets a message hold."""
+    return limits.max_items * FIELDS_PER_ITEM + _SCAN_SLACK
+
+
 def prescan(data: bytes, descriptor: Any, limits: codec.DecodeLimits) -> None:
     """Refuse, before parsing, a message with more fields or deeper nesting than ``limits``
     could accept; tensor bytes are skipped by their length, never read."""
-    budget = [limits.max_items * FIELDS_PER_ITEM + _SCAN_SLACK]
+    budget = [scan_budget(limits)]
     # Nesting itself is checked by the decoder, which names the field; the scan only stops where
     # protobuf's own parser would refuse anyway (its recursion limit, 100 messages deep).
     _scan(data, 0, len(data), descriptor, 0, PARSER_MAX_DEPTH, budget, limits)

@@ -25,6 +25,7 @@ from .budget import (
     Reservation,
     decoded_estimate,
     prescan,
+    scan_budget,
     tensor_bytes,
     working_set,
 )
@@ -66,12 +67,23 @@ def safe_parser(
     With ``limits``, a message holding more values or deeper nesting than they allow is refused
     by a pre-scan of its wire format, before the parse (budget.prescan)."""
     name = message_type.DESCRIPTOR.full_name
+    descriptor = message_type.DESCRIPTOR
+    # Every value the pre-scan counts holds two bytes of its own (a tag and a length or value
+    # byte), so a message under twice its budget cannot exceed it; the pre-scan's other refusals
+    # (broken wire format, nesting past 100) are messages protobuf's parser refuses too. Such a
+    # message is parsed first and scanned only when the parse fails, for the scan's reason.
+    scan_first = 2 * scan_budget(limits) if limits is not None else 0
 
     def parse(data: bytes) -> Any:
         try:
-            if limits is not None:
-                prescan(data, message_type.DESCRIPTOR, limits)
-            return message_type.FromString(data)
+            if limits is not None and len(data) > scan_first:
+                prescan(data, descriptor, limits)
+            try:
+                return message_type.FromString(data)
+            except (ProtobufDecodeError, RuntimeError, ValueError):
+                if limits is not None:
+                    prescan(data, descriptor, limits)
+                raise
         except codec.LimitError as exc:  # the pre-scan's refusal: too many values
             return Malformed(name, exc.message, to_service_error(exc))
         except InvalidArgument as exc:  # the pre-scan found broken wire format

@@ -16,7 +16,10 @@ from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.errors import from_rpc_error
 from lossd.client.wire import codec
 from lossd.server.app import create_server
+from lossd.server.budget import prescan
 from lossd.server.config import ServerConfig
+from lossd.server.errors import InvalidArgument
+from lossd.server.service import Malformed, safe_parser
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +359,33 @@ def test_errors_surface_as_one_exception_type_with_code_and_message(endpoint):
     assert len(info.value.request_id) == 32, (
         "the failed call's request id is kept for the server log"
     )
+
+
+def _nested_request(depth: int) -> bytes:
+    inner = pb.Value(bool_value=True)
+    for _ in range(depth):
+        outer = pb.Value()
+        outer.list_value.items.append(inner)
+        inner = outer
+    msg = pb.ComputeRequest(loss="mse")
+    msg.args.append(inner)
+    return msg.SerializeToString()
+
+
+def test_the_pre_scan_refuses_as_before_whether_it_runs_before_or_after_the_parse():
+    # A message under twice the scan's value budget is parsed first and scanned only when the
+    # parse fails (safe_parser); the refusal and its reason must be the pre-scan's either way.
+    limits = codec.DecodeLimits(max_items=10)  # a budget of 1,084 values: 2,168 bytes
+    parse = safe_parser(pb.ComputeRequest, limits)
+    for data in (_nested_request(50), b"\x0a\xff\x01", b"\x0a\x05mse"):  # 101 deep, truncated
+        assert len(data) < 2168
+        with pytest.raises(InvalidArgument) as scanned:
+            prescan(data, pb.ComputeRequest.DESCRIPTOR, limits)
+        parsed = parse(data)
+        assert isinstance(parsed, Malformed) and parsed.error is None
+        assert parsed.reason == scanned.value.message
+    assert not isinstance(parse(_nested_request(49)), Malformed)  # 99 deep: within both limits
+    bomb = b"\x0a\x03mse" + b"\x1a\x02\x0a\x00" * 600  # 1,201 values in 2,405 bytes: scanned first
+    parsed = parse(bomb)
+    assert isinstance(parsed, Malformed) and parsed.error is not None
+    assert "--max-items" in str(parsed.error) and "before parsing" in parsed.reason
