@@ -47,7 +47,7 @@ from lossd.client.wire.framing import DEFAULT_CHUNK_BYTES, chunk_parser, iter_fr
 
 from .measure import MB, stats
 from .report import size_text
-from .servers import ROOT, START_TIMEOUT_S, lossd_server
+from .servers import ROOT, START_TIMEOUT_S, lossd_server, network_path
 
 QUICK_SIZES = [16 * MB, 64 * MB]
 FULL_SIZES = [16 * MB, 64 * MB, 256 * MB]
@@ -274,7 +274,11 @@ def _row(
     up, down = 8 * n, 4 * n
     modules = {
         name: RemoteLoss(
-            "mse", endpoint=address, transport="chunked", max_message_mb=opts.max_message_mb
+            "mse",
+            endpoint=address,
+            transport="chunked",
+            max_message_mb=opts.max_message_mb,
+            **network_path(),
         )
         for name in LOSSD_CELLS
     }

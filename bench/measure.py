@@ -35,7 +35,7 @@ from tests.support.serverproc import cpu_seconds, rss_kib
 
 from . import workloads
 from .floor import FloorClient
-from .servers import DESIGNS, ROOT, design_name, lossd_server, start_design
+from .servers import DESIGNS, ROOT, design_name, lossd_server, network_path, start_design
 
 KB, MB = 1 << 10, 1 << 20
 
@@ -150,7 +150,12 @@ def run_row(
             continue
         kwargs = {"transport": transport} if transport != "unary" or len(transports) > 1 else {}
         module = RemoteLoss(
-            w.loss, endpoint=lossd_address, max_message_mb=opts.max_message_mb, **kwargs, **w.params
+            w.loss,
+            endpoint=lossd_address,
+            max_message_mb=opts.max_message_mb,
+            **network_path(),
+            **kwargs,
+            **w.params,
         )
         closers.append(module.close)
         cells[transport] = remote_cell(w, module)
@@ -206,7 +211,7 @@ def _throughput_worker(
             else {}
         )
         torch.set_num_threads(1)
-        module = RemoteLoss("cross_entropy", endpoint=address, **kwargs)
+        module = RemoteLoss("cross_entropy", endpoint=address, **network_path(), **kwargs)
 
         def call() -> None:
             w.fresh()
@@ -307,7 +312,7 @@ def memory(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         small = workloads.build("cross_entropy", 1 * KB)
-        with RemoteLoss("cross_entropy", endpoint=server.address) as module:
+        with RemoteLoss("cross_entropy", endpoint=server.address, **network_path()) as module:
             for _ in range(500):
                 small.fresh()
                 module(*small.args).backward()
@@ -331,7 +336,10 @@ def memory(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Peak: one large request (cross_entropy, so the gradient is as large as the request).
         big = workloads.build("cross_entropy", opts.memory_mb * MB)
         with RemoteLoss(
-            "cross_entropy", endpoint=server.address, max_message_mb=opts.max_message_mb
+            "cross_entropy",
+            endpoint=server.address,
+            max_message_mb=opts.max_message_mb,
+            **network_path(),
         ) as module:
             base = rss(server.pid)
             t0 = time.perf_counter()
@@ -374,7 +382,8 @@ def memory(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def huge(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """One request of ``--huge-mb`` (default 1 GiB) with every default but ``--max-message-mb``."""
+    """One request of ``--huge-mb`` (default 1 GiB) with every default but ``--max-message-mb``
+    (and ``shm=False``: the network path)."""
     from lossd.client import RemoteLoss
 
     server = lossd_server(opts, workdir).start()
@@ -383,9 +392,9 @@ def huge(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(0)
         pred = torch.randn(n, generator=gen).requires_grad_()
         target = torch.randn(n, generator=gen)
-        with RemoteLoss(
-            "mse", endpoint=server.address
-        ) as module:  # client defaults: transport='auto'
+        # Client defaults (transport='auto') but for the network path: on this host shared
+        # memory would carry the call (the co-located rows measure that).
+        with RemoteLoss("mse", endpoint=server.address, **network_path()) as module:
             t0 = time.perf_counter()
             value = module(pred, target)
             value.backward()

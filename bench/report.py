@@ -244,7 +244,7 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
         if "peak" in mem:
             p = mem["peak"]
             parts.append(
-                f"- one {p['request_bytes'] / MB:.0f} MB cross_entropy request (+ as large a gradient), default transport (chunked): "
+                f"- one {p['request_bytes'] / MB:.0f} MB cross_entropy request (+ as large a gradient), default transport (chunked data frames, `shm=False`): "
                 f"peak RSS rose {p['raise'] / MB:.0f} MB = {p['ratio']:.2f} x the request (RSS before {p['rss_before'] / MB:.0f} MB, "
                 f"peak after {p['hwm_after'] / MB:.0f} MB; {p['seconds']:.2f} s end to end)"
             )
@@ -277,7 +277,7 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
         h = result["huge"]
         sections["huge"] = (
             f"{head}\n\n- one {h['request_bytes'] / MB:.0f} MB `mse` request (prediction + target, float32) through "
-            f"`RemoteLoss('mse')` with every client default (transport `auto` -> chunked) and `lossd serve --max-message-mb "
+            f"`RemoteLoss('mse', shm=False)` with every other client default (transport `auto` -> chunked data frames) and `lossd serve --max-message-mb "
             f"{opts_mb(result)}`: {h['seconds']:.1f} s forward+backward, value bitwise equal to local: "
             f"{h['value_matches_local']}, server peak RSS {h['server_peak'] / MB:.0f} MB"
         )

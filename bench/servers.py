@@ -9,11 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.support.serverproc import ChildProcess, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]  # `-m bench.floor` resolves from here
 START_TIMEOUT_S = 120.0
+
+
+def network_path() -> dict[str, Any]:
+    """RemoteLoss keywords for the rows that measure the network path to a ``lossd_server`` on
+    this host: since shared memory is the default over loopback (client/shm.py), they turn it
+    off (``shm=False``), and the co-located rows (bench/colocated.py) measure it. Empty for a
+    client from before that option (an A/B against an older commit)."""
+    from lossd.client.connection import ConnectionOptions
+
+    return {"shm": False} if "shm" in ConnectionOptions.names() else {}
 
 
 def lossd_server(

@@ -99,8 +99,10 @@ def test_a_bulk_call_in_data_frames_equals_local_torch_bitwise(bulk_server, dtyp
     expected = torch.nn.functional.mse_loss(local, target)
     expected.backward()
     endpoint = f"127.0.0.1:{bulk_server.port}"
-    with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=120) as module:
-        module.transport.plane.off()  # the data frames, at bulk sizes
+    with RemoteLoss(  # the data frames, at bulk sizes: no shared memory, no data connection
+        "mse", endpoint=endpoint, transport="chunked", timeout=120, shm=False
+    ) as module:
+        module.transport.plane.off()
         leaf = pred.clone().requires_grad_()
         value = module(leaf, target)
         value.backward()
@@ -222,7 +224,8 @@ def test_after_the_first_call_the_bytes_go_on_the_data_connection_and_match_loca
     expected = torch.nn.functional.mse_loss(local, target)
     expected.backward()
     endpoint = f"127.0.0.1:{bulk_server.port}"
-    with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=60) as module:
+    # shm=False: this server is on this host, where shared memory would carry the call.
+    with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=60, shm=False) as module:
         assert module.transport.plane.port is None
         for call in range(2):  # the first call's answer names the port; the second uses it
             leaf = pred.clone().requires_grad_()
@@ -241,8 +244,15 @@ def test_after_the_first_call_the_bytes_go_on_the_data_connection_and_match_loca
 
 
 def _learned(server, **options) -> RemoteLoss:
+    """A chunked RemoteLoss that knows the server's bulk port (and, the server being on this
+    host, is told not to use shared memory, which would carry its calls instead)."""
     module = RemoteLoss(
-        "mse", endpoint=f"127.0.0.1:{server.port}", transport="chunked", timeout=60, **options
+        "mse",
+        endpoint=f"127.0.0.1:{server.port}",
+        transport="chunked",
+        timeout=60,
+        shm=False,
+        **options,
     )
     module.transport.plane.learn([(bulk.PORT_KEY, str(server.bulk.port))])
     return module
@@ -438,7 +448,7 @@ def test_lossd_serve_prints_the_bulk_port_and_serves_on_it(tmp_path) -> None:
             time.sleep(0.05)
         line = next(line for line in server.stdout_lines if "bulk data port" in line)
         pred, target = _mse_inputs(300_000, 13)
-        with RemoteLoss("mse", endpoint=server.address, transport="chunked") as module:
+        with RemoteLoss("mse", endpoint=server.address, transport="chunked", shm=False) as module:
             for _ in range(2):
                 assert torch.equal(module(pred, target), torch.nn.functional.mse_loss(pred, target))
             assert module.transport.plane.port == int(line.split()[-1])

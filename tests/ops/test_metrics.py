@@ -115,7 +115,7 @@ def test_every_transport_is_counted_exactly_with_its_bytes():
     totals = dict.fromkeys(("received", "sent", "msgs_in", "msgs_out", "unary", "chunked"), 0)
     with running(metrics_port=-1) as server:
         target = f"127.0.0.1:{server.port}"
-        client = LossClient(target, timeout=60)
+        client = LossClient(target, timeout=60, shm=False)  # data frames, counted as they travel
         try:
             for mode, n in (("unary", 16), ("chunked", 16), ("auto", 16), ("auto", 1 << 20)):
                 transport = Transport(client, mode)
@@ -135,7 +135,7 @@ def test_every_transport_is_counted_exactly_with_its_bytes():
                     totals[key] += amount
         finally:
             client.close()
-        with RemoteLoss("l1", endpoint=target, transport="chunked", timeout=60) as crit:
+        with RemoteLoss("l1", endpoint=target, transport="chunked", timeout=60, shm=False) as crit:
             leaf = torch.randn(8, requires_grad=True)
             crit(leaf, torch.zeros(8)).backward()
         m = samples(server.metrics.exposition().decode())
@@ -169,7 +169,9 @@ def test_bytes_on_the_bulk_data_connection_are_counted_with_the_call():
     tensor_bytes, gradient_bytes = 2 * 4 * n, 4 * n
     with running(metrics_port=-1, bulk_port=0) as server:
         endpoint = f"127.0.0.1:{server.port}"
-        with RemoteLoss("mse", endpoint=endpoint, transport="chunked", timeout=60) as crit:
+        with RemoteLoss(
+            "mse", endpoint=endpoint, transport="chunked", timeout=60, shm=False
+        ) as crit:
             crit(torch.randn(n, requires_grad=True), torch.randn(n)).backward()  # learns the port
             before = samples(server.metrics.exposition().decode())
             crit(torch.randn(n, requires_grad=True), torch.randn(n)).backward()

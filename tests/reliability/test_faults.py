@@ -97,7 +97,8 @@ def test_server_killed_and_restarted_during_a_training_loop(tmp_path, mode):
     flags = ("--bulk-port", str(free_port())) if mode == "bulk" else ()
     first = serve(tmp_path, *flags, port=port).start()
     second = None
-    client = LossClient(f"127.0.0.1:{port}", timeout=90, retries=60)
+    # shm=False: the server is on this host, where shared memory would carry the chunked calls.
+    client = LossClient(f"127.0.0.1:{port}", timeout=90, retries=60, shm=False)
     transport = Transport(client, "chunked" if mode == "bulk" else mode)
     done: list[tuple[str, int, bool]] = []
     failures: list[BaseException] = []
