@@ -87,7 +87,8 @@ def channel_credentials(
     )
 
 
-def _is_loopback_target(target: str) -> bool:
+def is_loopback_target(target: str) -> bool:
+    """``unix:`` or every host of ``target`` a loopback address (or ``localhost``)."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True  # a socket on this host: nothing on a network path to read a token
     hosts = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
@@ -105,7 +106,7 @@ def _is_loopback_target(target: str) -> bool:
 
 def warn_cleartext_token(target: str) -> None:
     """A bearer token over plaintext to another machine can be read by anyone on the path."""
-    if not _is_loopback_target(target):
+    if not is_loopback_target(target):
         warnings.warn(
             f"sending a bearer token to {target} without TLS: pass tls_ca=... (or tls=True)",
             UserWarning,

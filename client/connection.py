@@ -61,9 +61,11 @@ class ConnectionOptions:
             no failed step. Retries keep the request id, so the audit trail records the
             evaluation once.
         shm: co-located shared memory for chunked calls (large tensors written once into a
-            memfd, gradients read in place; README "Unix-domain socket"). None (default, or
-            ``$LOSSD_SHM``): over a ``unix:`` endpoint; True: also over loopback TCP (the server
-            needs ``--shm loopback``); False: never. A server that declines it gets the data frames.
+            memfd, gradients read in place; README "Shared memory on one host"). None (default)
+            or True: offered over a ``unix:`` endpoint and loopback TCP (127.0.0.1, ::1,
+            localhost); False (or ``$LOSSD_SHM`` of 0, false, no, off or none): never. A server
+            that declines it (``--shm unix`` or ``none``, a caller in another host, container
+            or pid namespace behind 127.0.0.1) gets the data frames.
     """
 
     endpoint: str | Sequence[str] | None = None
@@ -97,7 +99,7 @@ class ConnectionOptions:
             "tls_key": self.tls_key or env.get("LOSSD_TLS_KEY") or None,
             "shm": self.shm
             if self.shm is not None or not env.get("LOSSD_SHM")
-            else env["LOSSD_SHM"].lower() in ("1", "true", "yes", "on"),
+            else env["LOSSD_SHM"].strip().lower() not in ("0", "false", "no", "off", "none"),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)  # frozen: set once, here

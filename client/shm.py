@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ._channel import is_loopback_target
 from ._proto import lossd_pb2 as pb
 from .wire.framing import layout
 
@@ -52,15 +53,11 @@ def identity() -> str:
     return " ".join([boot, *spaces])
 
 
-def local_target(target: str, opted_in: bool) -> bool:
-    """Whether calls to ``target`` may offer shared memory: a ``unix:`` socket, or loopback TCP
-    when the caller opted in (``shm=True``)."""
-    if target.startswith("unix:"):
-        return True
-    if not opted_in:
-        return False
-    host = target.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1")
+def local_target(target: str) -> bool:
+    """Whether calls to ``target`` offer shared memory: a ``unix:`` socket, or TCP to loopback
+    addresses only. Loopback is no proof of one host (a port-forward, an SSH tunnel, a sidecar in
+    another container): the server's identity check declines those, and the call sends data."""
+    return not target.startswith("unix-abstract:") and is_loopback_target(target)
 
 
 def _memfd(name: str, size: int) -> int:

@@ -215,13 +215,13 @@ class Transport:
         self.chunk_bytes = chunk_bytes
         self._chunked: Any = None
         self._lock = threading.Lock()
-        # Shared memory for chunked calls: over a unix: endpoint by default, loopback TCP only
-        # when the caller opted in (ConnectionOptions.shm); False once the server declined.
+        # Shared memory for chunked calls to a unix: or loopback endpoint unless the caller
+        # turned it off (ConnectionOptions.shm=False); False once the server declined.
         opted = getattr(getattr(client, "options", None), "shm", None)
         self.shm = (
             opted is not False
             and shm.available()
-            and shm.local_target(getattr(client, "target", ""), bool(opted))
+            and shm.local_target(getattr(client, "target", ""))
         )
         options = getattr(client, "options", None)
         tls = any(getattr(options, name, None) for name in ("tls", "tls_ca", "tls_cert", "tls_key"))

@@ -145,8 +145,8 @@ class ServerConfig:
         note="(0 never)",
     )
     shm: str = _setting(
-        "unix",
-        "co-located shared memory for ComputeChunked (memfds, server/shm.py): unix accepts it on calls over the --unix socket, loopback also from loopback TCP (clients opt in with shm=True), none never; a call it does not accept falls back to sending the data",
+        "loopback",
+        "co-located shared memory for ComputeChunked (memfds, server/shm.py): loopback accepts it over the --unix socket and loopback TCP from a caller on this host in the server's pid and user namespace (checked from its lossd-shm-host identity), unix over the socket only, none never; a call it does not accept falls back to sending the data",
         choices=("unix", "loopback", "none"),
     )
     shm_max_mb: int = _setting(

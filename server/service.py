@@ -189,7 +189,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         budget: MemoryBudget | None = None,
         stream_idle_timeout_s: float = 30.0,
         stream_send_timeout_s: float = 60.0,
-        shm_mode: str = "unix",
+        shm_mode: str = "loopback",
         shm_max_bytes: int = 1 << 30,
         bulk_listener: bulk.BulkListener | None = None,
     ) -> None:

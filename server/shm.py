@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import mmap
 import os
 import re
 import stat
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,13 +65,28 @@ def handle_of(context: Any) -> str | None:
     return None
 
 
+def loopback_peer(peer: str) -> bool:
+    """Whether a gRPC peer (``ipv4:127.0.0.1:PORT``, ``ipv6:%5B::1%5D:PORT``) is a loopback
+    address of this network namespace."""
+    scheme, _, address = urllib.parse.unquote(peer).partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    try:
+        ip = ipaddress.ip_address(address.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, from a dual-stack socket
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 def refusal(mode: str, context: Any) -> str | None:
     """Why a call on ``context``'s connection may not use shared memory under ``--shm mode``
-    (None: it may). Every reason starts "shared memory:", on which the client sends the data."""
+    (None: it may). Every reason starts "shared memory:", on which the client sends the data.
+    Neither a loopback peer nor the socket proves one host (``ssh -L`` forwards both, ``kubectl
+    port-forward`` or a sidecar reaches 127.0.0.1 from another host or container): the caller's
+    identity decides."""
     peer = context.peer() if context is not None else ""
-    local = peer.startswith("unix:") or (
-        mode == "loopback" and (peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]"))
-    )
+    local = peer.startswith("unix:") or (mode == "loopback" and loopback_peer(peer))
     if mode == "none" or not local:
         return (
             f"shared memory: not accepted on this connection (--shm {mode}); send the data instead"

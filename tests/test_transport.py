@@ -23,7 +23,9 @@ from lossd.server.service import LossServicer
 from tests.support.wirekit import in_process
 
 LIMIT = 4 << 20  # message limit and chunked limit of the test server, bytes
-TRANSPORTS = ("unary", "chunked")
+# "chunked": ComputeChunked's data frames (shm=False, though the server is on this host);
+# "shm": the same calls through shared memory, the default here (client/shm.py).
+TRANSPORTS = ("unary", "chunked", "shm")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,15 @@ def endpoint():
         yield address
 
 
+def _mode(transport: str) -> tuple[str, bool]:
+    """(RemoteLoss transport, shm) of one of TRANSPORTS."""
+    return ("chunked", True) if transport == "shm" else (transport, False)
+
+
 def remote(endpoint: str, name: str, transport: str, **params) -> RemoteLoss:
-    module = RemoteLoss(name, endpoint=endpoint, transport=transport, timeout=60, **params)
+    mode, shm = _mode(transport)
+    module = RemoteLoss(name, endpoint=endpoint, transport=mode, timeout=60, shm=shm, **params)
+    assert module.transport.shm == shm
     module.transport.chunk_bytes = 999  # odd: chunks straddle tensor boundaries
     return module
 
@@ -111,7 +120,7 @@ def test_chunked_equals_unary_bitwise(endpoint: str, case: str) -> None:
             results[transport] = run_step(module, make())
     value, grads = results["unary"]
     assert grads and all(g is not None for g in grads)
-    for transport in ("chunked",):
+    for transport in TRANSPORTS[1:]:
         other_value, other_grads = results[transport]
         assert torch.equal(other_value, value), transport
         assert len(other_grads) == len(grads)
@@ -140,7 +149,7 @@ def test_auto_picks_unary_below_threshold_and_chunks_above(endpoint: str) -> Non
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("transport", ["chunked"])
+@pytest.mark.parametrize("transport", ["chunked", "shm"])
 def test_16_bit_dtypes_travel_as_16_bit(endpoint: str, dtype: torch.dtype, transport: str) -> None:
     g = torch.Generator().manual_seed(7)
     pred = torch.randn(123, 9, generator=g).to(dtype)
@@ -164,8 +173,9 @@ def test_16_bit_dtypes_travel_as_16_bit(endpoint: str, dtype: torch.dtype, trans
 def _outcomes(endpoint: str, transport: str, calls: list[tuple[str, dict, list]]) -> list:
     """Each call's (value, grads) or (code, field), in order, through one module per loss."""
     out = []
-    client = LossClient(endpoint, timeout=60)
-    module_transport = wire.Transport(client, transport, chunk_bytes=999)
+    mode, shm = _mode(transport)
+    client = LossClient(endpoint, timeout=60, shm=shm)
+    module_transport = wire.Transport(client, mode, chunk_bytes=999)
     from lossd.client.functional import remote_loss
 
     try:
@@ -222,7 +232,7 @@ def test_errors_carry_the_same_codes_in_order_on_every_transport(endpoint: str) 
         "ok",
     ]
     assert unary[1][1] == "args[1]"
-    for transport in ("chunked",):
+    for transport in TRANSPORTS[1:]:
         got = outcomes[transport]
         assert [o[0] for o in got] == codes, transport
         for mine, theirs in zip(got, unary):
@@ -287,8 +297,10 @@ def test_a_few_megabytes_with_default_chunks_equal_unary(endpoint: str) -> None:
     logits = torch.randn(3000, 300, generator=g)  # 3.6 MB, several 1 MiB chunks each way
     target = torch.randint(0, 300, (3000,), generator=g)
     results = []
-    for mode in ("unary", "chunked"):
-        with RemoteLoss("cross_entropy", endpoint=endpoint, transport=mode, timeout=60) as module:
+    for mode in ("unary", "chunked"):  # data frames: shared memory would carry no chunk
+        with RemoteLoss(
+            "cross_entropy", endpoint=endpoint, transport=mode, timeout=60, shm=False
+        ) as module:
             leaf = logits.clone().requires_grad_()
             value = module(leaf, target)
             value.backward()
