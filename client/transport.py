@@ -179,6 +179,15 @@ def _declined(error: grpc.RpcError, what: str) -> bool:
     return code == grpc.StatusCode.FAILED_PRECONDITION and (error.details() or "").startswith(what)
 
 
+def _unaware_of_shm(error: grpc.RpcError) -> bool:
+    """A server from before shared memory (or a proxy that dropped the call's metadata) ignored
+    the regions and waited for data frames that never came: the data frames remain."""
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() or ""
+    # "data: the stream ended after 0 of N bytes of tensor data", from server/chunked.py
+    return code == grpc.StatusCode.INVALID_ARGUMENT and "the stream ended after 0 of" in details
+
+
 # --------------------------------------------------------------------------------------------
 # Choosing a transport per call
 
@@ -292,9 +301,9 @@ class Transport:
             try:
                 return chunked(remaining, regions)
             except grpc.RpcError as error:
-                # Not accepted (turned off, another pid namespace, over --shm-max-mb): from now
-                # on this transport sends the data.
-                if not _declined(error, "shared memory:"):
+                # Not accepted (turned off, another pid namespace, over --shm-max-mb) or not
+                # known (an older lossd): from now on this transport sends the data.
+                if not (_declined(error, "shared memory:") or _unaware_of_shm(error)):
                     raise
                 self.shm = False
                 self._pool.close()

@@ -461,6 +461,32 @@ def test_a_caller_behind_a_loopback_forward_with_another_identity_gets_the_data_
     assert torch.equal(loss.detach(), framed.detach()) and torch.equal(grad, framed_grad)
 
 
+def test_a_server_that_does_not_know_shared_memory_gets_the_data_frames(monkeypatch):
+    """A lossd from before shared memory (or a proxy that drops the call's metadata) ignores the
+    handle and waits for data frames; the stream it sees ends after the header (INVALID_ARGUMENT
+    "the stream ended after 0 of N bytes"), and the client resends the call as data frames, as
+    on a refusal: a new client on loopback keeps working with an older server."""
+    monkeypatch.setattr(server_shm, "handle_of", lambda context: None)
+    opened = _shm_calls(monkeypatch)
+    running = create_server(ServerConfig(port=0, device="cpu", audit="none"))
+    try:
+        torch.manual_seed(10)
+        pred = torch.randn(1 << 20, requires_grad=True)
+        target = torch.randn(1 << 20)
+        with RemoteLoss(
+            "mse", endpoint=f"127.0.0.1:{running.port}", transport="chunked", retries=0
+        ) as crit:
+            assert crit.transport.shm
+            loss = crit(pred, target)
+            assert not crit.transport.shm
+            (grad,) = torch.autograd.grad(loss, pred)
+    finally:
+        running.stop(0)
+    assert opened == []
+    assert torch.equal(loss.detach(), F.mse_loss(pred.detach(), target))
+    assert torch.allclose(grad, 2 * (pred.detach() - target) / (1 << 20), rtol=1e-6, atol=0)
+
+
 def test_shm_false_and_the_servers_unix_or_none_send_the_data_frames_over_loopback(monkeypatch):
     opened = _shm_calls(monkeypatch)
     torch.manual_seed(9)
