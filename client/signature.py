@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 
 _SCALARS = (bool, int, float, str, type(None))
+_EXACT_SCALARS = frozenset(_SCALARS)
 MAX_REMEMBERED = 256  # signatures kept per loss; a training loop has a handful
 
 
@@ -21,16 +22,19 @@ class _Unsignable(Exception):
 
 
 def _sign(value: Any, tensors: bool) -> Any:
+    kind = type(value)
+    if kind in _EXACT_SCALARS:  # the usual parameter: no isinstance chain (a Mapping check is ABC)
+        return (kind, value)
     if isinstance(value, Tensor):
         if not tensors:
             raise _Unsignable
         return (Tensor, value.dtype, tuple(value.shape))
     if isinstance(value, _SCALARS):
-        return (type(value), value)
-    if isinstance(value, (list, tuple)):
-        return (type(value), *(_sign(item, tensors) for item in value))
+        return (kind, value)
+    if kind is list or kind is tuple or (kind is not dict and isinstance(value, (list, tuple))):
+        return (kind, *[_sign(item, tensors) for item in value])
     if isinstance(value, Mapping):
-        return (dict, *((key, _sign(item, tensors)) for key, item in value.items()))
+        return (dict, *[(key, _sign(item, tensors)) for key, item in value.items()])
     raise _Unsignable
 
 
