@@ -204,7 +204,7 @@ def create_server(config: ServerConfig) -> RunningServer:
         # Authentication before admission: an unauthenticated call is refused holding no slot.
         interceptors=[
             metrics.interceptor(),
-            AuthInterceptor(tokens, cert_roles),
+            AuthInterceptor(tokens, cert_roles, tls=credentials is not None),
             admission,
             DeadlineInterceptor(),
         ],
