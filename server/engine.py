@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +88,14 @@ class Engine:
         autocast: AutocastPolicy | None = None,
         grad_output_batched: bool = False,
         grad_grads: Mapping[str, Tensor] | None = None,
+        after_forward: Callable[[], None] | None = None,
     ) -> Evaluation:
         """``autocast``: evaluate the forward and the gradients inside that autocast region, as
         upstream runs inside the caller's (its op policy is the device type's, so a CPU region is
         evaluated on CPU whatever the engine's device). ``grad_output_batched``, ``grad_grads``:
-        a batch of products, or second-order ones (see ``derivatives``)."""
+        a batch of products, or second-order ones (see ``derivatives``). ``after_forward``: called
+        once the loss returned, before its gradients (the shared-memory path gives back its
+        mapping of the inputs' pages there; server/shm.py)."""
         spec = registry.get(loss)
         device = self._device_for(autocast)
         canonical = spec.canonical_params(params or {})
@@ -120,6 +123,8 @@ class Engine:
             with torch.set_grad_enabled(bool(wanted)), region:
                 out = spec.fn(*call_args, **call_kwargs, **call_params)
                 result = out if isinstance(out, LossOutput) else LossOutput(out)
+                if after_forward is not None:
+                    after_forward()
                 grads = gradients(
                     result.value,
                     wanted,

@@ -219,14 +219,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         external: dict[str, Any] | None = None,
         outboard: codec.Outboard | None = None,
         held: Reservation | None = None,
+        after_forward: Callable[[], None] | None = None,
     ) -> pb.ComputeResponse:
         """Every transport ends here. ``external``/``outboard``: the chunked transport's tensors
         that travel outside the request/response message (see server/chunked.py). ``held``: the
-        memory reserved for decoding this request, when the transport reserved it already."""
+        memory reserved for decoding this request, when the transport reserved it already.
+        ``after_forward``: called between the loss and its gradients (Engine.evaluate)."""
         with self._busy_lock:
             self.computing += 1
         try:
-            return self._reserved_compute(request, context, external, outboard, held)
+            return self._reserved_compute(request, context, external, outboard, held, after_forward)
         finally:
             with self._busy_lock:
                 self.computing -= 1
@@ -260,15 +262,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
         external: dict[str, Any] | None,
         outboard: codec.Outboard | None,
         held: Reservation | None,
+        after_forward: Callable[[], None] | None,
     ) -> pb.ComputeResponse:
         if self.budget is None:
-            return self._compute(request, context, external, outboard, None)
+            return self._compute(request, context, external, outboard, None, after_forward)
         if held is not None:
-            return self._compute(request, context, external, outboard, held)
+            return self._compute(request, context, external, outboard, held, after_forward)
         with self.budget.held(
             decoded_estimate(request.ByteSize()), context, "decoding the request"
         ) as reservation:
-            return self._compute(request, context, external, outboard, reservation)
+            return self._compute(request, context, external, outboard, reservation, after_forward)
 
     def _compute(
         self,
@@ -277,6 +280,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         external: dict[str, Any] | None,
         outboard: codec.Outboard | None,
         reservation: Reservation | None,
+        after_forward: Callable[[], None] | None,
     ) -> pb.ComputeResponse:
         t0 = time.perf_counter_ns()
         call = decode_compute(request, self.limits, external)
@@ -288,7 +292,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if not self.budget.try_grow(reservation, need, what):
                 self.budget.regrow(reservation, reservation.nbytes + need, context, what)
         if self._slots is None:
-            result = self._evaluate(call)
+            result = self._evaluate(call, after_forward)
         else:
             with self._slots:
                 gone = caller_gone(
@@ -296,7 +300,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 )  # waited past its deadline
                 if gone is not None:
                     raise gone
-                result = self._evaluate(call)
+                result = self._evaluate(call, after_forward)
         t2 = time.perf_counter_ns()
         response = encode_compute(result, call.request_id, __version__, outboard)
         t3 = time.perf_counter_ns()
@@ -312,7 +316,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 hook(event)
         return response
 
-    def _evaluate(self, call: ComputeCall) -> Evaluation:
+    def _evaluate(
+        self, call: ComputeCall, after_forward: Callable[[], None] | None = None
+    ) -> Evaluation:
         """The engine's evaluation; an exception that is no deliberate refusal is lossd's bug."""
         try:
             return self.engine.evaluate(
@@ -325,6 +331,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 autocast=call.autocast,
                 grad_output_batched=call.grad_output_batched,
                 grad_grads=call.grad_grads,
+                after_forward=after_forward,
             )
         except (ServiceError, MemoryError):
             raise
@@ -487,7 +494,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         )
         outboard = codec.Outboard(self.chunk_outboard_bytes)  # large gradients go back in chunks
         held = reservation[0] if reservation else None
-        response = self.compute(request, context, external=external, outboard=outboard, held=held)
+        released = regions[0].forward_done if regions else None
+        response = self.compute(
+            request,
+            context,
+            external=external,
+            outboard=outboard,
+            held=held,
+            after_forward=released,
+        )
         return response, outboard, (regions[0] if regions else None), (conns[0] if conns else None)
 
     @handles_errors

@@ -6,10 +6,12 @@ sealed 0600 memfds refused INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -91,6 +93,39 @@ def test_regions_round_trip_every_dtype_bit_for_bit(dtype):
         back = regions.answer(refs)  # ...and are read in place
         for path, flat in tensors:
             assert torch.equal(back[path], flat)
+    finally:
+        regions.close()
+
+
+def _mapped_pages(tensor: torch.Tensor) -> list[bool]:
+    """Whether each page under ``tensor`` is in this process's page table (/proc/self/pagemap)."""
+    page = mmap.PAGESIZE
+    first, count = tensor.data_ptr() // page, -(-tensor.numel() // page)
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        raw = os.pread(f.fileno(), count * 8, first * 8)
+    return [bool(entry >> 63) for entry in struct.unpack(f"{count}Q", raw)]
+
+
+def test_after_the_forward_the_server_gives_back_the_input_pages_the_loss_did_not_write():
+    """Between the loss and its gradients the server drops its mapping of IN's pages (its peak
+    RSS): a backward that reads an input gets the same bytes again, and a page the loss wrote
+    (a private copy) keeps what was written."""
+    page = mmap.PAGESIZE
+    values = _flat(torch.randn(16 * page // 4))
+    tensors = [("args[0]", values)]
+    regions = client_shm.Regions(tensors, 0)
+    try:
+        served = server_shm.Regions(regions.handle, framing.refs(tensors), 1 << 30, 1 << 30)
+        got = served.inputs()["args[0]"]
+        assert torch.equal(got, values)  # every page mapped now
+        got[3 * page] = values[3 * page] ^ 0xFF  # the loss writes into its input: a private copy
+        served.forward_done()
+        mapped = _mapped_pages(got)
+        assert mapped[3] and sum(mapped) == 1  # only the written page is still mapped
+        expected = values.clone()
+        expected[3 * page] ^= 0xFF
+        assert torch.equal(got, expected)  # the others read the region's bytes again
+        served.close()
     finally:
         regions.close()
 
