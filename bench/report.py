@@ -269,7 +269,9 @@ def render_sections(result: dict[str, Any]) -> dict[str, str]:
                 f"{c['raise'] / MB:.0f} MB = {c['ratio']:.2f} x the request ({c['seconds']:.2f} s end to end). Of it, "
                 f"the server's own memory (RssAnon) peaked at +{c['anon_ratio']:.2f} x, torch's working set with no "
                 f"request buffer, and the caller's regions mapped into it (RssShmem, the client's pages, not copies) "
-                f"at +{c['shmem_ratio']:.2f} x: the input region (1 x) is mapped while torch's working set peaks."
+                f"at +{c['shmem_ratio']:.2f} x, not at the same time: the server gives back its mapping of the "
+                f"input region once the forward is done (server/shm.py, forward_done), and maps the answer region "
+                f"when it copies the gradient in."
             )
         parts += render_targets([t for t in all_targets if t["target"].startswith(("peak", "RSS"))])
         sections["memory"] = "\n".join(parts)
