@@ -101,8 +101,11 @@ def _mapped_pages(tensor: torch.Tensor) -> list[bool]:
     """Whether each page under ``tensor`` is in this process's page table (/proc/self/pagemap)."""
     page = mmap.PAGESIZE
     first, count = tensor.data_ptr() // page, -(-tensor.numel() // page)
-    with open("/proc/self/pagemap", "rb", buffering=0) as f:
-        raw = os.pread(f.fileno(), count * 8, first * 8)
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), count * 8, first * 8)
+    except OSError:
+        pytest.skip("no /proc/self/pagemap here (the server then keeps its mapping of IN)")
     return [bool(entry >> 63) for entry in struct.unpack(f"{count}Q", raw)]
 
 
@@ -118,6 +121,8 @@ def test_after_the_forward_the_server_gives_back_the_input_pages_the_loss_did_no
         served = server_shm.Regions(regions.handle, framing.refs(tensors), 1 << 30, 1 << 30)
         got = served.inputs()["args[0]"]
         assert torch.equal(got, values)  # every page mapped now
+        if not all(_mapped_pages(got)):
+            pytest.skip("pagemap shows no present pages here (a sandboxed /proc)")
         got[3 * page] = values[3 * page] ^ 0xFF  # the loss writes into its input: a private copy
         served.forward_done()
         mapped = _mapped_pages(got)
