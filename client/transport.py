@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from . import bulk, shm
 from ._proto import lossd_pb2 as pb
+from .connection import new_request_id
 from .errors import LossdError, from_rpc_error
 from .wire import codec
 from .wire.assembler import Assembler
@@ -269,7 +269,7 @@ class Transport:
         """Run one evaluation; failures are raised as ``LossdError`` exactly as unary raises them."""
         client = self.client
         if not request.request_id:
-            request.request_id = uuid.uuid4().hex
+            request.request_id = new_request_id()
         if outboard is None:
             return client.compute(request), None
 

@@ -7,6 +7,8 @@ boundaries in both directions while the tensors stay small and the tests fast.
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 from lossd.client import LossClient, LossdError, RemoteLoss
 from lossd.client import transport as wire
 from lossd.client._proto import lossd_pb2 as pb
+from lossd.client.connection import new_request_id
 from lossd.client.functional import build_request
 from lossd.client.wire import codec, framing
 from lossd.client.wire.assembler import Assembler
@@ -332,3 +335,12 @@ def test_chunked_assembler_decodes_zero_copy_views_of_one_buffer() -> None:
             assert torch.equal(view.view(t.dtype), t)
     with pytest.raises(codec.LimitError):
         Assembler(framing.refs(flat), max_bytes=50)
+
+
+def test_request_ids_are_random_version_4_uuids():
+    # Made without a UUID object (client/connection.py), they must still read as uuid4().hex.
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for request_id in ids[:200]:
+        parsed = uuid.UUID(hex=request_id)
+        assert parsed.hex == request_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122
