@@ -311,15 +311,16 @@ def check_inputs(
         bound[declared.name] = check_input(
             declared, bound[declared.name], wheres[declared.name], None
         )
-    checker = Checker({**params, **{i.name: bound[i.name] for i in scalars}})
+    symbols = {**params, **{i.name: bound[i.name] for i in scalars}}
     others = [i for i in spec.inputs if i.name in bound and i.kind not in SCALAR_KINDS]
-    signature = call_signature(checker.params, [], {i.name: bound[i.name] for i in others})
+    given = {i.name: bound[i.name] for i in others}
+    signature = call_signature(symbols, [], given)
     signature = signature and (signature, tuple(wheres.items()))
     cached = _PLANS.get((id(spec), signature)) if signature is not None else None
     if cached is not None and cached[0] is spec:
         cached[1].replay(bound)
         return bound
-    given = {i.name: bound[i.name] for i in others}
+    checker = Checker(symbols)  # only for a signature not seen yet: the plan replays the rest
     for declared in others:
         bound[declared.name] = check_input(
             declared, bound[declared.name], wheres[declared.name], checker
