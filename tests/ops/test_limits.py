@@ -99,7 +99,9 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once():
 def test_a_deadline_shorter_than_the_computation_discards_the_result():
     with running(metrics_port=-1) as server, _stub(server) as stub:
         gate = Gate(server.engine)
-        call = stub.Compute.future(_mse(), timeout=1.0)
+        # The deadline has to outlast the trip to the engine (else the call never arrives: it is
+        # refused in the queue, the next test's subject); 5 s does on the busiest CI machine.
+        call = stub.Compute.future(_mse(), timeout=5.0)
         gate.wait_arrivals(1)
         with pytest.raises(grpc.RpcError) as caught:
             call.result()  # the client's deadline passes while the engine is held
