@@ -6,13 +6,14 @@ Run identity: a run id reused by another process is told apart. CLI consistency.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from lossd.client import LossClient
+from lossd.client import AuditClient, LossClient
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.audit import figure
 from lossd.client.functional import build_request
@@ -208,11 +209,23 @@ def test_the_plot_step_axis_has_integer_ticks() -> None:
     assert shown and all(float(t).is_integer() for t in shown)
 
 
+def _until_stored_and_signed(running, endpoint: str, run_id: str, records: int) -> None:
+    """Once the run is idle (--audit-checkpoint-s) the writer stores its last call's inputs and
+    signs its head: waited for as such, however late a busy machine runs the writer."""
+    deadline = time.monotonic() + 60
+    with AuditClient(endpoint, timeout=30) as audit:
+        while time.monotonic() < deadline:
+            last = list(audit.verify(run_id))[-1].result
+            signed = running.audit.store.checkpoints(run_id)
+            if last.status == pb.VERIFY_STATUS_OK and signed and signed[0].records == records:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"run {run_id!r}: its last call never became recomputable and signed")
+
+
 def test_a_runs_last_call_is_recomputable_once_the_run_is_idle_or_the_server_stopped(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    import time
-
     config = ServerConfig(
         port=0,
         device="cpu",
@@ -224,7 +237,7 @@ def test_a_runs_last_call_is_recomputable_once_the_run_is_idle_or_the_server_sto
     endpoint = f"127.0.0.1:{running.port}"
     try:
         ids = call(endpoint, "tail", range(6))
-        time.sleep(1.5)  # idle: the writer stores the last call's inputs
+        _until_stored_and_signed(running, endpoint, "tail", 6)
         assert cli.main(["verify", "tail", "--endpoint", endpoint]) == 0
         out, err = capsys.readouterr()
         ok = [line for line in out.splitlines() if line.startswith("ok   OK")]
