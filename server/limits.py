@@ -63,6 +63,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.unanswered = 0  # admitted RPCs gRPC has not ended yet: their answers may be on the way
         self.draining = False
         self.probe_streams = 0
         self._lock = threading.Condition()
@@ -91,12 +92,28 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             self.draining = True
             return self._lock.wait_for(lambda: self.active <= 0, timeout=max(timeout, 0.0))
 
+    def wait_answered(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until gRPC has ended every admitted RPC (sent its answer, or
+        cancelled it): a handler that returned has not yet delivered its answer."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.unanswered <= 0, timeout=max(timeout, 0.0))
+
+    def _answered(self) -> None:
+        with self._lock:
+            self.unanswered -= 1
+            self._lock.notify_all()
+
     def _enter(self, context: grpc.ServicerContext) -> None:
         with self._lock:
-            if not self.draining and self.active < self.limit:
+            admitted = not self.draining and self.active < self.limit
+            if admitted:
                 self.active += 1
-                return
+                self.unanswered += 1
             draining = self.draining
+        if admitted:
+            if not context.add_callback(self._answered):  # False: the RPC has ended already
+                self._answered()
+            return
         if draining:
             # Accepted by gRPC after SIGTERM: the caller retries it on another replica (or this
             # one once restarted) with the same request id; nothing was computed or audited.

@@ -298,6 +298,49 @@ def test_sigterm_with_calls_in_flight_finishes_them_and_flushes_the_audit_queue(
     assert sorted(r for r, _ in stored(tmp_path / "audit.sqlite3", "sigterm")) == sorted(answered)
 
 
+_SLOW_READER = """
+import sys, torch
+from lossd.client import LossClient, LossdError
+from lossd.client.functional import build_request
+n = 8 << 20  # a 32 MB gradient: more than the socket buffers and HTTP/2 windows hold unread
+request = build_request("mse", {}, (torch.ones(n), torch.zeros(n)), {}, ["args[0]"])
+with LossClient(sys.argv[1], timeout=120, retries=0) as client:
+    try:
+        print(len(client.compute(request).grads[0].grad.data), flush=True)
+    except LossdError as exc:
+        print(exc.code.name, exc.details, flush=True)
+"""
+
+
+def test_a_drain_delivers_an_answer_its_reader_is_slow_to_take():
+    """The drain waits (within the grace) until gRPC has sent each answer, not a fixed second
+    after the handler returned: an answer still on its way, its record already committed, was
+    cut off on a busy machine (the caller saw UNAVAILABLE for a call the trail holds)."""
+    with running(audit="none", metrics_port=-1) as server:
+        gate = Gate(server.engine)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_READER, f"127.0.0.1:{server.port}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            gate.wait_arrivals(1)
+            reader.send_signal(signal.SIGSTOP)  # it reads nothing until SIGCONT
+            stopping = threading.Thread(target=server.stop, args=(60,))
+            stopping.start()
+            gate.open()
+            assert gate.finished.acquire(timeout=30)
+            time.sleep(3)  # past the second the drain used to give answers, whatever the load
+            assert stopping.is_alive(), "the drain ended with an answer undelivered"
+            reader.send_signal(signal.SIGCONT)
+            out, _ = reader.communicate(timeout=120)
+            stopping.join(60)
+        finally:
+            reader.kill()
+    assert out.strip() == str(4 * (8 << 20)), out
+    assert not stopping.is_alive()
+
+
 # A server whose main thread blocks SIGTERM once gRPC's, the audit writer's and the metrics
 # threads exist, so the kernel must deliver the signal to one of those threads (what CI once hit
 # by chance: the main thread then slept in an untimed wait and the server never drained).
