@@ -6,6 +6,7 @@ sealed 0600 memfds refused INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import os
 import signal
@@ -211,12 +212,16 @@ def _dev_shm() -> set[str]:
 
 
 def test_no_region_outlives_a_call_or_appears_in_dev_shm(unix_server):
+    # Earlier tests in this process may have left modules unclosed: their answer regions go
+    # when the collector frees them, which must not happen in the middle of this count.
+    gc.collect()
+    held = _memfds()
     before = _dev_shm()
     pred = torch.randn(1 << 20, requires_grad=True)
     with RemoteLoss("mse", endpoint=unix_server.address, transport="chunked") as crit:
         for _ in range(3):
             crit(pred, torch.zeros(1 << 20)).backward()
-    assert _memfds() == 0  # neither side holds an fd after the call
+    assert _memfds() == held  # neither side holds an fd after the call
     assert _dev_shm() == before
 
 
@@ -663,13 +668,14 @@ def test_another_user_cannot_open_a_region():
     flat = torch.zeros(4096, dtype=torch.uint8)
     regions = client_shm.Regions([("args[0]", flat)], 4096)
     try:
+        # setpriv drops to the other user after exec: subprocess's own user= forks this
+        # process, gRPC's threads and all, and CI once saw that child die of SIGBUS before exec.
         out = subprocess.run(
-            ["cat", f"/proc/{os.getpid()}/fd/{regions.in_fd}"],
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            + ["cat", f"/proc/{os.getpid()}/fd/{regions.in_fd}"],
             capture_output=True,
             text=True,
             timeout=30,
-            user=65534,
-            group=65534,
         )
     finally:
         regions.close()
