@@ -476,10 +476,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 region = shm.Regions(
                     handle, header.tensors, self.shm_max_bytes, self.max_chunked_bytes
                 )
+                inputs = region.inputs()  # views that keep IN mapped, whenever close() comes
                 hold.callback(region.close)  # also when the call fails
                 context.add_callback(region.close)  # and when its caller is gone mid-call
                 regions.append(region)
-                return region.inputs()
+                return inputs
 
         def reserve(header: pb.ChunkedRequestHeader, listed: int) -> None:
             # Before the buffer that assembles the data is allocated (and before any data is read).

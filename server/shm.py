@@ -143,13 +143,17 @@ class Regions:
             self._in = _private_map(fd, size) if size else None
         finally:
             os.close(fd)
-        fd = _open(pid, out_fd, f"lossd-{token}-out", os.O_RDWR)
         try:
-            self.out_size = _check(fd, "OUT", _OUT_SEALS, max_bytes)
-            if self.out_size:
-                self.out = mmap.mmap(fd, self.out_size, flags=mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
+            fd = _open(pid, out_fd, f"lossd-{token}-out", os.O_RDWR)
+            try:
+                self.out_size = _check(fd, "OUT", _OUT_SEALS, max_bytes)
+                if self.out_size:
+                    self.out = mmap.mmap(fd, self.out_size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.close()  # IN, already mapped, is not kept alive by this refusal's traceback
+            raise
 
     def inputs(self) -> dict[str, Tensor]:
         if self._in is None:
@@ -178,16 +182,23 @@ class Regions:
         if region is None or size > self.out_size:
             return False
         try:
+            # An export of the mapping for the whole copy, so that close() from gRPC's thread
+            # (the caller gone) cannot unmap it under the copy: torch.frombuffer keeps no export.
+            view = memoryview(region)
+        except ValueError:  # closed by the call's end
+            return False
+        try:
             if size:  # map the pages in one call: a write fault per 4 KiB page costs ~2x the copy
                 with contextlib.suppress(OSError):  # before Linux 5.14: fault them in as we go
                     region.madvise(_MADV_POPULATE_READ, 0, size)
-            out = torch.frombuffer(region, dtype=torch.uint8)
-        except ValueError:  # closed by the call's end, from gRPC's thread
-            return False
-        for (_, flat), off in zip(tensors, offsets):
-            out[off : off + flat.numel()].copy_(flat)
-        del out
-        self.close()  # the client reads it now; nothing of ours points into it
+            out = torch.frombuffer(view, dtype=torch.uint8)
+            for (_, flat), off in zip(tensors, offsets):
+                out[off : off + flat.numel()].copy_(flat)
+            del out
+        finally:
+            view.release()
+            self.close()  # the client reads it now; nothing of ours points into it
+            region.close()  # if close() came from gRPC's thread meanwhile, it could not
         return True
 
     def close(self) -> None:

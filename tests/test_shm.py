@@ -157,6 +157,45 @@ def test_a_call_that_ends_before_its_answer_lets_go_of_the_regions_at_once():
         regions.close()
 
 
+_CLOSE_DURING_WRITE = textwrap.dedent(
+    """
+    import threading, torch
+    from lossd.client import shm as client_shm
+    from lossd.client.wire import framing
+    from lossd.server import shm as server_shm
+
+    flat = torch.ones(16 << 20, dtype=torch.uint8)
+    tensors = [("args[0]", flat)]
+    for _ in range(8):
+        regions = client_shm.Regions(tensors, flat.numel())
+        served = server_shm.Regions(regions.handle, framing.refs(tensors), 1 << 30, 1 << 30)
+        stop = threading.Event()
+
+        def closer():
+            while not stop.is_set():
+                served.close()  # as gRPC's callback does when the caller goes mid-copy
+
+        thread = threading.Thread(target=closer)
+        thread.start()
+        served.write(tensors)
+        stop.set()
+        thread.join()
+        regions.close()
+    print("served", flush=True)
+    """
+)
+
+
+def test_closing_the_regions_from_another_thread_never_unmaps_them_under_a_write():
+    """torch.frombuffer keeps no buffer export, so without one of its own a write() could have
+    its mapping unmapped by close() on gRPC's thread mid-copy (a SIGSEGV, or a write into
+    whatever was mapped there next); run apart, so that a crash fails only this test."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSE_DURING_WRITE], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "served", done.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_remote_loss_through_shared_memory_equals_the_data_frames(unix_server, dtype, monkeypatch):
     seen = _shm_calls(monkeypatch)
