@@ -379,8 +379,11 @@ def _scan(
             if nested is not None:
                 _scan(data, pos, pos + length, nested, depth + 1, max_depth, budget, limits)
             pos += length
-        else:
-            return  # groups or garbage: the real parser reports it
+        else:  # lossd's messages have no groups; skipping one unscanned would skip the rest
+            raise InvalidArgument(
+                f"field {number} has wire type {wire} (a group, or no protobuf wire type): "
+                "lossd's messages have none"
+            )
     if pos > end:
         raise InvalidArgument("a field runs past its end")
 

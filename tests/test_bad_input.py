@@ -389,3 +389,16 @@ def test_the_pre_scan_refuses_as_before_whether_it_runs_before_or_after_the_pars
     parsed = parse(bomb)
     assert isinstance(parsed, Malformed) and parsed.error is not None
     assert "--max-items" in str(parsed.error) and "before parsing" in parsed.reason
+
+
+def test_a_group_does_not_hide_the_fields_after_it_from_the_pre_scan():
+    # protobuf keeps an unknown group as an unknown field; a scan that stopped at one would let
+    # a bomb of values behind it reach the parser unreserved.
+    limits = codec.DecodeLimits(max_items=10)
+    parse = safe_parser(pb.ComputeRequest, limits)
+    bomb = b"\x0a\x03mse" + b"\x7b\x7c" + b"\x1a\x02\x0a\x00" * 1200  # field 15: an empty group
+    for data in (bomb, b"\x0a\x03mse\x7b\x7c"):
+        with pytest.raises(InvalidArgument, match="field 15 has wire type 3"):
+            prescan(data, pb.ComputeRequest.DESCRIPTOR, limits)
+    parsed = parse(bomb)
+    assert isinstance(parsed, Malformed) and "wire type 3" in parsed.reason
