@@ -161,10 +161,11 @@ def decode_tensor(
             "--max-elements",
         )
     # An empty tensor still gets strides from its other dims: [0, 2**40, 2**40] would overflow them.
-    if numel == 0 and math.prod(size for size in shape if size) > limits.max_elements:
+    spanned = math.prod(size for size in shape if size) if numel == 0 else 0
+    if spanned > limits.max_elements:
         raise LimitError(
             f"{field}.shape",
-            f"an empty tensor whose other dims span {math.prod(size for size in shape if size)} elements, over the per-tensor limit of {limits.max_elements}",
+            f"an empty tensor whose other dims span {spanned} elements, over the per-tensor limit of {limits.max_elements}",
             "--max-elements",
         )
     itemsize = _ITEMSIZE[dtype]
