@@ -234,6 +234,49 @@ def test_phase_hook_uses_registered_names_only():
     assert metrics.loss_label("../../etc/passwd") == "unregistered"
 
 
+def test_queued_updates_are_bounded_and_every_read_sees_them_all():
+    """Per-call updates are queued and applied in batches (Metrics.defer): the queue never
+    holds PENDING_LIMIT of them, and a scrape (of every name, of some names over HTTP, or a
+    registry read) sees every update made before it, summed exactly."""
+    from lossd.server.metrics import PENDING_LIMIT
+
+    metrics = Metrics()
+    calls = 2 * PENDING_LIMIT + 7
+    for i in range(calls):
+        response = pb.ComputeResponse()
+        response.timings.decode_ns = 1_000
+        response.timings.compute_ns = 1_000_000 * (1 + i % 3)
+        event = SimpleNamespace(
+            result=SimpleNamespace(spec=SimpleNamespace(name="mse"), non_finite=i % 5 == 0),
+            response=response,
+        )
+        metrics.after_compute(event)
+        assert len(metrics._pending) < PENDING_LIMIT
+    assert metrics._pending  # the last ones are still queued: reads must apply them
+    labels = {"loss": "mse", "phase": "compute"}
+    assert metrics.registry.get_sample_value("lossd_phase_seconds_count", labels) == calls
+    assert not metrics._pending
+    metrics.after_compute(event)
+    httpd, port = metrics.serve_http("127.0.0.1", 0)
+    try:
+        text = scrape(f"http://127.0.0.1:{port}/metrics?name[]=lossd_phase_seconds_count")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert value(samples(text), "lossd_phase_seconds_count", **labels) == calls + 1
+    metrics.after_compute(event)
+    m = samples(metrics.exposition().decode())
+    assert value(m, "lossd_phase_seconds_count", **labels) == calls + 2
+    # 1, 2 and 3 ms in turn: every observation lands in its own bucket, none is lost.
+    expected = sum(1 + i % 3 for i in range(calls)) + 2 * (1 + (calls - 1) % 3)
+    assert value(m, "lossd_phase_seconds_sum", **labels) == pytest.approx(expected / 1e3)
+    assert value(m, "lossd_phase_seconds_bucket", le="0.001", **labels) == sum(
+        1 for i in range(calls) if i % 3 == 0
+    ) + 2 * ((calls - 1) % 3 == 0)
+    non_finite = sum(1 for i in range(calls) if i % 5 == 0) + 2 * ((calls - 1) % 5 == 0)
+    assert value(m, "lossd_non_finite_results_total", loss="mse") == non_finite
+
+
 def test_exact_counts_over_http_with_auth_refusals_and_bounded_labels(tokens_file):
     from lossd.server import registry
     from lossd.server.limits import CONCURRENCY_LIMIT
