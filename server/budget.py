@@ -188,7 +188,27 @@ def _time_left(context: grpc.ServicerContext | None) -> float | None:
 
 
 def tensor_bytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for _, t in codec.iter_tensors(value, ""))
+    """Bytes of every tensor inside a nested value (what ``codec.iter_tensors`` walks, without
+    building the paths it names them by)."""
+    kind = type(value)
+    if kind is Tensor:
+        return value.numel() * value.element_size()
+    if kind in _LEAVES:
+        return 0
+    if kind is list or kind is tuple:
+        return sum(map(tensor_bytes, value))
+    if kind is dict:  # no ABC check for the usual mapping
+        return sum(map(tensor_bytes, value.values()))
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(map(tensor_bytes, value))
+    if isinstance(value, Mapping):
+        return sum(map(tensor_bytes, value.values()))
+    return 0
+
+
+_LEAVES = frozenset((bool, int, float, str, type(None)))  # as codec.iter_tensors: no tensor inside
 
 
 def _arg(args: list[Any], kwargs: Mapping[str, Any], index: int, name: str) -> Any:

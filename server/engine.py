@@ -98,16 +98,22 @@ class Engine:
         mapping of the inputs' pages there; server/shm.py)."""
         spec = registry.get(loss)
         device = self._device_for(autocast)
-        canonical = spec.canonical_params(params or {})
+        canonical = canonical_params(spec, params or {})
         kwargs = dict(kwargs or {})
         bound = bind_inputs(spec, list(args), kwargs, canonical)
         registry.check_param_dtypes(spec, params or {}, bound)
 
-        def to_device(tensor: Tensor) -> Tensor:
-            return _to(tensor, device)
+        def to_device(value: Any) -> Any:
+            # A top-level tensor or scalar (the usual input, parameter) without map_tensors' walk.
+            kind = type(value)
+            if kind is Tensor:
+                return _to(value, device)
+            if kind in _SCALARS:
+                return value
+            return map_tensors(value, lambda tensor: _to(tensor, device))
 
-        bound = {name: map_tensors(value, to_device) for name, value in bound.items()}
-        call_params = {name: map_tensors(value, to_device) for name, value in canonical.items()}
+        bound = {name: to_device(value) for name, value in bound.items()}
+        call_params = {name: to_device(value) for name, value in canonical.items()}
         n_positional = len(args)
         names = [i.name for i in spec.inputs]
         call_args = [bound[n] for n in names[:n_positional]]
@@ -147,11 +153,14 @@ class Engine:
             torch.cuda.synchronize(device)
         compute_ns = time.perf_counter_ns() - start
 
-        value = map_tensors(result.value, lambda t: t.detach())
+        if type(result.value) is Tensor:  # the usual loss value: no walk
+            value = result.value.detach()
+            non_finite = _non_finite(value)
+        else:
+            value = map_tensors(result.value, lambda t: t.detach())
+            non_finite = any(_non_finite(t) for _, t in iter_tensors(value, ""))
         components = {k: v.detach() for k, v in result.components.items()}
-        non_finite = any(_non_finite(t) for _, t in iter_tensors(value, "")) or any(
-            _non_finite(g) for g in grads.values()
-        )
+        non_finite = non_finite or any(_non_finite(g) for g in grads.values())
         return Evaluation(
             spec=spec,
             params=canonical,
@@ -182,6 +191,35 @@ def _to(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.detach() if tensor.device == device else tensor.to(device, non_blocking=True)
 
 
+def canonical_params(spec: LossSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec.canonical_params(given)``, remembered for parameters given as plain scalars (the
+    usual ones, also none at all): those validate to the same canonical form every time."""
+    key = _params_key(spec, given)
+    cached = _CANONICAL.get(key) if key is not None else None
+    if cached is not None and cached[0] is spec:
+        return dict(cached[1])
+    canonical = spec.canonical_params(given)
+    if key is not None:
+        if len(_CANONICAL) >= MAX_LAYOUTS:
+            _CANONICAL.clear()
+        _CANONICAL[key] = (spec, dict(canonical))
+    return canonical
+
+
+def _params_key(spec: LossSpec, given: Mapping[str, Any]) -> tuple | None:
+    key: list[Any] = [id(spec)]
+    for name, value in given.items():
+        kind = type(value)
+        if kind not in _SCALARS:
+            return None  # a tensor or a sequence: validated every time
+        # The type, since 1 == 1.0 == True; a float by its hex form, since -0.0 == 0.0.
+        key.append((name, kind, value.hex() if kind is float else value))
+    return tuple(key)
+
+
+_CANONICAL: dict[tuple, tuple[LossSpec, dict[str, Any]]] = {}
+
+
 def bind_inputs(
     spec: LossSpec,
     args: list[Any],
@@ -194,6 +232,15 @@ def bind_inputs(
     against their declaration, once, before the loss runs (``params``: the canonical
     constructor parameters, which forms may depend on). Errors name the field as the caller
     sent it (``args[1]``), or by the argument's name with ``by_name`` (a direct Python call)."""
+    key = (id(spec), len(args), tuple(kwargs), by_name)
+    layout = _LAYOUTS.get(key)
+    if layout is not None and layout[0] is spec:  # this layout passed: bind it, check the rest
+        by_keyword, wheres = layout[1], layout[2]
+        bound = dict(zip(layout[3], args))
+        for call_name, value in kwargs.items():
+            bound[by_keyword[call_name]] = value
+        registry.check_inputs(spec, bound, wheres, params or {})
+        return bound
     names = [i.name for i in spec.inputs]
     by_keyword = {i.call_name: i.name for i in spec.inputs}
     if len(args) > len(names):
@@ -203,17 +250,22 @@ def bind_inputs(
             len(args),
         )
     bound: dict[str, Any] = dict(zip(names, args))
-    for key, value in kwargs.items():
-        name = by_keyword.get(key)
+    for call_name, value in kwargs.items():
+        name = by_keyword.get(call_name)
         if name is None:
-            hint = " (it is a constructor parameter: pass it in params)" if spec.param(key) else ""
+            hint = (
+                " (it is a constructor parameter: pass it in params)"
+                if spec.param(call_name)
+                else ""
+            )
             raise InvalidArgument(
-                f"unexpected keyword argument {key!r} for {spec.name}{hint}; forward takes {', '.join(by_keyword)}",
-                field=f"kwargs.{key}",
+                f"unexpected keyword argument {call_name!r} for {spec.name}{hint}; forward takes {', '.join(by_keyword)}",
+                field=f"kwargs.{call_name}",
             )
         if name in bound:
             raise InvalidArgument(
-                f"argument {key!r} given both positionally and by keyword", field=f"kwargs.{key}"
+                f"argument {call_name!r} given both positionally and by keyword",
+                field=f"kwargs.{call_name}",
             )
         bound[name] = value
     wheres = {
@@ -232,8 +284,18 @@ def bind_inputs(
                 f"{spec.name} needs argument {declared.name!r} ({declared.doc or declared.kind})",
                 field=wheres[declared.name],
             )
+    if len(_LAYOUTS) >= MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (spec, by_keyword, wheres, names)
     registry.check_inputs(spec, bound, wheres, params or {})
     return bound
+
+
+# How the arguments of a call bind to a loss's inputs and where each was sent depend only on the
+# loss, the number of positional arguments and the keywords: checked once per such layout (it is
+# stored once it passed, so only keywords the loss declares reach the key), then replayed.
+_LAYOUTS: dict[tuple, tuple[LossSpec, dict[str, str], dict[str, str], list[str]]] = {}
+MAX_LAYOUTS = 1024  # layouts remembered, all losses together (beyond: forgotten, re-checked)
 
 
 def _mark_requires_grad(
@@ -241,7 +303,9 @@ def _mark_requires_grad(
 ) -> dict[str, Tensor]:
     if not grad_paths:
         return {}
-    tensors = dict(call_tensors(args, kwargs))
+    tensors = _top_level(args, grad_paths)
+    if tensors is None:
+        tensors = dict(call_tensors(args, kwargs))
     wanted: dict[str, Tensor] = {}
     for i, path in enumerate(grad_paths):
         tensor = tensors.get(path)
@@ -262,6 +326,24 @@ def _mark_requires_grad(
         tensor.requires_grad_(True)
         wanted[path] = tensor
     return wanted
+
+
+_SCALARS = frozenset(
+    (bool, int, float, str, type(None))
+)  # hold no tensor: map_tensors returns them
+_ARG_INDEX = {f"args[{i}]": i for i in range(16)}
+
+
+def _top_level(args: list[Any], grad_paths: Sequence[str]) -> dict[str, Tensor] | None:
+    """The tensors at ``grad_paths`` when each is a positional argument's own path
+    (``args[0]``), as ``call_tensors`` names them, without walking the call; else None."""
+    found = {}
+    for path in grad_paths:
+        index = _ARG_INDEX.get(path, -1)
+        if not 0 <= index < len(args) or type(args[index]) is not Tensor:
+            return None
+        found[path] = args[index]
+    return found
 
 
 def _wire_field(

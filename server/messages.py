@@ -43,12 +43,21 @@ def decode_compute(
     """``external``: bytes of tensors that came outside the message (chunked transport), by path."""
     codec.check_string_bytes(request.loss, "loss", limits, "loss name")
     budget = codec.new_budget(limits)
-    params = codec.decode_map(request.params, "params", limits, budget=budget, external=external)
+    # An empty map (the usual params, kwargs) decodes to {} without the call.
+    params = (
+        codec.decode_map(request.params, "params", limits, budget=budget, external=external)
+        if request.params.entries
+        else {}
+    )
     args = [
         codec.decode_value(v, f"args[{i}]", limits, budget=budget, external=external)
         for i, v in enumerate(request.args)
     ]
-    kwargs = codec.decode_map(request.kwargs, "kwargs", limits, budget=budget, external=external)
+    kwargs = (
+        codec.decode_map(request.kwargs, "kwargs", limits, budget=budget, external=external)
+        if request.kwargs.entries
+        else {}
+    )
     grad_output = (
         codec.decode_tensor(
             request.grad_output,
@@ -77,7 +86,7 @@ def decode_compute(
         audit=request.audit,
         autocast=decode_autocast(request.autocast) if request.HasField("autocast") else None,
         grad_output_batched=request.grad_output_batched,
-        grad_grads=_decode_grad_grads(request, limits),
+        grad_grads=_decode_grad_grads(request, limits) if request.grad_grads else {},
     )
 
 

@@ -210,6 +210,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.chunk_outboard_bytes = chunk_outboard_bytes  # response tensors this large go in chunks
         # At most this many evaluations at once (0: no bound); RPCs waiting on a stream hold no slot.
         self._slots = threading.BoundedSemaphore(max_evaluations) if max_evaluations > 0 else None
+        self._compute_parser = safe_parser(pb.ComputeRequest, limits)  # built once, not per call
 
     def compute(
         self,
@@ -362,7 +363,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             return self.compute(self._parse_compute(request.data), context, held=reservation)
 
     def _parse_compute(self, data: bytes) -> pb.ComputeRequest:
-        parsed = safe_parser(pb.ComputeRequest, self.limits)(data)
+        parsed = self._compute_parser(data)
         _check_parsed(parsed)
         return parsed
 

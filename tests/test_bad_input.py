@@ -402,3 +402,30 @@ def test_a_group_does_not_hide_the_fields_after_it_from_the_pre_scan():
             prescan(data, pb.ComputeRequest.DESCRIPTOR, limits)
     parsed = parse(bomb)
     assert isinstance(parsed, Malformed) and "wire type 3" in parsed.reason
+
+
+def test_the_memory_budget_counts_every_tensor_of_a_nested_value():
+    """budget.tensor_bytes (what a request reserves) walks what codec.iter_tensors walks."""
+    from collections import OrderedDict
+
+    from lossd.client.wire.codec import iter_tensors
+    from lossd.server.budget import tensor_bytes
+
+    f16, i64 = torch.zeros(3, 5, dtype=torch.float16), torch.zeros(7, dtype=torch.int64)
+    param = torch.nn.Parameter(torch.zeros(2, 2))  # a Tensor subclass
+    nested = [f16, (i64, [param, None, 1.5, "s"]), {"a": f16, "b": {"c": (i64,)}}]
+    for value in (
+        f16,
+        nested,
+        tuple(nested),
+        {"x": nested},
+        OrderedDict(x=nested),  # a Mapping that is not a dict
+        [],
+        {},
+        None,
+        3,
+        object(),
+    ):
+        expected = sum(t.numel() * t.element_size() for _, t in iter_tensors(value, ""))
+        assert tensor_bytes(value) == expected
+    assert tensor_bytes(nested) == 2 * (30 + 56) + 16

@@ -180,3 +180,64 @@ def test_an_input_torch_refuses_inside_a_loss_is_invalid_argument_not_internal()
     args[0]["pred"][0] = torch.full_like(args[0]["pred"][0], math.nan)
     with pytest.raises(InvalidArgument, match="upstream raises the same"):
         Engine().evaluate("yolox_loss", params, list(args), kwargs, [])
+
+
+def test_remembered_layouts_and_parameters_replay_only_what_they_checked(engine):
+    """Argument layouts and plain parameters are checked once and remembered (bind_inputs,
+    canonical_params): calls that differ only in a parameter's type or sign, in how an input
+    was sent, or in a value check still get their own canonical form, result or refusal."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    target, bad = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 5, 1])
+    for _ in range(2):  # the second round replays what the first remembered
+        zero = engine.evaluate("cross_entropy", {"label_smoothing": 0.0}, [x, target])
+        negative = engine.evaluate("cross_entropy", {"label_smoothing": -0.0}, [x, target])
+        assert math.copysign(1, zero.params["label_smoothing"]) == 1
+        assert math.copysign(1, negative.params["label_smoothing"]) == -1
+        one = engine.evaluate("cross_entropy", {"ignore_index": 1}, [x, target])
+        assert torch.equal(one.value, F.cross_entropy(x, target, ignore_index=1))
+        for given, got in ((True, "bool"), (1.0, "float")):
+            with pytest.raises(InvalidArgument, match=f"expected int, got {got}") as refused:
+                engine.evaluate("cross_entropy", {"ignore_index": given}, [x, target])
+            assert refused.value.field == "params.ignore_index"
+        for args, kwargs, field in (
+            ([x, bad], {}, "args[1]"),
+            ([x], {"target": bad}, "kwargs.target"),
+        ):
+            with pytest.raises(InvalidArgument, match="got index 5") as refused:
+                engine.evaluate("cross_entropy", {}, args, kwargs)
+            assert refused.value.field == field
+        by_keyword = engine.evaluate("cross_entropy", {}, [x], {"target": target})
+        assert torch.equal(by_keyword.value, F.cross_entropy(x, target))
+        with pytest.raises(InvalidArgument, match="given both positionally and by keyword"):
+            engine.evaluate("cross_entropy", {}, [x, target], {"target": target})
+        with pytest.raises(InvalidArgument, match="needs argument"):
+            engine.evaluate("cross_entropy", {}, [x])
+
+
+def test_remembered_layouts_and_parameters_are_bounded(engine, monkeypatch):
+    """A caller varying its parameters or layouts without end cannot grow what is remembered
+    past MAX_LAYOUTS entries (each): beyond, it is forgotten and checked again."""
+    from lossd.server import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_LAYOUTS", 4)
+    monkeypatch.setattr(engine_module, "_LAYOUTS", {})
+    monkeypatch.setattr(engine_module, "_CANONICAL", {})
+    x, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    layouts = [  # (args, kwargs): four ways to send the same two inputs
+        ([x, target], {}),
+        ([x], {"target": target}),
+        ([], {"input": x, "target": target}),
+        ([], {"target": target, "input": x}),
+    ]
+    for i in range(20):
+        smoothing = i / 100
+        args, kwargs = layouts[i % 4]
+        result = engine.evaluate("cross_entropy", {"label_smoothing": smoothing}, args, kwargs)
+        assert result.params["label_smoothing"] == smoothing
+        assert torch.equal(result.value, F.cross_entropy(x, target, label_smoothing=smoothing))
+        args, kwargs = layouts[(i + 1) % 4]
+        same = {k: x for k in kwargs}
+        assert torch.equal(
+            engine.evaluate("mse", {}, [x] * len(args), same).value, torch.tensor(0.0)
+        )
+        assert len(engine_module._CANONICAL) <= 4 and len(engine_module._LAYOUTS) <= 4
