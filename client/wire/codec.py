@@ -106,14 +106,7 @@ def encode_tensor(
     wire, view_as = _DTYPES.get(tensor.dtype, (None, None))
     if wire is None:
         raise EncodeError(f"dtype {tensor.dtype} cannot travel (supported: {dtype_names()})")
-    # Each step only where it does something: a small call's CPU is mostly such per-op overhead.
-    host = tensor.detach() if tensor.requires_grad else tensor  # numpy() refuses only these
-    if not host.is_cpu:  # not ``device.type``: that builds a torch.device per call
-        host = host.cpu()
-    if not host.is_contiguous():
-        host = host.contiguous()
-    if host.is_conj() or host.is_neg():
-        host = host.resolve_conj().resolve_neg()
+    host = _host(tensor)
     msg = out if out is not None else pb.Tensor()
     msg.dtype = wire
     msg.shape[:] = tuple(host.shape)  # from a tuple: 1.3 us, from the torch.Size 2.2
@@ -122,8 +115,31 @@ def encode_tensor(
         outboard.tensors.append((path, host.reshape(-1).view(torch.uint8)))
         return msg
     if numel:
-        msg.data = (host.view(view_as) if view_as is not host.dtype else host).numpy().tobytes()
+        msg.data = _wire_array(host, view_as).tobytes()
     return msg
+
+
+def _host(tensor: Tensor) -> Tensor:
+    """``tensor`` detached, on the CPU, C-contiguous, conjugation and negation resolved."""
+    # Each step only where it does something: a small call's CPU is mostly such per-op overhead.
+    host = tensor.detach() if tensor.requires_grad else tensor  # numpy() refuses only these
+    if not host.is_cpu:  # not ``device.type``: that builds a torch.device per call
+        host = host.cpu()
+    if not host.is_contiguous():
+        host = host.contiguous()
+    if host.is_conj() or host.is_neg():
+        host = host.resolve_conj().resolve_neg()
+    return host
+
+
+def _wire_array(host: Tensor, view_as: torch.dtype) -> np.ndarray:
+    return (host.view(view_as) if view_as is not host.dtype else host).numpy()
+
+
+def wire_array(tensor: Tensor) -> np.ndarray:
+    """The bytes ``encode_tensor`` puts in ``data``, as a C-contiguous numpy array (a view, no
+    copy, of a CPU contiguous tensor): what a prepared request splices in (client/prepared.py)."""
+    return _wire_array(_host(tensor), _DTYPES[tensor.dtype][1])
 
 
 def decode_tensor(
