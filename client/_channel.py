@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from ._proto import lossd_pb2 as pb
 from ._proto import lossd_pb2_grpc as pb_grpc
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -136,3 +137,13 @@ def make_channel(
 
 def make_stub(channel: grpc.Channel) -> pb_grpc.LossServiceStub:
     return pb_grpc.LossServiceStub(channel)
+
+
+def serialized_compute(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    """``Compute`` taking the request as its serialized bytes (the response parsed as usual)."""
+    return channel.unary_unary(
+        "/lossd.v1.LossService/Compute",
+        request_serializer=None,
+        response_deserializer=pb.ComputeResponse.FromString,
+        _registered_method=True,
+    )

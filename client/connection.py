@@ -17,6 +17,7 @@ from ._channel import (
     make_channel,
     make_stub,
     resolve_endpoint,
+    serialized_compute,
     warn_cleartext_token,
 )
 from ._proto import lossd_pb2 as pb
@@ -144,7 +145,7 @@ class LossClient:
             warn_cleartext_token(options.endpoint)
         self._metadata = (("authorization", f"Bearer {options.token}"),) if options.token else None
         self._channel: grpc.Channel | None = None
-        self._stub = None
+        self._stub = self._compute_serialized = None
         self._described: dict[str, pb.LossInfo] = {}
 
     @property
@@ -175,7 +176,7 @@ class LossClient:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
-        self._channel = self._stub = None
+        self._channel = self._stub = self._compute_serialized = None
 
     def __enter__(self) -> LossClient:
         return self
@@ -190,7 +191,7 @@ class LossClient:
 
     def check_size(self, request: Any, request_id: str | None = None) -> None:
         """Refuse, before sending, a message over this client's limit, naming the knobs."""
-        size = request.ByteSize()
+        size = len(request) if isinstance(request, bytes) else request.ByteSize()
         limit_mb = self.options.max_message_mb
         if size > limit_mb << 20:
             raise LossdError(
@@ -203,8 +204,16 @@ class LossClient:
 
     def call(self, method: str, request: Any, *, request_id: str | None = None) -> Any:
         """Invoke one unary RPC, retrying UNAVAILABLE within the deadline; failures become LossdError."""
+        return self._invoke(getattr(self.stub, method), request, request_id)
+
+    def compute_serialized(self, data: bytes, request_id: str) -> pb.ComputeResponse:
+        """``Compute`` of a request already serialized (a prepared request: client/prepared.py)."""
+        if self._compute_serialized is None:
+            self._compute_serialized = serialized_compute(self.channel)
+        return self._invoke(self._compute_serialized, data, request_id)
+
+    def _invoke(self, rpc: Any, request: Any, request_id: str | None) -> Any:
         self.check_size(request, request_id)
-        rpc = getattr(self.stub, method)
         try:
             return self.retrying(
                 lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata)

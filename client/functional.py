@@ -30,6 +30,7 @@ from ._proto import lossd_pb2 as pb
 from .amp import caller_autocast
 from .connection import LossClient, new_request_id
 from .errors import LossdError, LossdTypeError
+from .prepared import Serialized, tail
 from .transport import Transport
 from .wire import codec
 
@@ -138,13 +139,14 @@ def _result(response: pb.ComputeResponse) -> RemoteResult:
 
 
 def _send(
-    call: _Call | None,
     client: LossClient,
-    request: pb.ComputeRequest,
+    request: pb.ComputeRequest | Serialized,
     transport: Transport | None,
     outboard: codec.Outboard | None,
 ):
     """(response, tensors that came outside it) over the call's transport; unary by default."""
+    if isinstance(request, Serialized):  # a prepared request: unary, its bytes as they are
+        return client.compute_serialized(request.data, request.request_id), None
     if transport is None:
         return client.compute(request), None
     return transport.send(request, outboard)
@@ -188,7 +190,7 @@ class _RemoteLossFunction(_PositionalFunction):
 
     @staticmethod
     def forward(call: _Call, *diff_tensors: Tensor) -> Tensor:  # noqa: ARG004 - tensors reach autograd through apply
-        response, external = _send(call, call.client, call.request, call.transport, call.outboard)
+        response, external = _send(call.client, call.request, call.transport, call.outboard)
         call.result = _result(response)
         value = codec.decode_value(response.loss, "loss", external=external)
         if not isinstance(value, Tensor):
@@ -385,7 +387,10 @@ def _followup(
     """Derivatives the forward RPC did not return: vector-Jacobian products with
     ``grad_output`` (a batch of them), or second-order products (``grad_grads``), by path."""
     request = pb.ComputeRequest()
-    request.CopyFrom(call.request)
+    if isinstance(call.request, Serialized):
+        request.ParseFromString(call.request.data)
+    else:
+        request.CopyFrom(call.request)
     request.request_id = new_request_id()
     request.ClearField("audit")  # the evaluation was recorded by the forward call
     outboard = None
@@ -398,7 +403,7 @@ def _followup(
     request.grad_output_batched = batched
     for path, vector in (grad_grads or {}).items():
         codec.encode_tensor(vector.detach(), request.grad_grads.add(path=path).grad)
-    response, external = _send(call, call.client, request, call.transport, outboard)
+    response, external = _send(call.client, request, call.transport, outboard)
     return _grads(response, external)
 
 
@@ -408,7 +413,7 @@ GRAD_OUTPUT = "grad_output"  # where the server puts d/d(grad_output) of a secon
 @dataclass
 class _Call:
     client: LossClient
-    request: pb.ComputeRequest
+    request: pb.ComputeRequest | Serialized
     paths: list[str]
     tensors: list[Tensor]
     device: torch.device
@@ -449,6 +454,7 @@ def remote_loss(
     *,
     audit: pb.AuditContext | None = None,
     transport: Transport | None = None,
+    signature: Any = None,
 ) -> tuple[Any, RemoteResult]:
     """Evaluate ``name`` remotely as ``upstream(**params)(*args, **kwargs)``.
 
@@ -456,7 +462,8 @@ def remote_loss(
     requires grad or carries a forward-mode tangent) and the server's ``RemoteResult``.
     ``transport`` picks unary or chunked per call (see ``lossd.client.transport``); None: unary
     ``Compute``. Under ``torch.compile`` the call is a graph break (``fullgraph=True`` raises,
-    naming lossd).
+    naming lossd). ``signature``: the call's (client/signature.py), when the caller has it: a
+    unary call of a signature seen before is sent as a prepared request (client/prepared.py).
     """
     kwargs = dict(kwargs or {})
     reject_numpy(name, args, kwargs)
@@ -472,22 +479,39 @@ def remote_loss(
         )
     track = torch.is_grad_enabled()
     diff = [(p, t) for p, t in tensors if _differentiable(t, track)]
+    grad_paths = [p for p, _ in diff]
     if any(forward_ad.unpack_dual(t).tangent is not None for _, t in diff):
         # Forward-mode AD: the primal values travel; the tangents stay here (see ``jvp``).
         args = codec.map_tensors(list(args), _primal)
         kwargs = codec.map_tensors(kwargs, _primal)
+        signature = None  # not prepared: rare, and the tensors sent are not the ones walked
     outboard = transport.outboard(tensors) if transport is not None else None
-    request = build_request(
-        name, params, args, kwargs, [p for p, _ in diff], audit, outboard, caller_autocast(device)
-    )
+    autocast = caller_autocast(device)
+    prepared = transport.prepared if transport is not None and outboard is None else None
+    key = (name, signature, *grad_paths) if prepared is not None and signature is not None else None
+    layout = prepared.layout(key) if key is not None else None
+    if layout is not None:
+        request_id = new_request_id()
+        data = layout.fill([t for _, t in tensors], tail(request_id, audit, autocast))
+        request: pb.ComputeRequest | Serialized = Serialized(data, request_id, name)
+    else:
+        request = build_request(name, params, args, kwargs, grad_paths, audit, outboard, autocast)
+        if key is not None:
+
+            def body(a: Sequence[Any], k: dict[str, Any]) -> pb.ComputeRequest:
+                plain = build_request(name, params, a, k, grad_paths)
+                plain.ClearField("request_id")
+                return plain
+
+            prepared.learn(key, [t for _, t in tensors], body, args, kwargs, request)
     if not diff:
-        response, external = _send(None, client, request, transport, outboard)
+        response, external = _send(client, request, transport, outboard)
         result = _result(response)
         return _like(codec.decode_value(response.loss, "loss", external=external), device), result
     call = _Call(
         client,
         request,
-        [p for p, _ in diff],
+        grad_paths,
         [t for _, t in diff],
         device,
         transport=transport,

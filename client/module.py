@@ -92,7 +92,7 @@ class RemoteLoss(nn.Module):
         if not self._params_checked:
             check_params(info, self.params)
             self._params_checked = True
-        check_call(info, self.params, args, kwargs)
+        signature = check_call(info, self.params, args, kwargs)
         # remote_loss undecorated: this frame already runs outside torch.compile (recursively).
         value, self.last_result = remote_loss.__wrapped__(
             self.client,
@@ -102,6 +102,7 @@ class RemoteLoss(nn.Module):
             kwargs,
             audit=self._audit_context(),
             transport=self.transport,
+            signature=signature,
         )
         return value
 

@@ -775,13 +775,13 @@ def _declared(info: pb.LossInfo) -> _Declared:
 
 def check_call(
     info: pb.LossInfo, params: Mapping[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> None:
+) -> Any:
     """The structural checks of the loss's declared inputs, on the client, before sending: only
     what needs no tensor data (kinds, dtypes, shapes, relations, forms); the server checks the
-    rest, and everything again."""
+    rest, and everything again. Returns the call's signature (client/signature.py)."""
     declared = _declared(info)
     if (signature := call_signature(params, args, kwargs)) in declared.passed:
-        return  # the same parameters, layout, dtypes and shapes passed: nothing else is read
+        return signature  # the same parameters, layout, dtypes and shapes passed: nothing read
     checker = Checker({**declared.defaults, **params}, values=False)
     for index, key, name, schema in declared.inputs:
         if key in kwargs:
@@ -796,4 +796,4 @@ def check_call(
             checker.check(schema, value, name, where)
         except SchemaError as exc:
             raise _refuse(exc.field, exc.message) from None
-    remember(declared.passed, signature)
+    return remember(declared.passed, signature)

@@ -7,6 +7,7 @@ loss remembers the signatures that passed and checks each new one once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,8 @@ class _Unsignable(Exception):
 
 def _sign(value: Any, tensors: bool) -> Any:
     kind = type(value)
+    if kind is float:  # 0.0 == -0.0, but they are other values (and other bytes on the wire)
+        return (kind, value, math.copysign(1.0, value))
     if kind in _EXACT_SCALARS:  # the usual parameter: no isinstance chain (a Mapping check is ABC)
         return (kind, value)
     if isinstance(value, Tensor):
@@ -30,7 +33,7 @@ def _sign(value: Any, tensors: bool) -> Any:
             raise _Unsignable
         return (Tensor, value.dtype, tuple(value.shape))
     if isinstance(value, _SCALARS):
-        return (kind, value)
+        return (kind, value, math.copysign(1.0, value) if isinstance(value, float) else 0)
     if kind is list or kind is tuple or (kind is not dict and isinstance(value, (list, tuple))):
         return (kind, *[_sign(item, tensors) for item in value])
     if isinstance(value, Mapping):
@@ -47,9 +50,11 @@ def call_signature(params: Mapping[str, Any], args: Any, kwargs: Mapping[str, An
         return None
 
 
-def remember(passed: set, key: Any) -> None:
+def remember(passed: set, key: Any) -> Any:
+    """Add ``key`` (None: nothing) to ``passed``, kept under ``MAX_REMEMBERED``; returns it."""
     if key is None:
-        return
+        return None
     if len(passed) >= MAX_REMEMBERED:
         passed.clear()
     passed.add(key)
+    return key

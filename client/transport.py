@@ -24,6 +24,7 @@ from . import bulk, shm
 from ._proto import lossd_pb2 as pb
 from .connection import new_request_id
 from .errors import LossdError, from_rpc_error
+from .prepared import PreparedRequests
 from .wire import codec
 from .wire.assembler import Assembler
 from .wire.framing import (
@@ -236,6 +237,7 @@ class Transport:
         tls = any(getattr(options, name, None) for name in ("tls", "tls_ca", "tls_cert", "tls_key"))
         self.plane = bulk.Plane(getattr(client, "target", ""), tls)
         self._pool = shm.Pool()  # the answer regions, reused between this transport's calls
+        self.prepared = PreparedRequests()  # unary requests laid out per call signature
 
     def _regions(self, outboard: codec.Outboard) -> shm.Regions | None:
         """The shared-memory regions for this call, or None to send the data."""
