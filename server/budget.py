@@ -88,6 +88,7 @@ class MemoryBudget:
         self.used = 0
         self.peak = 0
         self.waiting = 0
+        self._blocked = 0  # reservations waiting on _cond for room: only they need a notify
         self._cond = threading.Condition()
 
     def _refusal(self, nbytes: int, what: str) -> ResourceExhausted:
@@ -118,7 +119,11 @@ class MemoryBudget:
                         from .errors import Cancelled
 
                         raise Cancelled(f"the caller went away while {what} waited for memory")
-                    self._cond.wait(_WAIT_SLICE_S if left is None else min(left, _WAIT_SLICE_S))
+                    self._blocked += 1
+                    try:
+                        self._cond.wait(_WAIT_SLICE_S if left is None else min(left, _WAIT_SLICE_S))
+                    finally:
+                        self._blocked -= 1
                 self.used += nbytes
                 self.peak = max(self.peak, self.used)
             finally:
@@ -152,7 +157,8 @@ class MemoryBudget:
         if nbytes:
             with self._cond:
                 self.used -= nbytes
-                self._cond.notify_all()
+                if self._blocked:
+                    self._cond.notify_all()
 
     @contextmanager
     def held(

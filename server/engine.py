@@ -113,7 +113,10 @@ class Engine:
             return map_tensors(value, lambda tensor: _to(tensor, device))
 
         bound = {name: to_device(value) for name, value in bound.items()}
-        call_params = {name: to_device(value) for name, value in canonical.items()}
+        call_params = {
+            name: value if type(value) in _SCALARS else to_device(value)
+            for name, value in canonical.items()
+        }
         n_positional = len(args)
         names = [i.name for i in spec.inputs]
         call_args = [bound[n] for n in names[:n_positional]]

@@ -198,6 +198,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self.shm_max_bytes = shm_max_bytes  # --shm-max-mb: the largest region accepted
         self.watchdog = Watchdog()
         self.computing = 0  # evaluations in progress (the drain waits for them)
+        self._idle_waiters = 0  # drains waiting for computing == 0: only they need a notify
         self._busy_lock = threading.Condition()
         self.stream_idle_timeout_s = stream_idle_timeout_s  # header -> data, between frames
         self.stream_send_timeout_s = stream_send_timeout_s  # an answer left unread
@@ -233,7 +234,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         finally:
             with self._busy_lock:
                 self.computing -= 1
-                self._busy_lock.notify_all()
+                if self._idle_waiters and not self.computing:
+                    self._busy_lock.notify_all()
 
     @contextlib.contextmanager
     def bounded(
@@ -254,7 +256,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until no evaluation is running (a drain); True when none is."""
         with self._busy_lock:
-            return self._busy_lock.wait_for(lambda: self.computing == 0, timeout=max(timeout, 0))
+            self._idle_waiters += 1
+            try:
+                return self._busy_lock.wait_for(
+                    lambda: self.computing == 0, timeout=max(timeout, 0)
+                )
+            finally:
+                self._idle_waiters -= 1
 
     def _reserved_compute(
         self,
