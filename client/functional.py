@@ -152,11 +152,22 @@ def _send(
     return transport.send(request, outboard)
 
 
+def _loss_value(response: pb.ComputeResponse, external: dict[str, Tensor] | None) -> Any:
+    """The loss's value. A tensor (the usual answer) is decoded as decode_value would, without
+    the walk's request-wide budget, which one tensor within the per-tensor limits never exceeds
+    (DEFAULT_LIMITS: 2**31 elements a tensor, 2**32 a request)."""
+    loss = response.loss
+    if loss.WhichOneof("kind") != "tensor_value":
+        return codec.decode_value(loss, "loss", external=external)
+    data = external.get("loss") if external else None
+    return codec.decode_tensor(loss.tensor_value, "loss", data=data)
+
+
 def _grads(response: pb.ComputeResponse, external: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    if not external:  # inline gradients (unary calls): no per-gradient lookup
+        return {g.path: codec.decode_tensor(g.grad, g.path) for g in response.grads}
     return {
-        g.path: codec.decode_tensor(
-            g.grad, g.path, data=external.get(f"grads[{i}]") if external else None
-        )
+        g.path: codec.decode_tensor(g.grad, g.path, data=external.get(f"grads[{i}]"))
         for i, g in enumerate(response.grads)
     }
 
@@ -192,7 +203,7 @@ class _RemoteLossFunction(_PositionalFunction):
     def forward(call: _Call, *diff_tensors: Tensor) -> Tensor:  # noqa: ARG004 - tensors reach autograd through apply
         response, external = _send(call.client, call.request, call.transport, call.outboard)
         call.result = _result(response)
-        value = codec.decode_value(response.loss, "loss", external=external)
+        value = _loss_value(response, external)
         if not isinstance(value, Tensor):
             raise LossdError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -485,7 +496,8 @@ def remote_loss(
     unary call of a signature seen before is sent as a prepared request (client/prepared.py).
     """
     kwargs = dict(kwargs or {})
-    reject_numpy(name, args, kwargs)
+    if signature is None:  # a signature holds no numpy array (``_sign`` refuses them)
+        reject_numpy(name, args, kwargs)
     tensors = list(codec.call_tensors(args, kwargs))
     device = tensors[0][1].device if tensors else torch.device("cpu")
     wrapped = [p for p, t in tensors if _functorch.is_functorch_wrapped_tensor(t)]
@@ -526,7 +538,7 @@ def remote_loss(
     if not diff:
         response, external = _send(client, request, transport, outboard)
         result = _result(response)
-        return _like(codec.decode_value(response.loss, "loss", external=external), device), result
+        return _like(_loss_value(response, external), device), result
     call = _Call(
         client,
         request,
