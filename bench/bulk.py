@@ -368,6 +368,7 @@ def render(result: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                     f"of request + gradient (time less server compute; {best})",
                     "value": mbps(row, f"{best}_moves"),
                     "met": mbps(row, f"{best}_moves") >= TARGET_MBPS,
+                    "group": "network path",
                 }
             )
     return "\n".join(lines), found

@@ -29,10 +29,21 @@ from tests.support.serverproc import cpu_seconds
 from . import workloads
 from .floor import FloorClient
 from .measure import local_cell
-from .report import render_machine
+from .report import render_machine, render_targets
 from .servers import floor_server, lossd_server
 
 ROUNDS = 3
+
+# Issue 14 item 4 halves lossd's own CPU per small call against these: client own and server own,
+# ms per call, measured by this module at 901838b before any of the issue's work (2026-12-01 12:21
+# UTC, load average 1.6; bench/RESULTS.md, "Per-call CPU of small calls", **Before**).
+OWN_BEFORE = {
+    ("cross_entropy", "64x10 f32"): (0.955, 1.260),
+    ("cross_entropy", "16x16 f32"): (0.983, 1.280),
+    ("cross_entropy", "163x100 f32"): (0.824, 1.180),
+    ("FocalLoss", "3x80 f32"): (0.981, 1.600),
+    ("GIoULoss", "32x4 f32 x2"): (0.841, 2.000),
+}
 
 
 def _cross_entropy_64x10() -> workloads.Workload:
@@ -125,6 +136,32 @@ def _line(row: dict[str, Any]) -> str:
     )
 
 
+def own(row: dict[str, Any]) -> tuple[float, float]:
+    """(client, server) ms per call that lossd adds to the echo of the same bytes."""
+    echo, lossd = row["echo"], row["lossd"]
+    return lossd["client_ms"] - echo["client_ms"], lossd["server_ms"] - echo["server_ms"]
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Own CPU per call at most half of ``OWN_BEFORE``'s, each side (rows it has a figure for)."""
+    found = []
+    for row in rows:
+        before = OWN_BEFORE.get((row["loss"], row["shape"]))
+        if before is None:
+            continue
+        for side, now, then in zip(("client", "server"), own(row), before, strict=True):
+            found.append(
+                {
+                    "target": f"{row['loss']} {row['shape']}: {side} own CPU per call <= 0.5 x "
+                    f"before ({then:.3f} ms at 901838b), as a fraction of it",
+                    "value": now / then,
+                    "met": now <= 0.5 * then,
+                    "group": "per-call CPU halved",
+                }
+            )
+    return found
+
+
 def render(result: dict[str, Any]) -> str:
     """The per-call CPU section."""
     lines = [
@@ -139,11 +176,10 @@ def render(result: dict[str, Any]) -> str:
     ]
     for row in result["cpu"]:
         echo, lossd, local = row["echo"], row["lossd"], row["local"]["client_ms"]
-        client = lossd["client_ms"] - echo["client_ms"]
-        server = lossd["server_ms"] - echo["server_ms"]
+        client, server = own(row)
         lines.append(
             f"| {row['loss']} | {row['shape']} | {local:.3f} | {echo['client_ms']:.3f} / "
             f"{lossd['client_ms']:.3f} / {client:.3f} | {echo['server_ms']:.3f} / "
             f"{lossd['server_ms']:.3f} / {server:.3f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + render_targets(targets(result["cpu"])))

@@ -27,6 +27,7 @@ from .colocated import colocated
 from .colocated import render as render_colocated
 from .cpu import cpu
 from .cpu import render as render_cpu
+from .cpu import targets as cpu_targets
 from .floor import FloorClient
 from .measure import (
     KB,
@@ -46,6 +47,7 @@ from .report import (
     ms_text,
     render_machine,
     render_sections,
+    render_summary,
     render_targets,
     size_text,
     targets,
@@ -246,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     if "cpu" in result:
+        result["targets"] += cpu_targets(result["cpu"])
         sections["cpu"] = render_cpu(result)
+    sections["summary"] = render_summary(result)
     print()
     for name, body in sections.items():
         print(f"## {SECTION_TITLES[name]}\n\n{body}\n")

@@ -52,6 +52,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "target": f"{name} unary <= {SMALL_CALL_TARGET} x (echo + local)",
                     "value": ratio,
                     "met": ratio <= SMALL_CALL_TARGET,
+                    "group": "small calls over TCP",
                 }
             )
         if row["size"] >= LARGE:
@@ -73,6 +74,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": f"throughput {result['config']['clients']} clients ({transport}) >= {THROUGHPUT_TARGET} x trivial handler",
                 "value": ratio,
                 "met": ratio >= THROUGHPUT_TARGET,
+                "group": "throughput",
             }
         )
     mem = result.get("memory") or {}
@@ -90,6 +92,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": f"peak RSS raise for one {mem['peak']['request_bytes'] >> 20} MB request stays <= 4.2x (issue 14)",
                 "value": r,
                 "met": r <= 4.2,
+                "group": "peak RSS",
             }
         )
     if "colocated_peak" in mem:
@@ -185,6 +188,42 @@ def render_targets(items: list[dict[str, Any]]) -> list[str]:
     for t in items:
         parts.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
     return parts
+
+
+# Issue 14's targets by group, in the issue's order, each with how its figure reads.
+SUMMARY_GROUPS = {
+    "co-located large calls": "shared memory / local compute, cross_entropy fwd+bwd, <= 1.3",
+    "network path": "MB/s of request + gradient, 64 MB and larger, >= 1,000",
+    "small calls over TCP": "unary / (echo + local), <= 64 KB, <= 1.5",
+    "small calls over a Unix socket": "unix / (unix echo + local), <= 64 KB, <= 1.2",
+    "throughput": "lossd / trivial handler requests/s, 4 client processes, >= 0.5",
+    "peak RSS": "peak RSS raise / request bytes: <= 4.2 (network), <= 3.2 (co-located)",
+    "per-call CPU halved": "own CPU per small call / the same at 901838b, each side, <= 0.5",
+}
+
+
+def render_summary(result: dict[str, Any]) -> str:
+    """Issue 14's targets of this run in one table: per group, how many rows met it and the
+    range of the figures (each section below lists its rows)."""
+    lines = [
+        f"`{result['command']}` ({result['started']}). " + render_machine(result),
+        "",
+        "| target | figure | rows met | measured (lowest - highest) |",
+        "|---|---|---|---|",
+    ]
+    for group, figure in SUMMARY_GROUPS.items():
+        found = [t for t in result.get("targets", []) if t.get("group") == group]
+        if not found:
+            lines.append(f"| {group} | {figure} | not measured in this run | – |")
+            continue
+        met = sum(t["met"] for t in found)
+        values = [t["value"] for t in found]
+        spread = (
+            f"{min(values):,.2f} - {max(values):,.2f}" if len(values) > 1 else f"{values[0]:,.2f}"
+        )
+        verdict = f"{met} of {len(found)}" + ("" if met == len(found) else " (**missed**)")
+        lines.append(f"| {group} | {figure} | {verdict} | {spread} |")
+    return "\n".join(lines)
 
 
 def render_sections(result: dict[str, Any]) -> dict[str, str]:
@@ -311,4 +350,5 @@ SECTION_TITLES = {
     "colocated": "Co-located: Unix socket and shared memory",
     "cpu": "Per-call CPU of small calls",
     "bulk": "Cross-host bulk path",
+    "summary": "Issue 14's targets in this run",
 }
