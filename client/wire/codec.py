@@ -211,7 +211,7 @@ def decode_tensor(
         return data.view(dtype).view(shape)
     if len(shape) == 1:
         return _fresh(data, dtype)
-    as_numpy = _NUMPY.get(dtype)
+    as_numpy = NUMPY_DTYPES.get(dtype)
     if as_numpy is not None:  # numpy's reshape costs ~0.3 us, a torch view op 4-5 us
         return torch.from_numpy(np.frombuffer(bytearray(data), dtype=as_numpy).reshape(shape))
     return _fresh(data, dtype).view(shape)
@@ -222,8 +222,9 @@ def _fresh(data: bytes, dtype: torch.dtype) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype)
 
 
-# The dtypes numpy holds as they are (not bfloat16), for decoding with a numpy reshape.
-_NUMPY = {
+# The dtypes numpy holds as they are (not bfloat16, nor bool), for decoding with a numpy reshape
+# (and for client/prepared.py's answers, which read them in place).
+NUMPY_DTYPES = {
     torch.float16: np.float16,
     torch.float32: np.float32,
     torch.float64: np.float64,
