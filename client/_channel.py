@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 
-from ._proto import lossd_pb2 as pb
 from ._proto import lossd_pb2_grpc as pb_grpc
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -140,10 +139,10 @@ def make_stub(channel: grpc.Channel) -> pb_grpc.LossServiceStub:
 
 
 def serialized_compute(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
-    """``Compute`` taking the request as its serialized bytes (the response parsed as usual)."""
+    """``Compute`` with the request and the response as their serialized bytes."""
     return channel.unary_unary(
         "/lossd.v1.LossService/Compute",
         request_serializer=None,
-        response_deserializer=pb.ComputeResponse.FromString,
+        response_deserializer=None,
         _registered_method=True,
     )

@@ -206,8 +206,9 @@ class LossClient:
         """Invoke one unary RPC, retrying UNAVAILABLE within the deadline; failures become LossdError."""
         return self._invoke(getattr(self.stub, method), request, request_id)
 
-    def compute_serialized(self, data: bytes, request_id: str) -> pb.ComputeResponse:
-        """``Compute`` of a request already serialized (a prepared request: client/prepared.py)."""
+    def compute_serialized(self, data: bytes, request_id: str) -> bytes:
+        """``Compute`` of a request already serialized (a prepared request: client/prepared.py);
+        the response's bytes, for the caller to parse."""
         if self._compute_serialized is None:
             self._compute_serialized = serialized_compute(self.channel)
         return self._invoke(self._compute_serialized, data, request_id)

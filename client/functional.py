@@ -30,7 +30,7 @@ from ._proto import lossd_pb2 as pb
 from .amp import caller_autocast
 from .connection import LossClient, new_request_id
 from .errors import LossdError, LossdTypeError
-from .prepared import Serialized, tail
+from .prepared import Decoded, Serialized, tail
 from .transport import Transport
 from .wire import codec
 
@@ -146,16 +146,19 @@ def _send(
 ):
     """(response, tensors that came outside it) over the call's transport; unary by default."""
     if isinstance(request, Serialized):  # a prepared request: unary, its bytes as they are
-        return client.compute_serialized(request.data, request.request_id), None
+        return request.layout.read(client.compute_serialized(request.data, request.request_id))
     if transport is None:
         return client.compute(request), None
     return transport.send(request, outboard)
 
 
-def _loss_value(response: pb.ComputeResponse, external: dict[str, Tensor] | None) -> Any:
-    """The loss's value. A tensor (the usual answer) is decoded as decode_value would, without
-    the walk's request-wide budget, which one tensor within the per-tensor limits never exceeds
+def _loss_value(response: pb.ComputeResponse, external: dict[str, Tensor] | Decoded | None) -> Any:
+    """The loss's value (``external``: the tensors outside the message, or a prepared answer's,
+    decoded already). A tensor (the usual answer) is decoded as decode_value would, without the
+    walk's request-wide budget, which one tensor within the per-tensor limits never exceeds
     (DEFAULT_LIMITS: 2**31 elements a tensor, 2**32 a request)."""
+    if isinstance(external, Decoded):
+        return external.loss
     loss = response.loss
     if loss.WhichOneof("kind") != "tensor_value":
         return codec.decode_value(loss, "loss", external=external)
@@ -163,7 +166,11 @@ def _loss_value(response: pb.ComputeResponse, external: dict[str, Tensor] | None
     return codec.decode_tensor(loss.tensor_value, "loss", data=data)
 
 
-def _grads(response: pb.ComputeResponse, external: dict[str, Tensor] | None) -> dict[str, Tensor]:
+def _grads(
+    response: pb.ComputeResponse, external: dict[str, Tensor] | Decoded | None
+) -> dict[str, Tensor]:
+    if isinstance(external, Decoded):
+        return external.grads
     if not external:  # inline gradients (unary calls): no per-gradient lookup
         return {g.path: codec.decode_tensor(g.grad, g.path) for g in response.grads}
     return {
@@ -524,7 +531,7 @@ def remote_loss(
     if layout is not None:
         request_id = new_request_id()
         data = layout.fill([t for _, t in tensors], tail(request_id, audit, autocast))
-        request: pb.ComputeRequest | Serialized = Serialized(data, request_id, name)
+        request: pb.ComputeRequest | Serialized = Serialized(data, request_id, name, layout)
     else:
         request = build_request(name, params, args, kwargs, grad_paths, audit, outboard, autocast)
         if key is not None:

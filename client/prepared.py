@@ -33,13 +33,28 @@ Build = Callable[[Sequence[Any], dict[str, Any]], pb.ComputeRequest]
 
 
 class Layout:
-    """The constant segments of a request and, between each two, which tensor's bytes go."""
+    """The constant segments of a request and, between each two, which tensor's bytes go; and
+    once learned from the first answer, the answers' (``Answer``)."""
 
-    __slots__ = ("segments", "order")
+    __slots__ = ("segments", "order", "answer")
 
     def __init__(self, segments: list[bytes], order: list[int]) -> None:
         self.segments = segments
         self.order = order
+        self.answer: Answer | bool | None = None  # None: not learned yet; False: unlearnable
+
+    def read(self, raw: bytes) -> tuple[pb.ComputeResponse, Decoded | None]:
+        """A response to this layout's request: (its message, its tensors decoded) where the
+        answer's layout holds, else (the parsed response, None) for the plain decode."""
+        answer = self.answer
+        if isinstance(answer, Answer):
+            found = answer.decode(raw)
+            if found is not None:
+                return found
+        response = pb.ComputeResponse.FromString(raw)
+        if answer is None:
+            self.answer = _learn_answer(raw, response) or False
+        return response, None
 
     def fill(self, tensors: Sequence[Tensor], tail: bytes) -> bytes:
         segments = self.segments
@@ -64,14 +79,15 @@ def tail(request_id: str, audit: pb.AuditContext | None, autocast: pb.Autocast |
 
 
 class Serialized:
-    """A request as the bytes a layout filled in; ``loss`` and ``request_id`` as in the message."""
+    """A request as the bytes ``layout`` filled in; ``loss`` and ``request_id`` as in the message."""
 
-    __slots__ = ("data", "request_id", "loss")
+    __slots__ = ("data", "request_id", "loss", "layout")
 
-    def __init__(self, data: bytes, request_id: str, loss: str) -> None:
+    def __init__(self, data: bytes, request_id: str, loss: str, layout: Layout) -> None:
         self.data = data
         self.request_id = request_id
         self.loss = loss
+        self.layout = layout
 
 
 class PreparedRequests:
@@ -139,7 +155,16 @@ def _prepare(
         request = build(codec.map_tensors(list(args), swap), codec.map_tensors(kwargs, swap))
         return np.frombuffer(request.SerializeToString(), dtype=np.uint8)
 
-    zeros, marked = serialized(lambda i: 0), serialized(lambda i: i + 1)
+    found = _runs(serialized(lambda i: 0), serialized(lambda i: i + 1), sizes)
+    if found is None:
+        return None
+    layout = Layout(*found)
+    return layout if layout.fill(tensors, tail_bytes) == plain else None
+
+
+def _runs(zeros: np.ndarray, marked: np.ndarray, sizes: list[int]) -> tuple[list, list] | None:
+    """The constant segments of two serializations that differ only in their tensors' bytes
+    (zeros, and each tensor's index + 1), and which tensor's bytes lie between each two."""
     if len(zeros) != len(marked):
         return None
     where = np.flatnonzero(zeros != marked)  # exactly the data bytes: headers are the same
@@ -147,13 +172,100 @@ def _prepare(
     segments, order, at = [], [], 0
     for start in starts.tolist():
         index = int(marked[start]) - 1
-        end = start + sizes[index]
         segments.append(zeros[at:start].tobytes())
         order.append(index)
-        at = end
+        at = start + sizes[index]
     segments.append(zeros[at:].tobytes())
-    layout = Layout(segments, order)
-    nonempty = sorted(i for i, size in enumerate(sizes) if size)
-    if sorted(order) != nonempty or layout.fill(tensors, tail_bytes) != plain:
+    if sorted(order) != [i for i, size in enumerate(sizes) if size]:
         return None
-    return layout
+    return segments, order
+
+
+class Decoded:
+    """A scalar answer's tensors, read at the places its layout fixes."""
+
+    __slots__ = ("loss", "grads")
+
+    def __init__(self, loss: Tensor, grads: dict[str, Tensor]) -> None:
+        self.loss = loss
+        self.grads = grads
+
+
+class Answer:
+    """Where the loss value (field 1) and the gradients (field 2) of the responses to one
+    layout's requests lie: the same headers (dtypes, shapes, paths, lengths) every time, so
+    only their bytes are read, after the headers are compared byte for byte; the fields after
+    them (request id, timings, notes, ...) are parsed as usual."""
+
+    __slots__ = ("checks", "reads", "end", "paths")
+
+    def __init__(self, segments: list[bytes], order: list[int], specs: list, paths: list[str]):
+        self.checks, self.reads, at = [], [], 0
+        for segment, index in zip(segments, [*order, None]):
+            self.checks.append((at, segment))
+            at += len(segment)
+            if index is not None:
+                dtype, count, shape = specs[index]
+                self.reads.append((index, at, dtype, count, shape))
+                at += count * dtype.itemsize
+        self.end = at
+        self.paths = paths
+
+    def decode(self, raw: bytes) -> tuple[pb.ComputeResponse, Decoded] | None:
+        for at, segment in self.checks:
+            if not raw.startswith(segment, at):
+                return None
+        rest = pb.ComputeResponse.FromString(raw[self.end :])
+        if rest.HasField("loss") or len(rest.grads):  # more of fields 1-2 later: merged, so
+            return None  # the plain decode reads them
+        values: list[Any] = [None] * (len(self.paths) + 1)
+        for index, at, dtype, count, shape in self.reads:
+            array = np.frombuffer(raw, dtype, count, at).reshape(shape).copy()  # writable, ours
+            values[index] = torch.from_numpy(array)
+        return rest, Decoded(values[0], dict(zip(self.paths, values[1:])))
+
+
+def _learn_answer(raw: bytes, response: pb.ComputeResponse) -> Answer | None:
+    """The answer layout of ``response`` (bytes ``raw``), checked to decode as decode_tensor
+    does; None where it has none (a loss that is not a tensor, an empty tensor, a dtype that
+    numpy does not hold as it is or that needs its values checked: bfloat16, bool)."""
+    head = pb.ComputeResponse()
+    head.loss.CopyFrom(response.loss)
+    head.grads.extend(response.grads)
+    if head.loss.WhichOneof("kind") != "tensor_value" or not raw.startswith(
+        head.SerializeToString()
+    ):
+        return None
+    messages = [head.loss.tensor_value, *(g.grad for g in head.grads)]
+    try:
+        expected = [codec.decode_tensor(m) for m in messages]
+    except codec.DecodeError:
+        return None  # refused: the plain decode says why
+    specs = []
+    for tensor in expected:
+        dtype = codec.NUMPY_DTYPES.get(tensor.dtype)
+        if dtype is None or tensor.numel() == 0 or len(messages) > 255:
+            return None
+        specs.append((np.dtype(dtype), tensor.numel(), tuple(tensor.shape)))
+
+    def serialized(fill: Callable[[int], int]) -> np.ndarray:
+        for i, message in enumerate(messages):
+            message.data = bytes((fill(i),)) * len(message.data)
+        return np.frombuffer(head.SerializeToString(), dtype=np.uint8)
+
+    sizes = [count * dtype.itemsize for dtype, count, _ in specs]
+    found = _runs(serialized(lambda i: 0), serialized(lambda i: i + 1), sizes)
+    if found is None:
+        return None
+    answer = Answer(*found, specs, [g.path for g in response.grads])
+    decoded = answer.decode(raw)
+    rest = pb.ComputeResponse()
+    rest.CopyFrom(response)
+    rest.ClearField("loss")
+    rest.ClearField("grads")
+    if decoded is None or decoded[0] != rest:
+        return None
+    got = [decoded[1].loss, *decoded[1].grads.values()]
+    if not all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, expected)):
+        return None
+    return answer

@@ -11,7 +11,7 @@ import torch
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.connection import LossClient, new_request_id
 from lossd.client.functional import build_request, remote_loss
-from lossd.client.prepared import MAX_SIGNATURES, PreparedRequests, tail
+from lossd.client.prepared import MAX_SIGNATURES, Answer, PreparedRequests, tail
 from lossd.client.signature import call_signature
 from lossd.client.transport import Transport
 from lossd.client.wire import codec
@@ -19,17 +19,20 @@ from lossd.client.wire import codec
 
 class _Recorder(LossClient):
     """A client that records each request as the server would parse it, and answers with a
-    scalar loss and zero gradients for the paths asked."""
+    scalar loss (the sum of the first input, in ``loss_dtype``) and gradients of twice each
+    input asked for, with a note when ``note`` is set."""
 
     def __init__(self) -> None:
         super().__init__("127.0.0.1:1", timeout=1.0)  # never reached: no call is sent
         self.sent: list[tuple[str, pb.ComputeRequest]] = []
+        self.loss_dtype = torch.float32
+        self.note = ""
 
     def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
         return self._answer("plain", request.SerializeToString())
 
-    def compute_serialized(self, data: bytes, request_id: str) -> pb.ComputeResponse:
-        return self._answer("prepared", data)
+    def compute_serialized(self, data: bytes, request_id: str) -> bytes:
+        return self._answer("prepared", data).SerializeToString()
 
     def _answer(self, how: str, data: bytes) -> pb.ComputeResponse:
         request = pb.ComputeRequest.FromString(data)
@@ -37,10 +40,14 @@ class _Recorder(LossClient):
         args = [codec.decode_value(v) for v in request.args]
         kwargs = codec.decode_map(request.kwargs, "kwargs")
         tensors = dict(codec.call_tensors(args, kwargs))
-        response = pb.ComputeResponse(request_id=request.request_id)
-        codec.encode_value(torch.tensor(0.5), response.loss)
+        response = pb.ComputeResponse(
+            request_id=request.request_id, notes=[self.note] * bool(self.note)
+        )
+        response.timings.decode_ns = len(self.sent)  # a field after the tensors that changes
+        first = next(iter(tensors.values()))
+        codec.encode_value(first.to(self.loss_dtype).sum(), response.loss)
         for path in request.grad_paths:
-            codec.encode_tensor(torch.zeros_like(tensors[path]), response.grads.add(path=path).grad)
+            codec.encode_tensor(2 * tensors[path], response.grads.add(path=path).grad)
         return response
 
 
@@ -148,8 +155,53 @@ def test_new_data_travels_in_a_prepared_request_and_gradients_arrive() -> None:
         sent = _call(client, transport, {}, (x, target), {})
         assert sent == _expected("loss", {}, (x, target), {}, sent)
         assert torch.equal(codec.decode_value(sent.args[0]), x.detach())
-        assert x.grad is not None and torch.equal(x.grad, torch.zeros(2, 3))
+        assert x.grad is not None and torch.equal(x.grad, 2 * x.detach())
     assert client.sent[-1][0] == "prepared"
+
+
+def test_a_prepared_answer_decodes_as_the_plain_decode_and_a_changed_one_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read: list[bool] = []  # per answer read at its layout: whether its headers held
+    decode = Answer.decode
+    monkeypatch.setattr(
+        Answer,
+        "decode",
+        lambda self, raw: read.append(decode(self, raw) is not None) or decode(self, raw),
+    )
+    client = _Recorder()
+    transport = Transport(client, "unary")
+    target = torch.tensor([1.0, 2.0, 3.0])
+    for step in range(8):
+        if step == 5:
+            client.loss_dtype = torch.float64  # another header: read by the plain decode
+        if step == 6:
+            client.loss_dtype = torch.float32
+            client.note = "a note"  # a field after the tensors: the answer's layout holds
+        x = torch.arange(6.0).reshape(2, 3).add(step).requires_grad_()
+        value, result = remote_loss(
+            client,
+            "loss",
+            {},
+            (x, target),
+            {},
+            transport=transport,
+            signature=call_signature({}, (x, target), {}),
+        )
+        assert value.dtype == client.loss_dtype and value.shape == ()
+        assert value.item() == x.detach().sum().item()
+        value.backward()
+        assert torch.equal(x.grad, 2 * x.detach())
+        assert x.grad.dtype == torch.float32 and x.grad.shape == (2, 3)
+        assert result.timings_ns["decode"] == len(client.sent) and result.notes == (
+            [client.note] if client.note else []
+        )
+        assert result.request_id == client.sent[-1][1].request_id
+    layout = transport.prepared.layout(("loss", call_signature({}, (x, target), {}), "args[0]"))
+    assert layout is not None and isinstance(layout.answer, Answer)
+    # Prepared at the second call, its answer learned (and checked) at the third: read at its
+    # layout from the fourth on, but for the sixth call's float64 loss.
+    assert read == [True, True, True, False, True, True]
 
 
 def test_shapes_that_change_every_call_keep_the_layouts_bounded() -> None:
