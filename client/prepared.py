@@ -14,6 +14,7 @@ all the others: they are serialized on their own and appended, as protobuf order
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,6 +97,7 @@ class PreparedRequests:
     def __init__(self, limit: int = MAX_SIGNATURES) -> None:
         self.limit = limit
         self._layouts: dict[Any, Any] = {}
+        self._lock = threading.Lock()  # data-parallel threads may share one RemoteLoss
 
     def __len__(self) -> int:
         return len(self._layouts)
@@ -116,19 +118,20 @@ class PreparedRequests:
     ) -> None:
         """After a call built plainly (``request``): remember its key, and from its second
         sighting on, its layout. ``body`` builds the request without its per-call fields."""
-        found = self._layouts.get(key)
-        if found is _PLAIN or isinstance(found, Layout):
-            return
-        if found is None:
-            self._remember(key, _SEEN_ONCE)
-            return
-        per_call = tail(
-            request.request_id,
-            request.audit if request.HasField("audit") else None,
-            request.autocast if request.HasField("autocast") else None,
-        )
-        layout = _prepare(tensors, body, args, kwargs, request.SerializeToString(), per_call)
-        self._layouts[key] = layout or _PLAIN
+        with self._lock:  # the slow path only: ``layout`` reads without it
+            found = self._layouts.get(key)
+            if found is _PLAIN or isinstance(found, Layout):
+                return
+            if found is None:
+                self._remember(key, _SEEN_ONCE)
+                return
+            per_call = tail(
+                request.request_id,
+                request.audit if request.HasField("audit") else None,
+                request.autocast if request.HasField("autocast") else None,
+            )
+            layout = _prepare(tensors, body, args, kwargs, request.SerializeToString(), per_call)
+            self._layouts[key] = layout or _PLAIN
 
     def _remember(self, key: Any, value: Any) -> None:
         if len(self._layouts) >= self.limit:
