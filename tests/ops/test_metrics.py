@@ -401,3 +401,23 @@ def assert_promtool_accepts(text: str) -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_batch_that_fails_to_apply_is_logged_and_fails_no_caller(caplog, monkeypatch):
+    """A bug in applying queued updates is lossd's own: logged with its traceback, never raised
+    into the handler (or the scrape) that happened to apply the batch."""
+    from lossd.server import metrics as metrics_module
+
+    metrics = Metrics()
+
+    def broken(*_):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(metrics, "_apply", broken)
+    with caplog.at_level("ERROR", logger="lossd.metrics"):
+        for _ in range(metrics_module.PENDING_LIMIT + 1):
+            metrics.defer(metrics_module._STARTED, ("unary", "lossd.v1.LossService", "Compute"))
+        metrics.exposition()  # a scrape applies what is queued: it still answers
+    assert not metrics._pending
+    failures = [r for r in caplog.records if "could not be applied" in r.getMessage()]
+    assert failures and all(r.exc_info and "injected" in str(r.exc_info[1]) for r in failures)
