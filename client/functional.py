@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from torch import Tensor
 from torch._C import _functorch
 from torch._functorch.utils import unwrap_dead_wrappers
@@ -146,7 +147,15 @@ def _send(
 ):
     """(response, tensors that came outside it) over the call's transport; unary by default."""
     if isinstance(request, Serialized):  # a prepared request: unary, its bytes as they are
-        return request.layout.read(client.compute_serialized(request.data, request.request_id))
+        raw = client.compute_serialized(request.data, request.request_id)
+        try:
+            return request.layout.read(raw)
+        except DecodeError:  # what gRPC's deserializer makes of an unparseable answer
+            raise LossdError(
+                grpc.StatusCode.INTERNAL,
+                "Exception deserializing response!",
+                request_id=request.request_id,
+            ) from None
     if transport is None:
         return client.compute(request), None
     return transport.send(request, outboard)
@@ -491,7 +500,7 @@ def remote_loss(
     *,
     audit: pb.AuditContext | None = None,
     transport: Transport | None = None,
-    signature: Any = None,
+    _signature: Any = None,
 ) -> tuple[Any, RemoteResult]:
     """Evaluate ``name`` remotely as ``upstream(**params)(*args, **kwargs)``.
 
@@ -499,9 +508,12 @@ def remote_loss(
     requires grad or carries a forward-mode tangent) and the server's ``RemoteResult``.
     ``transport`` picks unary or chunked per call (see ``lossd.client.transport``); None: unary
     ``Compute``. Under ``torch.compile`` the call is a graph break (``fullgraph=True`` raises,
-    naming lossd). ``signature``: the call's (client/signature.py), when the caller has it: a
-    unary call of a signature seen before is sent as a prepared request (client/prepared.py).
+    naming lossd). ``_signature``: RemoteLoss's own, the one ``check_call`` returned for exactly
+    these params and inputs (client/signature.py); it keys the prepared request a unary call of a
+    signature seen before is sent as (client/prepared.py), so it is private: any other value would
+    replay another call's layout.
     """
+    signature = _signature
     kwargs = dict(kwargs or {})
     if signature is None:  # a signature holds no numpy array (``_sign`` refuses them)
         reject_numpy(name, args, kwargs)

@@ -102,7 +102,7 @@ class RemoteLoss(nn.Module):
             kwargs,
             audit=self._audit_context(),
             transport=self.transport,
-            signature=signature,
+            _signature=signature,
         )
         self.__dict__["last_result"] = (
             result  # a plain attribute: not nn.Module's __setattr__ (~3 us)

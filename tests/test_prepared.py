@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 from lossd.client._proto import lossd_pb2 as pb
 from lossd.client.connection import LossClient, new_request_id
+from lossd.client.errors import LossdError
 from lossd.client.functional import build_request, remote_loss
 from lossd.client.prepared import MAX_SIGNATURES, Answer, PreparedRequests, tail
 from lossd.client.signature import call_signature
@@ -111,7 +113,7 @@ def test_a_layout_fills_in_the_plain_serialization_byte_for_byte(case: int) -> N
 def _call(client: _Recorder, transport: Transport, params, args, kwargs) -> pb.ComputeRequest:
     signature = call_signature(params, args, kwargs)
     value, _ = remote_loss(
-        client, "loss", params, args, kwargs, transport=transport, signature=signature
+        client, "loss", params, args, kwargs, transport=transport, _signature=signature
     )
     if value.requires_grad:
         value.backward()
@@ -186,7 +188,7 @@ def test_a_prepared_answer_decodes_as_the_plain_decode_and_a_changed_one_falls_b
             (x, target),
             {},
             transport=transport,
-            signature=call_signature({}, (x, target), {}),
+            _signature=call_signature({}, (x, target), {}),
         )
         assert value.dtype == client.loss_dtype and value.shape == ()
         assert value.item() == x.detach().sum().item()
@@ -229,7 +231,7 @@ def test_without_a_signature_nothing_is_prepared() -> None:
         params = {"weight": torch.ones(4)}  # a tensor parameter: no signature
         signature = call_signature(params, (x,), {})
         transport = Transport(client, "unary")
-        remote_loss(client, "loss", params, (x,), {}, transport=transport, signature=signature)
+        remote_loss(client, "loss", params, (x,), {}, transport=transport, _signature=signature)
     assert {how for how, _ in client.sent} == {"plain"}
 
 
@@ -241,3 +243,50 @@ def test_the_per_call_fields_serialize_as_protobuf_does(request_id: str) -> None
         assert tail(request_id, extra.get("audit"), extra.get("autocast")) == (
             pb.ComputeRequest(request_id=request_id, **extra).SerializeToString()
         )
+
+
+class _Garbling(_Recorder):
+    """Answers its ``good`` first prepared calls well, then with a good answer followed by bytes
+    that do not parse (so an answer read in place fails in the fields after its tensors)."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    def compute_serialized(self, data: bytes, request_id: str) -> bytes:
+        answer = super().compute_serialized(data, request_id)
+        self.good -= 1
+        return answer if self.good >= 0 else answer + b"\x0a\xff\xff"
+
+
+@pytest.mark.parametrize("good", [0, 1, 3], ids=["learning", "learned-once", "read-in-place"])
+def test_an_unparseable_answer_to_a_prepared_call_is_a_lossd_error(good: int) -> None:
+    """As on the plain path, where gRPC's deserializer turns it into INTERNAL with the id."""
+    client = _Garbling(good)
+    transport = Transport(client, "unary")
+    x = torch.randn(3, requires_grad=True)
+    signature = call_signature({}, (x,), {})
+    for _ in range(2):  # plain: the signature is met, then prepared; the third call is prepared
+        remote_loss(client, "loss", {}, (x,), {}, transport=transport, _signature=signature)
+    assert [how for how, _ in client.sent] == ["plain", "plain"]
+    with pytest.raises(LossdError) as caught:
+        for _ in range(good + 1):
+            remote_loss(client, "loss", {}, (x,), {}, transport=transport, _signature=signature)
+    assert client.sent[-1][0] == "prepared"
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert caught.value.request_id == client.sent[-1][1].request_id
+
+
+def test_a_nan_first_answer_does_not_rule_the_answer_layout_out() -> None:
+    client = _Recorder()
+    transport = Transport(client, "unary")
+    signature = None
+    for step in range(4):
+        x = torch.tensor([float("nan") if step < 3 else 1.0, 2.0], requires_grad=True)
+        signature = call_signature({}, (x,), {})
+        value, _ = remote_loss(
+            client, "loss", {}, (x,), {}, transport=transport, _signature=signature
+        )
+        assert value.isnan().item() == (step < 3)
+    layout = transport.prepared.layout(("loss", signature, "args[0]"))
+    assert layout is not None and isinstance(layout.answer, Answer)
