@@ -196,25 +196,15 @@ def _time_left(context: grpc.ServicerContext | None) -> float | None:
 def tensor_bytes(value: Any) -> int:
     """Bytes of every tensor inside a nested value (what ``codec.iter_tensors`` walks, without
     building the paths it names them by)."""
-    kind = type(value)
-    if kind is Tensor:
-        return value.numel() * value.element_size()
-    if kind in _LEAVES:
-        return 0
-    if kind is list or kind is tuple:
-        return sum(map(tensor_bytes, value))
-    if kind is dict:  # no ABC check for the usual mapping
-        return sum(map(tensor_bytes, value.values()))
     if isinstance(value, Tensor):
         return value.numel() * value.element_size()
+    if type(value) in codec.LEAF_TYPES:
+        return 0
     if isinstance(value, (list, tuple)):
         return sum(map(tensor_bytes, value))
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # no ABC check for the usual mapping
         return sum(map(tensor_bytes, value.values()))
     return 0
-
-
-_LEAVES = frozenset((bool, int, float, str, type(None)))  # as codec.iter_tensors: no tensor inside
 
 
 def _arg(args: list[Any], kwargs: Mapping[str, Any], index: int, name: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lossd.client.wire.codec import call_tensors, iter_tensors, map_tensors
+from lossd.client.wire.codec import LEAF_TYPES, call_tensors, iter_tensors, map_tensors
 
 from . import losses as _losses  # noqa: F401  (registers every loss)
 from . import registry
@@ -108,15 +108,12 @@ class Engine:
             kind = type(value)
             if kind is Tensor:
                 return _to(value, device)
-            if kind in _SCALARS:
+            if kind in LEAF_TYPES:
                 return value
             return map_tensors(value, lambda tensor: _to(tensor, device))
 
         bound = {name: to_device(value) for name, value in bound.items()}
-        call_params = {
-            name: value if type(value) in _SCALARS else to_device(value)
-            for name, value in canonical.items()
-        }
+        call_params = {name: to_device(value) for name, value in canonical.items()}
         n_positional = len(args)
         names = [i.name for i in spec.inputs]
         call_args = [bound[n] for n in names[:n_positional]]
@@ -213,7 +210,7 @@ def _params_key(spec: LossSpec, given: Mapping[str, Any]) -> tuple | None:
     key: list[Any] = [id(spec)]
     for name, value in given.items():
         kind = type(value)
-        if kind not in _SCALARS:
+        if kind not in LEAF_TYPES:
             return None  # a tensor or a sequence: validated every time
         # The type, since 1 == 1.0 == True; a float by its hex form, since -0.0 == 0.0.
         key.append((name, kind, value.hex() if kind is float else value))
@@ -331,9 +328,6 @@ def _mark_requires_grad(
     return wanted
 
 
-_SCALARS = frozenset(
-    (bool, int, float, str, type(None))
-)  # hold no tensor: map_tensors returns them
 _ARG_INDEX = {f"args[{i}]": i for i in range(16)}
 
 

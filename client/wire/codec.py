@@ -443,12 +443,13 @@ def join_key(path: str, key: str) -> str:
     return f"{path}.{key}" if _IDENT.match(key) else f"{path}[{key!r}]"
 
 
-_LEAVES = frozenset((bool, int, float, str, type(None)))  # hold no tensor: no walk, no ABC check
+# The exact types of values that hold no tensor: no walk, no ABC check (server walks use it too).
+LEAF_TYPES = frozenset((bool, int, float, str, type(None)))
 
 
 def iter_tensors(obj: Any, path: str) -> Iterator[tuple[str, Tensor]]:
     """Every tensor inside a nested value, with its path, in a stable order."""
-    if type(obj) in _LEAVES:
+    if type(obj) in LEAF_TYPES:
         return
     if isinstance(obj, Tensor):
         yield path, obj
@@ -469,7 +470,7 @@ def call_tensors(args: Any, kwargs: Mapping[str, Any]) -> Iterator[tuple[str, Te
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     """Rebuild a nested value with every tensor replaced by ``fn(tensor)``."""
-    if type(obj) in _LEAVES:
+    if type(obj) in LEAF_TYPES:
         return obj
     if isinstance(obj, Tensor):
         return fn(obj)
