@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._proto import lossd_pb2 as pb
 from .wire import codec
+from .wire.layout import constant_runs
 
 MAX_SIGNATURES = 64  # per RemoteLoss; a training loop has a handful, the oldest goes first
 MAX_BYTES = 1 << 20  # of tensor data: larger calls spend their time on the bytes, not on this
@@ -158,30 +159,11 @@ def _prepare(
         request = build(codec.map_tensors(list(args), swap), codec.map_tensors(kwargs, swap))
         return np.frombuffer(request.SerializeToString(), dtype=np.uint8)
 
-    found = _runs(serialized(lambda i: 0), serialized(lambda i: i + 1), sizes)
+    found = constant_runs(serialized(lambda i: 0), serialized(lambda i: i + 1), sizes)
     if found is None:
         return None
     layout = Layout(*found)
     return layout if layout.fill(tensors, tail_bytes) == plain else None
-
-
-def _runs(zeros: np.ndarray, marked: np.ndarray, sizes: list[int]) -> tuple[list, list] | None:
-    """The constant segments of two serializations that differ only in their tensors' bytes
-    (zeros, and each tensor's index + 1), and which tensor's bytes lie between each two."""
-    if len(zeros) != len(marked):
-        return None
-    where = np.flatnonzero(zeros != marked)  # exactly the data bytes: headers are the same
-    starts = where[np.r_[True, np.diff(where) != 1]] if len(where) else where
-    segments, order, at = [], [], 0
-    for start in starts.tolist():
-        index = int(marked[start]) - 1
-        segments.append(zeros[at:start].tobytes())
-        order.append(index)
-        at = start + sizes[index]
-    segments.append(zeros[at:].tobytes())
-    if sorted(order) != [i for i, size in enumerate(sizes) if size]:
-        return None
-    return segments, order
 
 
 class Decoded:
@@ -257,7 +239,7 @@ def _learn_answer(raw: bytes, response: pb.ComputeResponse) -> Answer | None:
         return np.frombuffer(head.SerializeToString(), dtype=np.uint8)
 
     sizes = [count * dtype.itemsize for dtype, count, _ in specs]
-    found = _runs(serialized(lambda i: 0), serialized(lambda i: i + 1), sizes)
+    found = constant_runs(serialized(lambda i: 0), serialized(lambda i: i + 1), sizes)
     if found is None:
         return None
     answer = Answer(*found, specs, [g.path for g in response.grads])

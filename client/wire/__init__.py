@@ -5,7 +5,8 @@
 - ``framing``: hand-framed chunk messages, tags and method names from the proto descriptors
   (torch-free);
 - ``assembler``: chunked tensor bytes into one preallocated buffer;
-- ``audit``: the tensor digest and the bounds of run ids and tags.
+- ``audit``: the tensor digest and the bounds of run ids and tags;
+- ``layout``: where tensor bytes lie in a serialized message (prepared requests and plans).
 
 Nothing here imports the server, and importing this package imports nothing: each module pulls
 in only what it needs (torch for ``codec``, ``assembler`` and ``audit``).
