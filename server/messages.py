@@ -72,21 +72,51 @@ def decode_compute(
         _check_external(external, params, args, kwargs, grad_output)
     if len(request.grad_paths) > limits.max_items:
         raise codec.LimitError("grad_paths", f"more than {limits.max_items} paths", "--max-items")
-    if request.HasField("audit"):
-        check_audit_context(request.audit)
-    check_request_id(request.request_id)
+    call = checked_call(
+        request.loss,
+        params,
+        args,
+        kwargs,
+        list(request.grad_paths),
+        grad_output,
+        request.request_id,
+        request.audit if request.HasField("audit") else None,
+        request.autocast if request.HasField("autocast") else None,
+        request.grad_output_batched,
+    )
+    if request.grad_grads:
+        call.grad_grads = _decode_grad_grads(request, limits)
+    return call
+
+
+def checked_call(
+    loss: str,
+    params: dict[str, Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    grad_paths: list[str],
+    grad_output: Tensor | None,
+    request_id: str,
+    audit: pb.AuditContext | None,
+    autocast: pb.Autocast | None,
+    grad_output_batched: bool,
+) -> ComputeCall:
+    """The call of decoded inputs, once its per-call fields (request id, audit context, autocast:
+    what changes every call) passed their checks, in this order (also server/prepared.py's)."""
+    if audit is not None:
+        check_audit_context(audit)
+    check_request_id(request_id)
     return ComputeCall(
-        loss=request.loss,
+        loss=loss,
         params=params,
         args=args,
         kwargs=kwargs,
-        grad_paths=list(request.grad_paths),
+        grad_paths=grad_paths,
         grad_output=grad_output,
-        request_id=request.request_id or uuid.uuid4().hex,
-        audit=request.audit,
-        autocast=decode_autocast(request.autocast) if request.HasField("autocast") else None,
-        grad_output_batched=request.grad_output_batched,
-        grad_grads=_decode_grad_grads(request, limits) if request.grad_grads else {},
+        request_id=request_id or uuid.uuid4().hex,
+        audit=audit if audit is not None else pb.AuditContext(),
+        autocast=decode_autocast(autocast) if autocast is not None else None,
+        grad_output_batched=grad_output_batched,
     )
 
 
