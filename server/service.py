@@ -18,7 +18,7 @@ from lossd.client._proto import lossd_pb2 as pb
 from lossd.client._proto import lossd_pb2_grpc as pb_grpc
 from lossd.client.wire import codec
 
-from . import bulk, chunked, registry, shm
+from . import bulk, chunked, prepared, registry, shm
 from .budget import (
     MemoryBudget,
     RawRequest,
@@ -192,6 +192,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         shm_mode: str = "loopback",
         shm_max_bytes: int = 1 << 30,
         bulk_listener: bulk.BulkListener | None = None,
+        max_plans: int = prepared.MAX_PLANS,
     ) -> None:
         self.bulk = bulk_listener  # --bulk-port: chunked calls' bytes on a plain TCP connection
         self.shm_mode = shm_mode  # --shm: which connections may hand over shared memory
@@ -212,6 +213,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         # At most this many evaluations at once (0: no bound); RPCs waiting on a stream hold no slot.
         self._slots = threading.BoundedSemaphore(max_evaluations) if max_evaluations > 0 else None
         self._compute_parser = safe_parser(pb.ComputeRequest, limits)  # built once, not per call
+        # Repeated unary layouts skip the parse and the decode's structural checks; only requests
+        # the parser would not pre-scan (server/prepared.py).
+        self.plans = (
+            prepared.RequestPlans(limits, min(1 << 20, 2 * scan_budget(limits)), max_plans)
+            if max_plans > 0
+            else None
+        )
 
     def compute(
         self,
@@ -222,14 +230,18 @@ class LossServicer(pb_grpc.LossServiceServicer):
         outboard: codec.Outboard | None = None,
         held: Reservation | None = None,
         after_forward: Callable[[], None] | None = None,
+        planned: prepared.Planned | None = None,
     ) -> pb.ComputeResponse:
         """Every transport ends here. ``external``/``outboard``: the chunked transport's tensors
         that travel outside the request/response message (see server/chunked.py). ``held``: the
         memory reserved for decoding this request, when the transport reserved it already.
-        ``after_forward``: called between the loss and its gradients (Engine.evaluate)."""
+        ``after_forward``: called between the loss and its gradients (Engine.evaluate).
+        ``planned``: the call a prepared plan decoded (``request`` is then None)."""
         with self._busy_lock:
             self.computing += 1
         try:
+            if planned is not None:
+                return self._compute(planned, context, None, outboard, held, after_forward)
             return self._reserved_compute(request, context, external, outboard, held, after_forward)
         finally:
             with self._busy_lock:
@@ -284,7 +296,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _compute(
         self,
-        request: pb.ComputeRequest,
+        request: pb.ComputeRequest | prepared.Planned,
         context: grpc.ServicerContext | None,
         external: dict[str, Any] | None,
         outboard: codec.Outboard | None,
@@ -292,7 +304,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         after_forward: Callable[[], None] | None,
     ) -> pb.ComputeResponse:
         t0 = time.perf_counter_ns()
-        call = decode_compute(request, self.limits, external)
+        if type(request) is prepared.Planned:
+            call = request.call
+            t0 -= request.decode_ns
+        else:
+            call = decode_compute(request, self.limits, external)
         t1 = time.perf_counter_ns()
         if self.budget is not None and reservation is not None:
             # The evaluation's working set, estimated from the decoded shapes, before it runs.
@@ -317,9 +333,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         response.timings.compute_ns = t2 - t1
         response.timings.encode_ns = t3 - t2
         if self.after_compute:
-            size = request.ByteSize() + (
-                sum(t.numel() for t in external.values()) if external else 0
-            )
+            size = request.size if type(request) is prepared.Planned else request.ByteSize()
+            if external:
+                size += sum(t.numel() for t in external.values())
             event = ComputeEvent(call, result, response, size, context)
             for hook in self.after_compute:
                 hook(event)
@@ -364,11 +380,28 @@ class LossServicer(pb_grpc.LossServiceServicer):
             return self.compute(request, context)
         # Parsed only once its decoded bytes are reserved: nothing decodes before its reservation.
         if self.budget is None:
-            return self.compute(self._parse_compute(request.data), context)
+            return self._compute_bytes(request.data, context, None)
         with self.budget.held(
             decoded_estimate(len(request.data)), context, "decoding the request"
         ) as reservation:
-            return self.compute(self._parse_compute(request.data), context, held=reservation)
+            return self._compute_bytes(request.data, context, reservation)
+
+    def _compute_bytes(
+        self, data: bytes, context: grpc.ServicerContext, held: Reservation | None
+    ) -> pb.ComputeResponse:
+        plans = self.plans
+        if plans is None:
+            return self.compute(self._parse_compute(data), context, held=held)
+        planned = plans.decode(data)
+        if planned is not None:
+            return self.compute(None, context, held=held, planned=planned)
+        request = self._parse_compute(data)
+        response = self.compute(request, context, held=held)
+        try:
+            plans.learn(data, request)
+        except Exception as exc:  # noqa: BLE001 - a bug in learning: this call's answer stands
+            log.error("internal error learning a prepared plan", exc_info=exc)
+        return response
 
     def _parse_compute(self, data: bytes) -> pb.ComputeRequest:
         parsed = self._compute_parser(data)
