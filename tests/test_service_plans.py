@@ -4,6 +4,7 @@ the values still runs when a layout's plan decodes them."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -217,3 +218,22 @@ def test_a_tail_with_another_field_falls_back_to_the_plain_path():
     answer = _answer(planned, data)
     assert answer == _answer(plain, data)
     assert answer[0] == "ok"
+
+
+def test_threads_sharing_the_plans_get_the_plain_answers_and_keep_the_bound():
+    planned, plain = _servicer(4), _servicer(0)
+    datas = [
+        _request(
+            "cross_entropy",
+            [torch.randn(n + 2, 3), torch.arange(n + 2) % 3],
+            grad_paths=["args[0]"],
+            request_id=f"{n}-{i}",
+        )
+        for n in range(8)  # 8 layouts, 6 calls each in turn, over a bound of 4
+        for i in range(6)
+    ]
+    expected = [_answer(plain, data) for data in datas]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda data: _answer(planned, data), datas))
+    assert got == expected
+    assert 0 < len(planned.plans) <= 4
