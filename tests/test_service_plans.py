@@ -17,6 +17,7 @@ from lossd.server import registry
 from lossd.server.budget import MemoryBudget, RawRequest
 from lossd.server.config import ServerConfig
 from lossd.server.engine import Engine
+from lossd.server.errors import InvalidArgument
 from lossd.server.service import ComputeEvent, LossServicer
 from tests.support.losskit import differentiable_paths
 
@@ -237,3 +238,39 @@ def test_threads_sharing_the_plans_get_the_plain_answers_and_keep_the_bound():
         got = list(pool.map(lambda data: _answer(planned, data), datas))
     assert got == expected
     assert 0 < len(planned.plans) <= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_each_float_dtype_gets_the_plain_answer_from_its_plan(dtype):
+    planned, plain = _servicer(16), _servicer(0)
+    for i in range(3):
+        args = [torch.randn(5, 3).to(dtype), torch.randn(5, 3).to(dtype)]
+        data = _request("mse", args, grad_paths=["args[0]", "args[1]"], request_id=f"{i}")
+        assert _answer(planned, data) == _answer(plain, data)
+    assert planned.plans.decode(data) is not None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"request_id": "a\x00b"},
+        {"request_id": "x" * 129},
+        {"audit": pb.AuditContext(rank=-2)},
+        {"autocast": pb.Autocast(enabled=True, device_type="mps", dtype=pb.DATA_TYPE_FLOAT16)},
+        {"autocast": pb.Autocast(enabled=True, device_type="cuda", dtype=pb.DATA_TYPE_FLOAT16)},
+    ],
+    ids=["nul in id", "long id", "rank", "autocast device", "cuda autocast on cpu"],
+)
+def test_bad_per_call_fields_get_the_plain_error_on_a_plan(fields):
+    x = torch.randn(6, 4)
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    planned, plain = _learned("cross_entropy", [x, target], grad_paths=["args[0]"])
+    data = _request("cross_entropy", [x, target], grad_paths=["args[0]"], **fields)
+    if fields.get("autocast", pb.Autocast()).device_type == "cuda":  # refused by the engine
+        assert planned.plans.decode(data) is not None
+    else:  # refused by the plan's own checks of the per-call fields, not left to the plain path
+        with pytest.raises(InvalidArgument):
+            planned.plans.decode(data)
+    answer = _answer(planned, data)
+    assert answer == _answer(plain, data)
+    assert answer[0] == "error"
