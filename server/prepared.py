@@ -36,6 +36,11 @@ from .messages import ComputeCall, checked_call, decode_compute
 
 MAX_PLANS = 256  # layouts remembered, all callers together; the oldest goes first
 MAX_TENSORS = 255  # each tensor's index + 1 marks its bytes (one byte)
+# Noting a layout costs 15-85 us (half a plain decode): once this many calls of a loss in a row
+# brought layouts never met before (shapes that change every call), only 1 call in QUIET_EVERY
+# is noted, until one of its layouts comes again.
+QUIET_AFTER = 32
+QUIET_EVERY = 16
 _PER_CALL = ("request_id", "audit", "autocast")  # fields 7-9, the last a plain request sends
 _PER_CALL_NUMBERS = frozenset(
     pb.ComputeRequest.DESCRIPTOR.fields_by_name[n].number for n in _PER_CALL
@@ -234,6 +239,7 @@ class RequestPlans:
         self._lock = threading.Lock()
         self._known: dict[bytes, Any] = {}  # a layout's key -> _SEEN_ONCE or its Plan, oldest first
         self._index: tuple[tuple[int, ...], dict[bytes, tuple[Plan, ...]]] = ((), {})
+        self._new_in_a_row: dict[str, int] = {}  # by loss (only served losses succeed)
 
     def __len__(self) -> int:
         return sum(len(plans) for plans in self._index[1].values())
@@ -258,6 +264,11 @@ class RequestPlans:
         its layout, and from its second sighting, plan it."""
         if len(data) > self.max_bytes or request.grad_grads:
             return
+        loss = request.loss
+        new = self._new_in_a_row.get(loss, 0)
+        if new >= QUIET_AFTER and new % QUIET_EVERY:
+            self._new_in_a_row[loss] = new + 1  # (a count lost to a race only shifts the sample)
+            return
         body = pb.ComputeRequest()
         body.CopyFrom(request)
         for name in _PER_CALL:
@@ -271,6 +282,7 @@ class RequestPlans:
         key = body.SerializeToString()
         with self._lock:
             found = self._known.get(key)
+            self._new_in_a_row[loss] = new + 1 if found is None else 0
             if found is None:
                 self._remember(key, _SEEN_ONCE)
                 return

@@ -14,7 +14,7 @@ from lossd.client.functional import build_request
 from lossd.client.wire import codec
 from lossd.server.config import ServerConfig
 from lossd.server.messages import ComputeCall, decode_compute
-from lossd.server.prepared import MAX_PLANS, RequestPlans
+from lossd.server.prepared import MAX_PLANS, QUIET_AFTER, QUIET_EVERY, RequestPlans
 from tests.support.wirekit import ALL_DTYPES
 
 LIMITS = ServerConfig().limits
@@ -292,3 +292,25 @@ def test_layouts_that_have_no_plan():
         plans.learn(data, request)
         plans.learn(data, request)
         assert len(plans) == 0 and _planned(plans, data) is None
+
+
+def test_a_loss_whose_layouts_never_come_again_is_noted_only_now_and_then():
+    plans = _plans()
+    for n in range(QUIET_AFTER):  # each call a new shape: every one noted
+        request = _request([_random(torch.float32, (n + 1,))], request_id="r")
+        plans.learn(request.SerializeToString(), request)
+    assert len(plans._known) == QUIET_AFTER
+    for n in range(QUIET_AFTER, QUIET_AFTER + 4 * QUIET_EVERY):
+        request = _request([_random(torch.float32, (n + 1,))], request_id="r")
+        plans.learn(request.SerializeToString(), request)
+    assert len(plans._known) == QUIET_AFTER + 4  # one call in QUIET_EVERY
+    other = _request([_random(torch.float32, (3,))], loss="another_loss", request_id="r")
+    _taught(other, plans)  # another loss is noted as before
+    # A layout that comes again is planned once two of its calls were noted, and then the loss
+    # is noted call by call again.
+    again = _request([_random(torch.float32, (2, 2))], request_id="r")
+    data = again.SerializeToString()
+    for _ in range(2 * QUIET_EVERY):
+        plans.learn(data, again)
+    assert _planned(plans, data) is not None
+    assert plans._new_in_a_row["any_loss"] == 0
