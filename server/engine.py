@@ -89,18 +89,20 @@ class Engine:
         grad_output_batched: bool = False,
         grad_grads: Mapping[str, Tensor] | None = None,
         after_forward: Callable[[], None] | None = None,
+        memo: dict[str, Any] | None = None,
     ) -> Evaluation:
         """``autocast``: evaluate the forward and the gradients inside that autocast region, as
         upstream runs inside the caller's (its op policy is the device type's, so a CPU region is
         evaluated on CPU whatever the engine's device). ``grad_output_batched``, ``grad_grads``:
         a batch of products, or second-order ones (see ``derivatives``). ``after_forward``: called
         once the loss returned, before its gradients (the shared-memory path gives back its
-        mapping of the inputs' pages there; server/shm.py)."""
+        mapping of the inputs' pages there; server/shm.py). ``memo``: what the input checks found
+        for calls of one signature (``registry.check_inputs``), kept by the caller."""
         spec = registry.get(loss)
         device = self._device_for(autocast)
         canonical = canonical_params(spec, params or {})
         kwargs = dict(kwargs or {})
-        bound = bind_inputs(spec, list(args), kwargs, canonical)
+        bound = bind_inputs(spec, list(args), kwargs, canonical, memo=memo)
         registry.check_param_dtypes(spec, params or {}, bound)
 
         def to_device(value: Any) -> Any:
@@ -227,6 +229,7 @@ def bind_inputs(
     params: Mapping[str, Any] | None = None,
     *,
     by_name: bool = False,
+    memo: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Match a call's positional and keyword arguments to the declared inputs and check them
     against their declaration, once, before the loss runs (``params``: the canonical
@@ -239,7 +242,7 @@ def bind_inputs(
         bound = dict(zip(layout[3], args))
         for call_name, value in kwargs.items():
             bound[by_keyword[call_name]] = value
-        registry.check_inputs(spec, bound, wheres, params or {})
+        registry.check_inputs(spec, bound, wheres, params or {}, memo)
         return bound
     names = [i.name for i in spec.inputs]
     by_keyword = {i.call_name: i.name for i in spec.inputs}
@@ -287,7 +290,7 @@ def bind_inputs(
     if len(_LAYOUTS) >= MAX_LAYOUTS:
         _LAYOUTS.clear()
     _LAYOUTS[key] = (spec, by_keyword, wheres, names)
-    registry.check_inputs(spec, bound, wheres, params or {})
+    registry.check_inputs(spec, bound, wheres, params or {}, memo)
     return bound
 
 

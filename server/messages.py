@@ -33,6 +33,7 @@ class ComputeCall:
     autocast: AutocastPolicy | None = None
     grad_output_batched: bool = False
     grad_grads: dict[str, Tensor] = field(default_factory=dict)
+    memo: dict[str, Any] | None = None  # a layout's plan's, for the engine (server/prepared.py)
 
 
 def decode_compute(

@@ -97,7 +97,7 @@ class Plan:
     """One learned layout: its segments by place, its tensors' slots in the plain decode's
     order, and the call it decodes to with each tensor a place to fill."""
 
-    __slots__ = ("head", "checks", "body", "slots", "call", "flat", "grad_output")
+    __slots__ = ("head", "checks", "body", "slots", "call", "flat", "grad_output", "memo")
 
     def __init__(
         self, segments: list[bytes], order: list[int], tensors: list[Tensor], call: ComputeCall
@@ -132,6 +132,8 @@ class Plan:
             and all(type(v) in codec.LEAF_TYPES for v in call.kwargs.values())
         )
         self.grad_output = call.grad_output is not None
+        # What the engine's input checks found for this layout's signature (all its calls share it).
+        self.memo: dict[str, Any] = {}
 
     def matches(self, data: bytes) -> bool:
         """Whether ``data`` (which starts with ``head``) holds every segment at its place."""
@@ -161,7 +163,7 @@ class Plan:
             params = codec.map_tensors(template.params, take)
             args = codec.map_tensors(template.args, take)
             kwargs = codec.map_tensors(template.kwargs, take)
-        return checked_call(
+        call = checked_call(
             template.loss,
             params,
             args,
@@ -171,6 +173,8 @@ class Plan:
             *per_call,
             template.grad_output_batched,
         )
+        call.memo = self.memo
+        return call
 
 
 def _per_call(

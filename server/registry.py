@@ -300,17 +300,27 @@ def check_input(spec: Input, value: Any, where: str, checker: Checker | None) ->
 
 
 def check_inputs(
-    spec: LossSpec, bound: dict[str, Any], wheres: Mapping[str, str], params: Mapping[str, Any]
+    spec: LossSpec,
+    bound: dict[str, Any],
+    wheres: Mapping[str, str],
+    params: Mapping[str, Any],
+    memo: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check the given arguments of one call (by input name, updated in place to their canonical
     form) against the spec's declaration; ``wheres`` names each as the caller sent it, ``params``
-    are the canonical constructor parameters (forms may depend on them)."""
+    are the canonical constructor parameters (forms may depend on them). ``memo``: kept by the
+    caller for calls of one signature (a request layout's plan, server/prepared.py), it holds
+    the CheckPlan once found, so that such a call replays it without computing the signature."""
     # Scalars first: a form may read one (visdet's call-time ignore_index), as it reads params.
     scalars = [i for i in spec.inputs if i.kind in SCALAR_KINDS and i.name in bound]
     for declared in scalars:
         bound[declared.name] = check_input(
             declared, bound[declared.name], wheres[declared.name], None
         )
+    cached = memo.get("checks") if memo is not None else None
+    if cached is not None and cached[0] is spec:
+        cached[1].replay(bound)
+        return bound
     symbols = {**params, **{i.name: bound[i.name] for i in scalars}}
     others = [i for i in spec.inputs if i.name in bound and i.kind not in SCALAR_KINDS]
     given = {i.name: bound[i.name] for i in others}
@@ -318,6 +328,8 @@ def check_inputs(
     signature = signature and (signature, tuple(wheres.items()))
     cached = _PLANS.get((id(spec), signature)) if signature is not None else None
     if cached is not None and cached[0] is spec:
+        if memo is not None:
+            memo["checks"] = cached
         cached[1].replay(bound)
         return bound
     checker = Checker(symbols)  # only for a signature not seen yet: the plan replays the rest
@@ -330,6 +342,8 @@ def check_inputs(
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[(id(spec), signature)] = (spec, plan)
+        if memo is not None:
+            memo["checks"] = (spec, plan)
     return bound
 
 

@@ -357,6 +357,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 grad_output_batched=call.grad_output_batched,
                 grad_grads=call.grad_grads,
                 after_forward=after_forward,
+                memo=call.memo,
             )
         except (ServiceError, MemoryError):
             raise
