@@ -110,6 +110,40 @@ def test_a_layout_fills_in_the_plain_serialization_byte_for_byte(case: int) -> N
         assert pb.ComputeRequest.FromString(data) == plain
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.int64]
+)
+def test_a_layout_fills_in_tensors_held_unlike_the_ones_it_was_learned_from(dtype) -> None:
+    """Learned from plain contiguous tensors, a layout sends another call's tensors of the same
+    signature as the plain path does: requiring grad, transposed, negated views, offset views."""
+    base = torch.arange(12.0).reshape(3, 4).sub(5).to(dtype)
+
+    def body(a, k):
+        request = build_request("loss", {}, a, k)
+        request.ClearField("request_id")
+        return request
+
+    prepared = PreparedRequests()
+    for _ in range(2):
+        plain = build_request("loss", {}, (base.clone(),), {})
+        prepared.learn("key", [base.clone()], body, (base.clone(),), {}, plain)
+    layout = prepared.layout("key")
+    assert layout is not None
+    wide = torch.arange(24.0).reshape(6, 4).to(dtype)
+    held = [
+        base.float().requires_grad_().to(dtype) if dtype.is_floating_point else base,
+        torch.arange(12.0).reshape(4, 3).t().to(dtype) if dtype is not torch.bool else base.t().t(),
+        torch.arange(12.0).reshape(4, 3).to(dtype).t(),  # not contiguous
+        torch._neg_view(base) if dtype.is_floating_point else base,  # negated lazily
+        wide[3:],  # a view at an offset into its storage
+    ]
+    for tensor in held:
+        request_id = new_request_id()
+        plain = build_request("loss", {}, (tensor,), {})
+        plain.request_id = request_id
+        assert layout.fill([tensor], tail(request_id, None, None)) == plain.SerializeToString()
+
+
 def _call(client: _Recorder, transport: Transport, params, args, kwargs) -> pb.ComputeRequest:
     signature = call_signature(params, args, kwargs)
     value, _ = remote_loss(
