@@ -32,6 +32,10 @@ def _sign(value: Any, tensors: bool) -> Any:
         if not tensors:
             raise _Unsignable
         return (Tensor, value.dtype, tuple(value.shape))
+    if (
+        kind is dict
+    ):  # the parameters (often none): what the Mapping branch gives, without its ABC check
+        return (dict, *[(key, _sign(item, tensors)) for key, item in value.items()])
     if isinstance(value, _SCALARS):
         return (kind, value, math.copysign(1.0, value) if isinstance(value, float) else 0)
     if kind is list or kind is tuple or (kind is not dict and isinstance(value, (list, tuple))):
