@@ -215,42 +215,63 @@ class LossClient:
 
     def _invoke(self, rpc: Any, request: Any, request_id: str | None) -> Any:
         self.check_size(request, request_id)
+        timeout = self.options.timeout
+        metadata = self._metadata
+        # The first try here, any retry in ``retrying`` against the same deadline: a call that
+        # succeeds at once makes no closure and enters no retry loop.
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            try:
+                return rpc(request, timeout=timeout, metadata=metadata)
+            except grpc.RpcError as error:
+                failed = error
             return self.retrying(
-                lambda remaining: rpc(request, timeout=remaining, metadata=self._metadata)
+                lambda remaining: rpc(request, timeout=remaining, metadata=metadata),
+                deadline=deadline,
+                failed=failed,
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error, request_id, self.target) from None
 
-    def retrying(self, attempt: Callable[[float | None], Any]) -> Any:
+    def retrying(
+        self,
+        attempt: Callable[[float | None], Any],
+        *,
+        deadline: float | None = None,
+        failed: grpc.RpcError | None = None,
+    ) -> Any:
         """``attempt(seconds left)`` until it does not fail UNAVAILABLE (or server-CANCELLED).
 
         The one retry policy of every transport: jittered exponential backoff capped at
         ``MAX_BACKOFF_S``, until the call's deadline (or ``retries`` more tries, when given), never
         past it. The caller keeps the request id across tries, so the audit trail records the
-        evaluation once.
+        evaluation once. ``failed``: how a first try, made already against ``deadline``, failed.
         """
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        if failed is None:
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
         retries = self.options.retries
         if retries is None and deadline is None:
             retries = 4
         backoff = 0.05
         tries = 0
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            try:
-                return attempt(remaining)
-            except grpc.RpcError as error:
-                pause = backoff * (0.5 + random.random())  # jitter: replicas restarting together
-                if (
-                    error.code() not in RETRYABLE
-                    or (retries is not None and tries >= retries)
-                    or (deadline is not None and time.monotonic() + pause >= deadline)
-                ):
-                    raise
-                tries += 1
-                time.sleep(pause)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            if failed is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                try:
+                    return attempt(remaining)
+                except grpc.RpcError as error:
+                    failed = error
+            error, failed = failed, None
+            pause = backoff * (0.5 + random.random())  # jitter: replicas restarting together
+            if (
+                error.code() not in RETRYABLE
+                or (retries is not None and tries >= retries)
+                or (deadline is not None and time.monotonic() + pause >= deadline)
+            ):
+                raise error
+            tries += 1
+            time.sleep(pause)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
         if not request.request_id:
