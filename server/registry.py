@@ -299,6 +299,13 @@ def check_input(spec: Input, value: Any, where: str, checker: Checker | None) ->
     return value if promoted is None else value.to(promoted)
 
 
+def _symbols_key(symbols: dict[str, Any]) -> str | None:
+    """The symbols' repr, exact for scalars, strings and lists of them; None if any is a tensor."""
+    if any(True for _ in iter_tensors(symbols, "")):
+        return None
+    return repr(symbols)
+
+
 def check_inputs(
     spec: LossSpec,
     bound: dict[str, Any],
@@ -310,26 +317,30 @@ def check_inputs(
     form) against the spec's declaration; ``wheres`` names each as the caller sent it, ``params``
     are the canonical constructor parameters (forms may depend on them). ``memo``: kept by the
     caller for calls of one signature (a request layout's plan, server/prepared.py), it holds
-    the CheckPlan once found, so that such a call replays it without computing the signature."""
+    the CheckPlan once found and the symbols it was found with, so that a call with the same
+    symbols replays it without computing the signature of its tensors."""
     # Scalars first: a form may read one (visdet's call-time ignore_index), as it reads params.
     scalars = [i for i in spec.inputs if i.kind in SCALAR_KINDS and i.name in bound]
     for declared in scalars:
         bound[declared.name] = check_input(
             declared, bound[declared.name], wheres[declared.name], None
         )
-    cached = memo.get("checks") if memo is not None else None
-    if cached is not None and cached[0] is spec:
+    symbols = {**params, **{i.name: bound[i.name] for i in scalars}}
+    # A memo holds for the symbols it was found with (a scalar sent as a tensor changes them),
+    # compared by repr: none where a tensor among them, whose repr elides, would make it unsound.
+    key = _symbols_key(symbols) if memo is not None else None
+    cached = memo.get("checks") if key is not None else None
+    if cached is not None and cached[0] is spec and cached[2] == key:
         cached[1].replay(bound)
         return bound
-    symbols = {**params, **{i.name: bound[i.name] for i in scalars}}
     others = [i for i in spec.inputs if i.name in bound and i.kind not in SCALAR_KINDS]
     given = {i.name: bound[i.name] for i in others}
     signature = call_signature(symbols, [], given)
     signature = signature and (signature, tuple(wheres.items()))
     cached = _PLANS.get((id(spec), signature)) if signature is not None else None
     if cached is not None and cached[0] is spec:
-        if memo is not None:
-            memo["checks"] = cached
+        if key is not None:
+            memo["checks"] = (*cached, key)
         cached[1].replay(bound)
         return bound
     checker = Checker(symbols)  # only for a signature not seen yet: the plan replays the rest
@@ -342,8 +353,8 @@ def check_inputs(
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[(id(spec), signature)] = (spec, plan)
-        if memo is not None:
-            memo["checks"] = (spec, plan)
+        if key is not None:
+            memo["checks"] = (spec, plan, key)
     return bound
 
 

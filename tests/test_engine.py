@@ -241,3 +241,26 @@ def test_remembered_layouts_and_parameters_are_bounded(engine, monkeypatch):
             engine.evaluate("mse", {}, [x] * len(args), same).value, torch.tensor(0.0)
         )
         assert len(engine_module._CANONICAL) <= 4 and len(engine_module._LAYOUTS) <= 4
+
+
+def test_a_memo_of_the_input_checks_replays_only_for_the_symbols_it_was_found_with(engine):
+    """A layout's memo (server/prepared.py keeps one per request layout) holds the checks found
+    with its symbols: a call whose scalar inputs or parameters differ (a scalar sent as a tensor
+    does) is checked afresh, never by checks whose bounds came from other values."""
+    x = torch.randn(4, 5)
+    label = torch.tensor([0, 1, 7, 2])  # 7: out of range unless it is the ignored label
+    memo: dict = {}
+    for _ in range(2):
+        ignored = engine.evaluate(
+            "CrossEntropyLoss", {}, [x, label], {"ignore_index": 7}, [], memo=memo
+        )
+    assert "checks" in memo
+    # visdet's mean without avg_non_ignore: over every label, the ignored one included
+    expected = F.cross_entropy(x, label, ignore_index=7, reduction="none").sum() / 4
+    assert torch.allclose(ignored.value, expected)
+    with pytest.raises(InvalidArgument, match="got index 7") as refused:
+        engine.evaluate("CrossEntropyLoss", {}, [x, label], {"ignore_index": -100}, [], memo=memo)
+    assert refused.value.field == "args[1]"
+    # A tensor among the symbols (a `tensor` parameter), whose repr elides, keys no memo.
+    assert registry._symbols_key({"gamma": 2.0, "weight": torch.ones(2000)}) is None
+    assert registry._symbols_key({"gamma": 2.0}) != registry._symbols_key({"gamma": -2.0})
