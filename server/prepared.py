@@ -36,6 +36,10 @@ from .messages import ComputeCall, checked_call, decode_compute
 
 MAX_PLANS = 256  # layouts remembered, all callers together; the oldest goes first
 MAX_TENSORS = 255  # each tensor's index + 1 marks its bytes (one byte)
+# Of a layout's constant bytes (a key, and a plan's segments again): the plans' memory is bounded
+# by MAX_PLANS x this, a few MiB, outside the memory budget. A usual request's are a few
+# hundred bytes; a layout of more (long lists of numbers) goes the plain way.
+MAX_LAYOUT_BYTES = 8 << 10
 # Noting a layout costs 15-85 us (half a plain decode): once this many calls of a loss in a row
 # brought layouts never met before (shapes that change every call), only 1 call in QUIET_EVERY
 # is noted, until one of its layouts comes again.
@@ -284,6 +288,8 @@ class RequestPlans:
         for message in messages:
             message.data = b""
         key = body.SerializeToString()
+        if len(key) > MAX_LAYOUT_BYTES:
+            return
         with self._lock:
             found = self._known.get(key)
             self._new_in_a_row[loss] = new + 1 if found is None else 0

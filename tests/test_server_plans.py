@@ -14,7 +14,13 @@ from lossd.client.functional import build_request
 from lossd.client.wire import codec
 from lossd.server.config import ServerConfig
 from lossd.server.messages import ComputeCall, decode_compute
-from lossd.server.prepared import MAX_PLANS, QUIET_AFTER, QUIET_EVERY, RequestPlans
+from lossd.server.prepared import (
+    MAX_LAYOUT_BYTES,
+    MAX_PLANS,
+    QUIET_AFTER,
+    QUIET_EVERY,
+    RequestPlans,
+)
 from tests.support.wirekit import ALL_DTYPES
 
 LIMITS = ServerConfig().limits
@@ -314,3 +320,23 @@ def test_a_loss_whose_layouts_never_come_again_is_noted_only_now_and_then():
         plans.learn(data, again)
     assert _planned(plans, data) is not None
     assert plans._new_in_a_row["any_loss"] == 0
+
+
+def test_the_plans_memory_is_bounded_by_their_constant_bytes():
+    """Each plan keeps its layout's constant bytes (twice): a layout of more than
+    MAX_LAYOUT_BYTES (a long list of numbers among the parameters) is never noted, so however
+    many such layouts a caller sends, the plans hold at most MAX_PLANS x that."""
+    plans = _plans(limit=8)
+    x = _random(torch.float32, (4,))
+    long_params = [float(n) for n in range(MAX_LAYOUT_BYTES // 8 + 1)]
+    for n in range(20):
+        big = _request([x], params={"weights": [*long_params, float(n)]}, request_id="r")
+        assert len(big.SerializeToString()) > MAX_LAYOUT_BYTES
+        _taught(big, plans)
+    assert len(plans._known) == 0 and len(plans) == 0
+    small = _request([x], params={"weights": long_params[:100]}, request_id="r")
+    _taught(small, plans)  # a usual one is planned as before
+    assert _planned(plans, small.SerializeToString()) is not None
+    for n in range(20):
+        _taught(_request([_random(torch.float32, (n + 1,))], request_id="r"), plans)
+    assert all(len(key) <= MAX_LAYOUT_BYTES for key in plans._known)
