@@ -35,6 +35,15 @@ class ComputeCall:
     grad_grads: dict[str, Tensor] = field(default_factory=dict)
     memo: dict[str, Any] | None = None  # a layout's plan's, for the engine (server/prepared.py)
 
+    def tensors(self) -> list[tuple[str, Tensor]]:
+        """Every tensor of the call with its path, in the order decode_compute decodes them."""
+        return _tensors(self.params, self.args, self.kwargs, self.grad_output)
+
+
+def _tensors(params: Any, args: Any, kwargs: Any, grad_output: Tensor | None) -> list:
+    found = [*codec.iter_tensors(params, "params"), *codec.call_tensors(args, kwargs)]
+    return found + ([("grad_output", grad_output)] if grad_output is not None else [])
+
 
 def decode_compute(
     request: pb.ComputeRequest,
@@ -196,11 +205,7 @@ def _check_external(
     external: dict[str, Tensor], params: Any, args: Any, kwargs: Any, grad_output: Tensor | None
 ) -> None:
     # Every chunked tensor must land on a tensor of the request, or its bytes would be ignored.
-    known = {p for p, _ in codec.call_tensors(args, kwargs)} | {
-        p for p, _ in codec.iter_tensors(params, "params")
-    }
-    if grad_output is not None:
-        known.add("grad_output")
+    known = {p for p, _ in _tensors(params, args, kwargs, grad_output)}
     for i, path in enumerate(external):
         if path not in known:
             raise codec.DecodeError(

@@ -320,10 +320,7 @@ class RequestPlans:
         for message, raw in zip(messages, datas):
             message.data = raw
         call = decode_compute(body, self.limits)  # the trees and tensors the plain decode builds
-        tensors = [t for _, t in codec.iter_tensors(call.params, "params")]
-        tensors += [t for _, t in codec.call_tensors(call.args, call.kwargs)]
-        if call.grad_output is not None:
-            tensors.append(call.grad_output)
+        tensors = [t for _, t in call.tensors()]
         if len(tensors) != len(messages):
             return None
         plan = Plan(*found, tensors, call)
@@ -351,12 +348,7 @@ class RequestPlans:
 def _same_call(a: ComputeCall, b: ComputeCall) -> bool:
     """The same trees, and tensors of the same dtypes, shapes, strides and bits."""
 
-    def tensors(call: ComputeCall) -> list[tuple[str, Tensor]]:
-        found = [*codec.iter_tensors(call.params, "params")]
-        found += codec.call_tensors(call.args, call.kwargs)
-        return found + ([("grad_output", call.grad_output)] if call.grad_output is not None else [])
-
-    left, right = tensors(a), tensors(b)
+    left, right = a.tensors(), b.tensors()
     if [p for p, _ in left] != [p for p, _ in right]:
         return False
     for (_, x), (_, y) in zip(left, right):
