@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -23,7 +24,6 @@ from torch import nn
 from lossd.client import AuditClient, RemoteLoss
 from lossd.server import registry
 from lossd.server.registry import LossOutput
-from tests.support.serverproc import free_port
 
 STEPS = 6
 
@@ -203,37 +203,88 @@ def test_netspresso_yolox_loss_training_under_autocast_matches(endpoint):
 # --------------------------------------------------------------------------- 2-process DDP
 
 
-def _ddp_worker(rank: int, world: int, endpoint: str, port: int, run_id: str, out: str) -> None:
+# A hung worker (a lost peer, a stuck exit) dumps every thread's stack to a file and exits, so a
+# failure says where it hung and no process outlives the test to hold CI's output open.
+_WORKER_DEADLINE_S = 150
+_TEST_DEADLINE_S = 200
+
+
+def _ddp_worker(
+    rank: int, world: int, endpoint: str, rendezvous: str, run_id: str, out: str
+) -> None:
+    import faulthandler
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    stacks = open(os.path.join(out, f"{rank}.stacks"), "w")  # noqa: SIM115 (open until exit)
+    faulthandler.dump_traceback_later(_WORKER_DEADLINE_S, exit=True, file=stacks)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store rather than a TCP one: no port to race for, and no rank hosts what the
+    # other still needs at shutdown.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    batches = _batches(STEPS, seed=10 + rank, batch=8)  # each rank its own shard
+    runs = {}
+    for kind in ("remote", "local"):
+        model = DistributedDataParallel(_mlp())
+        if kind == "remote":
+            with RemoteLoss("cross_entropy", endpoint=endpoint, run_id=run_id) as crit:
+                runs[kind] = _train(model, crit, batches)
+        else:
+            runs[kind] = _train(model, nn.CrossEntropyLoss(), batches)
+    torch.save({k: (v.losses, v.params) for k, v in runs.items()}, os.path.join(out, f"{rank}.pt"))
+    dist.barrier()
+    # Exit without tearing the process group down: freeing the last DDP reducer can deadlock in
+    # torch 2.13 (the main thread, holding the GIL, waits in ~ProcessGroupGloo for a mutex that
+    # gloo's run loop holds while it destroys a finished work, whose thread-local state needs
+    # the GIL). py-spy caught exactly that in a worker hung under load, as one hung a CI run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _join_or_kill(context, out) -> None:
+    """Wait for every worker; on a failure or past the deadline, kill them all and show their
+    stacks."""
+    import time
+
+    from torch.multiprocessing.spawn import ProcessException
+
+    deadline = time.monotonic() + _TEST_DEADLINE_S
     try:
-        batches = _batches(STEPS, seed=10 + rank, batch=8)  # each rank its own shard
-        runs = {}
-        for kind in ("remote", "local"):
-            model = DistributedDataParallel(_mlp())
-            if kind == "remote":
-                with RemoteLoss("cross_entropy", endpoint=endpoint, run_id=run_id) as crit:
-                    runs[kind] = _train(model, crit, batches)
-            else:
-                runs[kind] = _train(model, nn.CrossEntropyLoss(), batches)
-        torch.save(
-            {k: (v.losses, v.params) for k, v in runs.items()}, os.path.join(out, f"{rank}.pt")
-        )
+        while not context.join(timeout=2):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the DDP workers ran past {_TEST_DEADLINE_S} s")
+    except (ProcessException, TimeoutError) as exc:
+        stacks = {p.name: p.read_text() for p in sorted(out.glob("*.stacks"))}
+        pytest.fail(f"{exc}\n" + "\n".join(f"--- {n}\n{t}" for n, t in stacks.items() if t))
     finally:
-        dist.destroy_process_group()
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
 
 
 def test_two_process_ddp_training_matches_local_ddp(endpoint, tmp_path):
     import torch.multiprocessing as mp
 
     run_id = f"ddp-{uuid.uuid4().hex[:8]}"
-    mp.spawn(
-        _ddp_worker, args=(2, endpoint, free_port(), run_id, str(tmp_path)), nprocs=2, join=True
+    rendezvous = tmp_path / "rendezvous"
+    context = mp.start_processes(
+        _ddp_worker,
+        args=(2, endpoint, str(rendezvous), run_id, str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
     )
+    _join_or_kill(context, tmp_path)
     results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     for result in results:
         (remote_losses, remote_params), (local_losses, local_params) = (
