@@ -7,12 +7,30 @@ which is what CI has.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lossd.client import LossClient
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
+from tests.support import reaper
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    reaper.become_subreaper()
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    leftovers = reaper.kill_leftovers(os.getpid())
+    if leftovers:
+        listing = "\n".join(f"  {pid}: {cmd[:200]}" for pid, cmd in sorted(leftovers.items()))
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"killed {len(leftovers)} process(es) the suite left running:\n{listing}"
+        if reporter is not None:
+            reporter.write_line(message, yellow=True, bold=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
