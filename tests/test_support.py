@@ -79,3 +79,19 @@ def test_leftovers_that_ignore_sigterm_are_killed_with_their_whole_tree():
     finally:
         parent.kill()
         parent.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux's")
+def test_multiprocessings_resource_tracker_is_left_to_exit_with_the_suite():
+    tracker = f"{sys.executable} -c 'import time; time.sleep(60)' multiprocessing.resource_tracker"
+    parent = subprocess.Popen(["sh", "-c", f"sleep 60 & {tracker} & wait"])
+    try:
+        _wait_for(lambda: len(reaper.descendants(parent.pid)) == 2)
+        killed = reaper.kill_leftovers(parent.pid, grace_s=0.3)
+        assert list(killed.values()) == ["sleep 60"]
+        assert [c for c in reaper.descendants(parent.pid).values() if "resource_tracker" in c]
+    finally:
+        for pid in reaper.descendants(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()

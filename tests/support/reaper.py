@@ -56,15 +56,27 @@ def descendants(root: int) -> dict[int, str]:
     return found
 
 
+# multiprocessing's resource tracker lives until the process that started it exits (it reads
+# a pipe to EOF), so it is not a leftover; killing it early only makes multiprocessing warn.
+_EXITS_WITH_THE_SUITE = ("multiprocessing.resource_tracker",)
+
+
 def kill_leftovers(root: int, grace_s: float = 3.0) -> dict[int, str]:
-    """SIGTERM, then after ``grace_s`` SIGKILL, every descendant of ``root``; returns them."""
-    leftovers = descendants(root)
+    """SIGTERM, then after ``grace_s`` SIGKILL, every descendant of ``root`` but those that exit
+    with it; returns what it killed."""
+    leftovers = {
+        pid: cmd
+        for pid, cmd in descendants(root).items()
+        if not any(name in cmd for name in _EXITS_WITH_THE_SUITE)
+    }
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in descendants(root):
+        alive = [pid for pid in leftovers if pid in descendants(root)]
+        for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while descendants(root) and time.monotonic() < deadline:
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if pid in descendants(root)]
             time.sleep(0.05)
     for pid in leftovers:  # only these: another child's Popen still expects to reap its own
         with contextlib.suppress(ChildProcessError):
