@@ -1,5 +1,5 @@
-"""Helpers the loss tests share: calling a loss as the server does, reading its output, choosing and
-attaching the inputs that need gradients."""
+"""Helpers the loss tests share: a spec's example call, calling a loss as the server does, reading
+its output, choosing and attaching the inputs that need gradients."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ UPSTREAM_LOSSES = {
         "DiceLoss",
     ),
 }
+
+
+F64 = torch.float64
+
+
+def example(name: str, dtype=F64):
+    """The example call of the loss registered as ``name``, at ``dtype``: (args as a list, kwargs,
+    constructor params)."""
+    args, kwargs, params = registry.get(name).make_example(dtype)
+    return list(args), kwargs, params
 
 
 def value(out):
