@@ -1,8 +1,9 @@
 """Generated hostile input against a real ``lossd serve`` process, across every registered loss.
 
-Each case is a ComputeRequest built at the protobuf level (``hostile.py``: a valid call of a
-random loss, then mutations) or raw bytes sent through a generic channel. The property: the
-server answers every case with either
+Each case is a ComputeRequest built at the protobuf level (``hostile_mutations.py``: a valid
+call of a random loss, then mutations) or raw bytes sent through a generic channel
+(``hostile_bytes.py``: not even protobuf, or a ComputeChunked call's frames with a fault). The
+property: the server answers every case with either
 
 - a well-formed gRPC error whose code is one a caller can act on (never INTERNAL or UNKNOWN,
   never a dropped connection), or
@@ -36,7 +37,7 @@ from lossd.server.config import ServerConfig
 from lossd.server.engine import Engine
 from lossd.server.errors import InvalidArgument, to_service_error
 from lossd.server.service import LossServicer, Malformed, safe_parser
-from tests.reliability import hostile
+from tests.reliability import hostile, hostile_bytes, hostile_mutations
 from tests.support.budget import LONG, examples
 from tests.support.serverproc import rss_kib, serving
 
@@ -193,7 +194,7 @@ def test_warm_baseline(lossd_process, compute_raw, reference, device):
 @hsettings(max_examples=examples(16))
 @given(data=st.data())
 def test_mutated_calls(compute_raw, reference, device, data):
-    request, done = hostile.draw_request(data)
+    request, done = hostile_mutations.draw_request(data)
     check_case(compute_raw, reference, device, request, "\n  ".join(done))
 
 
@@ -201,7 +202,7 @@ def test_mutated_calls(compute_raw, reference, device, data):
 @given(data=st.data())
 def test_raw_bytes(compute_raw, data):
     """Noise, truncations and flipped bytes: INVALID_ARGUMENT (or a correct result by chance)."""
-    payload, what = hostile.draw_raw_bytes(data)
+    payload, what = hostile_bytes.draw_raw_bytes(data)
     response, error = send(compute_raw, payload)
     if error is not None:
         check_error(error, what)
@@ -212,7 +213,7 @@ def test_raw_bytes(compute_raw, data):
 @hsettings(max_examples=examples(2))
 @given(
     loss=st.sampled_from([s.name for s in hostile.all_specs()]),
-    args=st.lists(hostile.raw_values(), max_size=4),
+    args=st.lists(hostile_mutations.raw_values(), max_size=4),
 )
 def test_arbitrary_arguments(compute_raw, reference, device, loss, args):
     """A loss's name with arguments of any kind and shape, none of them built to fit."""
@@ -242,7 +243,7 @@ def inline(response: pb.ComputeResponse, tensors: dict) -> pb.ComputeResponse:
 def test_chunked_frames(chunked_raw, reference, device, data):
     """ComputeChunked with chunk sequences cut short, too long, reordered or disagreeing with the
     header: a well-formed error (nothing sized from a claim) or the same result as here."""
-    frames, done = hostile.draw_chunked(data, reference.max_chunked_bytes)
+    frames, done = hostile_bytes.draw_chunked(data, reference.max_chunked_bytes)
     what = "\n  ".join(done)
     response = error = None
     try:
@@ -282,8 +283,8 @@ def test_every_hostile_kind_was_sent():
     refactor that silently stops generating one kind of input fails here)."""
     if hsettings.default.max_examples < 100:
         pytest.skip("a reduced budget need not reach every kind")
-    wanted = set(hostile.MUTATIONS) | {f"raw:{k}" for k in hostile.RAW_KINDS}
-    wanted |= {f"chunked:{k}" for k in hostile.CHUNK_FAULTS}
+    wanted = set(hostile_mutations.MUTATIONS) | {f"raw:{k}" for k in hostile_bytes.RAW_KINDS}
+    wanted |= {f"chunked:{k}" for k in hostile_bytes.CHUNK_FAULTS}
     if not hostile.APPLIED:
         pytest.skip("the generating tests did not run (selected out)")
     missing = sorted(wanted - set(hostile.APPLIED))
