@@ -1,4 +1,6 @@
-"""Shared fixtures: an in-process lossd server on a free port, and the device under test.
+"""Shared fixtures: an in-process lossd server on a free port, the device under test, and for the
+Unix socket and shared-memory tests (test_unix_socket.py, test_shm.py, test_shm_access.py) a
+short temporary directory and a server on a Unix socket in it.
 
 ``device`` is the one device mechanism: every test whose subject depends on the device takes
 it, and ``pytest --device cuda`` runs them all on a GPU (kornia's pattern); the default is CPU,
@@ -8,6 +10,7 @@ which is what CI has.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from lossd.client import LossClient
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig
 from tests.support import reaper
+from tests.support.shmkit import _server
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,3 +89,17 @@ def client(endpoint: str):
     c = LossClient(endpoint, timeout=60)
     yield c
     c.close()
+
+
+@pytest.fixture()
+def sock_dir():
+    # Short paths: sun_path holds 108 bytes, and pytest's tmp_path can be long.
+    with tempfile.TemporaryDirectory(prefix="lossd-", dir="/tmp") as d:
+        yield d
+
+
+@pytest.fixture()
+def unix_server(sock_dir):
+    running = _server(sock_dir)
+    yield running
+    running.stop(0)
