@@ -11,7 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -21,21 +20,6 @@ from lossd.client import LossClient, RemoteLoss
 from lossd.server.app import create_server
 from lossd.server.config import ServerConfig, SettingError
 from tests.support.serverproc import ServerProcess, serving
-
-
-@pytest.fixture()
-def sock_dir():
-    # Short paths: sun_path holds 108 bytes, and pytest's tmp_path can be long.
-    with tempfile.TemporaryDirectory(prefix="lossd-", dir="/tmp") as d:
-        yield d
-
-
-@pytest.fixture()
-def unix_server(sock_dir):
-    path = os.path.join(sock_dir, "lossd.sock")
-    running = create_server(ServerConfig(port=-1, unix=path, device="cpu", audit="none"))
-    yield running
-    running.stop(0)
 
 
 @pytest.mark.parametrize("transport", ["unary", "chunked", "auto"])
