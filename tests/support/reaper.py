@@ -70,14 +70,14 @@ def kill_leftovers(root: int, grace_s: float = 3.0) -> dict[int, str]:
         if not any(name in cmd for name in _EXITS_WITH_THE_SUITE)
     }
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid in leftovers if pid in descendants(root)]
+        alive = leftovers.keys() & descendants(root).keys()  # one /proc scan a step
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
         while alive and time.monotonic() < deadline:
-            alive = [pid for pid in alive if pid in descendants(root)]
             time.sleep(0.05)
+            alive &= descendants(root).keys()
     for pid in leftovers:  # only these: another child's Popen still expects to reap its own
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
