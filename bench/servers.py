@@ -33,9 +33,11 @@ def lossd_server(
     workers: int | None = None,
     port: int = 0,
     reuse_port: bool = False,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """``lossd serve`` with the bench's settings (not yet started); ``reuse_port`` for one of
-    several processes sharing ``port`` (lossd serve refuses a port in use without it)."""
+    several processes sharing ``port`` (lossd serve refuses a port in use without it); ``env``
+    added to the environment (bench/before.py's, for an older tree)."""
     return ServerProcess(
         "--port",
         str(port),
@@ -53,6 +55,7 @@ def lossd_server(
         "--log-level",
         "WARNING",
         *opts.server_arg,
+        env=env,
         timeout=START_TIMEOUT_S,
         cwd=ROOT,
     )
