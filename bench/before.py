@@ -46,7 +46,9 @@ def checkout(workdir: Path, commit: str = BEFORE) -> Path:
     if archive.returncode != 0:
         reason = archive.stderr.decode(errors="replace").strip()
         raise BeforeUnavailable(f"git archive {commit}: {reason}")
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    untar = subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=False)
+    if untar.returncode != 0:
+        raise BeforeUnavailable(f"tar -x of {commit}'s archive into {dest} failed")
     (shim / "lossd").mkdir(parents=True, exist_ok=True)
     for part in ("client", "server"):
         link = shim / "lossd" / part

@@ -137,8 +137,11 @@ def _row(
                 fn()
         if then is not None:  # warmed up as it starts
             (server, shim), index = then
-            old = before.BeforeClient(shim, server.address, index, opts.cpu_calls)
-            samples["before"] = []
+            try:
+                old = before.BeforeClient(shim, server.address, index, opts.cpu_calls)
+                samples["before"] = []
+            except before.BeforeUnavailable as exc:
+                print(f"cpu: {w.loss} {w.shape} without a before column: {exc}", flush=True)
         for _ in range(ROUNDS):
             for name, (fn, pid) in cells.items():
                 samples[name].append(_block(fn, pid, opts.cpu_calls))
@@ -219,24 +222,29 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(result: dict[str, Any]) -> str:
     """The per-call CPU section."""
     rows = result["cpu"]
-    measured = bool(rows) and all("before" in row for row in rows)
+    measured = [row for row in rows if "before" in row]
+    if len(measured) == len(rows) and rows:
+        source = (
+            f"`before` is lossd at {before.BEFORE}, before issue 14's work, its server and client "
+            "measured in the same rounds (bench/before.py)."
+        )
+    else:
+        source = (
+            f"`before` is lossd at {before.BEFORE}, measured in the same rounds (bench/before.py); "
+            f"{len(rows) - len(measured)} of {len(rows)} rows could not measure it (the run's output "
+            f"says why), and their halving target uses the figures recorded at {before.BEFORE} on "
+            "another machine (bench/cpu.py `OWN_BEFORE`)."
+        )
     lines = [
         f"`{result['command']}` ({result['started']}). " + render_machine(result),
         f"CPU ms per call, median of {ROUNDS} blocks of {rows[0]['calls'] if rows else 0} "
         "sequential calls (bench/cpu.py says how each is measured). `own` = lossd - echo: what lossd "
         "adds to a bare gRPC call of the same bytes (on the server, the loss's own compute included: "
-        "`local` is the engine's evaluation in this process, for reference). "
-        + (
-            f"`before` is lossd at {before.BEFORE}, before issue 14's work, its server and client "
-            "measured in the same rounds (bench/before.py)."
-            if measured
-            else f"No `before` column in this run: the halving target uses the figures recorded at "
-            f"{before.BEFORE} on another machine (bench/cpu.py `OWN_BEFORE`)."
-        ),
+        "`local` is the engine's evaluation in this process, for reference). " + source,
         "",
         "| loss | input | local | client: echo / lossd / own | server: echo / lossd / own "
-        + ("| before: client / server | before own: client / server |" if measured else "|"),
-        "|---|---|---|---|---|" + ("---|---|" if measured else ""),
+        "| before: client / server | before own: client / server |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         echo, lossd, local = row["echo"], row["lossd"], row["local"]["client_ms"]
@@ -246,11 +254,13 @@ def render(result: dict[str, Any]) -> str:
             f"{lossd['client_ms']:.3f} / {client:.3f} | {echo['server_ms']:.3f} / "
             f"{lossd['server_ms']:.3f} / {server:.3f} |"
         )
-        if measured:
+        if "before" in row:
             then, (then_client, then_server) = row["before"], own(row, "before")
             line += (
                 f" {then['client_ms']:.3f} / {then['server_ms']:.3f} |"
                 f" {then_client:.3f} / {then_server:.3f} |"
             )
+        else:
+            line += " – | – |"
         lines.append(line)
     return "\n".join(lines + render_targets(targets(rows)))

@@ -66,7 +66,7 @@ def test_the_halving_target_takes_the_before_column_of_the_same_run_over_the_rec
     del row["before"]  # a run that could not measure it: the recorded figures, and it says so
     recorded = {t["target"].split(":")[1].split()[0]: t for t in cpu.targets([row])}
     assert "recorded on another machine" in recorded["server"]["target"]
-    assert "No `before` column" in cpu.render(
+    assert "1 of 1 rows could not measure it" in cpu.render(
         {"command": "c", "started": "s", "machine": _MACHINE, "cpu": [row]}
     )
 
