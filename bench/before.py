@@ -1,7 +1,7 @@
 """The per-call CPU's "before", measured in the same run: lossd as it was before issue 14's work.
 
 Issue 14 item 4 asks lossd's own CPU per small call halved, each side. Figures recorded on one
-machine cannot show that on another: the same code's CPU per call moves by 1.5-2 x between the
+machine cannot show that on another: the same code's CPU per call moves by 1.5-2.6 x between the
 2-core boxes this project runs on. So ``bench --cpu`` serves and calls lossd at ``BEFORE`` beside
 today's, on the same inputs, block for block in the same rounds:
 
@@ -101,17 +101,10 @@ class BeforeClient:
 
 def _serve_blocks(endpoint: str, index: int, calls: int) -> None:
     import lossd.client
-    from lossd.client import RemoteLoss
 
-    from .cpu import cases
+    from .cpu import cases, remote_call
 
-    w = cases()[index]
-    module = RemoteLoss(w.loss, endpoint=endpoint, transport="unary", **w.params)
-
-    def remote() -> None:
-        w.fresh()
-        module(*w.args, **w.kwargs).backward()
-
+    remote, module = remote_call(cases()[index], endpoint)
     for _ in range(WARM_UP_CALLS):
         remote()
     print("ready", Path(lossd.client.__file__).resolve(), flush=True)

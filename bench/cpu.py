@@ -86,8 +86,7 @@ def cpu(opts: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     rows = []
     try:
         for index, w in enumerate(cases()):
-            pair = (then, index) if then else None
-            rows.append(_row(w, opts, floor, floor_proc.pid, lossd_proc, pair))
+            rows.append(_row(w, index, opts, floor, floor_proc.pid, lossd_proc, then))
             print(_line(rows[-1]), flush=True)
     finally:
         floor.close()
@@ -107,22 +106,31 @@ def _before_server(opts: argparse.Namespace, workdir: Path) -> tuple[Any, Path] 
         return None
 
 
-def _row(
-    w: workloads.Workload,
-    opts: argparse.Namespace,
-    floor: FloorClient,
-    floor_pid: int,
-    lossd: Any,
-    then: tuple[tuple[Any, Path], int] | None,
-) -> dict[str, Any]:
+def remote_call(w: workloads.Workload, endpoint: str) -> tuple[Callable[[], None], Any]:
+    """One measured call of ``w`` (``RemoteLoss`` forward + backward over unary ``Compute``, the
+    inputs' gradients cleared first) and the module, to close; whichever ``lossd`` imports."""
     from lossd.client import RemoteLoss
 
-    payload = os.urandom(w.request_bytes)
-    module = RemoteLoss(w.loss, endpoint=lossd.address, transport="unary", **w.params)
+    module = RemoteLoss(w.loss, endpoint=endpoint, transport="unary", **w.params)
 
     def remote() -> None:
         w.fresh()
         module(*w.args, **w.kwargs).backward()
+
+    return remote, module
+
+
+def _row(
+    w: workloads.Workload,
+    index: int,
+    opts: argparse.Namespace,
+    floor: FloorClient,
+    floor_pid: int,
+    lossd: Any,
+    then: tuple[Any, Path] | None,
+) -> dict[str, Any]:
+    payload = os.urandom(w.request_bytes)
+    remote, module = remote_call(w, lossd.address)
 
     cells = {
         "echo": (lambda: floor.echo(payload, w.grad_bytes), floor_pid),
@@ -136,7 +144,7 @@ def _row(
             for _ in range(before.WARM_UP_CALLS):  # connection, DescribeLoss, first-call costs
                 fn()
         if then is not None:  # warmed up as it starts
-            (server, shim), index = then
+            server, shim = then
             try:
                 old = before.BeforeClient(shim, server.address, index, opts.cpu_calls)
                 samples["before"] = []
