@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lossd.client.wire.codec import iter_tensors
 from lossd.server import registry
 from lossd.server.engine import Engine, bind_inputs
 from lossd.server.errors import InvalidArgument, LossNotFound
@@ -264,3 +266,16 @@ def test_a_memo_of_the_input_checks_replays_only_for_the_symbols_it_was_found_wi
     # A tensor among the symbols (a `tensor` parameter), whose repr elides, keys no memo.
     assert registry._symbols_key({"gamma": 2.0, "weight": torch.ones(2000)}) is None
     assert registry._symbols_key({"gamma": 2.0}) != registry._symbols_key({"gamma": -2.0})
+
+
+@pytest.mark.parametrize("spec", registry.all_specs(), ids=lambda spec: spec.name)
+def test_every_loss_example_evaluates_without_a_warning_from_lossd(engine, spec):
+    """A warning lossd's own code raises on a plain call lands in every server's log once per
+    process and says nothing the caller did (a float() of the loss value with grad did)."""
+    args, kwargs, params = spec.make_example(torch.float64)
+    paths = [path for path, t in iter_tensors(args, "args") if t.is_floating_point()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.evaluate(spec.name, params, args, kwargs, paths)
+    ours = [w for w in caught if "/server/" in w.filename or "/client/" in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
