@@ -12,6 +12,12 @@ holds hundreds of MiB while idle (bench/RESULTS.md, "Server memory"). Two remedi
 - ``set_mmap_threshold`` (``--malloc-mmap-threshold-kb``, off by default): a fixed threshold keeps
   large buffers out of the arenas altogether, which also bounds the peak under mixed load, at the
   price of fresh page faults on every large buffer (16 MB calls measured 40-60 % slower).
+
+Above the dynamic threshold's 32 MiB ceiling glibc maps every buffer afresh and unmaps it when
+freed, so each evaluation of a large call faults all its buffers in again: half of a 64 MB
+cross_entropy forward + backward on one thread (130-170 ms, 58-70 ms with the pages reused).
+``reuse_large_buffers`` (``--malloc-reuse-large``, on by default) extends the arenas' reuse to
+them; the idle trim gives them back as it does the smaller ones.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .config import MAX_THRESHOLD_KB, SettingError
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
+M_MMAP_MAX = -4
 
 
 def _libc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
@@ -57,6 +64,19 @@ def set_mmap_threshold(kib: int) -> bool:
         log.info("not glibc: --malloc-mmap-threshold-kb has no effect")
         return False
     return mallopt(M_MMAP_THRESHOLD, kib << 10) == 1
+
+
+def reuse_large_buffers() -> bool:
+    """Serve every buffer from glibc's arenas (``M_MMAP_MAX`` 0, process-wide), however large.
+
+    Returns whether it took effect: False where the C library is not glibc. A buffer too large
+    for a thread's arena still comes from the main arena (glibc retries there), not a mapping.
+    """
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
+        log.info("not glibc: --malloc-reuse-large has no effect")
+        return False
+    return mallopt(M_MMAP_MAX, 0) == 1
 
 
 class IdleTrimmer:

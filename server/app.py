@@ -18,7 +18,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import reflection
-from ._malloc import IdleTrimmer, set_mmap_threshold
+from ._malloc import IdleTrimmer, reuse_large_buffers, set_mmap_threshold
 from .audit import AuditRecorder, audit_signer, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .budget import MemoryBudget
@@ -156,7 +156,12 @@ def _bulk_listener(config: ServerConfig, credentials: Any) -> BulkListener | Non
 def create_server(config: ServerConfig) -> RunningServer:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)  # process-wide: every handler thread shares it
-    set_mmap_threshold(config.malloc_mmap_threshold_kb)  # process-wide too
+    # Process-wide too. A fixed threshold is asked for so that large buffers are unmapped when
+    # freed, which keeping them in the arenas would undo.
+    if config.malloc_mmap_threshold_kb:
+        set_mmap_threshold(config.malloc_mmap_threshold_kb)
+    elif config.malloc_reuse_large:
+        reuse_large_buffers()
     trimmer = IdleTrimmer(config.trim_memory_idle_s)  # its thread starts with the server
     engine = Engine(config.device)
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)

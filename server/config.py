@@ -116,6 +116,10 @@ class ServerConfig:
         max=MAX_THRESHOLD_KB,
         note="(KiB)",
     )
+    malloc_reuse_large: bool = _setting(
+        True,
+        "serve buffers above glibc's 32 MiB mmap ceiling from its arenas too (M_MMAP_MAX=0), so a large evaluation reuses the pages the last one freed instead of faulting in fresh ones (a 64 MB cross_entropy about 2 x faster, bench/RESULTS.md); the idle trim gives them back; a fixed --malloc-mmap-threshold-kb turns it off",
+    )
     max_message_mb: int = _setting(
         256,
         "largest request or response, in MiB (both directions)",

@@ -1,5 +1,5 @@
 """Freed memory goes back to the OS: ``--trim-memory-idle-s`` (on by default) and
-``--malloc-mmap-threshold-kb`` (off by default); see server/_malloc.py for why and what each costs."""
+``--malloc-mmap-threshold-kb`` (off by default), and ``--malloc-reuse-large`` (on by default); see server/_malloc.py for why and what each costs."""
 
 from __future__ import annotations
 
@@ -154,19 +154,22 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-running = create_server(ServerConfig(port=0, device="cpu", audit="none", malloc_mmap_threshold_kb=int(sys.argv[1])))
+threshold_kb, reuse_large, size_mb = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+running = create_server(ServerConfig(port=0, device="cpu", audit="none", malloc_mmap_threshold_kb=threshold_kb, malloc_reuse_large=reuse_large))
 libc.free(libc.malloc(16 << 20))
 before = libc.mallinfo2().hblkhd
-buffer = libc.malloc(4 << 20)
+buffer = libc.malloc(size_mb << 20)
 print(libc.mallinfo2().hblkhd - before)
 libc.free(buffer)
 running.stop(0)
 """
 
 
-def mapped_bytes(threshold_kb: int) -> int:
+def mapped_bytes(threshold_kb: int, reuse_large: bool = True, size_mb: int = 4) -> int:
+    """Bytes glibc mmapped for one ``size_mb`` buffer after a 16 MiB one came and went."""
+    argv = [str(threshold_kb), "1" if reuse_large else "0", str(size_mb)]
     done = subprocess.run(
-        [sys.executable, "-c", MAPPED_AFTER_A_LARGE_REQUEST, str(threshold_kb)],
+        [sys.executable, "-c", MAPPED_AFTER_A_LARGE_REQUEST, *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -183,6 +186,19 @@ def test_a_fixed_threshold_keeps_buffers_after_a_large_request_out_of_the_arenas
 @glibc_only
 def test_zero_the_default_leaves_glibcs_dynamic_threshold_which_puts_them_in_an_arena():
     assert mapped_bytes(0) == 0
+
+
+@glibc_only
+def test_a_buffer_above_the_32_mib_ceiling_comes_from_an_arena_by_default():
+    """--malloc-reuse-large (on by default): a 64 MiB buffer is not a fresh mapping, so the next
+    large evaluation reuses the pages the last one freed."""
+    assert mapped_bytes(0, size_mb=64) == 0
+
+
+@glibc_only
+def test_without_reuse_large_or_with_a_fixed_threshold_a_large_buffer_is_mapped_afresh():
+    assert mapped_bytes(0, reuse_large=False, size_mb=64) >= 64 << 20
+    assert mapped_bytes(1024, reuse_large=True, size_mb=64) >= 64 << 20  # the threshold wins
 
 
 @pytest.mark.parametrize("kib", [-1, MAX_THRESHOLD_KB + 1])
