@@ -34,11 +34,8 @@ from .config import MAX_THRESHOLD_KB, SettingError
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD = -1  # <malloc.h>
-M_MMAP_THRESHOLD = -3
+M_MMAP_THRESHOLD = -3  # <malloc.h>
 M_MMAP_MAX = -4
-M_ARENA_MAX = -8
-INT_MAX = (1 << 31) - 1
 
 
 def _libc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
@@ -70,21 +67,18 @@ def set_mmap_threshold(kib: int) -> bool:
 
 
 def reuse_large_buffers() -> bool:
-    """Serve every buffer from glibc's arenas, however large, and keep it there once freed
-    (process-wide; call before the handler threads start).
+    """Serve buffers from glibc's arenas (``M_MMAP_MAX`` 0, process-wide), however large.
 
-    Three settings, each needed: no mmapped chunks (``M_MMAP_MAX`` 0); one arena, since a thread's
-    arena is at most 64 MiB and glibc maps a larger buffer for it whatever ``M_MMAP_MAX`` says
-    (a 256 MB call's buffers were fresh mappings with the first setting alone); no trim of the
-    heap's top when a buffer at its end is freed (``M_TRIM_THRESHOLD``: IdleTrimmer trims). Returns
-    whether they took effect: False where the C library is not glibc.
+    Returns whether it took effect: False where the C library is not glibc. A thread's arena
+    holds at most 64 MiB, and glibc maps a larger buffer for it whatever ``M_MMAP_MAX`` says, so
+    the reuse covers buffers up to 64 MiB (a 64 MB call's). One arena and no top trim, which
+    would cover larger ones, measured worse in the bench (bench/RESULTS.md, "Co-located").
     """
     mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
     if mallopt is None:
         log.info("not glibc: --malloc-reuse-large has no effect")
         return False
-    settings = ((M_MMAP_MAX, 0), (M_ARENA_MAX, 1), (M_TRIM_THRESHOLD, INT_MAX))
-    return all(mallopt(option, value) == 1 for option, value in settings)
+    return mallopt(M_MMAP_MAX, 0) == 1
 
 
 class IdleTrimmer:
