@@ -17,7 +17,8 @@ Above the dynamic threshold's 32 MiB ceiling glibc maps every buffer afresh and 
 freed, so each evaluation of a large call faults all its buffers in again: half of a 64 MB
 cross_entropy forward + backward on one thread (130-170 ms, 58-70 ms with the pages reused).
 ``reuse_large_buffers`` (``--malloc-reuse-large``, on by default) extends the arenas' reuse to
-them; the idle trim gives them back as it does the smaller ones.
+them, up to the 64 MiB a thread's arena holds; the idle trim gives them back as it does the
+smaller ones.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def _libc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
     return function
 
 
+def _mallopt(option: int, value: int, flag: str) -> bool:
+    """glibc's ``mallopt(option, value)``, process-wide; False where it failed or the C library
+    is not glibc (``flag``, the setting that asked, then has no effect)."""
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
+        log.info("not glibc: %s has no effect", flag)
+        return False
+    return mallopt(option, value) == 1
+
+
 def set_mmap_threshold(kib: int) -> bool:
     """Fix glibc's mmap threshold at ``kib`` KiB (process-wide); 0 leaves glibc's dynamic default.
 
@@ -57,28 +68,19 @@ def set_mmap_threshold(kib: int) -> bool:
         raise SettingError(
             f"--malloc-mmap-threshold-kb: expected 0..{MAX_THRESHOLD_KB} (KiB), got {kib}"
         )
-    if kib == 0:
-        return False
-    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
-    if mallopt is None:
-        log.info("not glibc: --malloc-mmap-threshold-kb has no effect")
-        return False
-    return mallopt(M_MMAP_THRESHOLD, kib << 10) == 1
+    return kib != 0 and _mallopt(M_MMAP_THRESHOLD, kib << 10, "--malloc-mmap-threshold-kb")
 
 
 def reuse_large_buffers() -> bool:
-    """Serve buffers from glibc's arenas (``M_MMAP_MAX`` 0, process-wide), however large.
+    """Serve buffers above the dynamic threshold's 32 MiB ceiling from glibc's arenas too
+    (``M_MMAP_MAX`` 0, process-wide).
 
     Returns whether it took effect: False where the C library is not glibc. A thread's arena
     holds at most 64 MiB, and glibc maps a larger buffer for it whatever ``M_MMAP_MAX`` says, so
     the reuse covers buffers up to 64 MiB (a 64 MB call's). One arena and no top trim, which
     would cover larger ones, measured worse in the bench (bench/RESULTS.md, "Co-located").
     """
-    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
-    if mallopt is None:
-        log.info("not glibc: --malloc-reuse-large has no effect")
-        return False
-    return mallopt(M_MMAP_MAX, 0) == 1
+    return _mallopt(M_MMAP_MAX, 0, "--malloc-reuse-large")
 
 
 class IdleTrimmer:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lossd.client.wire.codec import iter_tensors
 from lossd.server import registry
 from lossd.server.engine import Engine, bind_inputs
 from lossd.server.errors import InvalidArgument, LossNotFound
+from tests.support.losskit import differentiable_paths
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +273,8 @@ def test_every_loss_example_evaluates_without_a_warning_from_lossd(engine, spec)
     """A warning lossd's own code raises on a plain call lands in every server's log once per
     process and says nothing the caller did (a float() of the loss value with grad did)."""
     args, kwargs, params = spec.make_example(torch.float64)
-    paths = [path for path, t in iter_tensors(args, "args") if t.is_floating_point()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine.evaluate(spec.name, params, args, kwargs, paths)
+        engine.evaluate(spec.name, params, args, kwargs, differentiable_paths(spec, args, kwargs))
     ours = [w for w in caught if "/server/" in w.filename or "/client/" in w.filename]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]

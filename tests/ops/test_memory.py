@@ -134,12 +134,13 @@ def test_an_idle_server_gives_back_what_large_calls_left_behind():
 
 
 # --------------------------------------------------------------------------------------------
-# --malloc-mmap-threshold-kb
+# --malloc-mmap-threshold-kb and --malloc-reuse-large
 #
 # Checked through glibc's own accounting (``mallinfo2``), in a fresh process per case: a server
-# is created with the setting, a 16 MiB buffer comes and goes (which raises glibc's dynamic
-# threshold to 16 MiB), then a 4 MiB buffer is allocated: mmapped with the threshold fixed, from
-# an arena with glibc's default.
+# is created with the settings, a 16 MiB buffer comes and goes (which raises glibc's dynamic
+# threshold to 16 MiB), then a thread allocates one buffer: a 4 MiB one is mmapped with the
+# threshold fixed and comes from an arena with glibc's default; one above 32 MiB comes from an
+# arena only with --malloc-reuse-large, and one above the 64 MiB of a thread's arena never.
 
 MAPPED_AFTER_A_LARGE_REQUEST = """
 import ctypes, sys, threading
