@@ -18,7 +18,13 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import reflection
-from ._malloc import IdleTrimmer, reuse_large_buffers, set_mmap_threshold
+from ._malloc import (
+    HUGE_PAGES_ENV,
+    IdleTrimmer,
+    huge_pages_in_use,
+    reuse_large_buffers,
+    set_mmap_threshold,
+)
 from .audit import AuditRecorder, audit_signer, recorder_from_config, store_from_config
 from .audit.service import AUDIT_SERVICE_NAME, AuditServicer, audit_method_handlers
 from .budget import MemoryBudget
@@ -344,6 +350,15 @@ def serve(config: ServerConfig) -> None:
         running.engine.device,
         config.describe(),
     )
+    if config.malloc_huge_pages and huge_pages_in_use():
+        log.info("tensors of 2 MiB and more are backed by transparent huge pages")
+    elif config.malloc_huge_pages:
+        log.info(
+            "--malloc-huge-pages has no effect: torch loaded without %s=1 (lossd serve sets it "
+            "unless it is set already; a process embedding the server sets it before importing "
+            "torch), or the kernel's transparent huge pages are off",
+            HUGE_PAGES_ENV,
+        )
     if running.audit is not None:
         log.info(
             "audit trail: %s calls recorded in %s (capture %s)",

@@ -79,6 +79,10 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig.from_sources(args)
     except SettingError as exc:
         return _refused(exc)
+    if config.malloc_huge_pages:
+        from ._malloc import request_huge_pages
+
+        request_huge_pages()  # before torch loads: its allocator reads the setting once
     from .app import serve  # torch: only once the settings are known to be good
     from .audit import AuditStoreError
 

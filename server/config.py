@@ -120,6 +120,10 @@ class ServerConfig:
         True,
         "serve buffers above glibc's 32 MiB mmap ceiling, up to a thread arena's 64 MiB, from its arenas too (M_MMAP_MAX=0), so a large evaluation reuses the pages the last one freed instead of faulting in fresh ones (a 64 MB cross_entropy about 2 x faster, bench/RESULTS.md); the idle trim gives them back; a fixed --malloc-mmap-threshold-kb turns it off",
     )
+    malloc_huge_pages: bool = _setting(
+        True,
+        "back the server's tensors of 2 MiB and more with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE, which lossd serve sets before torch loads; the kernel's THP mode must be madvise or always): a large evaluation takes 512 x fewer page faults (a 256 MB cross_entropy about 35 % faster, bench/RESULTS.md); where memory is fragmented, the kernel's THP defrag setting decides whether a fault waits for compaction",
+    )
     max_message_mb: int = _setting(
         256,
         "largest request or response, in MiB (both directions)",

@@ -4,18 +4,27 @@
 from __future__ import annotations
 
 import ctypes.util
+import os
 import platform
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lossd.client import RemoteLoss
-from lossd.server._malloc import MAX_THRESHOLD_KB, IdleTrimmer, set_mmap_threshold
+from lossd.server._malloc import (
+    HUGE_PAGES_ENV,
+    MAX_THRESHOLD_KB,
+    THP_MODE,
+    IdleTrimmer,
+    request_huge_pages,
+    set_mmap_threshold,
+)
 from lossd.server.config import SettingError
 from tests.support.serverproc import ServerProcess, rss_kib
 
@@ -222,3 +231,72 @@ def test_a_threshold_glibc_would_refuse_is_an_error_naming_the_flag(kib):
         match=rf"--malloc-mmap-threshold-kb: expected 0\.\.{MAX_THRESHOLD_KB} \(KiB\), got {kib}",
     ):
         set_mmap_threshold(kib)
+
+
+# --malloc-huge-pages: torch's allocator reads THP_MEM_ALLOC_ENABLE once, so each case is a
+# fresh process; what it checks is the kernel's own count of huge pages mapped (smaps_rollup).
+def _thp_mode() -> str:
+    try:
+        mode = Path(THP_MODE).read_text()
+    except OSError:
+        return ""
+    return mode.partition("[")[2].partition("]")[0]
+
+
+huge_pages_kernel = pytest.mark.skipif(
+    _thp_mode() not in ("madvise", "always"), reason="the kernel's transparent huge pages are off"
+)
+
+HUGE_PAGES_PROBE = """
+import sys
+from lossd.server._malloc import huge_pages_in_use, request_huge_pages
+asked = request_huge_pages() if sys.argv[1] == "1" else False
+import torch
+buffer = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+rollup = open("/proc/self/smaps_rollup").read().split("AnonHugePages:")[1]
+print(int(asked), int(huge_pages_in_use()), int(rollup.split()[0]))
+"""
+
+
+def huge_pages_probe(ask: bool) -> tuple[bool, bool, int]:
+    """(asked, in use, AnonHugePages KiB with a 64 MiB tensor alive) in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    out = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGES_PROBE, "1" if ask else "0"],
+        capture_output=True, text=True, timeout=120, check=True, env=env,
+    ).stdout.split()  # fmt: skip
+    return out[0] == "1", out[1] == "1", int(out[2])
+
+
+@huge_pages_kernel
+def test_asked_before_torch_loads_a_large_tensor_is_backed_by_huge_pages():
+    asked, in_use, huge_kib = huge_pages_probe(ask=True)
+    assert asked and in_use
+    assert huge_kib >= 32 << 10, huge_kib  # most of the 64 MiB: whole 2 MiB pages
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="huge pages only when asked: THP madvise")
+def test_not_asked_a_large_tensor_has_4_kib_pages():
+    asked, in_use, huge_kib = huge_pages_probe(ask=False)
+    assert (asked, in_use, huge_kib) == (False, False, 0)
+
+
+def test_asking_once_torch_is_loaded_or_over_the_callers_setting_changes_nothing(monkeypatch):
+    assert "torch" in sys.modules  # this test process imported it
+    monkeypatch.delenv(HUGE_PAGES_ENV, raising=False)
+    assert request_huge_pages() is False and HUGE_PAGES_ENV not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setenv(HUGE_PAGES_ENV, "0")
+    assert request_huge_pages() is False and os.environ[HUGE_PAGES_ENV] == "0"  # theirs stands
+    monkeypatch.delenv(HUGE_PAGES_ENV)
+    assert request_huge_pages() is True and os.environ[HUGE_PAGES_ENV] == "1"
+
+
+@huge_pages_kernel
+def test_lossd_serve_asks_for_huge_pages_by_default_and_not_without_the_setting():
+    logged = {}
+    for flag in ("--malloc-huge-pages", "--no-malloc-huge-pages"):
+        with ServerProcess(flag, "--log-level", "INFO") as proc:
+            logged[flag] = "\n".join(proc.stderr_lines)
+    assert "backed by transparent huge pages" in logged["--malloc-huge-pages"]
+    assert "huge pages" not in logged["--no-malloc-huge-pages"]
