@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # <malloc.h>
 M_MMAP_MAX = -4
-# Read once by torch's CPU allocator (c10 alloc_cpu), at its first allocation: a buffer of 2 MiB or
-# more is then 2 MiB-aligned and madvise(MADV_HUGEPAGE)d.
+# Read once by torch's CPU allocator (c10 alloc_cpu): a buffer of 2 MiB or more is then
+# madvise(MADV_HUGEPAGE)d, so the kernel backs it with 2 MiB pages where it can.
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 HUGE_PAGE = 2 << 20
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"

@@ -122,7 +122,7 @@ class ServerConfig:
     )
     malloc_huge_pages: bool = _setting(
         True,
-        "back the server's tensors of 2 MiB and more with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE, which lossd serve sets before torch loads; the kernel's THP mode must be madvise or always): a large evaluation takes 512 x fewer page faults (a 256 MB cross_entropy about 35 % faster, bench/RESULTS.md); where memory is fragmented, the kernel's THP defrag setting decides whether a fault waits for compaction",
+        "back the server's tensors of 2 MiB and more with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE, which lossd serve sets before torch loads; the kernel's THP mode must be madvise or always): a large evaluation takes up to 512 x fewer page faults (a 256 MB cross_entropy in about 40 % less time, bench/RESULTS.md); where memory is fragmented, the kernel's THP defrag setting decides whether a fault waits for compaction",
     )
     max_message_mb: int = _setting(
         256,
