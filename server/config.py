@@ -307,17 +307,13 @@ class ServerConfig:
             "--config", type=Path, help="YAML file of settings (keys as the flags, with _)"
         )
         for f in fields(cls):
+            text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
             if f.type == "bool":
                 parser.add_argument(
-                    _flag(f),
-                    action=argparse.BooleanOptionalAction,
-                    default=None,
-                    help=f.metadata["help"],
+                    _flag(f), action=argparse.BooleanOptionalAction, default=None, help=text
                 )
             else:  # taken as text: check() converts it and names the flag when it cannot
-                parser.add_argument(
-                    _flag(f), default=None, help=f"{f.metadata['help']} (default {f.default})"
-                )
+                parser.add_argument(_flag(f), default=None, help=f"{text} (default {f.default})")
 
     @classmethod
     def from_sources(

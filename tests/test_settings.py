@@ -204,3 +204,14 @@ def test_health_never_imports_torch(tmp_path):
     )
     assert out.returncode == 1, out.stderr
     assert "127.0.0.1:1" in out.stderr and "imported torch" not in out.stderr
+
+
+def test_serve_help_shows_every_setting_with_its_text_as_written():
+    """argparse %-formats help strings: a setting whose help says "40 %" broke ``--help``."""
+    parser = argparse.ArgumentParser(prog="lossd serve")
+    ServerConfig.add_arguments(parser)
+    shown = "".join(parser.format_help().split())  # argparse wraps lines, hyphens included
+    for f in fields(ServerConfig):
+        assert f"--{f.name.replace('_', '-')}" in shown
+        assert "".join(f.metadata["help"].split()) in shown, f.name
+    assert any("%" in f.metadata["help"] for f in fields(ServerConfig))  # the case is covered
