@@ -22,8 +22,9 @@ smaller ones.
 
 Larger buffers still fault in 4 KiB at a time. ``request_huge_pages`` (``--malloc-huge-pages``, on
 by default) has torch back every buffer of 2 MiB and more with transparent huge pages, one fault
-per 2 MiB: a 256 MB cross_entropy forward + backward on a handler thread took 226-245 ms instead
-of 373-380, a 64 MB one 58-65 ms instead of 96-100 (kernel THP mode madvise).
+per 2 MiB. With ``M_MMAP_MAX`` 0 as the server sets it, on a thread of its own: a 256 MB
+cross_entropy forward + backward took 224-247 ms instead of 371-391 (without huge pages three calls
+in ten took 600-1,629 ms), a 64 MB one 58-60 ms instead of 66-222 (kernel THP mode madvise).
 """
 
 from __future__ import annotations
