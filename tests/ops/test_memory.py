@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,10 +19,10 @@ from lossd.client import RemoteLoss
 from lossd.server._malloc import (
     HUGE_PAGES_ENV,
     MAX_THRESHOLD_KB,
-    THP_MODE,
     IdleTrimmer,
     request_huge_pages,
     set_mmap_threshold,
+    thp_mode,
 )
 from lossd.server.config import SettingError
 from tests.support.serverproc import ServerProcess, rss_kib
@@ -235,16 +234,8 @@ def test_a_threshold_glibc_would_refuse_is_an_error_naming_the_flag(kib):
 
 # --malloc-huge-pages: torch's allocator reads THP_MEM_ALLOC_ENABLE once, so each case is a
 # fresh process; what it checks is the kernel's own count of huge pages mapped (smaps_rollup).
-def _thp_mode() -> str:
-    try:
-        mode = Path(THP_MODE).read_text()
-    except OSError:
-        return ""
-    return mode.partition("[")[2].partition("]")[0]
-
-
 huge_pages_kernel = pytest.mark.skipif(
-    _thp_mode() not in ("madvise", "always"), reason="the kernel's transparent huge pages are off"
+    thp_mode() not in ("madvise", "always"), reason="the kernel's transparent huge pages are off"
 )
 
 HUGE_PAGES_PROBE = """
@@ -275,7 +266,7 @@ def test_asked_before_torch_loads_a_large_tensor_is_backed_by_huge_pages():
     assert huge_kib >= 32 << 10, huge_kib  # most of the 64 MiB: whole 2 MiB pages
 
 
-@pytest.mark.skipif(_thp_mode() != "madvise", reason="huge pages only when asked: THP madvise")
+@pytest.mark.skipif(thp_mode() != "madvise", reason="huge pages only when asked: THP madvise")
 def test_not_asked_a_large_tensor_has_4_kib_pages():
     asked, in_use, huge_kib = huge_pages_probe(ask=False)
     assert (asked, in_use, huge_kib) == (False, False, 0)
